@@ -1,0 +1,20 @@
+"""spotlane's control plane: submit, shard, route, ledger, finalize, reap, CLI.
+
+It never imports torch or transformers; the data plane lives in ``workers``.
+"""
+
+from __future__ import annotations
+
+from pipeline.api import JobReport, ResultsInfo, export_results, job_status, list_jobs, results, submit
+from pipeline.runtime import Runtime
+
+__all__ = [
+    "JobReport",
+    "ResultsInfo",
+    "Runtime",
+    "export_results",
+    "job_status",
+    "list_jobs",
+    "results",
+    "submit",
+]

@@ -1,0 +1,136 @@
+"""The Celery application: broker, queues, delivery guarantees and the task names.
+
+Delivery: tasks are acknowledged late (after they ran) and rejected back to the
+queue if the worker process is lost; each worker prefetches one task, so a queue's
+length is the work still waiting (what autoscaling reads). Tasks carry only
+``schemas.records`` payloads. No result backend: state lives in SQL.
+
+Timing: the broker's visibility timeout (Redis: redelivery of an unacknowledged
+task) is ``broker.visibility_timeout``; a shard's lease (``worker.lease_seconds``,
+renewed every ``worker.heartbeat_seconds``) is what actually guards ownership, and
+the reaper re-queues a shard whose lease expired. A redelivered duplicate is
+harmless: the claim is a guarded UPDATE.
+
+The embedded default uses kombu's filesystem transport: queues are folders under
+``<home>/broker``, shared by every process on the machine, no server needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, signals
+
+from schemas.records import FinalizeJob, RouteJob, RunShard
+
+from workers.drain import StopFlag
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
+    from workers.runner import ShardRunner
+
+__all__ = ["TASKS", "make_celery"]
+
+log = logging.getLogger(__name__)
+
+TASKS = {
+    "spotlane.route_job": "control",
+    "spotlane.finalize_job": "control",
+    "spotlane.reap": "control",
+    "spotlane.run_shard": "gpu.<pool>",
+}
+
+
+def _transport_options(runtime: Runtime) -> dict[str, Any]:
+    settings = runtime.settings
+    if settings.embedded_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return {"visibility_timeout": settings.broker.visibility_timeout}
+
+
+def make_celery(runtime: Runtime) -> Celery:
+    settings = runtime.settings
+    app = Celery("spotlane", broker=settings.broker.url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.control_queue,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=_transport_options(runtime),
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        # The filesystem transport has no broadcast: remote control needs a server.
+        worker_enable_remote_control=not settings.embedded_broker,
+        beat_schedule={
+            "spotlane-reap": {
+                "task": "spotlane.reap",
+                "schedule": settings.worker.reap_interval_seconds,
+                "options": {"queue": settings.control_queue, "expires": settings.worker.reap_interval_seconds},
+            }
+        },
+        timezone="UTC",
+    )
+    app.spotlane_runtime = runtime  # type: ignore[attr-defined]
+    _register(app, runtime)
+    return app
+
+
+#: This process's drain flag: set on warm shutdown, read by the shard runner.
+STOP = StopFlag()
+
+
+def _runner(app: Celery, runtime: Runtime) -> ShardRunner:
+    runner: ShardRunner | None = getattr(app, "spotlane_runner", None)
+    if runner is None:
+        from workers.runner import ShardRunner
+
+        runner = ShardRunner(runtime, stop=STOP)
+        app.spotlane_runner = runner  # type: ignore[attr-defined]
+    return runner
+
+
+def _register(app: Celery, runtime: Runtime) -> None:
+    @app.task(name="spotlane.route_job")
+    def route_job(payload: dict[str, Any]) -> int:
+        from pipeline.router import route_job as route
+
+        return route(runtime, RouteJob.decode(payload).job_id)
+
+    @app.task(name="spotlane.run_shard")
+    def run_shard(payload: dict[str, Any]) -> str | None:
+        status = _runner(app, runtime).run(RunShard.decode(payload))
+        return status.value if status is not None else None
+
+    @app.task(name="spotlane.finalize_job")
+    def finalize_job(payload: dict[str, Any]) -> str | None:
+        from pipeline.finalizer import finalize_job as finalize
+
+        status = finalize(runtime, FinalizeJob.decode(payload).job_id)
+        return status.value if status is not None else None
+
+    @app.task(name="spotlane.reap")
+    def reap(*_: Any) -> None:
+        from pipeline.reaper import reap as do_reap
+
+        do_reap(runtime)
+
+
+@signals.worker_shutting_down.connect
+def _drain_on_shutdown(**_: object) -> None:
+    """Warm shutdown (SIGTERM): the shard in hand stops at its next checkpoint."""
+    STOP.set()

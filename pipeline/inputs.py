@@ -1,0 +1,201 @@
+"""Reading the input Parquet file: validation at submit time, row ranges at run time.
+
+Both stream: validation reads the footer, then only the ``id`` column in batches
+(8 bytes of hash per row to find duplicates); a worker reads just its shard's rows.
+Memory is bounded by a batch or a shard, never by the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import filesystem
+from schemas.arrow import (
+    CARRIED_KNOWN,
+    MESSAGE_TYPE,
+    OPTIONAL_INPUT_TYPES,
+    REQUEST_COLUMNS,
+    is_string,
+)
+from schemas.errors import InputError
+
+__all__ = ["InputInfo", "inspect_input", "open_parquet", "read_rows"]
+
+_ID_BATCH = 1 << 16
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    url: str
+    rows: int
+    #: "prompt" or "messages"
+    kind: str
+    carried_columns: tuple[str, ...]
+    #: Request columns present in the file, beyond id and the prompt column.
+    request_columns: tuple[str, ...]
+    schema: pa.Schema
+
+
+def open_parquet(url: str) -> pq.ParquetFile:
+    fs, path = filesystem(url)
+    try:
+        if not fs.exists(path):
+            raise InputError("file does not exist", file=url)
+        if fs.isdir(path):
+            raise InputError("is a folder; give one Parquet file", file=url)
+        handle = fs.open(path, "rb")
+        return pq.ParquetFile(handle, buffer_size=1 << 20)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", file=url) from exc
+
+
+def _check_messages_type(t: pa.DataType) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    item = t.value_type
+    if not pa.types.is_struct(item):
+        return False
+    names = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    return {"role", "content"} <= names.keys() and all(
+        is_string(names[k]) for k in ("role", "content")
+    )
+
+
+def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    names = schema.names
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise InputError("column appears more than once", file=url, column=duplicated[0])
+    if "id" not in names:
+        raise InputError("required column is missing", file=url, column="id")
+    if not is_string(schema.field("id").type):
+        raise InputError(
+            f"must be a string, not {schema.field('id').type}", file=url, column="id"
+        )
+    has_prompt, has_messages = "prompt" in names, "messages" in names
+    if has_prompt and has_messages:
+        raise InputError("give either a 'prompt' or a 'messages' column, not both", file=url)
+    if not (has_prompt or has_messages):
+        raise InputError(
+            "required column is missing (or give 'messages')", file=url, column="prompt"
+        )
+    kind = "prompt" if has_prompt else "messages"
+    field_type = schema.field(kind).type
+    if kind == "prompt" and not is_string(field_type):
+        raise InputError(f"must be a string, not {field_type}", file=url, column="prompt")
+    if kind == "messages" and not _check_messages_type(field_type):
+        raise InputError(
+            f"must be a list of {{role: string, content: string}}, not {field_type}",
+            file=url,
+            column="messages",
+        )
+    for column, (check, what) in OPTIONAL_INPUT_TYPES.items():
+        if column in names and not check(schema.field(column).type):
+            raise InputError(
+                f"must be {what}, not {schema.field(column).type}", file=url, column=column
+            )
+    carried = tuple(n for n in names if n not in REQUEST_COLUMNS or n in CARRIED_KNOWN)
+    requests = tuple(n for n in names if n in REQUEST_COLUMNS and n not in ("id", kind))
+    return kind, carried, requests
+
+
+def _hashes(ids: pa.Array) -> np.ndarray:
+    return np.fromiter((hash(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
+
+
+def _check_ids(url: str, pf: pq.ParquetFile) -> None:
+    """Refuse null or duplicate ids, naming the row; memory: 8 bytes per row."""
+    chunks: list[np.ndarray] = []
+    offset = 0
+    for batch in pf.iter_batches(columns=["id"], batch_size=_ID_BATCH):
+        ids = batch.column(0)
+        if ids.null_count:
+            first = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError("id is null", file=url, column="id", row=offset + first)
+        chunks.append(_hashes(ids))
+        offset += len(ids)
+    if not chunks:
+        return
+    hashes = np.concatenate(chunks)
+    del chunks
+    hashes.sort()
+    suspects = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    del hashes
+    if not suspects:
+        return
+    # Second pass over the few ids whose hash collides: find a real duplicate.
+    seen: dict[str, int] = {}
+    offset = 0
+    for batch in pf.iter_batches(columns=["id"], batch_size=_ID_BATCH):
+        values = batch.column(0).to_pylist()
+        for i, h in enumerate(_hashes(batch.column(0)).tolist()):
+            if h in suspects:
+                value = values[i]
+                if value in seen:
+                    raise InputError(
+                        f"duplicate id {value!r} (first at row {seen[value]})",
+                        file=url,
+                        column="id",
+                        row=offset + i,
+                    )
+                seen[value] = offset + i
+        offset += len(values)
+
+
+def inspect_input(url: str) -> InputInfo:
+    """Validate the input file's schema and ids without loading it; raise ``InputError``."""
+    pf = open_parquet(url)
+    try:
+        schema = pf.schema_arrow
+    except pa.ArrowException as exc:
+        raise InputError(f"unreadable schema ({exc})", file=url) from exc
+    rows = pf.metadata.num_rows
+    kind, carried, requests = _check_schema(url, schema)
+    if rows == 0:
+        raise InputError("file has no rows", file=url)
+    try:
+        _check_ids(url, pf)
+    except pa.ArrowException as exc:
+        raise InputError(f"could not read the id column ({exc})", file=url, column="id") from exc
+    return InputInfo(url, rows, kind, carried, requests, schema)
+
+
+def iter_rows(
+    url: str, start: int, end: int, columns: list[str], batch_size: int = 4096
+) -> Iterator[pa.RecordBatch]:
+    """Stream rows ``[start, end)`` of ``url`` as record batches of ``columns``."""
+    pf = open_parquet(url)
+    meta = pf.metadata
+    first = 0
+    for rg in range(meta.num_row_groups):
+        rg_rows = meta.row_group(rg).num_rows
+        rg_start, rg_end = first, first + rg_rows
+        first = rg_end
+        if rg_end <= start or rg_start >= end:
+            continue
+        pos = rg_start
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=columns):
+            b_start, b_end = pos, pos + len(batch)
+            pos = b_end
+            if b_end <= start:
+                continue
+            if b_start >= end:
+                break
+            lo, hi = max(start, b_start) - b_start, min(end, b_end) - b_start
+            yield batch.slice(lo, hi - lo)
+
+
+def read_rows(url: str, start: int, end: int, columns: list[str]) -> pa.Table:
+    """Rows ``[start, end)`` of ``url`` as one table (a shard's worth at most)."""
+    batches = list(iter_rows(url, start, end, columns))
+    if not batches:
+        schema = open_parquet(url).schema_arrow
+        return pa.Table.from_batches([], schema=pa.schema([schema.field(c) for c in columns]))
+    return pa.Table.from_batches(batches)

@@ -1,0 +1,131 @@
+"""Submitting a job: validate the input, plan shards, record the job, enqueue routing.
+
+The job row and all its shard rows are written in one transaction, and only then
+is the routing task sent; a bad input raises ``InputError`` before anything is
+written or enqueued. If the broker is unreachable after the commit, the job waits
+as ``pending`` and the reaper routes it later.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+
+from pipeline.db import session_scope
+from pipeline.inputs import InputInfo, inspect_input, open_parquet
+from pipeline.model_ref import resolve_model
+from pipeline.runtime import Runtime
+from schemas.base import utcnow
+from schemas.errors import InputError
+from schemas.records import RouteJob
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+
+__all__ = ["JobRequest", "new_job_id", "plan_shards", "submit"]
+
+#: Rough characters per token, for estimates when no tokenizer is at hand.
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    input_url: str
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    rows_per_shard: int | None = None
+    budget_usd: float | None = None
+    deadline: datetime | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def new_job_id() -> str:
+    """Sortable by creation time, unique without coordination: ``20261125-173059-3fa9c1``."""
+    return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def plan_shards(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, end)`` covering ``rows`` rows."""
+    return [(s, min(s + rows_per_shard, rows)) for s in range(0, rows, rows_per_shard)]
+
+
+def _estimate_prompt_tokens(info: InputInfo) -> float:
+    """Prompt tokens per row from the column's uncompressed size in the footer."""
+    meta = open_parquet(info.url).metadata
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    total = 0
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for i, name in enumerate(names):
+            if name.split(".")[0] == info.kind:
+                total += group.column(i).total_uncompressed_size
+    return total / max(info.rows, 1) / CHARS_PER_TOKEN
+
+
+def submit(runtime: Runtime, request: JobRequest) -> str:
+    """Create the job and its shards, enqueue routing, and return the job id."""
+    settings = runtime.settings
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise InputError("--max-tokens must be at least 1")
+    if request.rows_per_shard is not None and request.rows_per_shard < 1:
+        raise InputError("--rows-per-shard must be at least 1")
+    if request.budget_usd is not None and request.budget_usd < 0:
+        raise InputError("--budget must not be negative")
+    model = resolve_model(request.model)
+    info = inspect_input(request.input_url)
+    rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
+    ranges = plan_shards(info.rows, rows_per_shard)
+    job_id = new_job_id()
+    now = utcnow()
+    with session_scope(runtime.engine) as session:
+        session.add(
+            Job(
+                id=job_id,
+                status=JobStatus.PENDING,
+                task="generate",
+                model=model,
+                input_url=info.url,
+                input_kind=info.kind,
+                carried_columns=list(info.carried_columns),
+                max_tokens=request.max_tokens or settings.jobs.max_tokens,
+                temperature=(
+                    settings.jobs.temperature if request.temperature is None else request.temperature
+                ),
+                rows_total=info.rows,
+                rows_per_shard=rows_per_shard,
+                shard_count=len(ranges),
+                est_prompt_tokens=_estimate_prompt_tokens(info),
+                budget_usd=request.budget_usd,
+                deadline=request.deadline,
+                tags=dict(request.tags),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.flush()
+        session.execute(
+            insert(Shard),
+            [
+                {
+                    "job_id": job_id,
+                    "index": i,
+                    "row_start": start,
+                    "row_end": end,
+                    "status": ShardStatus.PENDING,
+                    "rows_done": 0,
+                    "rows_failed": 0,
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "cost_usd": 0.0,
+                    "attempts": 0,
+                    "updated_at": now,
+                }
+                for i, (start, end) in enumerate(ranges)
+            ],
+        )
+    runtime.send("spotlane.route_job", RouteJob(job_id=job_id), settings.control_queue)
+    return job_id

@@ -1,0 +1,139 @@
+"""The reaper: puts back work that a dead process or a lost message left behind.
+
+It is safe to run anywhere and any number of times at once (every change is a
+guarded UPDATE; only the process whose UPDATE matched enqueues):
+
+- a running shard whose lease expired (its worker was killed or lost), or whose
+  holder is a process of this host that no longer exists, is queued again and
+  resumes from its last committed checkpoint;
+- a queued shard that has waited ``requeue_after_seconds`` is sent again (the
+  broker lost its message; a duplicate is harmless, the claim is guarded);
+- a pending job older than a minute is routed again (the submit's routing task
+  was lost);
+- a job whose shards are all final but that is not final is finalized, and a
+  finalizer that died mid-write is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, select, update
+
+from pipeline import transitions
+from pipeline.db import session_scope
+from pipeline.router import RUN_SHARD
+from pipeline.runtime import Runtime
+from schemas.base import utcnow
+from schemas.records import FinalizeJob, RouteJob, RunShard
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+
+__all__ = ["ReapReport", "reap"]
+
+log = logging.getLogger(__name__)
+
+PENDING_GRACE = timedelta(seconds=60)
+FINALIZING_GRACE = timedelta(minutes=10)
+
+
+@dataclass
+class ReapReport:
+    expired: int = 0
+    resent: int = 0
+    rerouted: int = 0
+    finalized: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.resent or self.rerouted or self.finalized)
+
+
+def _owner_dead_here(owner: str) -> bool:
+    """Whether a lease holder ``host:pid:tag`` is a process of this host that is gone.
+
+    Lets a restarted worker take over a killed one's shard at once instead of
+    waiting out the lease. Holders on other hosts wait for the lease to expire.
+    """
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def reap(runtime: Runtime) -> ReapReport:
+    settings = runtime.settings
+    report = ReapReport()
+    now = utcnow()
+    to_send: list[RunShard] = []
+    with session_scope(runtime.engine) as session:
+        running = session.execute(
+            select(Shard.id, Shard.lease_owner, Shard.lease_expires_at).where(
+                Shard.status == ShardStatus.RUNNING
+            )
+        ).all()
+    for shard_id, owner, expires in running:
+        dead_here = owner is not None and _owner_dead_here(owner)
+        if not dead_here and (expires is None or expires >= now):
+            continue
+        with session_scope(runtime.engine) as session:
+            if transitions.expire_lease(session, shard_id, now, owner_dead=dead_here):
+                shard = session.get(Shard, shard_id)
+                assert shard is not None and shard.backend is not None
+                to_send.append(RunShard(job_id=shard.job_id, shard_id=shard_id, backend=shard.backend))
+                report.expired += 1
+    stale = now - timedelta(seconds=settings.worker.requeue_after_seconds)
+    with session_scope(runtime.engine) as session:
+        waiting = session.execute(
+            select(Shard.id, Shard.job_id, Shard.backend, Shard.queued_at).where(
+                Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale
+            )
+        ).all()
+    for shard_id, job_id, backend, queued_at in waiting:
+        with session_scope(runtime.engine) as session:
+            touched = session.execute(
+                update(Shard)
+                .where(Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.queued_at == queued_at)
+                .values(queued_at=now)
+            ).rowcount  # type: ignore[attr-defined]
+        if touched == 1 and backend is not None:
+            to_send.append(RunShard(job_id=job_id, shard_id=shard_id, backend=backend))
+            report.resent += 1
+    for record in to_send:
+        runtime.send(RUN_SHARD, record, settings.pool(record.backend).queue)
+
+    with session_scope(runtime.engine) as session:
+        pending = session.execute(
+            select(Job.id).where(Job.status == JobStatus.PENDING, Job.created_at < now - PENDING_GRACE)
+        ).scalars().all()
+        unfinished = session.execute(
+            select(Job.id).where(
+                (Job.status == JobStatus.RUNNING)
+                | and_(Job.status == JobStatus.FINALIZING, Job.updated_at < now - FINALIZING_GRACE)
+            )
+        ).scalars().all()
+    for job_id in pending:
+        runtime.send("spotlane.route_job", RouteJob(job_id=job_id), settings.control_queue)
+        report.rerouted += 1
+    for job_id in unfinished:
+        with session_scope(runtime.engine) as session:
+            if not transitions.job_shards_final(session, job_id):
+                continue
+            transitions.set_job_status(
+                session, job_id, JobStatus.RUNNING, expected=(JobStatus.FINALIZING,)
+            )
+        runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), settings.control_queue)
+        report.finalized += 1
+    if report:
+        log.info("reaper: %s", report)
+    return report

@@ -1,0 +1,72 @@
+"""The handles one process needs: settings, job store, storage, Celery app.
+
+``Runtime.open`` is the single place that turns configuration into live
+connections. On the embedded default it also creates the home folder and brings
+the SQLite job store up to the newest migration, so ``spotlane run`` needs no
+set-up; a server database must be migrated with ``spotlane db upgrade``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+
+from pipeline import db
+from pipeline.storage import Storage
+from schemas.errors import StoreError
+from schemas.records import TaskRecord
+from schemas.settings import Settings, load_settings, mask_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    _celery: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, config: str | Path | None = None, **overrides: Any) -> Runtime:
+        """Load settings (file, env, ``overrides``) and check the job store is ready."""
+        runtime = cls(load_settings(config, **overrides))
+        runtime.prepare()
+        return runtime
+
+    def prepare(self) -> None:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        if self.engine.dialect.name == "sqlite":
+            db.upgrade(self.engine)
+            return
+        current, head = db.current_revision(self.engine), db.head_revision()
+        if current != head:
+            raise StoreError(
+                f"the job store at {mask_url(self.settings.database.url)} is at migration "
+                f"{current or 'none'}, not {head}: run `spotlane db upgrade`"
+            )
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.engine_for(self.settings.database.url, self.settings.database.pool_size)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage(self.settings.storage)
+
+    @property
+    def celery(self) -> Celery:
+        if self._celery is None:
+            from pipeline.celery_app import make_celery
+
+            self._celery = make_celery(self)
+        return self._celery
+
+    def send(self, name: str, record: TaskRecord, queue: str) -> None:
+        """Enqueue task ``name`` with ``record`` as its only argument."""
+        self.celery.send_task(name, args=[record.encode()], queue=queue)

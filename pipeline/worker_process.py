@@ -1,0 +1,96 @@
+"""Running a worker process: the Celery worker, the reaper thread, the embedded child.
+
+A spotlane worker is a Celery worker with the solo pool (one model per process,
+one shard at a time, prefetch 1) plus a reaper thread that re-queues work left by
+dead processes. ``spotlane run`` starts one as a child process and stops it with
+SIGTERM (a warm shutdown: the shard in hand is checkpointed and handed back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from pipeline.celery_app import STOP
+from pipeline.runtime import Runtime
+
+__all__ = ["Reaper", "run_worker", "spawn_worker", "stop_worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Reaper(threading.Thread):
+    """Runs ``pipeline.reaper.reap`` now and every ``interval`` seconds."""
+
+    def __init__(self, runtime: Runtime, interval: float) -> None:
+        super().__init__(daemon=True, name="spotlane-reaper")
+        self.runtime, self.interval = runtime, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from pipeline.reaper import reap
+
+        while True:
+            try:
+                reap(self.runtime)
+            except Exception:
+                log.warning("reaper sweep failed; retrying in %.0fs", self.interval, exc_info=True)
+            if self.stopped.wait(self.interval):
+                return
+
+
+def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: str = "INFO", reaper: bool = True) -> int:
+    """Consume ``queues`` (default: every queue) until shut down; return the exit code."""
+    settings = runtime.settings
+    STOP.clear()
+    sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
+    if sweeper is not None:
+        sweeper.start()
+    worker = runtime.celery.Worker(
+        queues=queues or settings.queues,
+        pool="solo",
+        concurrency=1,
+        hostname=f"spotlane-{os.getpid()}@{socket.gethostname()}",
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        loglevel=loglevel,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        if sweeper is not None:
+            sweeper.stopped.set()
+    return int(worker.exitcode or 0)
+
+
+def spawn_worker(config: str | None, log_path: Path, queues: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``spotlane worker`` as a child process logging to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pipeline.cli"]
+    if config:
+        command += ["--config", config]
+    command += ["worker"]
+    for queue in queues or []:
+        command += ["--queues", queue]
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_worker(process: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    """Warm shutdown, then kill after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,110 @@
+"""The one exception tree of spotlane.
+
+Every error a user can meet is a ``SpotlaneError`` and carries the fields they need
+to act on it (the file, column, row or setting at fault). Third-party exceptions are
+translated at the boundary with ``raise ... from exc``; the CLI prints ``str(exc)``
+as one line (``--debug`` shows the traceback).
+
+    SpotlaneError
+    ├── ConfigError          a setting is unknown or has a bad value
+    ├── InputError           the input Parquet file is unusable
+    ├── ModelError           the model cannot be found or loaded
+    ├── StoreError           the job store refused or lost something
+    │   └── NotFound         no job / shard with that id
+    ├── RoutingError         no backend can take a shard
+    └── WorkerError          a worker could not run a shard
+        └── LeaseLost        another worker owns the shard now
+
+Messages never contain secrets: settings are rendered through ``mask_secrets``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "LeaseLost",
+    "ModelError",
+    "NotFound",
+    "RoutingError",
+    "SpotlaneError",
+    "StoreError",
+    "WorkerError",
+]
+
+
+class SpotlaneError(Exception):
+    """Base of every error spotlane raises on purpose."""
+
+    #: CLI exit status for this kind of error (2: the user's input is at fault).
+    exit_code: int = 1
+
+
+class ConfigError(SpotlaneError):
+    """A setting is unknown or has a bad value."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class InputError(SpotlaneError):
+    """The input Parquet file cannot be used; nothing was enqueued."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        column: str | None = None,
+        row: int | None = None,
+    ) -> None:
+        where = ", ".join(
+            part
+            for part in (
+                f"file {file}" if file else "",
+                f"column {column!r}" if column else "",
+                f"row {row}" if row is not None else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.column = column
+        self.row = row
+
+
+class ModelError(SpotlaneError):
+    """The model cannot be found or loaded."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class StoreError(SpotlaneError):
+    """The job store refused an operation."""
+
+
+class NotFound(StoreError):
+    """No job or shard has that id."""
+
+    exit_code = 2
+
+
+class RoutingError(SpotlaneError):
+    """No configured backend can take a shard."""
+
+
+class WorkerError(SpotlaneError):
+    """A worker could not run a shard."""
+
+
+class LeaseLost(WorkerError):
+    """The worker's lease on a shard expired or was taken; it must stop writing."""

@@ -1,0 +1,58 @@
+"""Task payloads: small, frozen, versioned records of ids, never data.
+
+Each record encodes to a plain dict for Celery's JSON serializer and decodes back,
+refusing a version it does not know (a newer producer talking to an older worker).
+Prompts never travel through the broker; a shard is a row range of the input file
+that the worker reads itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Self
+
+from schemas.errors import WorkerError
+
+__all__ = ["FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    VERSION: ClassVar[int] = 1
+
+    def encode(self) -> dict[str, Any]:
+        return {"v": self.VERSION, **asdict(self)}
+
+    @classmethod
+    def decode(cls, data: dict[str, Any]) -> Self:
+        version = data.get("v")
+        if version != cls.VERSION:
+            raise WorkerError(
+                f"{cls.__name__} payload version {version!r} is not {cls.VERSION}: "
+                "upgrade this worker"
+            )
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class RouteJob(TaskRecord):
+    """Route every pending shard of a job to a backend queue."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunShard(TaskRecord):
+    """Run one shard on the backend it was routed to."""
+
+    job_id: str
+    shard_id: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class FinalizeJob(TaskRecord):
+    """Gather a finished job's committed parts into its results."""
+
+    job_id: str

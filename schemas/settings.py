@@ -1,0 +1,327 @@
+"""The settings tree: one TOML file plus ``SPOTLANE_*`` environment variables.
+
+Sources, strongest first: keyword arguments, environment variables
+(``SPOTLANE_<SECTION>__<KEY>``), the TOML file (``--config PATH``,
+``$SPOTLANE_CONFIG`` or ``./spotlane.toml``), then the defaults documented here.
+An unknown key, in the file or the environment, is an error naming it.
+
+With nothing configured every URL points inside the spotlane home folder
+(``./.spotlane`` or ``$SPOTLANE_HOME``): a SQLite job store, a filesystem Celery
+transport and three local storage tiers. This module reads the environment only
+when ``load_settings`` is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "DEFAULT_HOME",
+    "BrokerSettings",
+    "DatabaseSettings",
+    "GpuPool",
+    "JobDefaults",
+    "Settings",
+    "StorageSettings",
+    "WorkerSettings",
+    "get_settings",
+    "load_settings",
+    "mask_url",
+]
+
+#: Folder of the embedded default, relative to the working folder.
+DEFAULT_HOME = ".spotlane"
+#: Config file looked for in the working folder when none is named.
+DEFAULT_CONFIG_FILE = "spotlane.toml"
+ENV_PREFIX = "SPOTLANE_"
+#: Environment variables that are not settings keys but are ours all the same.
+_EXTRA_ENV = {"SPOTLANE_CONFIG", "SPOTLANE_HOME"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatabaseSettings(_Section):
+    """The job store. Default: ``sqlite:///<home>/spotlane.db``."""
+
+    url: str = ""
+    #: Connection pool size for server databases (ignored by SQLite).
+    pool_size: int = Field(default=5, ge=1)
+
+
+class BrokerSettings(_Section):
+    """The Celery broker. Default: kombu's filesystem transport under ``<home>/broker``."""
+
+    url: str = ""
+    #: Seconds a delivered, unacknowledged task stays invisible before the broker
+    #: redelivers it (Redis). Must exceed the longest shard run; the lease reaper
+    #: covers the rest.
+    visibility_timeout: int = Field(default=3600, ge=60)
+
+
+class StorageSettings(_Section):
+    """Three fsspec URLs: ``hot`` (checkpoints), ``warm`` (results), ``cold`` (archive)."""
+
+    hot: str = ""
+    warm: str = ""
+    cold: str = ""
+
+
+class JobDefaults(_Section):
+    """Defaults for a job when the submitter names none."""
+
+    rows_per_shard: int = Field(default=1000, ge=1)
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+
+
+class WorkerSettings(_Section):
+    """How workers run shards."""
+
+    #: Rows per part file and checkpoint commit: the most work a crash can redo.
+    checkpoint_rows: int = Field(default=256, ge=1)
+    #: Seconds a claimed shard stays owned without a heartbeat.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    #: Seconds between heartbeats; must be well under ``lease_seconds``.
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    #: Seconds between reaper sweeps (expired leases, lost queue messages).
+    reap_interval_seconds: float = Field(default=15.0, gt=0)
+    #: A shard queued this long without starting is sent again (lost message).
+    requeue_after_seconds: float = Field(default=3600.0, gt=0)
+    #: Padded tokens (rows x (longest prompt + max new tokens)) in one micro-batch.
+    token_budget: int = Field(default=32768, ge=16)
+    #: Upper bound on rows in one micro-batch, whatever the token budget allows.
+    max_batch_rows: int = Field(default=64, ge=1)
+    #: ``auto`` picks CUDA when present, else CPU.
+    device: str = "auto"
+    #: ``auto``: bfloat16 on CUDA, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _heartbeat_under_lease(self) -> WorkerSettings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be at most half of "
+                f"lease_seconds ({self.lease_seconds})"
+            )
+        return self
+
+
+class GpuPool(_Section):
+    """A pool of GPU workers (spot instances in production, this machine embedded)."""
+
+    name: str
+    #: Celery queue its workers consume; default ``gpu.<name>``.
+    queue: str = ""
+    #: Model ids or local folders served; ``*`` serves any model.
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    #: Spot price of one worker, USD per hour (0 for hardware already paid for).
+    price_per_hour: float = Field(default=0.0, ge=0)
+    #: Prior generated tokens per second of one worker, replaced by observation.
+    tokens_per_second: float = Field(default=200.0, gt=0)
+    max_workers: int = Field(default=1, ge=1)
+    #: Expected fraction of shard runs interrupted by a spot reclaim.
+    preemption_rate: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_queue_safe(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            raise ValueError("use letters, digits, '-' and '_' only")
+        return value
+
+    @model_validator(mode="after")
+    def _default_queue(self) -> GpuPool:
+        if not self.queue:
+            self.queue = f"gpu.{self.name}"
+        return self
+
+    def serves(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+def _default_pools() -> list[GpuPool]:
+    return [GpuPool(name="local")]
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see the README for every key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Path(DEFAULT_HOME)
+    #: Queue of the control plane's tasks (routing, finalizing, reaping).
+    control_queue: str = "control"
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    jobs: JobDefaults = Field(default_factory=JobDefaults)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    gpu_pools: list[GpuPool] = Field(default_factory=_default_pools)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        home = self.home.expanduser().resolve()
+        self.home = home
+        if not self.database.url:
+            self.database.url = f"sqlite:///{home / 'spotlane.db'}"
+        if not self.broker.url:
+            self.broker.url = "filesystem://"
+        for tier in ("hot", "warm", "cold"):
+            if not getattr(self.storage, tier):
+                setattr(self.storage, tier, (home / "storage" / tier).as_uri())
+        names = [pool.name for pool in self.gpu_pools]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"gpu_pools: pool name {duplicated[0]!r} is used twice")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker.url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    def pool(self, name: str) -> GpuPool:
+        for pool in self.gpu_pools:
+            if pool.name == name:
+                return pool
+        raise ConfigError(f"no GPU pool named {name!r} in gpu_pools", setting="gpu_pools")
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue a worker that does everything consumes."""
+        return [self.control_queue, *(pool.queue for pool in self.gpu_pools)]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, with credentials masked."""
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = mask_url(data["database"]["url"])
+        data["broker"]["url"] = mask_url(data["broker"]["url"])
+        for tier in ("hot", "warm", "cold"):
+            data["storage"][tier] = mask_url(data["storage"][tier])
+        return data
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        name = f"{prefix}{field_name.upper()}"
+        names.add(name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= _known_env_names(annotation, f"{name}__")
+    return names
+
+
+def _check_env(environ: Mapping[str, str]) -> None:
+    known = _known_env_names(Settings, ENV_PREFIX) | _EXTRA_ENV
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            raise ConfigError(
+                f"unknown setting in environment variable {key}", setting=key
+            )
+
+
+def _config_path(config: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", setting="--config")
+        return path
+    if environ.get("SPOTLANE_CONFIG"):
+        path = Path(environ["SPOTLANE_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} (from SPOTLANE_CONFIG) does not exist",
+                setting="SPOTLANE_CONFIG",
+            )
+        return path
+    path = Path.cwd() / DEFAULT_CONFIG_FILE
+    return path if path.is_file() else None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        return f"unknown setting {loc!r}"
+    return f"setting {loc!r}: {error.get('msg', 'invalid value')}"
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings now: ``config`` file, then the environment, then ``overrides``.
+
+    Raises ``ConfigError`` naming the key at fault.
+    """
+    environ = os.environ
+    _check_env(environ)
+    path = _config_path(config, environ)
+    source = f" (in {path})" if path else ""
+    cls: type[Settings] = Settings
+    if path is not None:
+        cls = type(
+            "Settings",
+            (Settings,),
+            {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": path})},
+        )
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(
+            _describe(exc.errors()[0]) + source,
+            setting=".".join(str(p) for p in exc.errors()[0].get("loc", ())),
+        ) from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+@lru_cache(maxsize=8)
+def get_settings(config: str | None = None) -> Settings:
+    """``load_settings`` once per process and config path."""
+    return load_settings(config)

@@ -1,0 +1,65 @@
+"""Job, shard and attempt states, stored verbatim in SQL.
+
+The allowed moves are listed here once; ``pipeline.transitions`` performs them
+as guarded UPDATEs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["AttemptOutcome", "JobStatus", "LedgerKind", "ShardStatus"]
+
+
+class JobStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINALIZING = "finalizing"
+    SUCCEEDED = "succeeded"
+    SUCCEEDED_WITH_ERRORS = "succeeded_with_errors"
+    FAILED = "failed"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL_JOB
+
+
+_FINAL_JOB = {
+    JobStatus.SUCCEEDED,
+    JobStatus.SUCCEEDED_WITH_ERRORS,
+    JobStatus.FAILED,
+    JobStatus.CANCELLED,
+}
+
+
+class ShardStatus(str, Enum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    BLOCKED = "blocked"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ShardStatus.DONE, ShardStatus.FAILED)
+
+
+class AttemptOutcome(str, Enum):
+    RUNNING = "running"
+    DONE = "done"
+    PREEMPTED = "preempted"
+    LOST = "lost"
+    FAILED = "failed"
+
+
+class LedgerKind(str, Enum):
+    #: Estimated cost held against the budget when a shard is routed.
+    RESERVE = "reserve"
+    #: Actual cost of work done.
+    CHARGE = "charge"
+    #: A reservation given back (negative of what was reserved).
+    RELEASE = "release"

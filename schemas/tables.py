@@ -1,0 +1,181 @@
+"""SQL models of the job store: jobs, shards, attempts, checkpoints, cost ledger.
+
+The ``job_progress`` view is defined in the migrations (SQL, not a model) and read
+through ``JOB_PROGRESS_VIEW``. Row ranges are absolute row numbers of the input
+file, ``row_start`` inclusive and ``row_end`` exclusive.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Enum as SqlEnum
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from schemas.base import Base, UtcDateTime, utcnow
+from schemas.status import AttemptOutcome, JobStatus, LedgerKind, ShardStatus
+
+__all__ = [
+    "JOB_PROGRESS_VIEW",
+    "Checkpoint",
+    "CostLedgerEntry",
+    "Job",
+    "Shard",
+    "ShardAttempt",
+]
+
+JOB_PROGRESS_VIEW = "job_progress"
+
+
+def _state(enum: type[Enum]) -> SqlEnum:
+    # Stored as the value itself ("running"), in a plain VARCHAR, so a data team's
+    # `where status = 'running'` works and new states need no ALTER TYPE.
+    return SqlEnum(
+        enum,
+        native_enum=False,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[JobStatus] = mapped_column(_state(JobStatus), default=JobStatus.PENDING)
+    task: Mapped[str] = mapped_column(String(16), default="generate")
+    model: Mapped[str] = mapped_column(Text)
+    input_url: Mapped[str] = mapped_column(Text)
+    #: "prompt" or "messages": which column holds the request.
+    input_kind: Mapped[str] = mapped_column(String(16))
+    #: Input columns copied to the output unchanged.
+    carried_columns: Mapped[list[str]] = mapped_column(JSON, default=list)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    temperature: Mapped[float] = mapped_column(Float, default=0.0)
+    rows_total: Mapped[int] = mapped_column(Integer)
+    rows_per_shard: Mapped[int] = mapped_column(Integer)
+    #: Prompt tokens per row estimated from the file's metadata (for routing).
+    est_prompt_tokens: Mapped[float] = mapped_column(Float, default=0.0)
+    shard_count: Mapped[int] = mapped_column(Integer)
+    budget_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    deadline: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Where the finished results are: the folder holding manifest.json.
+    result_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_tier: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    rows_ok: Mapped[int] = mapped_column(Integer, default=0)
+    rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.index")
+
+    __table_args__ = (Index("ix_jobs_status", "status"),)
+
+
+class Shard(Base):
+    __tablename__ = "shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    row_start: Mapped[int] = mapped_column(Integer)
+    row_end: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ShardStatus] = mapped_column(_state(ShardStatus), default=ShardStatus.PENDING)
+    backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: Rows of this shard covered by committed checkpoints (resume point).
+    rows_done: Mapped[int] = mapped_column(Integer, default=0)
+    rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    queued_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="shards")
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "index"),
+        Index("ix_shards_job_status", "job_id", "status"),
+        Index("ix_shards_status_lease", "status", "lease_expires_at"),
+    )
+
+    @property
+    def rows_total(self) -> int:
+        return self.row_end - self.row_start
+
+
+class ShardAttempt(Base):
+    __tablename__ = "shard_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    outcome: Mapped[AttemptOutcome] = mapped_column(
+        _state(AttemptOutcome), default=AttemptOutcome.RUNNING
+    )
+    #: Shard-relative row the attempt resumed from.
+    resumed_from: Mapped[int] = mapped_column(Integer, default=0)
+    rows_processed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (UniqueConstraint("shard_id", "attempt"),)
+
+
+class Checkpoint(Base):
+    """A committed part file: only parts with a row here make the final result."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"))
+    #: Absolute input row of the part's first row; fixes the part's file name.
+    first_row: Mapped[int] = mapped_column(Integer)
+    row_count: Mapped[int] = mapped_column(Integer)
+    rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    url: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("shard_id", "first_row"),)
+
+
+class CostLedgerEntry(Base):
+    """Money held or spent. A job's spend is ``sum(amount_usd) where kind='charge'``."""
+
+    __tablename__ = "cost_ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    shard_id: Mapped[int | None] = mapped_column(
+        ForeignKey("shards.id", ondelete="CASCADE"), nullable=True
+    )
+    backend: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[LedgerKind] = mapped_column(_state(LedgerKind))
+    amount_usd: Mapped[float] = mapped_column(Float)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_cost_ledger_job", "job_id", "kind"),)

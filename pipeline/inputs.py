@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from schemas.arrow import (
 )
 from schemas.errors import InputError
 
-__all__ = ["InputInfo", "inspect_input", "open_parquet", "read_rows"]
+__all__ = ["InputInfo", "canonical_url", "inspect_input", "iter_rows", "open_parquet", "read_rows"]
 
 _ID_BATCH = 1 << 16
 
@@ -149,8 +150,16 @@ def _check_ids(url: str, pf: pq.ParquetFile) -> None:
         offset += len(values)
 
 
+def canonical_url(url: str) -> str:
+    """An absolute form of ``url`` that any process on any working folder can open."""
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
 def inspect_input(url: str) -> InputInfo:
     """Validate the input file's schema and ids without loading it; raise ``InputError``."""
+    url = canonical_url(url)
     pf = open_parquet(url)
     try:
         schema = pf.schema_arrow

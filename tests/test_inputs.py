@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import create_engine, text
+
+from pipeline.inputs import inspect_input, read_rows
+from schemas.arrow import MESSAGE_TYPE
+from schemas.errors import InputError
+from tests.conftest import spotlane, write_prompts
+
+
+def test_a_valid_file_is_described_by_its_footer(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "in.parquet", 5, max_tokens=[4] * 5, team=["a"] * 5, metadata=["{}"] * 5)
+
+    info = inspect_input(str(path))
+
+    assert info.rows == 5
+    assert info.kind == "prompt"
+    assert info.carried_columns == ("team", "metadata")  # input order
+    assert info.request_columns == ("max_tokens",)
+    assert info.url == str(path.resolve())
+
+
+def test_messages_are_accepted_as_a_list_of_role_and_content(tmp_path: Path) -> None:
+    path = tmp_path / "chat.parquet"
+    messages = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "bye"}]]
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": pa.array(messages, MESSAGE_TYPE)}), path)
+
+    assert inspect_input(str(path)).kind == "messages"
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"prompt": ["x"]}, "column 'id': required column is missing"),
+        ({"id": ["a"]}, "column 'prompt': required column is missing"),
+        ({"id": [1], "prompt": ["x"]}, "column 'id': must be a string"),
+        ({"id": ["a"], "prompt": [3]}, "column 'prompt': must be a string"),
+        ({"id": ["a"], "prompt": ["x"], "messages": [["y"]]}, "not both"),
+        ({"id": ["a"], "messages": [["y"]]}, "column 'messages': must be a list of"),
+        ({"id": ["a"], "prompt": ["x"], "max_tokens": ["ten"]}, "column 'max_tokens': must be an integer"),
+        ({"id": ["a"], "prompt": ["x"], "temperature": ["hot"]}, "column 'temperature': must be a number"),
+    ],
+)
+def test_a_bad_schema_is_refused_naming_the_column(tmp_path: Path, columns: dict[str, list[object]], message: str) -> None:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(columns), path)
+
+    with pytest.raises(InputError, match=message):
+        inspect_input(str(path))
+
+
+def test_a_null_id_is_refused_naming_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    ids = [f"r{i}" for i in range(200)]
+    ids[137] = None  # type: ignore[call-overload]
+    pq.write_table(pa.table({"id": ids, "prompt": ["p"] * 200}), path, row_group_size=50)
+
+    with pytest.raises(InputError, match=r"column 'id', row 137: id is null"):
+        inspect_input(str(path))
+
+
+def test_a_duplicate_id_is_refused_naming_both_rows(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    ids = [f"r{i}" for i in range(300)]
+    ids[250] = "r17"
+    pq.write_table(pa.table({"id": ids, "prompt": ["p"] * 300}), path, row_group_size=64)
+
+    with pytest.raises(InputError, match=r"row 250: duplicate id 'r17' \(first at row 17\)"):
+        inspect_input(str(path))
+
+
+def test_missing_empty_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), empty)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("this is not parquet")
+
+    with pytest.raises(InputError, match="does not exist"):
+        inspect_input(str(tmp_path / "nope.parquet"))
+    with pytest.raises(InputError, match="no rows"):
+        inspect_input(str(empty))
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        inspect_input(str(garbage))
+
+
+def test_row_ranges_are_read_exactly_across_row_groups(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "in.parquet", 1000, row_group_size=97)
+
+    for start, end in [(0, 10), (90, 200), (96, 97), (500, 1000), (999, 1000)]:
+        table = read_rows(str(path), start, end, ["id"])
+        assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(start, end)]
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: pq.write_table(pa.table({"prompt": ["x"]}), d / "in.parquet"), "column 'id'"),
+        (lambda d: pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", "y"]}), d / "in.parquet"), "duplicate id"),
+        (lambda d: (d / "in.parquet").write_bytes(b"PAR1garbage"), "not a readable Parquet file"),
+    ],
+)
+def test_submit_refuses_bad_input_with_exit_2_and_enqueues_nothing(
+    tmp_path: Path, spotlane_home: Path, tiny_model: Path, make: object, needle: str
+) -> None:
+    make(tmp_path)  # type: ignore[operator]
+
+    result = spotlane("submit", str(tmp_path / "in.parquet"), "--model", str(tiny_model))
+
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with create_engine(f"sqlite:///{spotlane_home / 'spotlane.db'}").connect() as conn:
+        assert conn.execute(text("select count(*) from jobs")).scalar_one() == 0
+    queue = spotlane_home / "broker" / "queue"
+    assert not queue.exists() or not any(queue.iterdir())
+
+
+def test_submit_refuses_an_unknown_model_path(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "in.parquet", 3)
+
+    missing = spotlane("submit", str(path), "--model", "./no-such-model")
+    not_a_model = spotlane("submit", str(path), "--model", str(tmp_path))
+
+    assert missing.returncode == 2 and "no-such-model" in missing.stderr
+    assert not_a_model.returncode == 2 and "config.json" in not_a_model.stderr
+
+
+def test_an_uncached_hub_model_is_refused_when_offline(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "in.parquet", 3)
+
+    result = spotlane("submit", str(path), "--model", "some-org/not-cached-model", env={"HF_HUB_OFFLINE": "1"})
+
+    assert result.returncode == 2
+    assert "some-org/not-cached-model" in result.stderr

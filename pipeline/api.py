@@ -108,11 +108,11 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
         shards: list[dict[str, Any]] = []
         if with_shards:
             for shard in session.execute(
-                select(Shard).where(Shard.job_id == job_id).order_by(Shard.index)
+                select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)
             ).scalars():
                 shards.append(
                     {
-                        "index": shard.index,
+                        "shard": shard.shard_index,
                         "status": shard.status.value,
                         "rows": shard.rows_total,
                         "rows_done": shard.rows_done,

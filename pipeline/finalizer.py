@@ -111,12 +111,12 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
             select(Checkpoint.url, Checkpoint.row_count, Checkpoint.rows_failed)
             .join(Shard, Shard.id == Checkpoint.shard_id)
             .where(Shard.job_id == job_id)
-            .order_by(Shard.index, Checkpoint.first_row)
+            .order_by(Shard.shard_index, Checkpoint.first_row)
         ).all()
         failed_shards = session.execute(
-            select(Shard.index, Shard.error)
+            select(Shard.shard_index, Shard.error)
             .where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
-            .order_by(Shard.index)
+            .order_by(Shard.shard_index)
         ).all()
         job = session.get(Job, job_id)
         assert job is not None
@@ -164,7 +164,7 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
     if failed_shards:
         status = JobStatus.FAILED
         error: str | None = (
-            f"{len(failed_shards)} shard(s) failed; first, shard {failed_shards[0].index}: "
+            f"{len(failed_shards)} shard(s) failed; first, shard {failed_shards[0].shard_index}: "
             f"{failed_shards[0].error}"
         )
     else:

@@ -112,7 +112,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
             [
                 {
                     "job_id": job_id,
-                    "index": i,
+                    "shard_index": i,
                     "row_start": start,
                     "row_end": end,
                     "status": ShardStatus.PENDING,

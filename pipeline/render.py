@@ -59,7 +59,7 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     shards = Table("shard", "status", "rows done", "failed", "backend", "attempts", box=None)
     for shard in report.shards[:max_shards]:
         shards.add_row(
-            str(shard["index"]), shard["status"], f"{shard['rows_done']}/{shard['rows']}",
+            str(shard["shard"]), shard["status"], f"{shard['rows_done']}/{shard['rows']}",
             str(shard["rows_failed"]), shard["backend"] or "-", str(shard["attempts"]),
         )
     parts: list[Table] = [head, shards]

@@ -71,7 +71,7 @@ def route_job(runtime: Runtime, job_id: str) -> int:
         shards = session.execute(
             select(Shard.id, Shard.row_start, Shard.row_end)
             .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
-            .order_by(Shard.index)
+            .order_by(Shard.shard_index)
         ).all()
         budget = job.budget_usd
     queued = 0

@@ -2,7 +2,7 @@
 
 Layout (ARCHITECTURE "Storage tiers")::
 
-    <hot>/jobs/<job_id>/shards/<index>/part-<first_row>.parquet   checkpoints
+    <hot>/jobs/<job_id>/shards/<shard_index>/part-<first_row>.parquet   checkpoints
     <warm>/jobs/<job_id>/results/part-<n>.parquet + manifest.json  results
 
 Writes are whole-object: a file is written under a temporary name and moved into

@@ -88,7 +88,7 @@ class Claim:
 
     shard_id: int
     job_id: str
-    index: int
+    shard_index: int
     row_start: int
     row_end: int
     rows_done: int
@@ -131,7 +131,7 @@ def claim_shard(
     return Claim(
         shard_id=shard.id,
         job_id=shard.job_id,
-        index=shard.index,
+        shard_index=shard.shard_index,
         row_start=shard.row_start,
         row_end=shard.row_end,
         rows_done=shard.rows_done,

@@ -75,7 +75,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 
-    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.index")
+    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.shard_index")
 
     __table_args__ = (Index("ix_jobs_status", "status"),)
 
@@ -85,7 +85,7 @@ class Shard(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    index: Mapped[int] = mapped_column(Integer)
+    shard_index: Mapped[int] = mapped_column(Integer)
     row_start: Mapped[int] = mapped_column(Integer)
     row_end: Mapped[int] = mapped_column(Integer)
     status: Mapped[ShardStatus] = mapped_column(_state(ShardStatus), default=ShardStatus.PENDING)
@@ -109,7 +109,7 @@ class Shard(Base):
     job: Mapped[Job] = relationship(back_populates="shards")
 
     __table_args__ = (
-        UniqueConstraint("job_id", "index"),
+        UniqueConstraint("job_id", "shard_index"),
         Index("ix_shards_job_status", "job_id", "status"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),
     )

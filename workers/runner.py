@@ -151,7 +151,7 @@ class ShardRunner:
             return None
         log.info(
             "shard %s (job %s, rows %d-%d) attempt %d, resuming at row %d",
-            claim.index, claim.job_id, claim.row_start, claim.row_end, claim.attempt,
+            claim.shard_index, claim.job_id, claim.row_start, claim.row_end, claim.attempt,
             claim.row_start + claim.rows_done,
         )
         beat = _Heartbeat(self.runtime, claim)
@@ -263,7 +263,7 @@ class ShardRunner:
             input_tokens=sum(c.input_tokens for c in completions),
             output_tokens=sum(c.output_tokens for c in completions),
             cost_usd=float(sum(rows["cost_usd"])),
-            url=self.runtime.storage.part_url(claim.job_id, claim.index, first_row),
+            url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, first_row),
         )
         return table, stats
 

@@ -83,7 +83,7 @@ def upgrade() -> None:
     op.create_table('shards',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('job_id', sa.String(length=40), nullable=False),
-    sa.Column('index', sa.Integer(), nullable=False),
+    sa.Column('shard_index', sa.Integer(), nullable=False),
     sa.Column('row_start', sa.Integer(), nullable=False),
     sa.Column('row_end', sa.Integer(), nullable=False),
     sa.Column('status', sa.Enum('pending', 'queued', 'running', 'preempted', 'blocked', 'done', 'failed', name='shardstatus', native_enum=False, length=32), nullable=False),
@@ -104,7 +104,7 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_shards_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_shards')),
-    sa.UniqueConstraint('job_id', 'index', name=op.f('uq_shards_job_id'))
+    sa.UniqueConstraint('job_id', 'shard_index', name=op.f('uq_shards_job_id'))
     )
     with op.batch_alter_table('shards', schema=None) as batch_op:
         batch_op.create_index('ix_shards_job_status', ['job_id', 'status'], unique=False)

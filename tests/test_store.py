@@ -1,0 +1,176 @@
+"""Job-store contract tests, run on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select, text, update
+
+from pipeline import db, transitions
+from pipeline.db import session_scope
+from pipeline.producer import JobRequest, submit
+from pipeline.reaper import reap
+from pipeline.runtime import Runtime
+from schemas.base import utcnow
+from schemas.errors import LeaseLost
+from schemas.status import AttemptOutcome, JobStatus, ShardStatus
+from schemas.tables import Checkpoint, Job, Shard, ShardAttempt
+from tests.conftest import write_prompts
+
+
+def _job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 10, per_shard: int = 5) -> str:
+    path = write_prompts(tmp_path / "in.parquet", rows)
+    return submit(runtime, JobRequest(str(path), str(tiny_model), rows_per_shard=per_shard))
+
+
+def _queue_all(runtime: Runtime, job_id: str) -> list[int]:
+    from pipeline.router import route_job
+
+    route_job(runtime, job_id)
+    with session_scope(runtime.engine) as session:
+        return list(session.execute(select(Shard.id).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars())
+
+
+def _stats(claim: transitions.Claim, first: int, count: int) -> transitions.CheckpointStats:
+    return transitions.CheckpointStats(first, count, 0, 10, 20, 0.0, f"file:///parts/{first}")
+
+
+def test_migrations_create_every_table_and_the_progress_view(runtime: Runtime) -> None:
+    names = set(inspect(runtime.engine).get_table_names())
+    views = set(inspect(runtime.engine).get_view_names())
+
+    assert {"jobs", "shards", "shard_attempts", "checkpoints", "cost_ledger", "alembic_version"} <= names
+    assert "job_progress" in views
+    assert db.current_revision(runtime.engine) == db.head_revision()
+
+
+def test_migrations_downgrade_to_nothing_and_back(runtime: Runtime) -> None:
+    from alembic import command
+
+    cfg = db._alembic_config(runtime.engine)
+    with runtime.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert "jobs" not in inspect(runtime.engine).get_table_names()
+    db.upgrade(runtime.engine)
+    assert "jobs" in inspect(runtime.engine).get_table_names()
+
+
+def test_submit_writes_the_job_and_its_shards_as_row_ranges(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model, rows=12, per_shard=5)
+
+    with runtime.engine.connect() as conn:
+        shards = conn.execute(
+            text("select row_start, row_end, status from shards where job_id = :id order by shard_index"), {"id": job_id}
+        ).all()
+        progress = conn.execute(text("select rows_total, shards_total, percent_done from job_progress")).one()
+    assert [tuple(s) for s in shards] == [(0, 5, "pending"), (5, 10, "pending"), (10, 12, "pending")]
+    assert tuple(progress) == (12, 3, 0.0)
+
+
+def test_only_one_of_many_concurrent_claims_wins(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    winners: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        with session_scope(runtime.engine) as session:
+            if transitions.claim_shard(session, shard_id, f"w{n}", 60, "local"):
+                winners.append(f"w{n}")
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(winners) == 1
+    with session_scope(runtime.engine) as session:
+        shard = session.get(Shard, shard_id)
+        assert shard is not None and shard.lease_owner == winners[0] and shard.attempts == 1
+        assert session.get(Job, job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_checkpoint_commits_only_for_the_lease_holder_and_in_order(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        claim = transitions.claim_shard(session, shard_id, "owner", 60, "local")
+    assert claim is not None
+    intruder = transitions.Claim(**{**claim.__dict__, "worker_id": "intruder"})
+
+    with session_scope(runtime.engine) as session:
+        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)
+    with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
+        transitions.commit_checkpoint(session, intruder, _stats(claim, 2, 2), 60)
+    with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
+        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)  # the same part again
+    with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
+        transitions.commit_checkpoint(session, claim, _stats(claim, 3, 2), 60)  # a gap
+
+    with session_scope(runtime.engine) as session:
+        shard = session.get(Shard, shard_id)
+        parts = session.execute(select(Checkpoint.first_row).where(Checkpoint.shard_id == shard_id)).scalars().all()
+    assert shard is not None and shard.rows_done == 2 and shard.output_tokens == 20
+    assert parts == [0]
+
+
+def test_the_reaper_requeues_an_expired_lease_and_records_the_attempt_as_lost(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        claim = transitions.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
+        assert claim is not None
+        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 3), 60)
+    with session_scope(runtime.engine) as session:
+        session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+    report = reap(runtime)
+
+    assert report.expired == 1
+    with session_scope(runtime.engine) as session:
+        shard = session.get(Shard, shard_id)
+        attempt = session.execute(select(ShardAttempt).where(ShardAttempt.shard_id == shard_id)).scalar_one()
+    assert shard is not None and shard.status is ShardStatus.QUEUED and shard.rows_done == 3
+    assert attempt.outcome is AttemptOutcome.LOST
+    with session_scope(runtime.engine) as session:  # and the next claim resumes from the checkpoint
+        again = transitions.claim_shard(session, shard_id, "next", 60, "local")
+    assert again is not None and again.rows_done == 3 and again.attempt == 2
+
+
+def test_a_live_lease_is_left_alone_by_the_reaper(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        assert transitions.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
+
+    assert reap(runtime).expired == 0
+    with session_scope(runtime.engine) as session:
+        assert session.get(Shard, shard_id).status is ShardStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_ending_a_shard_charges_the_ledger(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        claim = transitions.claim_shard(session, shard_id, "w", 60, "local")
+        assert claim is not None
+        transitions.commit_checkpoint(
+            session, claim, transitions.CheckpointStats(0, 5, 1, 50, 70, 0.25, "file:///p"), 60
+        )
+    with session_scope(runtime.engine) as session:
+        assert transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+
+    with runtime.engine.connect() as conn:
+        charged = conn.execute(
+            text("select sum(amount_usd), sum(output_tokens) from cost_ledger where job_id = :id and kind = 'charge'"),
+            {"id": job_id},
+        ).one()
+    assert tuple(charged) == (0.25, 70)

@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from schemas.records import FinalizeJob, RouteJob, RunShard
 
@@ -85,7 +86,7 @@ def make_celery(runtime: Runtime) -> Celery:
         },
         timezone="UTC",
     )
-    app.spotlane_runtime = runtime  # type: ignore[attr-defined]
+    app.spotlane_runtime = runtime
     _register(app, runtime)
     return app
 
@@ -100,7 +101,7 @@ def _runner(app: Celery, runtime: Runtime) -> ShardRunner:
         from workers.runner import ShardRunner
 
         runner = ShardRunner(runtime, stop=STOP)
-        app.spotlane_runner = runner  # type: ignore[attr-defined]
+        app.spotlane_runner = runner
     return runner
 
 
@@ -113,6 +114,9 @@ def _register(app: Celery, runtime: Runtime) -> None:
 
     @app.task(name="spotlane.run_shard")
     def run_shard(payload: dict[str, Any]) -> str | None:
+        if STOP:
+            # Draining: put the task back for another worker rather than start it.
+            raise Reject("worker is shutting down", requeue=True)
         status = _runner(app, runtime).run(RunShard.decode(payload))
         return status.value if status is not None else None
 

@@ -8,6 +8,7 @@ set-up; a server database must be migrated with ``spotlane db upgrade``.
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +43,11 @@ class Runtime:
     def prepare(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         if self.engine.dialect.name == "sqlite":
-            db.upgrade(self.engine)
+            # Two CLIs started at once on a fresh home must not both create tables.
+            with open(self.settings.home / ".migrate.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if db.current_revision(self.engine) != db.head_revision():
+                    db.upgrade(self.engine)
             return
         current, head = db.current_revision(self.engine), db.head_revision()
         if current != head:

@@ -33,9 +33,10 @@ Tier = Literal["hot", "warm", "cold"]
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path of ``url``."""
     try:
-        return url_to_fs(url)
+        fs, path = url_to_fs(url)
     except (ImportError, ValueError) as exc:
         raise ConfigError(f"cannot open storage URL {url!r}: {exc}") from exc
+    return fs, str(path)
 
 
 def _join(base: str, *parts: str | int) -> str:

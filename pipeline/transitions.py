@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from schemas.base import utcnow
@@ -141,7 +141,7 @@ def claim_shard(
     )
 
 
-def _owned(claim: Claim) -> tuple[object, ...]:
+def _owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:
     return (
         Shard.id == claim.shard_id,
         Shard.status == ShardStatus.RUNNING,

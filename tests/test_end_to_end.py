@@ -166,3 +166,39 @@ def test_rows_that_fail_become_error_rows_and_the_job_still_ends(
     assert errors["a"] is None and errors["d"] is None
     assert errors["b"] == "prompt is null"
     assert "prompt too long" in errors["c"]
+
+
+def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
+    tmp_path: Path, spotlane_home: Path, tiny_model: Path
+) -> None:
+    rows, checkpoint = 160, 10
+    path = write_prompts(tmp_path / "in.parquet", rows)
+    env = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint), "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
+    job_id = spotlane("submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "160", "--max-tokens", "24", env=env).stdout.strip()
+    engine = _db(spotlane_home)
+
+    def committed() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("select count(*) from checkpoints")).scalar_one())
+
+    first = _start_worker(env, tmp_path / "worker1.log")
+    _wait_for(lambda: committed() >= 2, 120, "two checkpoints")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0
+    with engine.connect() as conn:
+        shard = conn.execute(text("select status, rows_done from shards")).one()
+        attempt = conn.execute(text("select outcome, rows_processed from shard_attempts")).one()
+    assert shard[0] == "queued" and 0 < shard[1] < rows
+    assert attempt[0] == "preempted" and attempt[1] == shard[1]
+
+    second = _start_worker(env, tmp_path / "worker2.log")
+    try:
+        _wait_for(lambda: _job_status(spotlane_home, job_id) == "succeeded", 120, "the job to succeed")
+    finally:
+        second.terminate()
+        second.wait(30)
+    with engine.connect() as conn:
+        attempts = conn.execute(text("select attempt, outcome, resumed_from from shard_attempts order by attempt")).all()
+        parts = conn.execute(text("select count(*), sum(row_count) from checkpoints")).one()
+    assert [tuple(a) for a in attempts] == [(1, "preempted", 0), (2, "done", shard[1])]
+    assert tuple(parts) == (rows // checkpoint, rows)

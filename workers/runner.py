@@ -126,7 +126,7 @@ class ShardRunner:
 
     def __init__(self, runtime: Runtime, stop: StopFlag | None = None, wid: str | None = None) -> None:
         self.runtime = runtime
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.worker_id = wid or worker_id()
 
     def engine_for(self, model: str) -> Engine:
@@ -191,7 +191,7 @@ class ShardRunner:
             iter_rows(job.input_url, start, claim.row_end, columns), settings.worker.checkpoint_rows
         ):
             if self.stop:
-                log.info("stop requested: handing shard %s back at row %d", claim.shard_id, first_row)
+                log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, first_row)
                 return self._hand_back(claim)
             if beat.lost.is_set():
                 raise LeaseLost(f"shard {claim.shard_id}: lease lost")

@@ -58,7 +58,7 @@ def build_tiny_model(
     )
     texts = list(_CORPUS) + list(corpus)
     tokenizer.train_from_iterator(texts * 20, trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token="<s>",
         eos_token="</s>",
@@ -80,7 +80,7 @@ def build_tiny_model(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model.generation_config.pad_token_id = fast.pad_token_id
     model.save_pretrained(out)
     fast.save_pretrained(out)

@@ -249,13 +249,12 @@ def config_show() -> None:
 def main() -> None:
     """Entry point: run the app, turning ``SpotlaneError`` into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
     except SpotlaneError as exc:
         if _STATE["debug"]:
             raise
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         err.print("aborted")
@@ -270,6 +269,7 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc} (run with --debug for the traceback)")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ __all__ = ["resolve_model"]
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).expanduser().exists()
+    """Hub ids are ``name`` or ``org/name``; anything else with a slash is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def resolve_model(name: str) -> str:

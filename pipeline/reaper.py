@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, select
 
 from pipeline import transitions
 from pipeline.db import session_scope
@@ -100,13 +100,11 @@ def reap(runtime: Runtime) -> ReapReport:
             )
         ).all()
     for shard_id, job_id, backend, queued_at in waiting:
+        if queued_at is None or backend is None:
+            continue
         with session_scope(runtime.engine) as session:
-            touched = session.execute(
-                update(Shard)
-                .where(Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.queued_at == queued_at)
-                .values(queued_at=now)
-            ).rowcount  # type: ignore[attr-defined]
-        if touched == 1 and backend is not None:
+            touched = transitions.requeue_stale(session, shard_id, queued_at, now)
+        if touched:
             to_send.append(RunShard(job_id=job_id, shard_id=shard_id, backend=backend))
             report.resent += 1
     for record in to_send:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline import transitions
@@ -82,11 +82,7 @@ def route_job(runtime: Runtime, job_id: str) -> int:
                 break
             best = min((quote(job, end - start, p) for p in candidates), key=lambda q: q.cost_usd)
             if budget is not None and _committed(session, job_id) + best.cost_usd > budget + 1e-9:
-                session.execute(
-                    update(Shard)
-                    .where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING)
-                    .values(status=ShardStatus.BLOCKED)
-                )
+                transitions.block_shard(session, shard_id)
                 transitions.set_job_status(
                     session,
                     job_id,

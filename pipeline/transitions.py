@@ -21,6 +21,7 @@ from schemas.tables import Checkpoint, CostLedgerEntry, Job, Shard, ShardAttempt
 
 __all__ = [
     "Claim",
+    "block_shard",
     "CheckpointStats",
     "claim_shard",
     "commit_checkpoint",
@@ -29,6 +30,7 @@ __all__ = [
     "heartbeat",
     "job_shards_final",
     "queue_shard",
+    "requeue_stale",
     "set_job_status",
 ]
 
@@ -78,6 +80,16 @@ def queue_shard(
             lease_expires_at=None,
             updated_at=now,
         )
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def block_shard(session: Session, shard_id: int) -> bool:
+    """pending -> blocked: no backend fits the job's remaining budget."""
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING)
+        .values(status=ShardStatus.BLOCKED, updated_at=utcnow())
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -322,6 +334,16 @@ def expire_lease(session: Session, shard_id: int, now: datetime, *, owner_dead: 
         "worker process gone" if owner_dead else "lease expired",
     )
     return True
+
+
+def requeue_stale(session: Session, shard_id: int, queued_at: datetime, now: datetime) -> bool:
+    """Restart a queued shard's wait clock, so exactly one reaper sends it again."""
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.queued_at == queued_at)
+        .values(queued_at=now, updated_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def job_shards_final(session: Session, job_id: str) -> bool:

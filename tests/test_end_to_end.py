@@ -202,3 +202,17 @@ def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
         parts = conn.execute(text("select count(*), sum(row_count) from checkpoints")).one()
     assert [tuple(a) for a in attempts] == [(1, "preempted", 0), (2, "done", shard[1])]
     assert tuple(parts) == (rows // checkpoint, rows)
+
+
+def test_a_model_that_cannot_load_fails_the_job_with_its_reason(tmp_path: Path, tiny_model: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_model / name).read_bytes())
+    path = write_prompts(tmp_path / "in.parquet", 6)
+
+    result = spotlane("run", str(path), "--model", str(broken), "--rows-per-shard", "3")
+
+    assert result.returncode == 1
+    assert "failed" in result.stdout
+    assert "cannot load model" in result.stderr and str(broken) in result.stderr

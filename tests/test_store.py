@@ -174,3 +174,29 @@ def test_ending_a_shard_charges_the_ledger(runtime: Runtime, tmp_path: Path, tin
             {"id": job_id},
         ).one()
     assert tuple(charged) == (0.25, 70)
+
+
+def _queued_messages(runtime: Runtime) -> int:
+    return len(list((runtime.settings.broker_folder / "queue").glob("*.msg")))
+
+
+def test_the_reaper_sends_a_shard_again_when_its_message_was_lost(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        session.execute(update(Shard).where(Shard.id == shard_id).values(queued_at=utcnow() - timedelta(hours=2)))
+    before = _queued_messages(runtime)
+
+    first, second = reap(runtime), reap(runtime)
+
+    assert (first.resent, second.resent) == (1, 0)  # once, not on every sweep
+    assert _queued_messages(runtime) == before + 1
+
+
+def test_a_job_whose_routing_message_was_lost_is_routed_by_the_reaper(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    job_id = _job(runtime, tmp_path, tiny_model)
+    with session_scope(runtime.engine) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=5)))
+
+    assert reap(runtime).rerouted == 1
+    assert reap(runtime).rerouted == 1  # still pending: routing is idempotent, so it is safe to ask again

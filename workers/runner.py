@@ -88,13 +88,14 @@ def _rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]
 
 def _requests(table: pa.Table, job: Job) -> tuple[list[Request | None], list[str | None]]:
     """Requests for each row, or ``None`` with a reason for rows that cannot run."""
+    absent = [None] * table.num_rows
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     requests: list[Request | None] = []
     problems: list[str | None] = []
     for i in range(table.num_rows):
-        max_tokens = columns.get("max_tokens", [None] * table.num_rows)[i]
-        temperature = columns.get("temperature", [None] * table.num_rows)[i]
-        model = columns.get("model", [None] * table.num_rows)[i]
+        max_tokens = columns.get("max_tokens", absent)[i]
+        temperature = columns.get("temperature", absent)[i]
+        model = columns.get("model", absent)[i]
         body = columns[job.input_kind][i]
         problem = None
         if body is None:
@@ -236,7 +237,7 @@ class ShardRunner:
             for r, p in zip(requests, problems, strict=True)
         ]
         cost_per_second = price_per_hour / 3600.0
-        model_name = getattr(engine, "model", job.model)
+        model_name = engine.model
         rows: dict[str, list[Any]] = {
             "id": chunk.column("id").to_pylist(),
             "output": [c.output for c in completions],

@@ -41,6 +41,7 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 EXAMPLE_PROMPTS = Path(__file__).parent / "examples" / "prompts.parquet"
+EXAMPLE_ANSWERS = Path(__file__).parent / "examples" / "answers.json"
 
 _STATE: dict[str, Any] = {"config": None, "debug": False}
 
@@ -221,12 +222,22 @@ def results(
 def example(
     folder: Annotated[Path, typer.Argument(help="Where to write prompts.parquet and tiny-model/.")] = Path("spotlane-example"),
 ) -> None:
-    """Write the example prompts file and build a small local model to run it with."""
+    """Write the example prompts file and build a small local model to run it with.
+
+    No weights can be downloaded offline, so the model is built here: a tokenizer
+    and a 1M-parameter Llama fitted for a few seconds to the example's prompts and
+    reference answers. It is a demo of the machinery, not a language model.
+    """
+    import pyarrow.parquet as pq
+
     from workers.tiny import build_tiny_model
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(EXAMPLE_PROMPTS, folder / "prompts.parquet")
-    build_tiny_model(folder / "tiny-model")
+    answers = json.loads(EXAMPLE_ANSWERS.read_text())
+    corpus = [f"{row['prompt']} {answers[row['id']]}" for row in pq.read_table(EXAMPLE_PROMPTS).to_pylist()]
+    err.print("fitting a tiny model to the example (about 20 seconds on a laptop CPU)...")
+    build_tiny_model(folder / "tiny-model", hidden_size=128, corpus=corpus, train_steps=300)
     console.print(f"wrote {folder / 'prompts.parquet'} and {folder / 'tiny-model'}")
     console.print(f"next: spotlane run {folder / 'prompts.parquet'} --model {folder / 'tiny-model'}")
 

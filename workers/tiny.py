@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["CHAT_TEMPLATE", "build_tiny_model"]
 
@@ -39,8 +40,14 @@ def build_tiny_model(
     max_positions: int = 512,
     seed: int = 0,
     corpus: Iterable[str] = (),
+    train_steps: int = 0,
 ) -> Path:
-    """Write a Llama-architecture model and its tokenizer to ``path``; return it."""
+    """Write a Llama-architecture model and its tokenizer to ``path``; return it.
+
+    ``train_steps`` > 0 fits the model to the little corpus for that many AdamW
+    steps (a few seconds on a CPU), so it answers with corpus-like phrases instead
+    of noise; 0 keeps the seeded random weights (what tests and benchmarks want).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -82,6 +89,29 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model.generation_config.pad_token_id = fast.pad_token_id
+    if train_steps > 0:
+        _fit(model, fast, texts, train_steps)
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
+
+
+def _fit(model: Any, tokenizer: Any, texts: list[str], steps: int) -> None:
+    import torch
+
+    batch = tokenizer(
+        [f"{tokenizer.bos_token}{t}{tokenizer.eos_token}" for t in texts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

@@ -35,6 +35,7 @@ __all__ = ["TASKS", "make_celery"]
 
 log = logging.getLogger(__name__)
 
+#: Every task and the queue it runs on (``<pool>``: the GPU pool's name).
 TASKS = {
     "spotlane.route_job": "control",
     "spotlane.finalize_job": "control",
@@ -57,7 +58,13 @@ def _transport_options(runtime: Runtime) -> dict[str, Any]:
             "store_processed": False,
             "polling_interval": 0.1,
         }
-    return {"visibility_timeout": settings.broker.visibility_timeout}
+    return {
+        "visibility_timeout": settings.broker.visibility_timeout,
+        # Notice a dead connection (Redis restarted, network cut) and reconnect.
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
 
 
 def make_celery(runtime: Runtime) -> Celery:
@@ -72,6 +79,8 @@ def make_celery(runtime: Runtime) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=settings.control_queue,
         broker_connection_retry_on_startup=True,
+        # Keep reconnecting to a broker that went away; tasks wait in the broker.
+        broker_connection_max_retries=None,
         broker_transport_options=_transport_options(runtime),
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -159,6 +159,16 @@ def worker(
 
 
 @app.command()
+def scheduler(
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery log level.")] = "INFO",
+) -> None:
+    """Run Celery beat: the periodic reaper sweep (one per deployment)."""
+    from pipeline.worker_process import run_scheduler
+
+    run_scheduler(_runtime(), loglevel=loglevel)
+
+
+@app.command()
 def status(
     job_id: Annotated[str, typer.Argument(metavar="JOB")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

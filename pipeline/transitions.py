@@ -107,6 +107,7 @@ class Claim:
     attempt: int
     worker_id: str
     backend: str
+    queued_at: datetime | None = None
 
 
 def claim_shard(
@@ -150,6 +151,7 @@ def claim_shard(
         attempt=shard.attempts,
         worker_id=worker_id,
         backend=backend,
+        queued_at=shard.queued_at,
     )
 
 

@@ -17,10 +17,11 @@ import sys
 import threading
 from pathlib import Path
 
+from pipeline import metrics
 from pipeline.celery_app import STOP
 from pipeline.runtime import Runtime
 
-__all__ = ["Reaper", "run_worker", "spawn_worker", "stop_worker"]
+__all__ = ["Reaper", "run_scheduler", "run_worker", "spawn_worker", "stop_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     """Consume ``queues`` (default: every queue) until shut down; return the exit code."""
     settings = runtime.settings
     STOP.clear()
+    metrics.serve(settings.metrics.port)
     sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
     if sweeper is not None:
         sweeper.start()
@@ -69,6 +71,20 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
         if sweeper is not None:
             sweeper.stopped.set()
     return int(worker.exitcode or 0)
+
+
+def run_scheduler(runtime: Runtime, *, loglevel: str = "INFO") -> None:
+    """Celery beat: sends the periodic tasks (the reaper sweep) to the control queue.
+
+    Run exactly one per deployment; its schedule state lives in ``<home>/beat-schedule``.
+    """
+    runtime.settings.home.mkdir(parents=True, exist_ok=True)
+    beat = runtime.celery.Beat(
+        schedule=str(runtime.settings.home / "beat-schedule"),
+        loglevel=loglevel,
+        max_interval=min(5.0, runtime.settings.worker.reap_interval_seconds),
+    )
+    beat.run()
 
 
 def spawn_worker(config: str | None, log_path: Path, queues: list[str] | None = None) -> subprocess.Popen[bytes]:

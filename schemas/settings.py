@@ -38,6 +38,7 @@ __all__ = [
     "DatabaseSettings",
     "GpuPool",
     "JobDefaults",
+    "MetricsSettings",
     "Settings",
     "StorageSettings",
     "WorkerSettings",
@@ -83,6 +84,13 @@ class StorageSettings(_Section):
     hot: str = ""
     warm: str = ""
     cold: str = ""
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics."""
+
+    #: Port a worker serves ``/metrics`` on; 0 turns the endpoint off.
+    port: int = Field(default=0, ge=0, le=65535)
 
 
 class JobDefaults(_Section):
@@ -180,6 +188,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     jobs: JobDefaults = Field(default_factory=JobDefaults)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     gpu_pools: list[GpuPool] = Field(default_factory=_default_pools)
 
     @classmethod

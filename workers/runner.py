@@ -18,18 +18,20 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline import transitions
+from pipeline import metrics, transitions
 from pipeline.db import session_scope
 from pipeline.inputs import iter_rows
 from pipeline.runtime import Runtime
 from pipeline.storage import write_parquet
 from schemas.arrow import OUTPUT_FIELDS, output_schema
+from schemas.base import utcnow
 from schemas.errors import LeaseLost, SpotlaneError
 from schemas.records import FinalizeJob, RunShard
 from schemas.status import AttemptOutcome, ShardStatus
@@ -122,6 +124,15 @@ def _requests(table: pa.Table, job: Job) -> tuple[list[Request | None], list[str
     return requests, problems
 
 
+def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -> None:
+    metrics.ROWS.labels(backend, "ok").inc(stats.row_count - stats.rows_failed)
+    metrics.ROWS.labels(backend, "error").inc(stats.rows_failed)
+    metrics.TOKENS.labels(backend, "input").inc(stats.input_tokens)
+    metrics.TOKENS.labels(backend, "output").inc(stats.output_tokens)
+    metrics.COST_USD.labels(backend).inc(stats.cost_usd)
+    metrics.CHECKPOINT_SECONDS.labels(backend).observe(seconds)
+
+
 class ShardRunner:
     """Runs shards for one worker process with one engine per model."""
 
@@ -155,6 +166,8 @@ class ShardRunner:
             claim.shard_index, claim.job_id, claim.row_start, claim.row_end, claim.attempt,
             claim.row_start + claim.rows_done,
         )
+        if claim.queued_at is not None:
+            metrics.QUEUE_WAIT_SECONDS.labels(claim.backend).observe((utcnow() - claim.queued_at).total_seconds())
         beat = _Heartbeat(self.runtime, claim)
         beat.start()
         try:
@@ -171,6 +184,8 @@ class ShardRunner:
             )
         finally:
             beat.stop()
+        if status is not None:
+            metrics.SHARDS.labels(claim.backend, status.value).inc()
         if status is not None and status.is_final:
             self._maybe_finalize(claim.job_id)
         return status
@@ -196,10 +211,12 @@ class ShardRunner:
                 return self._hand_back(claim)
             if beat.lost.is_set():
                 raise LeaseLost(f"shard {claim.shard_id}: lease lost")
+            started = time.perf_counter()
             out, stats = self._process(chunk, job, engine, claim, first_row, price_per_hour)
             write_parquet(out, stats.url)
             with session_scope(self.runtime.engine) as session:
                 transitions.commit_checkpoint(session, claim, stats, settings.worker.lease_seconds)
+            _observe(claim.backend, stats, time.perf_counter() - started)
             first_row += chunk.num_rows
         return self._end(claim, ShardStatus.DONE, AttemptOutcome.DONE)
 

@@ -1,0 +1,46 @@
+"""Prometheus metrics of a worker process.
+
+Counters and histograms live in the process's default registry; a worker serves
+them on ``metrics.port`` (``/metrics``) when that is set. Labels are low-cardinality
+by design: backend and outcome, never job or shard ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+__all__ = [
+    "CHECKPOINT_SECONDS",
+    "COST_USD",
+    "QUEUE_WAIT_SECONDS",
+    "ROWS",
+    "SHARDS",
+    "TOKENS",
+    "serve",
+]
+
+ROWS = Counter("spotlane_rows", "Rows answered, by backend and outcome (ok or error).", ["backend", "outcome"])
+TOKENS = Counter("spotlane_tokens", "Tokens processed, by backend and direction (input or output).", ["backend", "direction"])
+COST_USD = Counter("spotlane_cost_usd", "Cost charged, USD, by backend.", ["backend"])
+SHARDS = Counter("spotlane_shards", "Shard runs ended, by backend and outcome.", ["backend", "outcome"])
+CHECKPOINT_SECONDS = Histogram(
+    "spotlane_checkpoint_seconds",
+    "Seconds to generate, write and commit one checkpoint of rows.",
+    ["backend"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "spotlane_queue_wait_seconds",
+    "Seconds a shard waited queued before a worker claimed it.",
+    ["backend"],
+    buckets=(0.1, 1, 5, 15, 60, 300, 900, 3600, 14400),
+)
+
+_SERVING: set[int] = set()
+
+
+def serve(port: int) -> None:
+    """Serve ``/metrics`` on ``port`` (once per process; 0 does nothing)."""
+    if port and port not in _SERVING:
+        start_http_server(port)
+        _SERVING.add(port)

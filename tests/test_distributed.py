@@ -1,0 +1,136 @@
+"""Distributed mode: Redis broker, PostgreSQL job store, S3 storage, several workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import create_engine, text
+
+from pipeline.db import session_scope
+from pipeline.producer import JobRequest, submit
+from pipeline.router import route_job
+from pipeline.runtime import Runtime
+from schemas.records import RunShard
+from schemas.tables import Shard
+from tests.conftest import spotlane, write_prompts
+from workers.runner import ShardRunner
+
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture
+def distributed_env(postgres_url: str, redis_url: str, s3_bucket: str) -> dict[str, str]:
+    """Settings of a distributed deployment, as environment variables (what compose sets)."""
+    return {
+        "SPOTLANE_DATABASE__URL": postgres_url,
+        "SPOTLANE_BROKER__URL": redis_url,
+        "SPOTLANE_STORAGE__HOT": f"{s3_bucket}/hot",
+        "SPOTLANE_STORAGE__WARM": f"{s3_bucket}/warm",
+        "SPOTLANE_STORAGE__COLD": f"{s3_bucket}/cold",
+    }
+
+
+def _upload(local: Path, url: str) -> str:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.put_file(str(local), path)
+    return url
+
+
+def test_the_same_task_delivered_twice_at_once_runs_once(
+    distributed_env: dict[str, str], tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in distributed_env.items():
+        monkeypatch.setenv(key, value)
+    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "db", "upgrade"], capture_output=True).returncode == 0
+    runtime = Runtime.open()
+    bucket = distributed_env["SPOTLANE_STORAGE__HOT"].rsplit("/", 1)[0]
+    input_url = _upload(write_prompts(tmp_path / "in.parquet", 12), f"{bucket}/inputs/in.parquet")
+    job_id = submit(runtime, JobRequest(input_url, str(tiny_model), rows_per_shard=12, max_tokens=4))
+    route_job(runtime, job_id)
+    with session_scope(runtime.engine) as session:
+        shard = session.query(Shard).filter_by(job_id=job_id).one()
+    task = RunShard(job_id=job_id, shard_id=shard.id, backend="local")
+    runners = [ShardRunner(runtime, wid=f"worker-{n}") for n in range(2)]
+    outcomes: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def deliver(runner: ShardRunner) -> None:
+        barrier.wait()
+        outcomes.append(runner.run(task))
+
+    threads = [threading.Thread(target=deliver, args=(r,)) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(str(o) for o in outcomes) == sorted(["None", "ShardStatus.DONE"])
+    with runtime.engine.connect() as conn:
+        attempts = conn.execute(text("select count(*) from shard_attempts")).scalar_one()
+        parts = conn.execute(text("select count(*), sum(row_count) from checkpoints")).one()
+    assert attempts == 1
+    assert tuple(parts) == (1, 12)
+
+
+def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s3(
+    distributed_env: dict[str, str], tmp_path: Path, tiny_model: Path
+) -> None:
+    env = {**distributed_env, "SPOTLANE_WORKER__CHECKPOINT_ROWS": "10"}
+    assert spotlane("db", "upgrade", env=env).returncode == 0
+    bucket = distributed_env["SPOTLANE_STORAGE__HOT"].rsplit("/", 1)[0]
+    input_url = _upload(write_prompts(tmp_path / "in.parquet", 120, team=["a", "b", "c"] * 40), f"{bucket}/inputs/in.parquet")
+    env["SPOTLANE_WORKER__MAX_BATCH_ROWS"] = "4"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "INFO"],
+            env={**os.environ, **env},
+            stdout=open(tmp_path / f"worker{n}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        for n in range(2)
+    ]
+    deadline = time.monotonic() + 60
+    while not all(" ready." in (tmp_path / f"worker{n}.log").read_text() for n in range(2)):
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.2)
+    submitted = spotlane("submit", input_url, "--model", str(tiny_model), "--rows-per-shard", "20", "--max-tokens", "6", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    store = create_engine(distributed_env["SPOTLANE_DATABASE__URL"])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with store.connect() as conn:
+                status = conn.execute(text("select status from jobs where id = :id"), {"id": job_id}).scalar_one()
+            if status in ("succeeded", "failed"):
+                break
+            time.sleep(0.5)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(60)
+        store.dispose()
+
+    assert status == "succeeded", (tmp_path / "worker0.log").read_text()[-3000:]
+    with create_engine(distributed_env["SPOTLANE_DATABASE__URL"]).connect() as conn:
+        owners = conn.execute(text("select count(distinct worker_id) from shard_attempts")).scalar_one()
+        attempts = conn.execute(text("select count(*) from shard_attempts")).scalar_one()
+    assert attempts == 6 and owners == 2, "both workers took shards, each shard ran once"
+    manifest = json.loads(spotlane("results", job_id, "--json", env=env).stdout)
+    assert manifest["rows"] == 120
+    result_dir = f"{distributed_env['SPOTLANE_STORAGE__WARM']}/jobs/{job_id}/results"
+    fs, path = fsspec.core.url_to_fs(result_dir)
+    with fs.open(f"{path}/{manifest['files'][0]['name']}", "rb") as fh:
+        table = pq.read_table(fh)
+    assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(120)]
+    assert table.column("team").to_pylist() == ["a", "b", "c"] * 40

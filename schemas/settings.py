@@ -130,6 +130,11 @@ class WorkerSettings(_Section):
                 f"heartbeat_seconds ({self.heartbeat_seconds}) must be at most half of "
                 f"lease_seconds ({self.lease_seconds})"
             )
+        if self.reap_interval_seconds > self.lease_seconds:
+            raise ValueError(
+                f"reap_interval_seconds ({self.reap_interval_seconds}) must not exceed "
+                f"lease_seconds ({self.lease_seconds})"
+            )
         return self
 
 

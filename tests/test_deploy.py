@@ -1,0 +1,152 @@
+"""docker-compose.yml and infra/k8s agree with the code: queues, settings, images, GPU placement."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from schemas.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "infra" / "k8s"
+
+
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    return load_settings()  # an unknown or invalid SPOTLANE_* key raises here
+
+
+def _queues(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a in ("--queues", "-Q")]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def _spotlane_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if "infra/docker/Dockerfile" in str(s.get("build", ""))}
+
+
+def test_compose_services_consume_only_queues_the_settings_define(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    services = _spotlane_services(compose)
+    assert {"migrate", "control", "gpu-worker", "scheduler"} <= set(services)
+
+    for name, service in services.items():
+        settings = _settings_from(service["environment"], monkeypatch)
+        assert set(_queues(service["command"])) <= set(settings.queues), name
+    assert _queues(services["gpu-worker"]["command"]) == ["gpu.spot"]
+    assert _queues(services["control"]["command"]) == [settings.control_queue]
+
+
+def test_compose_has_every_real_service_with_health_checks_and_ordering(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+
+    for name in ("redis", "postgres", "minio"):
+        assert "healthcheck" in services[name], name
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["control"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["control"]["depends_on"]["createbuckets"]["condition"] == "service_completed_successfully"
+    gpu = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert "flower" in services and "prometheus" in services
+    images = {s["image"] for s in _spotlane_services(compose).values()}
+    assert len(images) == 1
+
+
+def test_compose_keeps_credentials_out_of_settings_keys(compose: dict[str, Any]) -> None:
+    env = _spotlane_services(compose)["control"]["environment"]
+
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert all("secret" not in v.lower() for k, v in env.items() if k.startswith("SPOTLANE_STORAGE"))
+
+
+@pytest.mark.skipif(not (shutil.which("docker-compose") or shutil.which("docker")), reason="no compose client")
+def test_compose_config_validates() -> None:
+    command = ["docker-compose", "config", "-q"] if shutil.which("docker-compose") else ["docker", "compose", "config", "-q"]
+
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] in ("Deployment", "Job") else {}
+    return list(spec.get("containers", []))
+
+
+def test_kustomization_lists_every_manifest(k8s: list[dict[str, Any]]) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert [i["name"] for i in kustomization["images"]] == ["spotlane"]
+
+
+def test_k8s_workers_queues_and_keda_triggers_agree_with_the_settings(
+    k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
+    settings = _settings_from(config["data"], monkeypatch)
+    deployments = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "Deployment"}
+    queue_of: dict[str, list[str]] = {}
+    for name, doc in deployments.items():
+        for container in _containers(doc):
+            if container["image"] == "spotlane":
+                assert {"configMapRef": {"name": "spotlane-config"}} in container["envFrom"], name
+                queue_of[name] = _queues(container["args"])
+                assert set(queue_of[name]) <= set(settings.queues), name
+
+    scaled = [d for d in k8s if d["kind"] == "ScaledObject"]
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == {n for n, q in queue_of.items() if q}
+    for obj in scaled:
+        target = obj["spec"]["scaleTargetRef"]["name"]
+        trigger = obj["spec"]["triggers"][0]
+        assert trigger["type"] == "redis"
+        assert [trigger["metadata"]["listName"]] == queue_of[target]
+        assert settings.broker.url.endswith("/" + trigger["metadata"]["databaseIndex"])
+    gpu_scaler = next(s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == "spotlane-gpu-spot")
+    assert gpu_scaler["spec"]["maxReplicaCount"] == settings.pool("spot").max_workers
+
+
+def test_gpu_workers_land_on_the_spot_pool_with_time_to_drain(k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-gpu-spot")
+    pod = gpu["spec"]["template"]["spec"]
+    config = next(d for d in k8s if d["kind"] == "ConfigMap")
+    settings = _settings_from(config["data"], monkeypatch)
+
+    assert pod["nodeSelector"] == {"spotlane.io/node-pool": "gpu-spot"}
+    assert {t["key"] for t in pod["tolerations"]} == {"spotlane.io/spot", "nvidia.com/gpu"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["terminationGracePeriodSeconds"] >= 2 * settings.worker.heartbeat_seconds + 60
+    annotations = gpu["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics.port)
+
+
+def test_secrets_are_referenced_never_inlined(k8s: list[dict[str, Any]]) -> None:
+    config = next(d for d in k8s if d["kind"] == "ConfigMap")
+
+    assert "SPOTLANE_DATABASE__URL" not in config["data"]
+    assert not any(k.startswith("AWS_SECRET") or k.startswith("AWS_ACCESS") for k in config["data"])
+    assert not [d for d in k8s if d["kind"] == "Secret"]
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+
+    for package in ("pipeline", "workers", "schemas", "migrations"):
+        assert f"COPY {package} ./{package}" in dockerfile

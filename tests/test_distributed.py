@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -134,3 +135,93 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
         table = pq.read_table(fh)
     assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(120)]
     assert table.column("team").to_pylist() == ["a", "b", "c"] * 40
+
+
+class _PrivateRedis:
+    """A redis-server of the test's own, so it can be killed and restarted."""
+
+    def __init__(self, folder: Path) -> None:
+        from tests.conftest import _free_port
+
+        self.folder, self.port = folder, _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server binary not installed")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "private redis did not start"
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
+    postgres_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    server = _PrivateRedis(tmp_path)
+    server.start()
+    env = {
+        "SPOTLANE_DATABASE__URL": postgres_url,
+        "SPOTLANE_BROKER__URL": server.url,
+        "SPOTLANE_WORKER__CHECKPOINT_ROWS": "5",
+        "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
+        "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "2",
+    }
+    assert spotlane("db", "upgrade", env=env).returncode == 0
+    job_id = spotlane(
+        "submit", str(write_prompts(tmp_path / "in.parquet", 60)), "--model", str(tiny_model),
+        "--rows-per-shard", "15", "--max-tokens", "16", env=env,
+    ).stdout.strip()
+    store = create_engine(postgres_url)
+
+    def scalar(sql: str) -> object:
+        with store.connect() as conn:
+            return conn.execute(text(sql), {"id": job_id}).scalar_one()
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **env},
+        stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while int(scalar("select count(*) from checkpoints")) < 2:  # type: ignore[call-overload]
+            assert time.monotonic() < deadline, "no progress before the restart"
+            time.sleep(0.2)
+        server.kill()
+        time.sleep(3)
+        server.start()
+        deadline = time.monotonic() + 180
+        while scalar("select status from jobs where id = :id") not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        server.kill()
+        store.dispose()
+
+    assert scalar("select status from jobs where id = :id") == "succeeded"
+    assert scalar("select sum(row_count) from checkpoints") == 60
+    assert scalar("select count(*) from (select shard_id, first_row from checkpoints group by 1, 2) parts") == 12

@@ -31,6 +31,7 @@ __all__ = [
     "job_shards_final",
     "queue_shard",
     "requeue_stale",
+    "reroute_shard",
     "set_job_status",
 ]
 
@@ -65,8 +66,12 @@ def queue_shard(
     expected: tuple[ShardStatus, ...],
     backend: str,
     queue: str,
+    **route: object,
 ) -> bool:
-    """Mark a shard queued on ``backend``'s ``queue``; the caller then enqueues it."""
+    """Mark a shard queued on ``backend``'s ``queue``; the caller then enqueues it.
+
+    ``route`` carries the router's choice (model, estimates, note) onto the row.
+    """
     now = utcnow()
     result = session.execute(
         update(Shard)
@@ -79,6 +84,7 @@ def queue_shard(
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
+            **route,
         )
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -228,6 +234,35 @@ def commit_checkpoint(
         .where(ShardAttempt.shard_id == claim.shard_id, ShardAttempt.attempt == claim.attempt)
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
     )
+    _charge(session, claim, stats, now)
+
+
+def _charge(session: Session, claim: Claim, stats: CheckpointStats, now: datetime) -> None:
+    """Charge a checkpoint's actual cost, and give back as much of the reservation.
+
+    Reserved + spent therefore tracks max(estimate, actual) while the shard runs.
+    """
+    session.add(CostLedgerEntry(
+        job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend, kind=LedgerKind.CHARGE,
+        amount_usd=stats.cost_usd, input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
+        created_at=now,
+    ))
+    reserved = _reserved(session, claim.shard_id)
+    give_back = min(reserved, stats.cost_usd)
+    if give_back > 0:
+        session.add(CostLedgerEntry(
+            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
+            kind=LedgerKind.RELEASE, amount_usd=-give_back, created_at=now,
+        ))
+
+
+def _reserved(session: Session, shard_id: int) -> float:
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+            CostLedgerEntry.shard_id == shard_id,
+            CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
+        )
+    ).scalar_one())
 
 
 def _end_attempt(
@@ -250,8 +285,8 @@ def end_shard(
 ) -> bool:
     """running -> ``new`` (done, failed or preempted) for the lease holder.
 
-    On ``done`` the shard's actual cost is charged to the ledger and its
-    reservation released.
+    On ``done`` or ``failed`` what is left of the shard's reservation is released
+    (its actual cost was charged checkpoint by checkpoint).
     """
     now = utcnow()
     values: dict[str, object] = {
@@ -268,42 +303,44 @@ def end_shard(
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, outcome, error)
     if new.is_final:
-        _settle_ledger(session, claim)
+        _release(session, claim, now)
     return True
 
 
-def _settle_ledger(session: Session, claim: Claim) -> None:
-    shard = session.execute(select(Shard).where(Shard.id == claim.shard_id)).scalar_one()
-    reserved = session.execute(
-        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-            CostLedgerEntry.shard_id == claim.shard_id,
-            CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
-        )
-    ).scalar_one()
+def _release(session: Session, claim: Claim, now: datetime) -> None:
+    """Give back whatever is still reserved for the shard."""
+    reserved = _reserved(session, claim.shard_id)
+    if reserved > 0:
+        session.add(CostLedgerEntry(
+            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
+            kind=LedgerKind.RELEASE, amount_usd=-float(reserved), created_at=now,
+        ))
+
+
+def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
+    """running -> pending, never again on this backend: the backend failed the shard.
+
+    The attempt ends ``failed``, the reservation is released, and committed
+    checkpoints stay: the next backend resumes after them.
+    """
     now = utcnow()
-    if reserved:
-        session.add(
-            CostLedgerEntry(
-                job_id=claim.job_id,
-                shard_id=claim.shard_id,
-                backend=claim.backend,
-                kind=LedgerKind.RELEASE,
-                amount_usd=-float(reserved),
-                created_at=now,
-            )
-        )
-    session.add(
-        CostLedgerEntry(
-            job_id=claim.job_id,
-            shard_id=claim.shard_id,
-            backend=claim.backend,
-            kind=LedgerKind.CHARGE,
-            amount_usd=shard.cost_usd,
-            input_tokens=shard.input_tokens,
-            output_tokens=shard.output_tokens,
-            created_at=now,
+    shard = session.execute(select(Shard).where(*_owned(claim))).scalar_one_or_none()
+    if shard is None:
+        return False
+    excluded = sorted({*(shard.excluded_backends or []), claim.backend})
+    result = session.execute(
+        update(Shard)
+        .where(*_owned(claim))
+        .values(
+            status=ShardStatus.PENDING, lease_owner=None, lease_expires_at=None, backend=None, queue=None,
+            excluded_backends=excluded, error=error, updated_at=now,
         )
     )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _end_attempt(session, claim.shard_id, claim.attempt, AttemptOutcome.FAILED, error)
+    _release(session, claim, now)
+    return True
 
 
 def expire_lease(session: Session, shard_id: int, now: datetime, *, owner_dead: bool = False) -> bool:

@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas.backends import ApiProvider, GpuPool, RoutingSettings, Section as _Section, default_pools
 from schemas.errors import ConfigError
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_HOME",
     "BrokerSettings",
     "DatabaseSettings",
+    "ApiProvider",
     "GpuPool",
     "JobDefaults",
     "MetricsSettings",
@@ -54,10 +56,6 @@ DEFAULT_CONFIG_FILE = "spotlane.toml"
 ENV_PREFIX = "SPOTLANE_"
 #: Environment variables that are not settings keys but are ours all the same.
 _EXTRA_ENV = {"SPOTLANE_CONFIG", "SPOTLANE_HOME"}
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DatabaseSettings(_Section):
@@ -138,43 +136,6 @@ class WorkerSettings(_Section):
         return self
 
 
-class GpuPool(_Section):
-    """A pool of GPU workers (spot instances in production, this machine embedded)."""
-
-    name: str
-    #: Celery queue its workers consume; default ``gpu.<name>``.
-    queue: str = ""
-    #: Model ids or local folders served; ``*`` serves any model.
-    models: list[str] = Field(default_factory=lambda: ["*"])
-    #: Spot price of one worker, USD per hour (0 for hardware already paid for).
-    price_per_hour: float = Field(default=0.0, ge=0)
-    #: Prior generated tokens per second of one worker, replaced by observation.
-    tokens_per_second: float = Field(default=200.0, gt=0)
-    max_workers: int = Field(default=1, ge=1)
-    #: Expected fraction of shard runs interrupted by a spot reclaim.
-    preemption_rate: float = Field(default=0.0, ge=0, le=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_queue_safe(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
-            raise ValueError("use letters, digits, '-' and '_' only")
-        return value
-
-    @model_validator(mode="after")
-    def _default_queue(self) -> GpuPool:
-        if not self.queue:
-            self.queue = f"gpu.{self.name}"
-        return self
-
-    def serves(self, model: str) -> bool:
-        return "*" in self.models or model in self.models
-
-
-def _default_pools() -> list[GpuPool]:
-    return [GpuPool(name="local")]
-
-
 class Settings(BaseSettings):
     """The whole configuration; see the README for every key."""
 
@@ -194,7 +155,9 @@ class Settings(BaseSettings):
     jobs: JobDefaults = Field(default_factory=JobDefaults)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    gpu_pools: list[GpuPool] = Field(default_factory=_default_pools)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    gpu_pools: list[GpuPool] = Field(default_factory=default_pools)
+    api_providers: list[ApiProvider] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -218,10 +181,15 @@ class Settings(BaseSettings):
         for tier in ("hot", "warm", "cold"):
             if not getattr(self.storage, tier):
                 setattr(self.storage, tier, (home / "storage" / tier).as_uri())
-        names = [pool.name for pool in self.gpu_pools]
+        names = [pool.name for pool in self.gpu_pools] + [p.name for p in self.api_providers]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ValueError(f"gpu_pools: pool name {duplicated[0]!r} is used twice")
+            raise ValueError(f"backend name {duplicated[0]!r} is used twice (gpu_pools and api_providers share names)")
+        known = set(names)
+        for i, rule in enumerate(self.routing.rules):
+            unknown = sorted(set(rule.backends) - known)
+            if unknown:
+                raise ValueError(f"routing.rules[{i}].backends: no backend named {unknown[0]!r}")
         return self
 
     @property
@@ -238,10 +206,23 @@ class Settings(BaseSettings):
                 return pool
         raise ConfigError(f"no GPU pool named {name!r} in gpu_pools", setting="gpu_pools")
 
+    def backend(self, name: str) -> GpuPool | ApiProvider:
+        """The GPU pool or API provider called ``name``."""
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise ConfigError(f"no backend named {name!r} in gpu_pools or api_providers", setting="gpu_pools")
+
+    @property
+    def backends(self) -> list[GpuPool | ApiProvider]:
+        found: list[GpuPool | ApiProvider] = [*self.gpu_pools]
+        found.extend(self.api_providers)
+        return found
+
     @property
     def queues(self) -> list[str]:
         """Every queue a worker that does everything consumes."""
-        return [self.control_queue, *(pool.queue for pool in self.gpu_pools)]
+        return [self.control_queue, *(b.queue for b in self.backends)]
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, with credentials masked."""

@@ -20,6 +20,7 @@ from schemas.status import AttemptOutcome, JobStatus, LedgerKind, ShardStatus
 
 __all__ = [
     "JOB_PROGRESS_VIEW",
+    "BackendStats",
     "Checkpoint",
     "CostLedgerEntry",
     "Job",
@@ -49,6 +50,8 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(_state(JobStatus), default=JobStatus.PENDING)
     task: Mapped[str] = mapped_column(String(16), default="generate")
     model: Mapped[str] = mapped_column(Text)
+    #: Every model the submitter accepts, cheapest-first choice among them.
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
     input_url: Mapped[str] = mapped_column(Text)
     #: "prompt" or "messages": which column holds the request.
     input_kind: Mapped[str] = mapped_column(String(16))
@@ -91,6 +94,17 @@ class Shard(Base):
     status: Mapped[ShardStatus] = mapped_column(_state(ShardStatus), default=ShardStatus.PENDING)
     backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
     queue: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: The model rows without their own ``model`` use, chosen with the backend.
+    model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The router's estimate when it chose the backend.
+    est_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    est_output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    est_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    est_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Backends that failed this shard; the router does not pick them again.
+    excluded_backends: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: Why the router chose as it did (deadline missed, fallback, ...).
+    route_note: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: Rows of this shard covered by committed checkpoints (resume point).
     rows_done: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -179,3 +193,28 @@ class CostLedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_cost_ledger_job", "job_id", "kind"),)
+
+
+class BackendStats(Base):
+    """What the router has learnt about a backend and model (EWMAs of observations)."""
+
+    __tablename__ = "backend_stats"
+
+    backend: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: Output tokens per second of one worker (GPU) or per request stream (API).
+    tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Seconds per request (API) or per micro-batch (GPU).
+    latency_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Fraction of rows that came back with an error.
+    error_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Fraction of shard runs that ended preempted or lost.
+    preemption_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Prompt characters per input token.
+    chars_per_token: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Output tokens / max_tokens: how much of the limit rows really use.
+    output_fill: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    cooldown_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)

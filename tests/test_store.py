@@ -200,3 +200,15 @@ def test_a_job_whose_routing_message_was_lost_is_routed_by_the_reaper(runtime: R
 
     assert reap(runtime).rerouted == 1
     assert reap(runtime).rerouted == 1  # still pending: routing is idempotent, so it is safe to ask again
+
+
+def test_the_migrations_build_exactly_the_models(runtime: Runtime) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from schemas.base import Base
+
+    with runtime.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+
+    assert diff == []

@@ -1,0 +1,96 @@
+"""What a shard will cost to run: its rows' sizes, read from the input file.
+
+A ``ShardProfile`` sums a shard's prompt characters and ``max_tokens`` and lists
+the models its rows ask for. Tokens come from the model's own tokenizer when it is
+a local folder with ``tokenizer.json`` (the Rust ``tokenizers`` library, no
+torch), else from characters divided by a calibrated characters-per-token ratio.
+Output tokens are the rows' limits times the learnt fill ratio (how much of
+``max_tokens`` rows really use), 1.0 until observed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.inputs import iter_rows, open_parquet
+
+__all__ = ["ShardProfile", "count_tokens", "profile_rows"]
+
+
+@dataclass
+class ShardProfile:
+    rows: int = 0
+    prompt_chars: int = 0
+    max_tokens: int = 0
+    #: Rows that name their own model, by model.
+    row_models: dict[str, int] = field(default_factory=dict)
+    #: Exact prompt tokens when a local tokenizer was used, else None.
+    prompt_tokens: int | None = None
+    longest_prompt_chars: int = 0
+
+    def input_tokens(self, chars_per_token: float) -> int:
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        return int(self.prompt_chars / chars_per_token) + self.rows  # + BOS/role tokens
+
+    def output_tokens(self, fill: float) -> int:
+        return int(self.max_tokens * fill)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model: str) -> Any:
+    path = Path(model) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def count_tokens(model: str, texts: list[str]) -> int | None:
+    """Exact token count with the model's local tokenizer, or None if it has none."""
+    tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        return None
+    return sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+
+
+def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> list[str]:
+    values = column.to_pylist()
+    if kind == "prompt":
+        return [v or "" for v in values]
+    return ["\n".join(f"{m['role']}: {m['content']}" for m in (v or [])) for v in values]
+
+
+def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str) -> ShardProfile:
+    """Profile rows ``[start, end)`` of ``url``; memory bounded by a read batch."""
+    names = open_parquet(url).schema_arrow.names
+    columns = [kind] + [c for c in ("max_tokens", "model") if c in names]
+    profile = ShardProfile()
+    exact: int | None = 0
+    for batch in iter_rows(url, start, end, columns):
+        texts = _texts(batch.column(kind), kind)
+        lengths = [len(t) for t in texts]
+        profile.rows += len(texts)
+        profile.prompt_chars += sum(lengths)
+        profile.longest_prompt_chars = max([profile.longest_prompt_chars, *lengths])
+        if "max_tokens" in columns:
+            limits = pc.fill_null(batch.column("max_tokens"), default_max_tokens)
+            profile.max_tokens += int(pc.sum(limits).as_py() or 0)
+        else:
+            profile.max_tokens += default_max_tokens * len(texts)
+        if "model" in columns:
+            for name in batch.column("model").to_pylist():
+                if name is not None:
+                    profile.row_models[name] = profile.row_models.get(name, 0) + 1
+        if exact is not None:
+            counted = count_tokens(model, texts)
+            exact = None if counted is None else exact + counted
+    profile.prompt_tokens = exact
+    return profile

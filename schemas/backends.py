@@ -1,0 +1,174 @@
+"""Configuration of the backends a shard can run on, and the routing rules.
+
+Two kinds of backend, one namespace of names:
+
+- ``GpuPool``: workers running a Hugging Face model (spot GPUs in production, this
+  machine embedded). Priced by the hour; throughput is per worker.
+- ``ApiProvider``: any OpenAI-compatible HTTP endpoint. Priced per million input
+  and output tokens; paced by requests and tokens per minute. The API key is read
+  from the environment variable named by ``api_key_env`` when a request is made;
+  the key itself is never part of the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ApiProvider", "GpuPool", "RoutingRule", "RoutingSettings", "Section", "default_pools"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _queue_safe(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ValueError("use letters, digits, '-' and '_' only")
+    return value
+
+
+class GpuPool(Section):
+    """A pool of GPU workers."""
+
+    kind: Literal["gpu"] = "gpu"
+    name: str
+    #: Celery queue its workers consume; default ``gpu.<name>``.
+    queue: str = ""
+    #: Model ids or local folders served; ``*`` serves any model.
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    #: Spot price of one worker, USD per hour (0 for hardware already paid for).
+    price_per_hour: float = Field(default=0.0, ge=0)
+    #: Prior generated tokens per second of one worker, replaced by observation.
+    tokens_per_second: float = Field(default=200.0, gt=0)
+    max_workers: int = Field(default=1, ge=1)
+    #: Expected fraction of shard runs interrupted by a spot reclaim.
+    preemption_rate: float = Field(default=0.0, ge=0, le=1)
+    #: Longest prompt (tokens) this pool accepts; longer rows go elsewhere.
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_queue_safe(cls, value: str) -> str:
+        return _queue_safe(value)
+
+    @model_validator(mode="after")
+    def _default_queue(self) -> GpuPool:
+        if not self.queue:
+            self.queue = f"gpu.{self.name}"
+        return self
+
+    def serves(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+    def provider_model(self, model: str) -> str:
+        return model
+
+
+class ApiProvider(Section):
+    """An OpenAI-compatible chat-completions endpoint."""
+
+    kind: Literal["api"] = "api"
+    name: str
+    #: Celery queue its workers consume; default ``api.<name>``.
+    queue: str = ""
+    #: Base URL up to and including the version, e.g. ``https://api.openai.com/v1``.
+    base_url: str
+    #: Name of the environment variable holding the API key ("" for no key).
+    api_key_env: str = ""
+    #: Our model name -> the provider's model name.
+    models: dict[str, str] = Field(default_factory=dict)
+    input_usd_per_1m: float = Field(default=0.0, ge=0)
+    output_usd_per_1m: float = Field(default=0.0, ge=0)
+    #: Requests and tokens per minute the account may use (None: unlimited).
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrency: int = Field(default=16, ge=1)
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    #: Prior seconds per request, replaced by observation.
+    latency_seconds: float = Field(default=2.0, gt=0)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_queue_safe(cls, value: str) -> str:
+        return _queue_safe(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/]+", value):
+            raise ValueError("must be an http(s) URL such as https://api.example.com/v1")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_queue(self) -> ApiProvider:
+        if not self.queue:
+            self.queue = f"api.{self.name}"
+        return self
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def provider_model(self, model: str) -> str:
+        return self.models[model]
+
+    def api_key(self) -> str | None:
+        """The key from the environment, read now (never stored)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def requests_per_second(self, tokens_per_request: float, latency_seconds: float) -> float:
+        """Sustainable request rate: the tightest of concurrency, rpm and tpm."""
+        limits = [self.max_concurrency / max(latency_seconds, 1e-3)]
+        if self.rpm:
+            limits.append(self.rpm / 60.0)
+        if self.tpm and tokens_per_request > 0:
+            limits.append(self.tpm / 60.0 / tokens_per_request)
+        return min(limits)
+
+
+class RoutingRule(Section):
+    """Applied before prices: which backends a matching job may use."""
+
+    #: Match jobs whose tags contain this ``key=value`` (any job if unset).
+    tag: str | None = None
+    #: Match jobs of this model (any model if unset).
+    model: str | None = None
+    #: The backends a matching job may use (one name pins it).
+    backends: list[str]
+
+    @field_validator("tag")
+    @classmethod
+    def _key_value(cls, value: str | None) -> str | None:
+        if value is not None and "=" not in value:
+            raise ValueError("write tags as key=value")
+        return value
+
+    def matches(self, model: str, tags: dict[str, object]) -> bool:
+        if self.model is not None and self.model != model:
+            return False
+        if self.tag is not None:
+            key, _, want = self.tag.partition("=")
+            return str(tags.get(key)) == want
+        return True
+
+
+class RoutingSettings(Section):
+    """How the router estimates, learns and falls back."""
+
+    #: Characters per token when no tokenizer is at hand (calibrated by observation).
+    chars_per_token: float = Field(default=4.0, gt=0)
+    #: Weight of a new observation in the moving averages (EWMA).
+    ewma_alpha: float = Field(default=0.2, gt=0, le=1)
+    #: Shard failures in a row that cool a backend down.
+    cooldown_failures: int = Field(default=3, ge=1)
+    cooldown_seconds: float = Field(default=300.0, gt=0)
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+
+def default_pools() -> list[GpuPool]:
+    return [GpuPool(name="local")]

@@ -30,7 +30,7 @@ __all__ = ["JobReport", "ResultsInfo", "export_results", "job_status", "list_job
 def submit(
     runtime: Runtime,
     input_url: str,
-    model: str,
+    model: str | list[str],
     *,
     max_tokens: int | None = None,
     temperature: float | None = None,

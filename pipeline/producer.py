@@ -34,7 +34,8 @@ CHARS_PER_TOKEN = 4.0
 @dataclass(frozen=True)
 class JobRequest:
     input_url: str
-    model: str
+    #: The model, or several acceptable models (the router picks per shard, cheapest first).
+    model: str | list[str]
     max_tokens: int | None = None
     temperature: float | None = None
     rows_per_shard: int | None = None
@@ -75,7 +76,13 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
         raise InputError("--rows-per-shard must be at least 1")
     if request.budget_usd is not None and request.budget_usd < 0:
         raise InputError("--budget must not be negative")
-    model = resolve_model(request.model)
+    names = [request.model] if isinstance(request.model, str) else list(request.model)
+    if not names:
+        raise InputError("name at least one model")
+    api_models = {m for p in settings.api_providers for m in p.models}
+    # A model only an API provider serves is a name, not a folder or a hub id to check.
+    models = [m if m in api_models else resolve_model(m) for m in names]
+    model = models[0]
     info = inspect_input(request.input_url)
     rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
     ranges = plan_shards(info.rows, rows_per_shard)
@@ -88,6 +95,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                 status=JobStatus.PENDING,
                 task="generate",
                 model=model,
+                models=models,
                 input_url=info.url,
                 input_kind=info.kind,
                 carried_columns=list(info.carried_columns),

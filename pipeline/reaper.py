@@ -108,7 +108,7 @@ def reap(runtime: Runtime) -> ReapReport:
             to_send.append(RunShard(job_id=job_id, shard_id=shard_id, backend=backend))
             report.resent += 1
     for record in to_send:
-        runtime.send(RUN_SHARD, record, settings.pool(record.backend).queue)
+        runtime.send(RUN_SHARD, record, settings.backend(record.backend).queue)
 
     with session_scope(runtime.engine) as session:
         pending = session.execute(

@@ -35,7 +35,7 @@ from pipeline.pricing import Quote, quote
 from pipeline.runtime import Runtime
 from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
-from schemas.records import RunShard
+from schemas.records import FinalizeJob, RunShard
 from schemas.settings import Settings
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry, Job, Shard
@@ -198,15 +198,18 @@ def route_job(runtime: Runtime, job_id: str) -> int:
         # Sent after the commit: a worker never sees a task its shard row does not back.
         runtime.send(RUN_SHARD, RunShard(job_id=job_id, shard_id=shard_id, backend=best.backend), best.queue)
         queued += 1
+    with session_scope(runtime.engine) as session:
+        finished = transitions.job_shards_final(session, job_id)
+    if finished:  # every shard failed routing: finalize now, nothing else will
+        runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), settings.control_queue)
     return queued
 
 
 def _fail_unroutable(session: Session, job: Job, shard_id: int, excluded: list[str]) -> None:
-    reason = f"no backend serves model {job.model!r}" + (
-        f" (failed on: {', '.join(excluded)})" if excluded else " (see gpu_pools / api_providers / routing.rules)"
-    )
-    session.execute(
-        update(Shard).where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING)
-        .values(status=ShardStatus.FAILED, error=reason, finished_at=utcnow())
-    )
+    last = session.execute(select(Shard.error).where(Shard.id == shard_id)).scalar_one()
+    if excluded:
+        reason = f"no backend left for model {job.model!r}; failed on {', '.join(excluded)}: {last}"
+    else:
+        reason = f"no backend serves model {job.model!r} (see gpu_pools, api_providers and routing.rules)"
+    transitions.fail_unrouted(session, shard_id, reason)
     log.warning("job %s shard %s: %s", job.id, shard_id, reason)

@@ -26,6 +26,7 @@ __all__ = [
     "claim_shard",
     "commit_checkpoint",
     "end_shard",
+    "fail_unrouted",
     "expire_lease",
     "heartbeat",
     "job_shards_final",
@@ -373,6 +374,17 @@ def expire_lease(session: Session, shard_id: int, now: datetime, *, owner_dead: 
         "worker process gone" if owner_dead else "lease expired",
     )
     return True
+
+
+def fail_unrouted(session: Session, shard_id: int, reason: str) -> bool:
+    """pending -> failed: no backend is left that can run the shard."""
+    now = utcnow()
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING)
+        .values(status=ShardStatus.FAILED, error=reason, finished_at=now, updated_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def requeue_stale(session: Session, shard_id: int, queued_at: datetime, now: datetime) -> bool:

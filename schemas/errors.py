@@ -13,7 +13,8 @@ as one line (``--debug`` shows the traceback).
     │   └── NotFound         no job / shard with that id
     ├── RoutingError         no backend can take a shard
     └── WorkerError          a worker could not run a shard
-        └── LeaseLost        another worker owns the shard now
+        ├── LeaseLost        another worker owns the shard now
+        └── ProviderError    an API provider failed a whole chunk beyond retries
 
 Messages never contain secrets: settings are rendered through ``mask_secrets``.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "LeaseLost",
     "ModelError",
     "NotFound",
+    "ProviderError",
     "RoutingError",
     "SpotlaneError",
     "StoreError",
@@ -108,3 +110,7 @@ class WorkerError(SpotlaneError):
 
 class LeaseLost(WorkerError):
     """The worker's lease on a shard expired or was taken; it must stop writing."""
+
+
+class ProviderError(WorkerError):
+    """An API provider failed every row of a chunk beyond retries (down, or refusing the key)."""

@@ -7,11 +7,11 @@ fails the shard rather than the row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Completion", "Engine", "Request"]
+__all__ = ["Completion", "Engine", "Request", "stream"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Request:
     messages: list[dict[str, str]] | None = None
     max_tokens: int = 128
     temperature: float = 0.0
+    #: The row's own model, when it names one; else the engine's.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,14 @@ class Completion:
     #: This row's share of the engine's busy time, for pricing GPU-hours.
     compute_seconds: float = 0.0
     error: str | None = None
+    #: Exact cost when the backend reports it per request (API usage); else priced by time.
+    cost_usd: float | None = None
+    #: Attempts the request took (API retries); 1 for engines that do not retry.
+    tries: int = 1
 
     @classmethod
-    def failed(cls, error: str, input_tokens: int = 0) -> Completion:
-        return cls(None, "error", input_tokens, 0, 0.0, 0.0, error)
+    def failed(cls, error: str, input_tokens: int = 0, tries: int = 1) -> Completion:
+        return cls(None, "error", input_tokens, 0, 0.0, 0.0, error, tries=tries)
 
 
 class Engine(Protocol):
@@ -45,3 +51,13 @@ class Engine(Protocol):
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """One completion per request, in the same order."""
         ...
+
+
+def stream(engine: Engine, chunks: Iterable[Sequence[Request]]) -> Iterator[list[Completion]]:
+    """Completions chunk by chunk, in order; engines may overlap chunks (``stream`` method)."""
+    own = getattr(engine, "stream", None)
+    if own is not None:
+        yield from own(chunks)
+        return
+    for chunk in chunks:
+        yield engine.generate(chunk)

@@ -3,13 +3,15 @@
     claim (guarded UPDATE queued -> running, lease)        ── someone else has it? stop
     for each chunk of ``checkpoint_rows`` rows after the last commit:
         generate -> write part-<first_row>.parquet (hot tier) -> commit checkpoint row
-    finish (running -> done, ledger charged) -> last shard? enqueue finalize
+    finish (running -> done) -> last shard? enqueue finalize
 
 A part is written before its checkpoint row commits, and the commit is guarded by
 the lease, so a worker that lost its shard can write a stray part but never make it
-part of the results. A heartbeat thread keeps the lease alive; a stop request
-(SIGTERM, warm shutdown) is honoured between chunks: the finished chunk is
-committed and the shard handed back to the queue.
+part of the results. A heartbeat thread keeps the lease alive. A stop request
+(SIGTERM, warm shutdown) is honoured between chunks: chunks already generating
+finish and commit, then the shard goes back to the queue. If the backend itself
+fails (the model will not load, the provider is down), the shard goes back to the
+router, which will not pick that backend for it again.
 """
 
 from __future__ import annotations
@@ -20,24 +22,24 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections import deque
+from collections.abc import Iterator, Sequence
 
-import pyarrow as pa
-
-from pipeline import metrics, transitions
+from pipeline import learning, metrics, transitions
 from pipeline.db import session_scope
-from pipeline.inputs import iter_rows
+from pipeline.inputs import iter_rows, open_parquet
 from pipeline.runtime import Runtime
 from pipeline.storage import write_parquet
-from schemas.arrow import OUTPUT_FIELDS, output_schema
+from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
-from schemas.errors import LeaseLost, SpotlaneError
-from schemas.records import FinalizeJob, RunShard
+from schemas.errors import LeaseLost, ModelError, ProviderError, SpotlaneError
+from schemas.records import FinalizeJob, RouteJob, RunShard
 from schemas.status import AttemptOutcome, ShardStatus
-from schemas.tables import Job
+from schemas.tables import Job, Shard
+from workers.chunks import Chunk, build_output, merge, prepare, rechunk
 from workers.drain import StopFlag
-from workers.engine import Completion, Engine, Request
+from workers.engine import Completion, Request, stream
+from workers.engines import engine_for
 
 __all__ = ["ShardRunner", "worker_id"]
 
@@ -71,59 +73,6 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
-    """Tables of exactly ``size`` rows (the last may be shorter)."""
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in batches:
-        while len(batch):
-            take = min(size - count, len(batch))
-            pending.append(batch.slice(0, take))
-            count += take
-            batch = batch.slice(take)
-            if count == size:
-                yield pa.Table.from_batches(pending)
-                pending, count = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending)
-
-
-def _requests(table: pa.Table, job: Job) -> tuple[list[Request | None], list[str | None]]:
-    """Requests for each row, or ``None`` with a reason for rows that cannot run."""
-    absent = [None] * table.num_rows
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    requests: list[Request | None] = []
-    problems: list[str | None] = []
-    for i in range(table.num_rows):
-        max_tokens = columns.get("max_tokens", absent)[i]
-        temperature = columns.get("temperature", absent)[i]
-        model = columns.get("model", absent)[i]
-        body = columns[job.input_kind][i]
-        problem = None
-        if body is None:
-            problem = f"{job.input_kind} is null"
-        elif max_tokens is not None and max_tokens < 1:
-            problem = f"max_tokens {max_tokens} is below 1"
-        elif temperature is not None and not 0 <= temperature <= 5:
-            problem = f"temperature {temperature} is outside [0, 5]"
-        elif model is not None and model not in (job.model, os.path.basename(job.model)):
-            problem = f"row asks for model {model!r}; this job runs {job.model!r}"
-        if problem:
-            requests.append(None)
-            problems.append(problem)
-            continue
-        requests.append(
-            Request(
-                prompt=body if job.input_kind == "prompt" else None,
-                messages=body if job.input_kind == "messages" else None,
-                max_tokens=int(max_tokens) if max_tokens is not None else job.max_tokens,
-                temperature=float(temperature) if temperature is not None else job.temperature,
-            )
-        )
-        problems.append(None)
-    return requests, problems
-
-
 def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -> None:
     metrics.ROWS.labels(backend, "ok").inc(stats.row_count - stats.rows_failed)
     metrics.ROWS.labels(backend, "error").inc(stats.rows_failed)
@@ -134,36 +83,30 @@ def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -
 
 
 class ShardRunner:
-    """Runs shards for one worker process with one engine per model."""
+    """Runs shards for one worker process."""
 
     def __init__(self, runtime: Runtime, stop: StopFlag | None = None, wid: str | None = None) -> None:
         self.runtime = runtime
         self.stop = stop if stop is not None else StopFlag()
         self.worker_id = wid or worker_id()
 
-    def engine_for(self, model: str) -> Engine:
-        from workers.hf_engine import load_engine
-
-        w = self.runtime.settings.worker
-        return load_engine(
-            model, device=w.device, dtype=w.dtype, token_budget=w.token_budget, max_batch_rows=w.max_batch_rows
-        )
-
     def run(self, task: RunShard) -> ShardStatus | None:
         """Run ``task``'s shard if this worker wins the claim; return its new status."""
         settings = self.runtime.settings
-        pool = settings.pool(task.backend)
+        backend = settings.backend(task.backend)
         with session_scope(self.runtime.engine) as session:
             claim = transitions.claim_shard(
                 session, task.shard_id, self.worker_id, settings.worker.lease_seconds, task.backend
             )
             job = session.get(Job, task.job_id)
+            shard = session.get(Shard, task.shard_id)
+            model = (shard.model if shard is not None else None) or (job.model if job else "")
         if claim is None or job is None:
             log.info("shard %s is not claimable (already taken or finished)", task.shard_id)
             return None
         log.info(
-            "shard %s (job %s, rows %d-%d) attempt %d, resuming at row %d",
-            claim.shard_index, claim.job_id, claim.row_start, claim.row_end, claim.attempt,
+            "shard %s of job %s (rows %d-%d) attempt %d on %s, resuming at row %d",
+            claim.shard_index, claim.job_id, claim.row_start, claim.row_end, claim.attempt, claim.backend,
             claim.row_start + claim.rows_done,
         )
         if claim.queued_at is not None:
@@ -171,17 +114,19 @@ class ShardRunner:
         beat = _Heartbeat(self.runtime, claim)
         beat.start()
         try:
-            status = self._run_claimed(claim, job, pool.price_per_hour, beat)
+            status = self._run_claimed(claim, job, backend, model, beat)
         except LeaseLost as exc:
             log.warning("%s", exc)
             return None
+        except (ModelError, ProviderError) as exc:
+            log.warning("backend %s failed shard %s: %s", claim.backend, claim.shard_index, exc)
+            status = self._reroute(claim, model, str(exc))
         except SpotlaneError as exc:
-            status = self._end(claim, ShardStatus.FAILED, AttemptOutcome.FAILED, str(exc))
+            status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED, str(exc))
         except Exception as exc:
             log.exception("shard %s failed", claim.shard_id)
-            status = self._end(
-                claim, ShardStatus.FAILED, AttemptOutcome.FAILED, f"{exc.__class__.__name__}: {exc}"
-            )
+            status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED,
+                               f"{exc.__class__.__name__}: {exc}")
         finally:
             beat.stop()
         if status is not None:
@@ -190,104 +135,109 @@ class ShardRunner:
             self._maybe_finalize(claim.job_id)
         return status
 
-    def _end(self, claim: transitions.Claim, new: ShardStatus, outcome: AttemptOutcome, error: str | None = None) -> ShardStatus | None:
+    def _end(self, claim: transitions.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
+             error: str | None = None) -> ShardStatus | None:
         with session_scope(self.runtime.engine) as session:
             if not transitions.end_shard(session, claim, new, outcome=outcome, error=error):
                 return None
+            learning.record_shard_end(session, claim.backend, model, outcome.value, self.runtime.settings.routing)
         return new
 
-    def _run_claimed(self, claim: transitions.Claim, job: Job, price_per_hour: float, beat: _Heartbeat) -> ShardStatus | None:
+    def _reroute(self, claim: transitions.Claim, model: str, error: str) -> ShardStatus | None:
+        """The backend failed the shard: back to the router, never to this backend again."""
+        with session_scope(self.runtime.engine) as session:
+            if not transitions.reroute_shard(session, claim, error):
+                return None
+            learning.record_shard_end(session, claim.backend, model, "failed", self.runtime.settings.routing)
+        self.runtime.send("spotlane.route_job", RouteJob(job_id=claim.job_id), self.runtime.settings.control_queue)
+        return ShardStatus.PENDING
+
+    def _chunks(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider,
+                beat: _Heartbeat, pending: deque[Chunk]) -> Iterator[list[Request]]:
+        """Requests chunk by chunk; stops feeding on a drain request or a lost lease."""
+        names = open_parquet(job.input_url).schema_arrow.names
+        requested = [c for c in ("max_tokens", "temperature", "model") if c in names]
+        columns = list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
+        first_row = claim.row_start + claim.rows_done
+        for table in rechunk(iter_rows(job.input_url, first_row, claim.row_end, columns),
+                             self.runtime.settings.worker.checkpoint_rows):
+            if self.stop or beat.lost.is_set():
+                return
+            chunk = prepare(table, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
+                            default_temperature=job.temperature, serves=backend.serves)
+            pending.append(chunk)
+            first_row += table.num_rows
+            yield chunk.runnable
+
+    def _run_claimed(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
+                     beat: _Heartbeat) -> ShardStatus | None:
         settings = self.runtime.settings
-        engine = self.engine_for(job.model)
-        columns = ["id", job.input_kind, *self._request_columns(job), *job.carried_columns]
-        columns = list(dict.fromkeys(columns))
-        start = claim.row_start + claim.rows_done
-        first_row = start
-        for chunk in _rechunk(
-            iter_rows(job.input_url, start, claim.row_end, columns), settings.worker.checkpoint_rows
-        ):
-            if self.stop:
-                log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, first_row)
-                return self._hand_back(claim)
-            if beat.lost.is_set():
-                raise LeaseLost(f"shard {claim.shard_id}: lease lost")
-            started = time.perf_counter()
-            out, stats = self._process(chunk, job, engine, claim, first_row, price_per_hour)
-            write_parquet(out, stats.url)
+        engine = engine_for(backend, model, settings.worker)
+        usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
+        pending: deque[Chunk] = deque()
+        done_to = claim.row_start + claim.rows_done
+        started = time.perf_counter()
+        for generated in stream(engine, self._chunks(claim, job, backend, beat, pending)):
+            chunk = pending.popleft()
+            completions = merge(chunk, generated)
+            table, cost = build_output(chunk, completions, backend=claim.backend, model=model, attempt=claim.attempt,
+                                       usd_per_second=usd_per_second, carried=job.carried_columns)
+            stats = transitions.CheckpointStats(
+                first_row=chunk.first_row,
+                row_count=table.num_rows,
+                rows_failed=sum(1 for c in completions if c.error is not None),
+                input_tokens=sum(c.input_tokens for c in completions),
+                output_tokens=sum(c.output_tokens for c in completions),
+                cost_usd=cost,
+                url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row),
+            )
+            write_parquet(table, stats.url)
             with session_scope(self.runtime.engine) as session:
                 transitions.commit_checkpoint(session, claim, stats, settings.worker.lease_seconds)
-            _observe(claim.backend, stats, time.perf_counter() - started)
-            first_row += chunk.num_rows
-        return self._end(claim, ShardStatus.DONE, AttemptOutcome.DONE)
+            seconds, started = time.perf_counter() - started, time.perf_counter()
+            _observe(claim.backend, stats, seconds)
+            self._learn(claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider))
+            done_to = chunk.first_row + table.num_rows
+        if beat.lost.is_set():
+            raise LeaseLost(f"shard {claim.shard_id}: lease lost")
+        if done_to < claim.row_end:
+            log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
+            return self._hand_back(claim, model)
+        return self._end(claim, model, ShardStatus.DONE, AttemptOutcome.DONE)
 
-    def _hand_back(self, claim: transitions.Claim) -> ShardStatus | None:
+    def _learn(self, backend: str, model: str, chunk: Chunk, completions: Sequence[Completion],
+               stats: transitions.CheckpointStats, seconds: float, is_api: bool) -> None:
+        ok = [c for c in completions if c.error is None]
+        try:
+            with session_scope(self.runtime.engine) as session:
+                learning.record_checkpoint(
+                    session, backend, model, self.runtime.settings.routing,
+                    rows=stats.row_count, rows_failed=stats.rows_failed, prompt_chars=chunk.prompt_chars,
+                    input_tokens=sum(c.input_tokens for c in ok), output_tokens=sum(c.output_tokens for c in ok),
+                    max_tokens=chunk.max_tokens, seconds=0.0 if is_api else seconds,
+                    requests_latency=(sum(c.latency_ms for c in ok) / len(ok) / 1000.0) if (is_api and ok) else None,
+                )
+        except Exception:  # learning is advisory; never fail a shard over it
+            log.warning("could not record backend statistics", exc_info=True)
+
+    def _hand_back(self, claim: transitions.Claim, model: str) -> ShardStatus | None:
         """running -> preempted -> queued, and enqueue it again for the next worker."""
         from pipeline.router import RUN_SHARD
 
-        if self._end(claim, ShardStatus.PREEMPTED, AttemptOutcome.PREEMPTED) is None:
+        if self._end(claim, model, ShardStatus.PREEMPTED, AttemptOutcome.PREEMPTED) is None:
             return None
-        pool = self.runtime.settings.pool(claim.backend)
+        queue = self.runtime.settings.backend(claim.backend).queue
         with session_scope(self.runtime.engine) as session:
             ok = transitions.queue_shard(
-                session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend, queue=pool.queue
+                session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend, queue=queue
             )
         if ok:
-            self.runtime.send(RUN_SHARD, RunShard(job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend), pool.queue)
+            self.runtime.send(RUN_SHARD, RunShard(job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend), queue)
             return ShardStatus.QUEUED
         return ShardStatus.PREEMPTED
-
-    @staticmethod
-    def _request_columns(job: Job) -> list[str]:
-        from pipeline.inputs import open_parquet
-
-        names = open_parquet(job.input_url).schema_arrow.names
-        return [c for c in ("max_tokens", "temperature", "model") if c in names]
-
-    def _process(
-        self, chunk: pa.Table, job: Job, engine: Engine, claim: transitions.Claim, first_row: int, price_per_hour: float
-    ) -> tuple[pa.Table, transitions.CheckpointStats]:
-        requests, problems = _requests(chunk, job)
-        runnable = [r for r in requests if r is not None]
-        generated = iter(engine.generate(runnable) if runnable else [])
-        completions: list[Completion] = [
-            next(generated) if r is not None else Completion.failed(p or "invalid row")
-            for r, p in zip(requests, problems, strict=True)
-        ]
-        cost_per_second = price_per_hour / 3600.0
-        model_name = engine.model
-        rows: dict[str, list[Any]] = {
-            "id": chunk.column("id").to_pylist(),
-            "output": [c.output for c in completions],
-            "finish_reason": [c.finish_reason for c in completions],
-            "input_tokens": [c.input_tokens for c in completions],
-            "output_tokens": [c.output_tokens for c in completions],
-            "backend": [claim.backend] * chunk.num_rows,
-            "model": [model_name] * chunk.num_rows,
-            "cost_usd": [c.compute_seconds * cost_per_second for c in completions],
-            "latency_ms": [c.latency_ms for c in completions],
-            "attempt": [claim.attempt] * chunk.num_rows,
-            "error": [c.error for c in completions],
-        }
-        carried = chunk.select(job.carried_columns) if job.carried_columns else None
-        schema = output_schema(carried.schema if carried is not None else None)
-        arrays = [pa.array(rows[f.name], type=f.type) for f in OUTPUT_FIELDS]
-        if carried is not None:
-            arrays.extend(c.combine_chunks() for c in carried.columns)
-        table = pa.Table.from_arrays(arrays, schema=schema)
-        stats = transitions.CheckpointStats(
-            first_row=first_row,
-            row_count=chunk.num_rows,
-            rows_failed=sum(1 for c in completions if c.error is not None),
-            input_tokens=sum(c.input_tokens for c in completions),
-            output_tokens=sum(c.output_tokens for c in completions),
-            cost_usd=float(sum(rows["cost_usd"])),
-            url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, first_row),
-        )
-        return table, stats
 
     def _maybe_finalize(self, job_id: str) -> None:
         with session_scope(self.runtime.engine) as session:
             done = transitions.job_shards_final(session, job_id)
         if done:
             self.runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), self.runtime.settings.control_queue)
-

@@ -1,0 +1,60 @@
+"""Which engine runs a backend's rows: transformers for GPU pools, HTTP for API providers.
+
+Engines are created once per worker process and reused across shards. A GPU pool
+may be asked for rows naming different models: ``GpuEngines`` loads each model
+once and sends each row to its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from threading import Lock
+
+from schemas.backends import ApiProvider, GpuPool
+from schemas.settings import WorkerSettings
+from workers.engine import Completion, Engine, Request
+
+__all__ = ["GpuEngines", "engine_for"]
+
+_API: dict[tuple[str, str], Engine] = {}
+_LOCK = Lock()
+
+
+class GpuEngines:
+    """Rows grouped by model, each model's rows on that model's transformers engine."""
+
+    def __init__(self, model: str, settings: WorkerSettings) -> None:
+        self.model = model
+        self.settings = settings
+
+    def _engine(self, model: str) -> Engine:
+        from workers.hf_engine import load_engine
+
+        s = self.settings
+        return load_engine(model, device=s.device, dtype=s.dtype, token_budget=s.token_budget,
+                           max_batch_rows=s.max_batch_rows)
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        by_model: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_model.setdefault(request.model or self.model, []).append(i)
+        results: list[Completion | None] = [None] * len(requests)
+        for model, indexes in by_model.items():
+            for i, completion in zip(indexes, self._engine(model).generate([requests[i] for i in indexes]), strict=True):
+                results[i] = completion
+        return [r if r is not None else Completion.failed("no result") for r in results]
+
+
+def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSettings) -> Engine:
+    """The engine that runs ``backend``'s rows whose default model is ``model``."""
+    if isinstance(backend, GpuPool):
+        engine = GpuEngines(model, settings)
+        engine._engine(model)  # load now: a model that cannot load fails the shard up front
+        return engine
+    from workers.api_engine import APIEngine
+
+    with _LOCK:
+        key = (backend.name, model)
+        if key not in _API:
+            _API[key] = APIEngine(backend, model)
+        return _API[key]

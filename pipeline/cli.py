@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from rich.table import Table
 from pipeline import api, db
 from pipeline.render import job_table, progress_bar, summary_line
 from pipeline.runtime import Runtime
-from schemas.errors import SpotlaneError
+from schemas.errors import InputError, SpotlaneError
 from schemas.settings import load_settings
 
 __all__ = ["app", "main"]
@@ -61,11 +62,48 @@ def _runtime() -> Runtime:
     return Runtime.open(_STATE["config"])
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local model folder.")]
+ModelOpt = Annotated[
+    list[str],
+    typer.Option("--model", "-m", help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins)."),
+]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default max new tokens per row.")]
 TempOpt = Annotated[float | None, typer.Option("--temperature", help="Default sampling temperature (0: greedy).")]
 ShardOpt = Annotated[int | None, typer.Option("--rows-per-shard", help="Rows per shard.")]
 BudgetOpt = Annotated[float | None, typer.Option("--budget", help="Hard budget in USD.")]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option("--deadline", help="Finish by: ISO time (2026-11-26T07:00+01:00), HH:MM (next, local) or +DURATION (+90m, +6h)."),
+]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")]
+
+
+def _deadline(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        if text.startswith("+"):
+            unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[text[-1]]
+            return datetime.now(UTC) + timedelta(seconds=float(text[1:-1]) * unit)
+        if len(text) <= 5 and ":" in text:
+            hour, minute = (int(p) for p in text.split(":"))
+            local = datetime.now().astimezone()
+            at = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            return (at if at > local else at + timedelta(days=1)).astimezone(UTC)
+        parsed = datetime.fromisoformat(text)
+        return (parsed if parsed.tzinfo else parsed.astimezone()).astimezone(UTC)
+    except (ValueError, KeyError):
+        raise InputError(f"--deadline {text!r} is not a time: use 2026-11-26T07:00, 07:00 or +6h") from None
+
+
+def _tags(items: list[str] | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--tag {item!r} is not key=value")
+        tags[key] = value
+    return tags
 
 
 @app.command()
@@ -76,6 +114,8 @@ def run(
     temperature: TempOpt = None,
     rows_per_shard: ShardOpt = None,
     budget: BudgetOpt = None,
+    deadline: DeadlineOpt = None,
+    tag: TagOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also export the results as one Parquet file here.")] = None,
 ) -> None:
     """Submit a job, work it with an embedded worker, and wait for it to finish."""
@@ -85,7 +125,7 @@ def run(
     started = time.monotonic()
     job_id = api.submit(
         runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
-        rows_per_shard=rows_per_shard, budget_usd=budget,
+        rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
     )
     err.print(f"job [bold]{job_id}[/bold] submitted")
     log_path = runtime.settings.home / "logs" / f"worker-{job_id}.log"
@@ -134,12 +174,14 @@ def submit(
     temperature: TempOpt = None,
     rows_per_shard: ShardOpt = None,
     budget: BudgetOpt = None,
+    deadline: DeadlineOpt = None,
+    tag: TagOpt = None,
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
     runtime = _runtime()
     job_id = api.submit(
         runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
-        rows_per_shard=rows_per_shard, budget_usd=budget,
+        rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
     )
     console.print(job_id)
 
@@ -250,6 +292,69 @@ def example(
     build_tiny_model(folder / "tiny-model", hidden_size=128, corpus=corpus, train_steps=300)
     console.print(f"wrote {folder / 'prompts.parquet'} and {folder / 'tiny-model'}")
     console.print(f"next: spotlane run {folder / 'prompts.parquet'} --model {folder / 'tiny-model'}")
+
+
+@app.command()
+def plan(
+    input_url: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet file of prompts.")],
+    model: ModelOpt,
+    budget: BudgetOpt = None,
+    deadline: DeadlineOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    rows_per_shard: ShardOpt = None,
+    tag: TagOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Price a job on every backend and show the assignment, cost and finish time; runs nothing."""
+    from pipeline.planning import plan as make_plan
+
+    result = make_plan(_runtime(), input_url, model, budget_usd=budget, deadline=_deadline(deadline),
+                       max_tokens=max_tokens, rows_per_shard=rows_per_shard, tags=_tags(tag))
+    if as_json:
+        console.print_json(json.dumps(result.__dict__, default=str))
+        return
+    table = Table("backend", "kind", "shards", "rows", "est. cost", "est. finish (UTC)", box=None)
+    for name, line in sorted(result.by_backend.items()):
+        table.add_row(name, line["kind"], str(line["shards"]), f"{line['rows']:,}", f"${line['cost_usd']:.4f}",
+                      f"{line['finish']:%Y-%m-%d %H:%M:%S}")
+    console.print(table)
+    console.print(f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f}, "
+                  f"done about {result.finish:%Y-%m-%d %H:%M} UTC" if result.finish else "nothing can run")
+    if result.blocked:
+        console.print(f"[yellow]{result.blocked} shard(s) would wait: the budget does not cover them[/yellow]")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+@app.command()
+def budget(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    usd: Annotated[float, typer.Argument(metavar="USD", help="The job's new budget in USD.")],
+) -> None:
+    """Set a job's budget; a job paused for money resumes."""
+    from pipeline.planning import set_budget
+
+    status = set_budget(_runtime(), job_id, usd)
+    console.print(f"job {job_id}: budget ${usd:.4f}, {status}")
+
+
+@app.command()
+def costs(
+    job: Annotated[str | None, typer.Option("--job", help="Only this job.")] = None,
+    by: Annotated[str, typer.Option("--by", help="backend, day, job or tag")] = "backend",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Spend from the cost ledger, grouped."""
+    from pipeline.planning import costs as report
+
+    lines = report(_runtime(), job_id=job, by=by)
+    if as_json:
+        console.print_json(json.dumps(lines))
+        return
+    table = Table(by, "cost", "input tokens", "output tokens", box=None)
+    for line in lines:
+        table.add_row(str(line[by]), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}", f"{line['output_tokens']:,}")
+    console.print(table)
 
 
 @db_app.command("upgrade")

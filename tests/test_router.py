@@ -1,0 +1,182 @@
+"""Routing on real stores: cheapest first, deadlines overflow to APIs, budgets are hard caps."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from pipeline import db, learning
+from pipeline.db import session_scope
+from pipeline.planning import costs, plan, set_budget
+from pipeline.pricing import Quote
+from pipeline.producer import JobRequest, submit
+from pipeline.router import choose, route_job
+from pipeline.runtime import Runtime
+from schemas.base import utcnow
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+from tests.conftest import write_prompts
+
+POOLS = [{"name": "slow", "price_per_hour": 3.6, "tokens_per_second": 10, "max_workers": 1}]
+PROVIDERS = [
+    {"name": "api", "base_url": "http://127.0.0.1:9/v1", "models": {"tiny": "remote-tiny"},
+     "input_usd_per_1m": 1.0, "output_usd_per_1m": 200.0, "max_concurrency": 16, "latency_seconds": 2.0},
+    {"name": "pricey", "base_url": "http://127.0.0.1:9/v1", "models": {"tiny": "remote-tiny"},
+     "input_usd_per_1m": 5.0, "output_usd_per_1m": 900.0},
+]
+
+
+def _runtime(store_url: str, **overrides: Any) -> Runtime:
+    if not store_url.startswith("sqlite"):
+        db.upgrade(db.engine_for(store_url))
+    return Runtime.open(database={"url": store_url}, gpu_pools=POOLS, api_providers=PROVIDERS, **overrides)
+
+
+def _job(runtime: Runtime, tmp_path: Path, **request: Any) -> str:
+    path = write_prompts(tmp_path / "in.parquet", 200)
+    return submit(runtime, JobRequest(str(path), "tiny", rows_per_shard=10, max_tokens=100, **request))
+
+
+def _shards(runtime: Runtime, job_id: str) -> list[Shard]:
+    with session_scope(runtime.engine) as session:
+        return list(session.execute(select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars())
+
+
+def _q(backend: str, cost: float, seconds: float, capacity: int = 1) -> Quote:
+    return Quote(backend, "gpu", f"gpu.{backend}", "m", cost, seconds, capacity, 10, 10)
+
+
+def test_choose_takes_the_cheapest_quote_within_budget() -> None:
+    now = utcnow()
+    quotes = [_q("a", 3.0, 10), _q("b", 1.0, 100), _q("c", 2.0, 1)]
+
+    assert choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=None).quote.backend == "b"  # type: ignore[union-attr]
+    assert choose(quotes, committed_usd=9.5, budget_usd=10, backlog_seconds={}, now=now, deadline=None).quote is None
+    tight = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=now + timedelta(seconds=50))
+    assert tight.quote is not None and tight.quote.backend == "c"
+    busy = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={"c": 100}, now=now, deadline=now + timedelta(seconds=50))
+    assert busy.quote is not None and busy.quote.backend == "a"
+    late = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=now)
+    assert late.quote is not None and late.quote.backend == "c" and "deadline" in (late.note or "")
+
+
+def test_shards_go_to_the_cheapest_backend_and_the_estimate_is_reserved(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url)
+    job_id = _job(runtime, tmp_path)
+
+    assert route_job(runtime, job_id) == 20
+
+    shards = _shards(runtime, job_id)
+    assert {s.backend for s in shards} == {"slow"}
+    assert all(s.status is ShardStatus.QUEUED and s.queue == "gpu.slow" and s.model == "tiny" for s in shards)
+    assert shards[0].est_output_tokens == 1000 and shards[0].est_cost_usd == pytest.approx(0.1, rel=0.05)
+    with runtime.engine.connect() as conn:
+        reserved = conn.execute(text("select sum(amount_usd) from cost_ledger where kind = 'reserve'")).scalar_one()
+    assert reserved == pytest.approx(sum(s.est_cost_usd for s in shards))
+
+
+def test_a_deadline_the_gpu_pool_cannot_meet_overflows_to_the_cheapest_api(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url)
+    job_id = _job(runtime, tmp_path, deadline=utcnow() + timedelta(minutes=10))
+
+    route_job(runtime, job_id)
+
+    backends = [s.backend for s in _shards(runtime, job_id)]
+    assert backends[:5] == ["slow"] * 5  # ~100 s each on one worker: five fit in ten minutes
+    assert set(backends[5:]) == {"api"}  # the rest overflow, to the cheaper provider
+
+
+def test_a_budget_is_a_hard_cap_then_raising_it_resumes(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url)
+    job_id = _job(runtime, tmp_path, budget_usd=0.35)
+
+    route_job(runtime, job_id)
+
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status is JobStatus.PAUSED and "budget" in (job.error or "")
+    states = [s.status for s in _shards(runtime, job_id)]
+    assert states.count(ShardStatus.QUEUED) == 3 and states.count(ShardStatus.BLOCKED) == 1
+
+    assert set_budget(runtime, job_id, 100.0) == "running"
+    route_job(runtime, job_id)
+
+    assert all(s.status is ShardStatus.QUEUED for s in _shards(runtime, job_id))
+
+
+@pytest.mark.postgres
+def test_concurrent_routers_never_commit_more_than_the_budget(postgres_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(postgres_url)
+    job_id = _job(runtime, tmp_path, budget_usd=0.75)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def router() -> None:
+        barrier.wait()
+        try:
+            route_job(runtime, job_id)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=router) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    with runtime.engine.connect() as conn:
+        committed = conn.execute(text("select sum(amount_usd) from cost_ledger where job_id = :j"), {"j": job_id}).scalar_one()
+        queued = conn.execute(text("select count(*) from shards where job_id = :j and status = 'queued'"), {"j": job_id}).scalar_one()
+    assert committed <= 0.75
+    assert queued == 7
+
+
+def test_rules_pin_a_tagged_job_to_its_allowed_backends(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url, routing={"rules": [{"tag": "team=legal", "backends": ["pricey"]}]})
+    pinned = _job(runtime, tmp_path, tags={"team": "legal"})
+    free = submit(runtime, JobRequest(str(tmp_path / "in.parquet"), "tiny", rows_per_shard=100, max_tokens=100))
+
+    route_job(runtime, pinned)
+    route_job(runtime, free)
+
+    assert {s.backend for s in _shards(runtime, pinned)} == {"pricey"}
+    assert {s.backend for s in _shards(runtime, free)} == {"slow"}
+
+
+def test_a_cooled_down_backend_is_skipped_and_what_was_learnt_replaces_the_prior(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url)
+    routing = runtime.settings.routing
+    with session_scope(runtime.engine) as session:
+        for _ in range(routing.cooldown_failures):
+            learning.record_shard_end(session, "slow", "tiny", "failed", routing)
+        learning.record_checkpoint(session, "api", "tiny", routing, rows=10, rows_failed=0, prompt_chars=600,
+                                   input_tokens=200, output_tokens=300, max_tokens=1000, seconds=0, requests_latency=0.5)
+    job_id = _job(runtime, tmp_path)
+
+    route_job(runtime, job_id)
+
+    shards = _shards(runtime, job_id)
+    assert {s.backend for s in shards} == {"api"}
+    assert shards[0].est_output_tokens == 300  # fill ratio 0.3 learnt from the checkpoint
+    with session_scope(runtime.engine) as session:
+        seen = learning.observed(session, "api", "tiny")
+    assert seen is not None and seen.latency_seconds == 0.5 and seen.chars_per_token == 3.0
+
+
+def test_plan_prices_without_writing_and_costs_report_the_ledger(store_url: str, tmp_path: Path) -> None:
+    runtime = _runtime(store_url)
+    path = write_prompts(tmp_path / "in.parquet", 200)
+
+    result = plan(runtime, str(path), ["tiny"], deadline=utcnow() + timedelta(minutes=10), max_tokens=100, rows_per_shard=10)
+
+    assert result.by_backend["slow"]["shards"] == 5 and result.by_backend["api"]["shards"] == 15
+    assert result.cost_usd == pytest.approx(5 * 0.1 + 15 * 0.2, rel=0.05)
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("select count(*) from jobs")).scalar_one() == 0
+    assert costs(runtime) == []

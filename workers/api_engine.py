@@ -1,4 +1,4 @@
-"""An engine over any OpenAI-compatible chat-completions endpoint (asyncio + httpx).
+"""An engine over any OpenAI-compatible chat-completions endpoint (asyncio + aiohttp).
 
 Per provider: at most ``max_concurrency`` requests in flight, token buckets pacing
 requests (``rpm``) and tokens (``tpm``) per minute, and retries with exponential
@@ -8,6 +8,10 @@ whole engine backs off, not just the one request. Cost comes from the response's
 ``usage`` at the provider's prices. A row that still fails becomes an error row;
 if every row of a chunk fails that way the provider is down and ``ProviderError``
 hands the shard back to the router.
+
+The transport is aiohttp rather than httpx: measured here against the same local
+server, httpx's connection pool topped out near 100 requests/s at 64-256
+concurrent requests (CPU-bound), aiohttp served 1,000-2,900 (see the issue note).
 
 The event loop runs in a thread of its own, so chunks overlap: while the runner
 writes and commits one checkpoint, the next chunk's requests are already in
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -28,7 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import httpx
+import aiohttp
 
 from schemas.backends import ApiProvider
 from schemas.errors import ProviderError
@@ -73,7 +78,7 @@ class TokenBucket:
         self.tokens = 0.0
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
         return None
@@ -105,16 +110,19 @@ class APIEngine:
     async def _setup(self) -> None:
         p = self.provider
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        limits = httpx.Limits(max_connections=p.max_concurrency, max_keepalive_connections=p.max_concurrency)
-        self._client = httpx.AsyncClient(base_url=p.base_url, headers=headers, limits=limits,
-                                         timeout=httpx.Timeout(p.timeout_seconds, connect=min(10.0, p.timeout_seconds)))
+        self._url = f"{p.base_url}/chat/completions"
+        self._client = aiohttp.ClientSession(
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=p.max_concurrency),
+            timeout=aiohttp.ClientTimeout(total=p.timeout_seconds, connect=min(10.0, p.timeout_seconds)),
+        )
         self._slots = asyncio.Semaphore(p.max_concurrency)
-        # One second of burst: a server counting per second or per minute never sees more than the limit.
-        self._rpm = TokenBucket(p.rpm / 60.0 * self._safety, p.rpm / 60.0 * self._safety) if p.rpm else None
-        self._tpm = TokenBucket(p.tpm / 60.0 * self._safety, p.tpm / 60.0 * self._safety) if p.tpm else None
+        # Half a second of burst: a server counting per second or per minute never sees more than its limit.
+        self._rpm = TokenBucket(p.rpm / 60.0 * self._safety, p.rpm / 120.0) if p.rpm else None
+        self._tpm = TokenBucket(p.tpm / 60.0 * self._safety, p.tpm / 120.0) if p.tpm else None
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -175,27 +183,26 @@ class APIEngine:
             wait: float | None = None
             async with self._slots:
                 try:
-                    response = await self._client.post("/chat/completions", json=body)
-                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    async with self._client.post(self._url, json=body) as response:
+                        status, payload = response.status, await response.read()
+                        if status in RETRYABLE:
+                            wait = _retry_after(response)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     last_error = f"provider unavailable: {exc.__class__.__name__}"
                 else:
-                    if response.status_code == 200:
-                        parsed = self._parse(response, started, attempt + 1)
+                    if status == 200:
+                        parsed = self._parse(payload, started, attempt + 1)
                         if parsed is not None:
                             return parsed
                         last_error = "malformed response body from provider"
-                    elif response.status_code in RETRYABLE:
-                        wait = _retry_after(response)
-                        if response.status_code == 429 and self._rpm:
+                    elif status in RETRYABLE:
+                        if status == 429 and self._rpm:
                             self._rpm.drain()
-                        last_error = (
-                            f"rate limited (HTTP 429)" if response.status_code == 429
-                            else f"provider unavailable: HTTP {response.status_code}"
-                        )
+                        last_error = "rate limited (HTTP 429)" if status == 429 else f"provider unavailable: HTTP {status}"
                     else:
+                        text = payload[:300].decode("utf-8", "replace")
                         return Completion.failed(
-                            self._scrub(f"provider refused the request: HTTP {response.status_code}: {response.text[:300]}"),
-                            tries=attempt + 1,
+                            self._scrub(f"provider refused the request: HTTP {status}: {text}"), tries=attempt + 1
                         )
             if attempt < self.provider.max_retries:
                 backoff = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
@@ -203,9 +210,9 @@ class APIEngine:
         return Completion.failed(self._scrub(f"{last_error} after {self.provider.max_retries + 1} attempts"),
                                  tries=self.provider.max_retries + 1)
 
-    def _parse(self, response: httpx.Response, started: float, tries: int) -> Completion | None:
+    def _parse(self, payload: bytes, started: float, tries: int) -> Completion | None:
         try:
-            data = response.json()
+            data = json.loads(payload)
             choice = data["choices"][0]
             text = choice["message"]["content"]
             usage = data["usage"]

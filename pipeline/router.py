@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import learning, transitions
+from pipeline.assignment import cheapest_on_time
 from pipeline.db import session_scope
 from pipeline.estimate import ShardProfile, profile_rows
 from pipeline.pricing import Quote, quote
@@ -40,7 +42,7 @@ from schemas.settings import Settings
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry, Job, Shard
 
-__all__ = ["RUN_SHARD", "Choice", "candidates", "choose", "committed_usd", "quotes_for", "route_job"]
+__all__ = ["RUN_SHARD", "Choice", "candidates", "choose", "committed_usd", "plan_on_time", "quotes_for", "route_job"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,16 @@ def choose(
         return Choice(min(on_time, key=lambda q: (q.cost_usd, q.seconds)))
     best = min(affordable, key=finish)
     return Choice(best, f"deadline cannot be met within budget; fastest affordable backend, done about {finish(best):%Y-%m-%d %H:%M} UTC")
+
+
+def plan_on_time(
+    quotes: Sequence[Sequence[Quote]], backlog_seconds: dict[str, float], now: datetime, deadline: datetime
+) -> list[Quote] | None:
+    """The cheapest assignment of all ``quotes`` rows that finishes by ``deadline`` (exact)."""
+    horizon = (deadline - now).total_seconds()
+    capacity = {q.backend: q.capacity for row in quotes for q in row}
+    room = {b: horizon - backlog_seconds.get(b, 0.0) / c for b, c in capacity.items()}
+    return cheapest_on_time(quotes, room)
 
 
 def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], now: datetime,
@@ -153,9 +165,12 @@ def route_job(runtime: Runtime, job_id: str) -> int:
             .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
             .order_by(Shard.shard_index)
         ).all()
+    profiles = {sid: profile_rows(job.input_url, s, e, job.input_kind, job.max_tokens, job.model)
+                for sid, s, e, _ in shards}
+    planned = _plan(runtime, job_id, shards, profiles) if job.deadline is not None else {}
     queued = 0
     for shard_id, start, end, excluded in shards:
-        profile = profile_rows(job.input_url, start, end, job.input_kind, job.max_tokens, job.model)
+        profile = profiles[shard_id]
         with session_scope(runtime.engine) as session:
             now = utcnow()
             # Lock the job row first: routers of the same job take turns from here to commit.
@@ -167,14 +182,19 @@ def route_job(runtime: Runtime, job_id: str) -> int:
             if not quotes:
                 _fail_unroutable(session, job, shard_id, excluded or [])
                 continue
-            choice = choose(
-                quotes,
-                committed_usd=_committed(session, job_id),
-                budget_usd=job.budget_usd,
-                backlog_seconds=_backlog(session),
-                now=now,
-                deadline=job.deadline,
-            )
+            committed = _committed(session, job_id)
+            preferred = [q for q in quotes if (q.backend, q.model) == planned.get(shard_id)]
+            if preferred and (job.budget_usd is None or committed + preferred[0].cost_usd <= job.budget_usd + 1e-9):
+                choice = Choice(preferred[0])
+            else:
+                choice = choose(
+                    quotes,
+                    committed_usd=committed,
+                    budget_usd=job.budget_usd,
+                    backlog_seconds=_backlog(session),
+                    now=now,
+                    deadline=job.deadline,
+                )
             if choice.quote is None:
                 transitions.block_shard(session, shard_id)
                 transitions.set_job_status(
@@ -203,6 +223,21 @@ def route_job(runtime: Runtime, job_id: str) -> int:
     if finished:  # every shard failed routing: finalize now, nothing else will
         runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), settings.control_queue)
     return queued
+
+
+def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any], profiles: dict[int, ShardProfile]) -> dict[int, tuple[str, str]]:
+    """Shard id -> (backend, model) of the cheapest on-time assignment of all pending shards."""
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.deadline is None:
+            return {}
+        now = utcnow()
+        rows = [quotes_for(session, runtime.settings, job, profiles[sid], excluded or [], now)
+                for sid, _, _, excluded in shards]
+        assignment = plan_on_time(rows, _backlog(session), now, job.deadline)
+    if assignment is None:
+        return {}
+    return {sid: (q.backend, q.model) for (sid, *_), q in zip(shards, assignment, strict=True)}
 
 
 def _fail_unroutable(session: Session, job: Job, shard_id: int, excluded: list[str]) -> None:

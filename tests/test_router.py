@@ -87,8 +87,11 @@ def test_a_deadline_the_gpu_pool_cannot_meet_overflows_to_the_cheapest_api(store
     route_job(runtime, job_id)
 
     backends = [s.backend for s in _shards(runtime, job_id)]
-    assert backends[:5] == ["slow"] * 5  # ~100 s each on one worker: five fit in ten minutes
-    assert set(backends[5:]) == {"api"}  # the rest overflow, to the cheaper provider
+    assert backends.count("slow") == 5  # ~100 s each on one worker: five fit in ten minutes
+    assert backends.count("api") == 15  # the rest overflow, to the cheaper provider
+    with runtime.engine.connect() as conn:
+        planned = conn.execute(text("select sum(est_seconds) from shards where backend = 'slow'")).scalar_one()
+    assert planned <= 600
 
 
 def test_a_budget_is_a_hard_cap_then_raising_it_resumes(store_url: str, tmp_path: Path) -> None:

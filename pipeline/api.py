@@ -38,6 +38,7 @@ def submit(
     budget_usd: float | None = None,
     deadline: datetime | None = None,
     tags: dict[str, Any] | None = None,
+    task: str = "generate",
 ) -> str:
     """Validate ``input_url``, create the job and enqueue it; return the job id."""
     return producer.submit(
@@ -51,6 +52,7 @@ def submit(
             budget_usd=budget_usd,
             deadline=deadline,
             tags=tags or {},
+            task=task,
         ),
     )
 

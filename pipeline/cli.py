@@ -75,6 +75,7 @@ DeadlineOpt = Annotated[
     typer.Option("--deadline", help="Finish by: ISO time (2026-11-26T07:00+01:00), HH:MM (next, local) or +DURATION (+90m, +6h)."),
 ]
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")]
+TaskOpt = Annotated[str, typer.Option("--task", help="generate (completions) or embed (sentence embeddings).")]
 
 
 def _deadline(text: str | None) -> datetime | None:
@@ -116,6 +117,7 @@ def run(
     budget: BudgetOpt = None,
     deadline: DeadlineOpt = None,
     tag: TagOpt = None,
+    task: TaskOpt = "generate",
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also export the results as one Parquet file here.")] = None,
 ) -> None:
     """Submit a job, work it with an embedded worker, and wait for it to finish."""
@@ -126,6 +128,7 @@ def run(
     job_id = api.submit(
         runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
         rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
+        task=task,
     )
     err.print(f"job [bold]{job_id}[/bold] submitted")
     log_path = runtime.settings.home / "logs" / f"worker-{job_id}.log"
@@ -176,12 +179,14 @@ def submit(
     budget: BudgetOpt = None,
     deadline: DeadlineOpt = None,
     tag: TagOpt = None,
+    task: TaskOpt = "generate",
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
     runtime = _runtime()
     job_id = api.submit(
         runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
         rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
+        task=task,
     )
     console.print(job_id)
 

@@ -42,6 +42,8 @@ class JobRequest:
     budget_usd: float | None = None
     deadline: datetime | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    #: "generate" (completions) or "embed" (pooled sentence embeddings).
+    task: str = "generate"
 
 
 def new_job_id() -> str:
@@ -70,6 +72,8 @@ def _estimate_prompt_tokens(info: InputInfo) -> float:
 def submit(runtime: Runtime, request: JobRequest) -> str:
     """Create the job and its shards, enqueue routing, and return the job id."""
     settings = runtime.settings
+    if request.task not in ("generate", "embed"):
+        raise InputError(f"--task must be generate or embed, not {request.task!r}")
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InputError("--max-tokens must be at least 1")
     if request.rows_per_shard is not None and request.rows_per_shard < 1:
@@ -93,13 +97,13 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
             Job(
                 id=job_id,
                 status=JobStatus.PENDING,
-                task="generate",
+                task=request.task,
                 model=model,
                 models=models,
                 input_url=info.url,
                 input_kind=info.kind,
                 carried_columns=list(info.carried_columns),
-                max_tokens=request.max_tokens or settings.jobs.max_tokens,
+                max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
                 temperature=(
                     settings.jobs.temperature if request.temperature is None else request.temperature
                 ),

@@ -103,6 +103,8 @@ def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: It
     for backend in settings.backends:
         if backend.name in excluded or (allowed is not None and backend.name not in allowed):
             continue
+        if job.task == "embed" and not isinstance(backend, GpuPool):
+            continue  # providers are chat endpoints here
         if not all(backend.serves(m) for m in profile.row_models):
             continue
         for model in models:

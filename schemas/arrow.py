@@ -16,6 +16,7 @@ import pyarrow.types as pat
 
 __all__ = [
     "CARRIED_KNOWN",
+    "EMBEDDING_TYPE",
     "MESSAGE_TYPE",
     "OPTIONAL_INPUT_TYPES",
     "OUTPUT_FIELDS",
@@ -69,9 +70,14 @@ OPTIONAL_INPUT_TYPES = {
 }
 
 
-def output_schema(carried: pa.Schema | None = None) -> pa.Schema:
-    """The output schema: ``OUTPUT_FIELDS`` then the carried input columns."""
+EMBEDDING_TYPE = pa.list_(pa.float32())
+
+
+def output_schema(carried: pa.Schema | None = None, *, embed: bool = False) -> pa.Schema:
+    """The output schema: ``OUTPUT_FIELDS`` (+ ``embedding`` for embed jobs), then the carried columns."""
     fields = list(OUTPUT_FIELDS)
+    if embed:
+        fields.append(pa.field("embedding", EMBEDDING_TYPE))
     if carried is not None:
         fields.extend(carried)
     return pa.schema(fields)

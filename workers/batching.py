@@ -32,7 +32,7 @@ def plan_batches(
     An item too large for the budget on its own still gets a batch of one.
     """
     ordered = sorted(
-        items, key=lambda it: (it.temperature, -it.prompt_tokens, -it.max_new_tokens, it.index)
+        items, key=lambda it: (it.temperature, -it.max_new_tokens, -it.prompt_tokens, it.index)
     )
     batches: list[list[BatchItem]] = []
     current: list[BatchItem] = []

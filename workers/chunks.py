@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.arrow import OUTPUT_FIELDS, output_schema
+from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
 from workers.engine import Completion, Request
 
 __all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
@@ -124,6 +124,7 @@ def build_output(
     attempt: int,
     usd_per_second: float,
     carried: Sequence[str],
+    embed: bool = False,
 ) -> tuple[pa.Table, float]:
     """The output table of a chunk, and its total cost."""
     n = chunk.table.num_rows
@@ -143,8 +144,10 @@ def build_output(
         "error": [c.error for c in completions],
     }
     kept = chunk.table.select(list(carried)) if carried else None
-    schema = output_schema(kept.schema if kept is not None else None)
+    schema = output_schema(kept.schema if kept is not None else None, embed=embed)
     arrays = [pa.array(rows[f.name], type=f.type) for f in OUTPUT_FIELDS]
+    if embed:
+        arrays.append(pa.array([c.embedding for c in completions], type=EMBEDDING_TYPE))
     if kept is not None:
         arrays.extend(c.combine_chunks() for c in kept.columns)
     return pa.Table.from_arrays(arrays, schema=schema), float(sum(costs))

@@ -38,6 +38,8 @@ class Completion:
     cost_usd: float | None = None
     #: Attempts the request took (API retries); 1 for engines that do not retry.
     tries: int = 1
+    #: The row's embedding (``embed`` task).
+    embedding: list[float] | None = None
 
     @classmethod
     def failed(cls, error: str, input_tokens: int = 0, tries: int = 1) -> Completion:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from threading import Lock
 
 from schemas.backends import ApiProvider, GpuPool
+from schemas.errors import ModelError
 from schemas.settings import WorkerSettings
 from workers.engine import Completion, Engine, Request
 
@@ -45,8 +46,15 @@ class GpuEngines:
         return [r if r is not None else Completion.failed("no result") for r in results]
 
 
-def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSettings) -> Engine:
+def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSettings, task: str = "generate") -> Engine:
     """The engine that runs ``backend``'s rows whose default model is ``model``."""
+    if task == "embed":
+        if not isinstance(backend, GpuPool):
+            raise ModelError(f"backend {backend.name!r} cannot embed: embeddings run on GPU pools")
+        from workers.hf_embedder import load_embedder
+
+        return load_embedder(model, device=settings.device, token_budget=settings.token_budget,
+                             max_batch_rows=settings.max_batch_rows)
     if isinstance(backend, GpuPool):
         engine = GpuEngines(model, settings)
         engine._engine(model)  # load now: a model that cannot load fails the shard up front

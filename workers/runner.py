@@ -172,7 +172,7 @@ class ShardRunner:
     def _run_claimed(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
                      beat: _Heartbeat) -> ShardStatus | None:
         settings = self.runtime.settings
-        engine = engine_for(backend, model, settings.worker)
+        engine = engine_for(backend, model, settings.worker, job.task)
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[Chunk] = deque()
         done_to = claim.row_start + claim.rows_done
@@ -181,7 +181,8 @@ class ShardRunner:
             chunk = pending.popleft()
             completions = merge(chunk, generated)
             table, cost = build_output(chunk, completions, backend=claim.backend, model=model, attempt=claim.attempt,
-                                       usd_per_second=usd_per_second, carried=job.carried_columns)
+                                       usd_per_second=usd_per_second, carried=job.carried_columns,
+                                       embed=job.task == "embed")
             stats = transitions.CheckpointStats(
                 first_row=chunk.first_row,
                 row_count=table.num_rows,

@@ -120,6 +120,11 @@ class WorkerSettings(_Section):
     device: str = "auto"
     #: ``auto``: bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: ``batched``: spotlane's length-grouped micro-batches; ``continuous``:
+    #: transformers' continuous batching (rows join as slots free up).
+    engine: Literal["batched", "continuous"] = "batched"
+    #: ``torch.compile`` the model's forward (CUDA; first batches are slower).
+    compile: bool = False
 
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> WorkerSettings:

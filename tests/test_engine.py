@@ -111,3 +111,11 @@ def test_embeddings_put_paraphrases_closer_than_unrelated_sentences() -> None:
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3  # type: ignore[arg-type]
     alone = embedder.generate([Request(prompt=texts[2])])[0].embedding
     assert alone is not None and max(abs(x - y) for x, y in zip(alone, vectors[2], strict=True)) < 1e-5  # type: ignore[arg-type]
+
+
+def test_the_continuous_engine_gives_the_same_greedy_text_as_the_batched_one(engine: HFEngine, tiny_model: Path) -> None:
+    continuous = load_engine(str(tiny_model), device="cpu", dtype="float32", token_budget=4096, max_batch_rows=8,
+                             kind="continuous")
+    requests = [Request(prompt=p, max_tokens=n) for p, n in zip(PROMPTS, [6, 2, 9, 4, 7], strict=True)]
+
+    assert [c.output for c in continuous.generate(requests)] == [c.output for c in engine.generate(requests)]

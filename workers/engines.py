@@ -33,7 +33,7 @@ class GpuEngines:
 
         s = self.settings
         return load_engine(model, device=s.device, dtype=s.dtype, token_budget=s.token_budget,
-                           max_batch_rows=s.max_batch_rows)
+                           max_batch_rows=s.max_batch_rows, kind=s.engine, compile=s.compile)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         by_model: dict[str, list[int]] = {}

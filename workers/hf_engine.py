@@ -63,6 +63,7 @@ class HFEngine:
         dtype: str = "auto",
         token_budget: int = 32768,
         max_batch_rows: int = 64,
+        compile: bool = False,
     ) -> None:
         torch, transformers = _import_torch()
         self.model = model
@@ -84,6 +85,11 @@ class HFEngine:
             raise ModelError(f"cannot load model {model!r}: {exc}", model=model) from exc
         self.lm.to(self.device)
         self.lm.eval()
+        if compile:
+            try:
+                self.lm.forward = torch.compile(self.lm.forward, dynamic=True)
+            except Exception as exc:  # an unsupported platform: run eagerly
+                log.warning("torch.compile unavailable (%s); running eagerly", exc)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -136,10 +142,28 @@ class HFEngine:
                 continue
             prompts[i] = ids
             items.append(BatchItem(i, len(ids), max_new, float(request.temperature)))
+        for index, completion in self._execute(items, prompts).items():
+            results[index] = completion
+        return [r if r is not None else Completion.failed("no result") for r in results]
+
+    def _execute(self, items: list[BatchItem], prompts: dict[int, list[int]]) -> dict[int, Completion]:
+        """Length-grouped static micro-batches under the token budget."""
+        done: dict[int, Completion] = {}
         for batch in plan_batches(items, self.token_budget, self.max_batch_rows):
             for item, completion in zip(batch, self._run_batch(batch, prompts), strict=True):
-                results[item.index] = completion
-        return [r if r is not None else Completion.failed("no result") for r in results]
+                done[item.index] = completion
+        return done
+
+    def _finish(self, item: BatchItem, tokens: list[int]) -> tuple[str, str, int]:
+        """Text, finish reason and token count of one row's generated ids."""
+        tokens = tokens[: item.max_new_tokens]
+        finish = "length"
+        for pos, tok in enumerate(tokens):
+            if tok in self.eos_ids:
+                tokens, finish = tokens[: pos + 1], "stop"
+                break
+        text = self.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True)
+        return text, finish, len(tokens)
 
     def _run_batch(self, batch: list[BatchItem], prompts: dict[int, list[int]]) -> list[Completion]:
         torch, _ = _import_torch()
@@ -192,15 +216,8 @@ class HFEngine:
         useful = [0] * len(batch)
         decoded: list[tuple[str, str, int]] = []
         for row, item in enumerate(batch):
-            tokens = generated[row][: item.max_new_tokens]
-            finish = "length"
-            for pos, tok in enumerate(tokens):
-                if tok in self.eos_ids:
-                    tokens, finish = tokens[: pos + 1], "stop"
-                    break
-            text_tokens = [t for t in tokens if t not in self.eos_ids]
-            decoded.append((self.tokenizer.decode(text_tokens, skip_special_tokens=True), finish, len(tokens)))
-            useful[row] = item.prompt_tokens + len(tokens)
+            decoded.append(self._finish(item, generated[row]))
+            useful[row] = item.prompt_tokens + decoded[-1][2]
         total = sum(useful) or 1
         for row, item in enumerate(batch):
             text, finish, n_out = decoded[row]
@@ -217,14 +234,27 @@ class HFEngine:
         return completions
 
 
-def load_engine(model: str, *, device: str, dtype: str, token_budget: int, max_batch_rows: int) -> HFEngine:
-    """The process's engine for ``model`` (loaded on first use, then reused)."""
-    key = (model, device, dtype)
+def load_engine(
+    model: str, *, device: str, dtype: str, token_budget: int, max_batch_rows: int,
+    kind: str = "batched", compile: bool = False,
+) -> HFEngine:
+    """The process's engine for ``model`` (loaded on first use, then reused).
+
+    ``kind``: ``batched`` (spotlane's length-grouped micro-batches) or
+    ``continuous`` (transformers' continuous batching manager).
+    """
+    key = (model, device, dtype + ":" + kind)
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            log.info("loading model %s", model)
-            engine = HFEngine(model, device=device, dtype=dtype, token_budget=token_budget, max_batch_rows=max_batch_rows)
+            log.info("loading model %s (%s engine)", model, kind)
+            cls: type[HFEngine] = HFEngine
+            if kind == "continuous":
+                from workers.hf_continuous import ContinuousHFEngine
+
+                cls = ContinuousHFEngine
+            engine = cls(model, device=device, dtype=dtype, token_budget=token_budget, max_batch_rows=max_batch_rows,
+                         compile=compile)
             _ENGINES[key] = engine
         engine.token_budget, engine.max_batch_rows = token_budget, max_batch_rows
         return engine

@@ -362,6 +362,26 @@ def costs(
     console.print(table)
 
 
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+    """Stop a job: no more routing, running shards stop at their next checkpoint."""
+    from pipeline.control import cancel as stop
+
+    result = stop(_runtime(), job_id)
+    console.print(f"job {job_id} cancelled; {result.rows_kept:,} of {result.rows_total:,} rows are finished and kept "
+                  f"(`spotlane resume {job_id}` continues with the rest)")
+
+
+@app.command()
+def resume(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+    """Continue a cancelled, failed or paused job, redoing only unfinished rows."""
+    from pipeline.control import resume as go
+
+    result = go(_runtime(), job_id)
+    console.print(f"job {job_id} resumed: {result.rows_total - result.rows_kept:,} rows to go "
+                  f"({result.rows_kept:,} already done)")
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply the Alembic migrations to the configured database."""

@@ -21,6 +21,7 @@ from schemas.tables import Checkpoint, CostLedgerEntry, Job, Shard, ShardAttempt
 
 __all__ = [
     "Claim",
+    "back_to_router",
     "block_shard",
     "CheckpointStats",
     "claim_shard",
@@ -34,6 +35,7 @@ __all__ = [
     "requeue_stale",
     "reroute_shard",
     "set_job_status",
+    "unqueue_cancelled",
 ]
 
 
@@ -303,9 +305,30 @@ def end_shard(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, outcome, error)
-    if new.is_final:
+    if new.is_final or new is ShardStatus.PENDING:
         _release(session, claim, now)
     return True
+
+
+def unqueue_cancelled(session: Session, job_id: str) -> int:
+    """queued/blocked -> pending for a cancelled job, giving back their reservations."""
+    now = utcnow()
+    rows = session.execute(
+        select(Shard.id, Shard.backend).where(
+            Shard.job_id == job_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.BLOCKED))
+        )
+    ).all()
+    for shard_id, backend in rows:
+        reserved = _reserved(session, shard_id)
+        if reserved > 0:
+            session.add(CostLedgerEntry(job_id=job_id, shard_id=shard_id, backend=backend or "-",
+                                        kind=LedgerKind.RELEASE, amount_usd=-reserved, created_at=now))
+    session.execute(
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.BLOCKED)))
+        .values(status=ShardStatus.PENDING, backend=None, queue=None, updated_at=now)
+    )
+    return len(rows)
 
 
 def _release(session: Session, claim: Claim, now: datetime) -> None:
@@ -374,6 +397,17 @@ def expire_lease(session: Session, shard_id: int, now: datetime, *, owner_dead: 
         "worker process gone" if owner_dead else "lease expired",
     )
     return True
+
+
+def back_to_router(session: Session, shard_id: int) -> bool:
+    """preempted -> pending: the router chooses its backend again."""
+    now = utcnow()
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == ShardStatus.PREEMPTED)
+        .values(status=ShardStatus.PENDING, backend=None, queue=None, updated_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def fail_unrouted(session: Session, shard_id: int, reason: str) -> bool:

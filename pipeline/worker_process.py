@@ -54,6 +54,14 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
     if sweeper is not None:
         sweeper.start()
+    probe = None
+    if settings.worker.spot_notice_url:
+        from workers.spot_notice import SpotNoticeProbe
+
+        # After the drain, stop the worker too: the instance is going away.
+        probe = SpotNoticeProbe(settings.worker.spot_notice_url, settings.worker.spot_notice_interval_seconds,
+                                STOP, on_notice=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        probe.start()
     worker = runtime.celery.Worker(
         queues=queues or settings.queues,
         pool="solo",
@@ -70,6 +78,8 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     finally:
         if sweeper is not None:
             sweeper.stopped.set()
+        if probe is not None:
+            probe.finished.set()
     return int(worker.exitcode or 0)
 
 

@@ -167,6 +167,9 @@ class RoutingSettings(Section):
     #: Shard failures in a row that cool a backend down.
     cooldown_failures: int = Field(default=3, ge=1)
     cooldown_seconds: float = Field(default=300.0, gt=0)
+    #: A shard preempted this many times goes back to the router, which re-prices it
+    #: with the learnt preemption rate and may move it (to an API provider, say).
+    max_preemptions: int = Field(default=3, ge=1)
     rules: list[RoutingRule] = Field(default_factory=list)
 
 

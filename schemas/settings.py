@@ -125,6 +125,11 @@ class WorkerSettings(_Section):
     engine: Literal["batched", "continuous"] = "batched"
     #: ``torch.compile`` the model's forward (CUDA; first batches are slower).
     compile: bool = False
+    #: Spot-interruption notice URL, polled while the worker runs ("" = off). The
+    #: AWS default is http://169.254.169.254/latest/meta-data/spot/instance-action:
+    #: 404 means no notice, 200 with {"action": ...} means drain now.
+    spot_notice_url: str = ""
+    spot_notice_interval_seconds: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> WorkerSettings:

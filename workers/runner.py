@@ -22,6 +22,8 @@ import socket
 import threading
 import time
 import uuid
+
+from sqlalchemy import func, select
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -34,8 +36,8 @@ from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
 from schemas.errors import LeaseLost, ModelError, ProviderError, SpotlaneError
 from schemas.records import FinalizeJob, RouteJob, RunShard
-from schemas.status import AttemptOutcome, ShardStatus
-from schemas.tables import Job, Shard
+from schemas.status import AttemptOutcome, JobStatus, ShardStatus
+from schemas.tables import Job, Shard, ShardAttempt
 from workers.chunks import Chunk, build_output, merge, prepare, rechunk
 from workers.drain import StopFlag
 from workers.engine import Completion, Request, stream
@@ -161,7 +163,7 @@ class ShardRunner:
         first_row = claim.row_start + claim.rows_done
         for table in rechunk(iter_rows(job.input_url, first_row, claim.row_end, columns),
                              self.runtime.settings.worker.checkpoint_rows):
-            if self.stop or beat.lost.is_set():
+            if self.stop or beat.lost.is_set() or self._cancelled(claim.job_id):
                 return
             chunk = prepare(table, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
                             default_temperature=job.temperature, serves=backend.serves)
@@ -201,6 +203,12 @@ class ShardRunner:
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
             raise LeaseLost(f"shard {claim.shard_id}: lease lost")
+        if done_to < claim.row_end and self._cancelled(claim.job_id):
+            log.info("job %s cancelled: shard %s stops at row %d", claim.job_id, claim.shard_index, done_to)
+            with session_scope(self.runtime.engine) as session:
+                transitions.end_shard(session, claim, ShardStatus.PENDING, outcome=AttemptOutcome.PREEMPTED,
+                                      error="job cancelled")
+            return ShardStatus.PENDING
         if done_to < claim.row_end:
             log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
             return self._hand_back(claim, model)
@@ -227,7 +235,20 @@ class ShardRunner:
 
         if self._end(claim, model, ShardStatus.PREEMPTED, AttemptOutcome.PREEMPTED) is None:
             return None
-        queue = self.runtime.settings.backend(claim.backend).queue
+        settings = self.runtime.settings
+        with session_scope(self.runtime.engine) as session:
+            preempted = session.execute(
+                select(func.count()).select_from(ShardAttempt).where(
+                    ShardAttempt.shard_id == claim.shard_id,
+                    ShardAttempt.outcome.in_((AttemptOutcome.PREEMPTED, AttemptOutcome.LOST)),
+                )
+            ).scalar_one()
+            rerouted = preempted >= settings.routing.max_preemptions and transitions.back_to_router(session, claim.shard_id)
+        if rerouted:
+            log.info("shard %s preempted %d times: back to the router", claim.shard_index, preempted)
+            self.runtime.send("spotlane.route_job", RouteJob(job_id=claim.job_id), settings.control_queue)
+            return ShardStatus.PENDING
+        queue = settings.backend(claim.backend).queue
         with session_scope(self.runtime.engine) as session:
             ok = transitions.queue_shard(
                 session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend, queue=queue
@@ -236,6 +257,10 @@ class ShardRunner:
             self.runtime.send(RUN_SHARD, RunShard(job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend), queue)
             return ShardStatus.QUEUED
         return ShardStatus.PREEMPTED
+
+    def _cancelled(self, job_id: str) -> bool:
+        with session_scope(self.runtime.engine) as session:
+            return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one() is JobStatus.CANCELLED
 
     def _maybe_finalize(self, job_id: str) -> None:
         with session_scope(self.runtime.engine) as session:

@@ -1,0 +1,80 @@
+"""Stopping and continuing jobs by hand: cancel and resume.
+
+``cancel`` stops routing at once; shards not started go back to ``pending`` and a
+running shard stops at its next checkpoint (the worker sees the job cancelled),
+so every committed checkpoint is kept. ``resume`` continues a cancelled, failed or
+paused job: unfinished shards are routed again and resume after their last
+committed checkpoint; finished shards are not touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from pipeline import transitions
+from pipeline.db import session_scope
+from pipeline.runtime import Runtime
+from schemas.base import utcnow
+from schemas.errors import NotFound, StoreError
+from schemas.records import RouteJob
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+
+__all__ = ["Stopped", "cancel", "resume"]
+
+
+@dataclass(frozen=True)
+class Stopped:
+    job_id: str
+    status: str
+    rows_kept: int
+    rows_total: int
+
+
+def _rows_done(session: object, job_id: str) -> int:
+    return int(session.execute(  # type: ignore[attr-defined]
+        select(func.coalesce(func.sum(Shard.rows_done), 0)).where(Shard.job_id == job_id)
+    ).scalar_one())
+
+
+def cancel(runtime: Runtime, job_id: str) -> Stopped:
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
+        if job.status.is_final:
+            raise StoreError(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
+        transitions.set_job_status(
+            session, job_id, JobStatus.CANCELLED,
+            expected=(JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FINALIZING),
+            error="cancelled by hand",
+        )
+        # Not started yet: back to pending (their queued tasks find nothing to claim).
+        transitions.unqueue_cancelled(session, job_id)
+        return Stopped(job_id, JobStatus.CANCELLED.value, _rows_done(session, job_id), job.rows_total)
+
+
+def resume(runtime: Runtime, job_id: str) -> Stopped:
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
+        if job.status not in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED):
+            raise StoreError(f"job {job_id} is {job.status.value}; only cancelled, failed or paused jobs resume")
+        session.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id,
+                   Shard.status.in_((ShardStatus.FAILED, ShardStatus.BLOCKED, ShardStatus.PREEMPTED)))
+            .values(status=ShardStatus.PENDING, backend=None, queue=None, excluded_backends=[], error=None,
+                    finished_at=None, updated_at=utcnow())
+        )
+        transitions.set_job_status(
+            session, job_id, JobStatus.RUNNING, expected=(JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED),
+            error=None, finished_at=None, result_url=None, result_tier=None,
+        )
+        kept = _rows_done(session, job_id)
+        total = job.rows_total
+    runtime.send("spotlane.route_job", RouteJob(job_id=job_id), runtime.settings.control_queue)
+    return Stopped(job_id, JobStatus.RUNNING.value, kept, total)

@@ -382,6 +382,17 @@ def resume(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
                   f"({result.rows_kept:,} already done)")
 
 
+@app.command("retry-errors")
+def retry_errors(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+    """Re-run only the rows whose output has an error; a new result version replaces them."""
+    from pipeline.retry import retry_errors as retry
+
+    child, rows = retry(_runtime(), job_id)
+    console.print(f"retrying {rows} row(s) of job {job_id} as job {child}; when it finishes, "
+                  f"`spotlane results {job_id}` points at the new version")
+    console.print(child)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply the Alembic migrations to the configured database."""

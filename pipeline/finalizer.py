@@ -183,5 +183,11 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
             error=error,
         )
     log.info("job %s finished: %s, %d rows (%d failed) -> %s", job_id, status.value, rows, rows_failed, folder)
+    if status is not JobStatus.FAILED:
+        from pipeline.retry import merge_retry
+
+        merged = merge_retry(runtime, job_id)  # a retry-errors job: the parent's next version
+        if merged:
+            log.info("retry job %s merged into %s", job_id, merged)
     return status
 

@@ -88,3 +88,43 @@ def test_a_provider_that_is_down_hands_its_shards_to_the_gpu_pool(
         excluded = conn.execute(text("select excluded_backends from shards")).scalars().all()
     assert [tuple(a) for a in attempts] == [("openai-local", "failed"), ("local", "done")] * 2
     assert all("openai-local" in e for e in excluded)
+
+
+def test_retry_errors_reruns_only_failed_rows_into_a_new_result_version(
+    tmp_path: Path, spotlane_home: Path, server: FakeOpenAI
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    server.script = [400, 400, 400]  # the first three requests are refused once
+    config = _config(tmp_path, server, "chat-small", gpu_price=None)
+    text_ = config.read_text().replace("max_concurrency = 8", "max_concurrency = 1")
+    config.write_text(text_)
+    env = {"TEST_OPENAI_KEY": SECRET}
+    path = write_prompts(tmp_path / "in.parquet", 12)
+    first = spotlane("--config", str(config), "run", str(path), "--model", "chat-small", "--max-tokens", "4", env=env)
+    assert "succeeded_with_errors: 9 rows ok, 3 failed" in first.stdout, first.stdout + first.stderr
+    job_id = first.stdout.split()[1]
+
+    retried = spotlane("--config", str(config), "retry-errors", job_id, env=env)
+    assert retried.returncode == 0 and "retrying 3 row(s)" in retried.stdout, retried.stderr
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker"],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "results-v2" not in spotlane("--config", str(config), "results", job_id, env=env).stdout:
+            assert time.monotonic() < deadline, "no new result version"
+            time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+    out = tmp_path / "v2.parquet"
+    assert spotlane("--config", str(config), "results", job_id, "--to", str(out), env=env).returncode == 0
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(12)]
+    assert table.column("error").null_count == 12
+    manifest = json.loads(spotlane("--config", str(config), "results", job_id, "--json", env=env).stdout)
+    assert manifest["version"] == 2 and manifest["rows_failed"] == 0

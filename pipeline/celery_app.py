@@ -18,6 +18,8 @@ The embedded default uses kombu's filesystem transport: queues are folders under
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
@@ -143,7 +145,21 @@ def _register(app: Celery, runtime: Runtime) -> None:
         do_reap(runtime)
 
 
+#: Seconds a stopping worker may take before it exits regardless (set by ``run_worker``).
+SHUTDOWN_GRACE: list[float] = []
+_WATCHDOG: list[threading.Timer] = []
+
+
 @signals.worker_shutting_down.connect
 def _drain_on_shutdown(**_: object) -> None:
-    """Warm shutdown (SIGTERM): the shard in hand stops at its next checkpoint."""
+    """Warm shutdown (SIGTERM): the shard in hand stops at its next checkpoint.
+
+    A watchdog then ends the process after the grace period, whatever Celery is
+    waiting for; the lease and the reaper make that as safe as kill -9.
+    """
     STOP.set()
+    if SHUTDOWN_GRACE and not _WATCHDOG:
+        watchdog = threading.Timer(SHUTDOWN_GRACE[0], os._exit, args=(1,))
+        watchdog.daemon = True
+        watchdog.start()
+        _WATCHDOG.append(watchdog)

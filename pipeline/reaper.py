@@ -6,8 +6,10 @@ guarded UPDATE; only the process whose UPDATE matched enqueues):
 - a running shard whose lease expired (its worker was killed or lost), or whose
   holder is a process of this host that no longer exists, is queued again and
   resumes from its last committed checkpoint;
-- a queued shard that has waited ``requeue_after_seconds`` is sent again (the
-  broker lost its message; a duplicate is harmless, the claim is guarded);
+- a queued shard that has waited ``requeue_after_seconds`` is sent again when the
+  broker holds fewer messages for its queue than SQL has queued shards (a message
+  was lost: a worker killed between fetching and claiming, a broker restart); a
+  duplicate is harmless, the claim is guarded, and a long healthy queue is left be;
 - a pending job older than a minute is routed again (the submit's routing task
   was lost);
 - a job whose shards are all final but that is not final is finalized, and a
@@ -22,7 +24,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 
 from pipeline import transitions
 from pipeline.db import session_scope
@@ -50,6 +52,15 @@ class ReapReport:
 
     def __bool__(self) -> bool:
         return bool(self.expired or self.resent or self.rerouted or self.finalized)
+
+
+def _depth(runtime: Runtime, queue: str) -> int:
+    """Messages waiting in ``queue`` on the broker (0 if it cannot tell)."""
+    try:
+        with runtime.celery.connection_for_write() as conn:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception:  # an undeclared queue, or a broker that does not count
+        return 0
 
 
 def _owner_dead_here(owner: str) -> bool:
@@ -95,13 +106,19 @@ def reap(runtime: Runtime) -> ReapReport:
     stale = now - timedelta(seconds=settings.worker.requeue_after_seconds)
     with session_scope(runtime.engine) as session:
         waiting = session.execute(
-            select(Shard.id, Shard.job_id, Shard.backend, Shard.queued_at).where(
-                Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale
-            )
+            select(Shard.id, Shard.job_id, Shard.backend, Shard.queued_at, Shard.queue)
+            .where(Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale)
+            .order_by(Shard.queued_at)
         ).all()
-    for shard_id, job_id, backend, queued_at in waiting:
-        if queued_at is None or backend is None:
+        queued_per_queue = dict(session.execute(
+            select(Shard.queue, func.count()).where(Shard.status == ShardStatus.QUEUED).group_by(Shard.queue)
+        ).all())
+    # Only as many as the broker is missing: a long, healthy queue is not resent.
+    missing = {q: max(0, n - _depth(runtime, q)) for q, n in queued_per_queue.items() if q}
+    for shard_id, job_id, backend, queued_at, queue in waiting:
+        if queued_at is None or backend is None or queue is None or not missing.get(queue):
             continue
+        missing[queue] -= 1
         with session_scope(runtime.engine) as session:
             touched = transitions.requeue_stale(session, shard_id, queued_at, now)
         if touched:

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.celery_app import STOP
+from pipeline.celery_app import SHUTDOWN_GRACE, STOP
 from pipeline.runtime import Runtime
 
 __all__ = ["Reaper", "run_scheduler", "run_worker", "spawn_worker", "stop_worker"]
@@ -50,6 +50,7 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     """Consume ``queues`` (default: every queue) until shut down; return the exit code."""
     settings = runtime.settings
     STOP.clear()
+    SHUTDOWN_GRACE[:] = [settings.worker.shutdown_grace_seconds]
     metrics.serve(settings.metrics.port)
     sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
     if sweeper is not None:

@@ -110,8 +110,8 @@ class WorkerSettings(_Section):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     #: Seconds between reaper sweeps (expired leases, lost queue messages).
     reap_interval_seconds: float = Field(default=15.0, gt=0)
-    #: A shard queued this long without starting is sent again (lost message).
-    requeue_after_seconds: float = Field(default=3600.0, gt=0)
+    #: A shard queued this long is sent again if the broker is missing its message.
+    requeue_after_seconds: float = Field(default=120.0, gt=0)
     #: Padded tokens (rows x (longest prompt + max new tokens)) in one micro-batch.
     token_budget: int = Field(default=32768, ge=16)
     #: Upper bound on rows in one micro-batch, whatever the token budget allows.
@@ -130,6 +130,10 @@ class WorkerSettings(_Section):
     #: 404 means no notice, 200 with {"action": ...} means drain now.
     spot_notice_url: str = ""
     spot_notice_interval_seconds: float = Field(default=5.0, gt=0)
+    #: After a stop request the worker drains; past this many seconds it exits
+    #: regardless (a broker that went away can hold Celery's shutdown forever).
+    #: At most one checkpoint of work is lost, as with kill -9.
+    shutdown_grace_seconds: float = Field(default=90.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> WorkerSettings:

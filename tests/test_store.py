@@ -185,10 +185,14 @@ def test_the_reaper_sends_a_shard_again_when_its_message_was_lost(runtime: Runti
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
         session.execute(update(Shard).where(Shard.id == shard_id).values(queued_at=utcnow() - timedelta(hours=2)))
+    healthy = reap(runtime)
+    lost = sorted((runtime.settings.broker_folder / "queue").glob("*gpu.local.msg"))[0]
+    lost.unlink()  # the broker loses one message (a worker killed between fetch and claim)
     before = _queued_messages(runtime)
 
     first, second = reap(runtime), reap(runtime)
 
+    assert healthy.resent == 0  # the broker still had every message: nothing resent
     assert (first.resent, second.resent) == (1, 0)  # once, not on every sweep
     assert _queued_messages(runtime) == before + 1
 

@@ -181,6 +181,8 @@ class ShardRunner:
         started = time.perf_counter()
         for generated in stream(engine, self._chunks(claim, job, backend, beat, pending)):
             chunk = pending.popleft()
+            log.info("generated rows %d-%d of shard %s (job %s)", chunk.first_row, chunk.first_row + chunk.table.num_rows,
+                     claim.shard_index, claim.job_id)
             completions = merge(chunk, generated)
             table, cost = build_output(chunk, completions, backend=claim.backend, model=model, attempt=claim.attempt,
                                        usd_per_second=usd_per_second, carried=job.carried_columns,

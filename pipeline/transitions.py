@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
+from pipeline import ledger
 from schemas.base import utcnow
 from schemas.errors import LeaseLost, NotFound
 from schemas.status import AttemptOutcome, JobStatus, LedgerKind, ShardStatus
@@ -237,35 +238,7 @@ def commit_checkpoint(
         .where(ShardAttempt.shard_id == claim.shard_id, ShardAttempt.attempt == claim.attempt)
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
     )
-    _charge(session, claim, stats, now)
-
-
-def _charge(session: Session, claim: Claim, stats: CheckpointStats, now: datetime) -> None:
-    """Charge a checkpoint's actual cost, and give back as much of the reservation.
-
-    Reserved + spent therefore tracks max(estimate, actual) while the shard runs.
-    """
-    session.add(CostLedgerEntry(
-        job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend, kind=LedgerKind.CHARGE,
-        amount_usd=stats.cost_usd, input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
-        created_at=now,
-    ))
-    reserved = _reserved(session, claim.shard_id)
-    give_back = min(reserved, stats.cost_usd)
-    if give_back > 0:
-        session.add(CostLedgerEntry(
-            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
-            kind=LedgerKind.RELEASE, amount_usd=-give_back, created_at=now,
-        ))
-
-
-def _reserved(session: Session, shard_id: int) -> float:
-    return float(session.execute(
-        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-            CostLedgerEntry.shard_id == shard_id,
-            CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
-        )
-    ).scalar_one())
+    ledger.charge(session, claim, stats, now)
 
 
 def _end_attempt(
@@ -306,7 +279,7 @@ def end_shard(
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, outcome, error)
     if new.is_final or new is ShardStatus.PENDING:
-        _release(session, claim, now)
+        ledger.release(session, claim, now)
     return True
 
 
@@ -319,7 +292,7 @@ def unqueue_cancelled(session: Session, job_id: str) -> int:
         )
     ).all()
     for shard_id, backend in rows:
-        reserved = _reserved(session, shard_id)
+        reserved = ledger.reserved_usd(session, shard_id)
         if reserved > 0:
             session.add(CostLedgerEntry(job_id=job_id, shard_id=shard_id, backend=backend or "-",
                                         kind=LedgerKind.RELEASE, amount_usd=-reserved, created_at=now))
@@ -329,16 +302,6 @@ def unqueue_cancelled(session: Session, job_id: str) -> int:
         .values(status=ShardStatus.PENDING, backend=None, queue=None, updated_at=now)
     )
     return len(rows)
-
-
-def _release(session: Session, claim: Claim, now: datetime) -> None:
-    """Give back whatever is still reserved for the shard."""
-    reserved = _reserved(session, claim.shard_id)
-    if reserved > 0:
-        session.add(CostLedgerEntry(
-            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
-            kind=LedgerKind.RELEASE, amount_usd=-float(reserved), created_at=now,
-        ))
 
 
 def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
@@ -363,7 +326,7 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, AttemptOutcome.FAILED, error)
-    _release(session, claim, now)
+    ledger.release(session, claim, now)
     return True
 
 

@@ -196,6 +196,17 @@ def write_prompts(path: Path, rows: int, *, row_group_size: int | None = None, *
     return path
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: no test leaves a worker behind."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def spotlane(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real ``spotlane`` CLI in a child process."""
     return subprocess.run(

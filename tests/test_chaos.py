@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import spotlane, write_prompts
+from tests.conftest import spotlane, stop_process, write_prompts
 from tests.test_distributed import _PrivateRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -90,9 +90,7 @@ def test_random_kills_drains_and_a_redis_restart_lose_nothing_and_repeat_little(
         wall = time.monotonic() - started
     finally:
         for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(60)
+            stop_process(worker)
         redis.kill()
 
     assert status() == "succeeded", logs[-1].read_text()[-3000:]

@@ -22,7 +22,7 @@ from pipeline.router import route_job
 from pipeline.runtime import Runtime
 from schemas.records import RunShard
 from schemas.tables import Shard
-from tests.conftest import spotlane, write_prompts
+from tests.conftest import spotlane, stop_process, write_prompts
 from workers.runner import ShardRunner
 
 pytestmark = [pytest.mark.postgres]
@@ -117,9 +117,7 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
             time.sleep(0.5)
     finally:
         for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(60)
+            stop_process(worker)
         store.dispose()
 
     assert status == "succeeded", (tmp_path / "worker0.log").read_text()[-3000:]
@@ -217,8 +215,7 @@ def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        worker.terminate()
-        worker.wait(60)
+        stop_process(worker)
         server.kill()
         store.dispose()
 

@@ -3,7 +3,9 @@
 Requests join a running batch as soon as a slot frees up, instead of waiting for
 the longest row of a static micro-batch: ``ContinuousBatchingManager`` with each
 row's own ``max_new_tokens``. Tokenisation, limits, decoding and the output are
-those of ``HFEngine``. One manager per sampling temperature, kept for the process.
+those of ``HFEngine``. One manager per sampling temperature, started for a chunk
+and stopped (kept warm on the model) after it: its generation thread is not a
+daemon, and a thread left running would keep the worker process from exiting.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class ContinuousHFEngine(HFEngine):
         return managers[temperature]
 
     def _execute(self, items: list[BatchItem], prompts: dict[int, list[int]]) -> dict[int, Completion]:
+        try:
+            return self._run(items, prompts)
+        finally:
+            for manager in self.__dict__.pop("_managers", {}).values():
+                manager.stop(block=True, keep_for_next_session=True)
+
+    def _run(self, items: list[BatchItem], prompts: dict[int, list[int]]) -> dict[int, Completion]:
         by_request: dict[str, BatchItem] = {}
         started = time.perf_counter()
         for item in items:

@@ -40,7 +40,6 @@ __all__ = ["ReapReport", "reap"]
 log = logging.getLogger(__name__)
 
 PENDING_GRACE = timedelta(seconds=60)
-FINALIZING_GRACE = timedelta(minutes=10)
 
 
 @dataclass
@@ -134,7 +133,8 @@ def reap(runtime: Runtime) -> ReapReport:
         unfinished = session.execute(
             select(Job.id).where(
                 (Job.status == JobStatus.RUNNING)
-                | and_(Job.status == JobStatus.FINALIZING, Job.updated_at < now - FINALIZING_GRACE)
+                | and_(Job.status == JobStatus.FINALIZING,
+                       Job.updated_at < now - timedelta(seconds=settings.worker.finalize_grace_seconds))
             )
         ).scalars().all()
     for job_id in pending:

@@ -134,6 +134,8 @@ class WorkerSettings(_Section):
     #: regardless (a broker that went away can hold Celery's shutdown forever).
     #: At most one checkpoint of work is lost, as with kill -9.
     shutdown_grace_seconds: float = Field(default=90.0, gt=0)
+    #: A job left ``finalizing`` this long (its finalizer died) is finalized again.
+    finalize_grace_seconds: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> WorkerSettings:

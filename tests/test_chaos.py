@@ -44,6 +44,7 @@ def test_random_kills_drains_and_a_redis_restart_lose_nothing_and_repeat_little(
         "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "2",
         "SPOTLANE_WORKER__REQUEUE_AFTER_SECONDS": "5",
         "SPOTLANE_WORKER__SHUTDOWN_GRACE_SECONDS": "15",
+        "SPOTLANE_WORKER__FINALIZE_GRACE_SECONDS": "10",
     }
     assert spotlane("db", "upgrade", env=env).returncode == 0
     job_id = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", ROWS)), "--model", str(tiny_model),

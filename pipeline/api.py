@@ -17,9 +17,8 @@ from sqlalchemy import select, text
 
 from pipeline import producer
 from pipeline.db import session_scope
-from pipeline.finalizer import MANIFEST
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem, read_json
+from pipeline.storage import MANIFEST, filesystem, read_json
 from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard
@@ -178,6 +177,8 @@ class ResultsInfo:
     status: str
     url: str
     manifest: dict[str, Any]
+    #: "warm" or "cold": the tier the results are in now.
+    tier: str = "warm"
 
     @property
     def files(self) -> list[str]:
@@ -190,10 +191,15 @@ def results(runtime: Runtime, job_id: str) -> ResultsInfo:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
+        if job.results_deleted_at is not None:
+            raise StoreError(
+                f"job {job_id}'s results were deleted on {job.results_deleted_at:%Y-%m-%d} "
+                "(past storage.retention_days)"
+            )
         if job.result_url is None:
             raise StoreError(f"job {job_id} has no results yet (status: {job.status.value})")
-        url, status = job.result_url, job.status.value
-    return ResultsInfo(job_id, status, url, read_json(f"{url}/{MANIFEST}"))
+        url, status, tier = job.result_url, job.status.value, job.result_tier or "warm"
+    return ResultsInfo(job_id, status, url, read_json(f"{url}/{MANIFEST}"), tier)
 
 
 def export_results(runtime: Runtime, job_id: str, to: str) -> int:

@@ -42,6 +42,8 @@ TASKS = {
     "spotlane.route_job": "control",
     "spotlane.finalize_job": "control",
     "spotlane.reap": "control",
+    "spotlane.schedules_tick": "control",
+    "spotlane.storage_sweep": "control",
     "spotlane.run_shard": "gpu.<pool>",
 }
 
@@ -69,6 +71,21 @@ def _transport_options(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def _beat_schedule(runtime: Runtime) -> dict[str, dict[str, Any]]:
+    """The periodic tasks: each expires after its own interval, so a scheduler
+    that ran while no worker did leaves no backlog of duplicates behind."""
+    settings = runtime.settings
+    every = {
+        "spotlane-reap": ("spotlane.reap", settings.worker.reap_interval_seconds),
+        "spotlane-schedules": ("spotlane.schedules_tick", settings.scheduler.tick_seconds),
+        "spotlane-storage-sweep": ("spotlane.storage_sweep", settings.storage.sweep_interval_seconds),
+    }
+    return {
+        key: {"task": task, "schedule": seconds, "options": {"queue": settings.control_queue, "expires": seconds}}
+        for key, (task, seconds) in every.items()
+    }
+
+
 def make_celery(runtime: Runtime) -> Celery:
     settings = runtime.settings
     app = Celery("spotlane", broker=settings.broker.url, set_as_current=False)
@@ -88,13 +105,7 @@ def make_celery(runtime: Runtime) -> Celery:
         worker_redirect_stdouts=False,
         # The filesystem transport has no broadcast: remote control needs a server.
         worker_enable_remote_control=not settings.embedded_broker,
-        beat_schedule={
-            "spotlane-reap": {
-                "task": "spotlane.reap",
-                "schedule": settings.worker.reap_interval_seconds,
-                "options": {"queue": settings.control_queue, "expires": settings.worker.reap_interval_seconds},
-            }
-        },
+        beat_schedule=_beat_schedule(runtime),
         timezone="UTC",
     )
     app.spotlane_runtime = runtime
@@ -143,6 +154,18 @@ def _register(app: Celery, runtime: Runtime) -> None:
         from pipeline.reaper import reap as do_reap
 
         do_reap(runtime)
+
+    @app.task(name="spotlane.schedules_tick")
+    def schedules_tick(*_: Any) -> int:
+        from pipeline.schedules import tick
+
+        return len(tick(runtime))
+
+    @app.task(name="spotlane.storage_sweep")
+    def storage_sweep(*_: Any) -> int:
+        from pipeline.lifecycle import sweep
+
+        return len(sweep(runtime).actions)
 
 
 #: Seconds a stopping worker may take before it exits regardless (set by ``run_worker``).

@@ -209,7 +209,7 @@ def worker(
 def scheduler(
     loglevel: Annotated[str, typer.Option("--loglevel", help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run Celery beat: the periodic reaper sweep (one per deployment)."""
+    """Run Celery beat: reaper sweeps, scheduled runs, storage lifecycle (one per deployment)."""
     from pipeline.worker_process import run_scheduler
 
     run_scheduler(_runtime(), loglevel=loglevel)
@@ -270,7 +270,7 @@ def results(
     if as_json:
         console.print_json(json.dumps(info.manifest))
         return
-    console.print(info.url)
+    console.print(f"{info.url}  ({info.tier} tier)")
     for url in info.files:
         console.print(f"  {url}")
 
@@ -316,6 +316,7 @@ def config_show() -> None:
 
 # Commands about money and job control live in their own module; importing it registers them.
 import pipeline.cli_jobs  # noqa: E402,F401
+import pipeline.cli_ops  # noqa: E402,F401
 
 
 def main() -> None:

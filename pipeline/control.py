@@ -63,6 +63,17 @@ def resume(runtime: Runtime, job_id: str) -> Stopped:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
         if job.status not in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED):
             raise StoreError(f"job {job_id} is {job.status.value}; only cancelled, failed or paused jobs resume")
+        # Claim the row against the lifecycle sweep, which deletes checkpoints only
+        # of jobs that are still final and not yet purged (both are guarded UPDATEs).
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.checkpoints_purged_at.is_(None), Job.status == job.status)
+            .values(updated_at=utcnow())
+        ).rowcount
+        if claimed != 1:
+            raise StoreError(
+                f"job {job_id}'s checkpoints were deleted by the storage lifecycle "
+                f"(storage.checkpoint_grace_hours); it cannot resume: submit its input again"
+            )
         session.execute(
             update(Shard)
             .where(Shard.job_id == job_id,

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from pipeline import transitions
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem, sha256_of, write_json
+from pipeline.storage import MANIFEST, filesystem, sha256_of, write_json, write_options
 from schemas.base import utcnow
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Checkpoint, Job, Shard
@@ -30,7 +30,6 @@ __all__ = ["MANIFEST", "RESULT_FILE_ROWS", "finalize_job"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 #: Rows per result file: large enough for fast scans, small enough to split work.
 RESULT_FILE_ROWS = 1_000_000
 
@@ -38,8 +37,9 @@ RESULT_FILE_ROWS = 1_000_000
 class _ResultWriter:
     """Streams tables into ``part-<n>.parquet`` files of bounded row count."""
 
-    def __init__(self, folder: str, schema: pa.Schema) -> None:
+    def __init__(self, folder: str, schema: pa.Schema, storage_class: str = "") -> None:
         self.folder = folder.rstrip("/")
+        self.storage_class = storage_class
         self.schema = schema
         self.files: list[dict[str, Any]] = []
         self._writer: pq.ParquetWriter | None = None
@@ -50,7 +50,7 @@ class _ResultWriter:
         name = f"part-{len(self.files):05d}.parquet"
         fs, path = filesystem(f"{self.folder}/{name}")
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self._handle = fs.open(path, "wb")
+        self._handle = fs.open(path, "wb", **write_options(self.storage_class))
         self._writer = pq.ParquetWriter(self._handle, self.schema, compression="zstd")
         self.files.append({"name": name, "rows": 0})
         self._rows = 0
@@ -128,7 +128,8 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
             from schemas.arrow import output_schema
 
             schema = output_schema()
-        writer = _ResultWriter(folder, schema)
+        warm_class = runtime.storage.storage_class("warm")
+        writer = _ResultWriter(folder, schema, warm_class)
         for part in parts:
             fs, path = filesystem(part.url)
             with fs.open(path, "rb") as fh:
@@ -149,7 +150,7 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
             "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
             "arrow_schema": schema.to_string(show_schema_metadata=False),
         }
-        write_json(manifest, f"{folder}/{MANIFEST}")
+        write_json(manifest, f"{folder}/{MANIFEST}", warm_class)
     except Exception as exc:
         log.exception("finalizing job %s failed", job_id)
         with session_scope(runtime.engine) as session:

@@ -25,7 +25,16 @@ from schemas.arrow import (
 )
 from schemas.errors import InputError
 
-__all__ = ["InputInfo", "canonical_url", "inspect_input", "iter_rows", "open_parquet", "read_rows"]
+__all__ = [
+    "InputInfo",
+    "canonical_url",
+    "expand_input",
+    "inspect_input",
+    "iter_rows",
+    "open_parquet",
+    "read_rows",
+    "stitch_inputs",
+]
 
 _ID_BATCH = 1 << 16
 
@@ -46,7 +55,7 @@ def open_parquet(url: str) -> pq.ParquetFile:
     fs, path = filesystem(url)
     try:
         if not fs.exists(path):
-            raise InputError("file does not exist", file=url)
+            raise InputError("file does not exist", file=url, missing=True)
         if fs.isdir(path):
             raise InputError("is a folder; give one Parquet file", file=url)
         handle = fs.open(path, "rb")
@@ -155,6 +164,78 @@ def canonical_url(url: str) -> str:
     if "://" in url:
         return url
     return str(Path(url).expanduser().resolve())
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_input(url: str) -> list[str]:
+    """The Parquet files ``url`` names: itself, every match of a glob, or every
+    ``*.parquet`` in a folder (sorted by name). Raises ``InputError`` if none."""
+    url = canonical_url(url)
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    prefix = "" if protocol in ("", "file://") else protocol
+    if _GLOB_CHARS & set(path):
+        fs.invalidate_cache()
+        matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        if not matches:
+            raise InputError("no file matches this pattern", file=url, missing=True)
+        return [f"{prefix}{m}" if prefix else m for m in matches]
+    if fs.exists(path) and fs.isdir(path):
+        matches = sorted(p for p in fs.glob(f"{path.rstrip('/')}/*.parquet"))
+        if not matches:
+            raise InputError("folder holds no *.parquet file", file=url, missing=True)
+        return [f"{prefix}{m}" if prefix else m for m in matches]
+    return [url]
+
+
+def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
+    """Stream several input files into one Parquet file at ``target``; return ``target``.
+
+    Every file must have the first file's columns and types (an error names the
+    file and column otherwise). Memory: one record batch. The file's metadata
+    lists the sources under ``spotlane.sources``.
+    """
+    from pipeline.storage import write_options
+
+    first = open_parquet(urls[0])
+    schema = first.schema_arrow
+    for url in urls[1:]:
+        other = open_parquet(url).schema_arrow
+        for f in schema:
+            if f.name not in other.names:
+                raise InputError(f"column missing here but present in {urls[0]}", file=url, column=f.name)
+            if not other.field(f.name).type.equals(f.type):
+                raise InputError(f"is {other.field(f.name).type} here but {f.type} in {urls[0]}", file=url, column=f.name)
+        extra = [n for n in other.names if n not in schema.names]
+        if extra:
+            raise InputError(f"column not in {urls[0]}", file=url, column=extra[0])
+    import json
+
+    schema = schema.with_metadata({**(schema.metadata or {}), b"spotlane.sources": json.dumps(urls).encode()})
+    fs, path = filesystem(target)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb", **write_options(storage_class)) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for url in urls:
+            for batch in open_parquet(url).iter_batches(batch_size=_ID_BATCH):
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.select(schema.names).columns, schema=schema))
+    return target
+
+
+def source_of_row(url: str, row: int) -> tuple[str, int] | None:
+    """For a stitched input: (source file, row within it) of ``row``; None otherwise."""
+    import json
+
+    meta = open_parquet(url).schema_arrow.metadata or {}
+    if b"spotlane.sources" not in meta:
+        return None
+    for source in json.loads(meta[b"spotlane.sources"]):
+        rows = open_parquet(source).metadata.num_rows
+        if row < rows:
+            return source, row
+        row -= rows
+    return None
 
 
 def inspect_input(url: str) -> InputInfo:

@@ -8,17 +8,20 @@ as ``pending`` and the reaper routes it later.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
 
 from pipeline.db import session_scope
-from pipeline.inputs import InputInfo, inspect_input, open_parquet
+from pipeline.inputs import InputInfo, expand_input, inspect_input, open_parquet, source_of_row, stitch_inputs
 from pipeline.model_ref import resolve_model
 from pipeline.runtime import Runtime
+from pipeline.storage import filesystem
 from schemas.base import utcnow
 from schemas.errors import InputError
 from schemas.records import RouteJob
@@ -44,6 +47,9 @@ class JobRequest:
     tags: dict[str, Any] = field(default_factory=dict)
     #: "generate" (completions) or "embed" (pooled sentence embeddings).
     task: str = "generate"
+    #: Chosen by the caller to make a retried submit idempotent (scheduled runs);
+    #: a job with this id already existing is then not an error.
+    job_id: str | None = None
 
 
 def new_job_id() -> str:
@@ -69,6 +75,34 @@ def _estimate_prompt_tokens(info: InputInfo) -> float:
     return total / max(info.rows, 1) / CHARS_PER_TOKEN
 
 
+def _exists(runtime: Runtime, job_id: str) -> bool:
+    with session_scope(runtime.engine) as session:
+        return session.get(Job, job_id) is not None
+
+
+def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
+    """Validate the input; several files (a glob or a folder) are first stitched into
+    one file in the job's hot folder, and errors name the source file and row."""
+    files = expand_input(url)
+    if len(files) == 1:
+        return inspect_input(files[0])
+    target = f"{runtime.storage.job_url(job_id, 'hot')}/input/input.parquet"
+    stitch_inputs(files, target, runtime.storage.storage_class("hot"))
+    try:
+        return inspect_input(target)
+    except InputError as exc:
+        where = source_of_row(target, exc.row) if exc.row is not None else None
+        message = str(exc).split(": ", 1)[-1]
+        first = re.search(r"first at row (\d+)", message)
+        if first and (origin := source_of_row(target, int(first.group(1)))):
+            message = message.replace(first.group(0), f"first in {origin[0]} at row {origin[1]}")
+        fs, path = filesystem(target)
+        fs.rm(path)  # nothing is kept of a refused input
+        if where is None:
+            raise
+        raise InputError(message, file=where[0], column=exc.column, row=where[1]) from None
+
+
 def submit(runtime: Runtime, request: JobRequest) -> str:
     """Create the job and its shards, enqueue routing, and return the job id."""
     settings = runtime.settings
@@ -87,57 +121,64 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
     # A model only an API provider serves is a name, not a folder or a hub id to check.
     models = [m if m in api_models else resolve_model(m) for m in names]
     model = models[0]
-    info = inspect_input(request.input_url)
+    job_id = request.job_id or new_job_id()
+    if request.job_id and _exists(runtime, job_id):
+        return job_id
+    info = _inspect(runtime, request.input_url, job_id)
     rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
     ranges = plan_shards(info.rows, rows_per_shard)
-    job_id = new_job_id()
     now = utcnow()
-    with session_scope(runtime.engine) as session:
-        session.add(
-            Job(
-                id=job_id,
-                status=JobStatus.PENDING,
-                task=request.task,
-                model=model,
-                models=models,
-                input_url=info.url,
-                input_kind=info.kind,
-                carried_columns=list(info.carried_columns),
-                max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
-                temperature=(
-                    settings.jobs.temperature if request.temperature is None else request.temperature
-                ),
-                rows_total=info.rows,
-                rows_per_shard=rows_per_shard,
-                shard_count=len(ranges),
-                est_prompt_tokens=_estimate_prompt_tokens(info),
-                budget_usd=request.budget_usd,
-                deadline=request.deadline,
-                tags=dict(request.tags),
-                created_at=now,
-                updated_at=now,
+    try:
+        with session_scope(runtime.engine) as session:
+            session.add(
+                Job(
+                    id=job_id,
+                    status=JobStatus.PENDING,
+                    task=request.task,
+                    model=model,
+                    models=models,
+                    input_url=info.url,
+                    input_kind=info.kind,
+                    carried_columns=list(info.carried_columns),
+                    max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
+                    temperature=(
+                        settings.jobs.temperature if request.temperature is None else request.temperature
+                    ),
+                    rows_total=info.rows,
+                    rows_per_shard=rows_per_shard,
+                    shard_count=len(ranges),
+                    est_prompt_tokens=_estimate_prompt_tokens(info),
+                    budget_usd=request.budget_usd,
+                    deadline=request.deadline,
+                    tags=dict(request.tags),
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        )
-        session.flush()
-        session.execute(
-            insert(Shard),
-            [
-                {
-                    "job_id": job_id,
-                    "shard_index": i,
-                    "row_start": start,
-                    "row_end": end,
-                    "status": ShardStatus.PENDING,
-                    "rows_done": 0,
-                    "rows_failed": 0,
-                    "input_tokens": 0,
-                    "output_tokens": 0,
-                    "cost_usd": 0.0,
-                    "attempts": 0,
-                    "updated_at": now,
-                }
-                for i, (start, end) in enumerate(ranges)
-            ],
-        )
+            session.flush()
+            session.execute(
+                insert(Shard),
+                [
+                    {
+                        "job_id": job_id,
+                        "shard_index": i,
+                        "row_start": start,
+                        "row_end": end,
+                        "status": ShardStatus.PENDING,
+                        "rows_done": 0,
+                        "rows_failed": 0,
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "cost_usd": 0.0,
+                        "attempts": 0,
+                        "updated_at": now,
+                    }
+                    for i, (start, end) in enumerate(ranges)
+                ],
+            )
+    except IntegrityError:
+        if request.job_id:
+            return job_id  # the same scheduled run, submitted twice at once: one job
+        raise
     runtime.send("spotlane.route_job", RouteJob(job_id=job_id), settings.control_queue)
     return job_id

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 from pipeline import producer
 from pipeline.api import results
 from pipeline.db import session_scope
-from pipeline.finalizer import MANIFEST, _ResultWriter
+from pipeline.finalizer import _ResultWriter
 from pipeline.inputs import iter_rows, open_parquet
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem, read_json, write_json, write_parquet
+from pipeline.storage import MANIFEST, filesystem, read_json, write_json, write_parquet
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.tables import Job
@@ -54,7 +54,7 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
               for b in iter_rows(input_url, 0, source.metadata.num_rows, source.schema_arrow.names)]
     subset = pa.Table.from_batches([p for p in pieces if len(p)])
     retry_input = f"{runtime.storage.job_url(job_id, 'hot')}/retries/v{version}/input.parquet"
-    write_parquet(subset, retry_input)
+    write_parquet(subset, retry_input, runtime.storage.storage_class("hot"))
     child = producer.submit(runtime, producer.JobRequest(
         input_url=retry_input, model=models, max_tokens=max_tokens or None, temperature=temperature, task=task,
         tags={**{k: v for k, v in tags.items() if k != "result_version"}, "retry_of": job_id, "result_version": version},
@@ -81,7 +81,7 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
     for entry in old_manifest["files"]:
         table = _read(f"{old_url}/{entry['name']}")
         if writer is None:
-            writer = _ResultWriter(new_url, table.schema)
+            writer = _ResultWriter(new_url, table.schema, runtime.storage.storage_class("warm"))
         ids = table.column("id").to_pylist()
         take = [replacement.get(i) for i in ids]
         if any(t is not None for t in take):
@@ -95,7 +95,7 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
     files = writer.close()
     write_json({**old_manifest, "files": files, "rows": rows, "rows_ok": rows - rows_failed, "rows_failed": rows_failed,
                 "version": version, "retry_job_id": child_id, "previous_version_url": old_url,
-                "created_at": utcnow().isoformat()}, f"{new_url}/{MANIFEST}")
+                "created_at": utcnow().isoformat()}, f"{new_url}/{MANIFEST}", runtime.storage.storage_class("warm"))
     with session_scope(runtime.engine) as session:
         parent = session.get(Job, parent_id)
         assert parent is not None

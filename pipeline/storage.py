@@ -3,10 +3,15 @@
 Layout (ARCHITECTURE "Storage tiers")::
 
     <hot>/jobs/<job_id>/shards/<shard_index>/part-<first_row>.parquet   checkpoints
-    <warm>/jobs/<job_id>/results/part-<n>.parquet + manifest.json  results
+    <warm>/jobs/<job_id>/results/part-<n>.parquet + _manifest.json  results
+    <cold>/jobs/<job_id>/results/...                                   after the lifecycle moved them
 
 Writes are whole-object: a file is written under a temporary name and moved into
-place, so a reader never sees half a part (S3 PUTs are atomic already).
+place, so a reader never sees half a part (S3 PUTs are atomic already). Objects
+written to an ``s3://`` tier get that tier's storage class, if one is set.
+
+The manifest's name starts with ``_`` so that pyarrow, pandas and Spark, which skip
+such files, can read a results folder as one dataset.
 """
 
 from __future__ import annotations
@@ -25,7 +30,20 @@ from fsspec.core import url_to_fs
 from schemas.errors import ConfigError, StoreError
 from schemas.settings import StorageSettings
 
-__all__ = ["Storage", "Tier", "filesystem", "read_json", "sha256_of", "write_json", "write_parquet"]
+__all__ = [
+    "MANIFEST",
+    "Storage",
+    "Tier",
+    "copy_file",
+    "filesystem",
+    "read_json",
+    "sha256_of",
+    "write_json",
+    "write_parquet",
+]
+
+#: The manifest of a results folder: row counts, sizes, checksums, schema.
+MANIFEST = "_manifest.json"
 
 Tier = Literal["hot", "warm", "cold"]
 
@@ -43,34 +61,67 @@ def _join(base: str, *parts: str | int) -> str:
     return "/".join([base.rstrip("/"), *(str(p).strip("/") for p in parts)])
 
 
-def _atomic_write(url: str, data: bytes) -> None:
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def write_options(storage_class: str) -> dict[str, str]:
+    """Extra ``fs.open`` arguments for an object of ``storage_class`` ("" = none)."""
+    return {"StorageClass": storage_class} if storage_class else {}
+
+
+def _atomic_write(url: str, data: bytes, storage_class: str = "") -> None:
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    if fs.protocol in ("file", "local") or "file" in (fs.protocol or ()):
+    if _is_local(fs):
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         with fs.open(tmp, "wb") as fh:
             fh.write(data)
         fs.mv(tmp, path)
     else:
-        with fs.open(path, "wb") as fh:
+        with fs.open(path, "wb", **write_options(storage_class)) as fh:
             fh.write(data)
 
 
-def write_parquet(table: pa.Table, url: str) -> int:
+def write_parquet(table: pa.Table, url: str, storage_class: str = "") -> int:
     """Write ``table`` to ``url`` whole; return the number of bytes written."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     try:
-        _atomic_write(url, data)
+        _atomic_write(url, data, storage_class)
     except OSError as exc:
         raise StoreError(f"could not write {url}: {exc}") from exc
     return len(data)
 
 
-def write_json(obj: Any, url: str) -> None:
-    _atomic_write(url, json.dumps(obj, indent=2, sort_keys=True).encode())
+def write_json(obj: Any, url: str, storage_class: str = "") -> None:
+    _atomic_write(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_class)
+
+
+def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 << 22) -> tuple[int, str]:
+    """Stream ``source`` to ``target`` (any two filesystems); return (bytes, sha256 of what was read).
+
+    The target appears whole or not at all: a temporary name and a rename on a
+    local disk, a single (multipart) upload on S3.
+    """
+    fs_in, path_in = filesystem(source)
+    fs_out, path_out = filesystem(target)
+    parent = path_out.rsplit("/", 1)[0]
+    fs_out.makedirs(parent, exist_ok=True)
+    local = _is_local(fs_out)
+    dest = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path_out
+    digest, size = hashlib.sha256(), 0
+    with fs_in.open(path_in, "rb") as src, fs_out.open(dest, "wb", **({} if local else write_options(storage_class))) as dst:
+        while block := src.read(chunk):
+            digest.update(block)
+            dst.write(block)
+            size += len(block)
+    if local:
+        fs_out.mv(dest, path_out)
+    return size, digest.hexdigest()
 
 
 def read_json(url: str) -> Any:
@@ -105,3 +156,19 @@ class Storage:
 
     def results_url(self, job_id: str, tier: Tier = "warm") -> str:
         return _join(self.job_url(job_id, tier), "results")
+
+    def checkpoints_url(self, job_id: str) -> str:
+        """The folder of a job's part files (committed or orphan) in the hot tier."""
+        return _join(self.job_url(job_id, "hot"), "shards")
+
+    def storage_class(self, tier: Tier) -> str:
+        return self.settings.storage_class(tier)
+
+    def tier_of(self, url: str) -> Tier | None:
+        """Which tier ``url`` lies in (the longest matching tier URL wins)."""
+        best: tuple[int, Tier] | None = None
+        for tier in ("hot", "warm", "cold"):
+            root = self.tier(tier) + "/"  # type: ignore[arg-type]
+            if url.startswith(root) and (best is None or len(root) > best[0]):
+                best = (len(root), tier)  # type: ignore[assignment]
+        return best[1] if best else None

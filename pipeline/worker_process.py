@@ -85,15 +85,18 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
 
 
 def run_scheduler(runtime: Runtime, *, loglevel: str = "INFO") -> None:
-    """Celery beat: sends the periodic tasks (the reaper sweep) to the control queue.
+    """Celery beat: sends the periodic tasks (reaper sweep, schedules tick, storage
+    lifecycle sweep) to the control queue.
 
-    Run exactly one per deployment; its schedule state lives in ``<home>/beat-schedule``.
+    Run one per deployment; a second one only sends duplicate ticks, which the
+    tasks make harmless. Its own state lives in ``<home>/beat-schedule``; the
+    schedules' state lives in SQL.
     """
     runtime.settings.home.mkdir(parents=True, exist_ok=True)
     beat = runtime.celery.Beat(
         schedule=str(runtime.settings.home / "beat-schedule"),
         loglevel=loglevel,
-        max_interval=min(5.0, runtime.settings.worker.reap_interval_seconds),
+        max_interval=min(5.0, runtime.settings.worker.reap_interval_seconds, runtime.settings.scheduler.tick_seconds),
     )
     beat.run()
 

@@ -64,6 +64,7 @@ class InputError(SpotlaneError):
         file: str | None = None,
         column: str | None = None,
         row: int | None = None,
+        missing: bool = False,
     ) -> None:
         where = ", ".join(
             part
@@ -78,6 +79,8 @@ class InputError(SpotlaneError):
         self.file = file
         self.column = column
         self.row = row
+        #: The input is not there at all (a scheduled run may skip rather than fail).
+        self.missing = missing
 
 
 class ModelError(SpotlaneError):

@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from schemas.backends import ApiProvider, GpuPool, RoutingSettings, Section as _Section, default_pools
 from schemas.errors import ConfigError
+from schemas.schedules import Schedule
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -41,6 +42,8 @@ __all__ = [
     "GpuPool",
     "JobDefaults",
     "MetricsSettings",
+    "Schedule",
+    "SchedulerSettings",
     "Settings",
     "StorageSettings",
     "WorkerSettings",
@@ -76,12 +79,66 @@ class BrokerSettings(_Section):
     visibility_timeout: int = Field(default=3600, ge=60)
 
 
+#: S3 storage classes whose objects can be read without a restore request.
+READABLE_STORAGE_CLASSES = (
+    "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY",
+)
+
+
 class StorageSettings(_Section):
-    """Three fsspec URLs: ``hot`` (checkpoints), ``warm`` (results), ``cold`` (archive)."""
+    """Three fsspec URLs: ``hot`` (checkpoints), ``warm`` (results), ``cold`` (archive),
+    and the lifecycle that moves and deletes what is in them."""
 
     hot: str = ""
     warm: str = ""
     cold: str = ""
+    #: S3 storage class of objects written to each tier ("" = the bucket's default).
+    #: Only for ``s3://`` tiers; classes that need a restore before reading
+    #: (GLACIER, DEEP_ARCHIVE) are refused: results must stay directly readable.
+    hot_storage_class: str = ""
+    warm_storage_class: str = ""
+    cold_storage_class: str = ""
+    #: Results of jobs finished this many days ago move from warm to cold (0 = never).
+    cold_after_days: float = Field(default=30.0, ge=0)
+    #: Results (every tier) and all other data of jobs finished this many days ago
+    #: are deleted (0 = keep forever).
+    retention_days: float = Field(default=0.0, ge=0)
+    #: Checkpoints and orphan part files of finished jobs are deleted this many hours
+    #: after the job ended (a failed or cancelled job can be resumed until then).
+    checkpoint_grace_hours: float = Field(default=24.0, ge=0)
+    #: Seconds between lifecycle sweeps sent by the scheduler.
+    sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _storage_classes(self) -> StorageSettings:
+        for tier in ("hot", "warm", "cold"):
+            value = getattr(self, f"{tier}_storage_class")
+            if not value:
+                continue
+            if value not in READABLE_STORAGE_CLASSES:
+                raise ValueError(
+                    f"{tier}_storage_class {value!r} is not one of {', '.join(READABLE_STORAGE_CLASSES)} "
+                    "(GLACIER and DEEP_ARCHIVE objects cannot be read without a restore)"
+                )
+            url = getattr(self, tier)
+            if url and not url.startswith(("s3://", "s3a://")):
+                raise ValueError(f"{tier}_storage_class is set but storage.{tier} ({url}) is not an s3:// URL")
+        if self.retention_days and self.cold_after_days and self.retention_days <= self.cold_after_days:
+            raise ValueError(
+                f"retention_days ({self.retention_days}) must exceed cold_after_days ({self.cold_after_days}), "
+                "or set cold_after_days = 0"
+            )
+        return self
+
+    def storage_class(self, tier: str) -> str:
+        return str(getattr(self, f"{tier}_storage_class"))
+
+
+class SchedulerSettings(_Section):
+    """The scheduler (Celery beat) and the scheduled runs it triggers."""
+
+    #: Seconds between checks for due ``[[schedules]]`` runs.
+    tick_seconds: float = Field(default=30.0, gt=0)
 
 
 class MetricsSettings(_Section):
@@ -174,6 +231,8 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     gpu_pools: list[GpuPool] = Field(default_factory=default_pools)
     api_providers: list[ApiProvider] = Field(default_factory=list)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    schedules: list[Schedule] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -201,6 +260,10 @@ class Settings(BaseSettings):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"backend name {duplicated[0]!r} is used twice (gpu_pools and api_providers share names)")
+        schedule_names = [s.name for s in self.schedules]
+        twice = sorted({n for n in schedule_names if schedule_names.count(n) > 1})
+        if twice:
+            raise ValueError(f"schedules: the name {twice[0]!r} is used twice")
         known = set(names)
         for i, rule in enumerate(self.routing.rules):
             unknown = sorted(set(rule.backends) - known)

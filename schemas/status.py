@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["AttemptOutcome", "JobStatus", "LedgerKind", "ShardStatus"]
+__all__ = ["ActionStatus", "AttemptOutcome", "JobStatus", "LedgerKind", "RunStatus", "ShardStatus", "StorageActionKind"]
 
 
 class JobStatus(str, Enum):
@@ -63,3 +63,29 @@ class LedgerKind(str, Enum):
     CHARGE = "charge"
     #: A reservation given back (negative of what was reserved).
     RELEASE = "release"
+
+
+class StorageActionKind(str, Enum):
+    #: Results (every version) copied warm -> cold, verified, SQL switched, warm deleted.
+    MOVE_TO_COLD = "move_to_cold"
+    #: Checkpoint and orphan part files of a finished job deleted from the hot tier.
+    PURGE_CHECKPOINTS = "purge_checkpoints"
+    #: Everything of a job past retention deleted from every tier.
+    DELETE_RESULTS = "delete_results"
+
+
+class ActionStatus(str, Enum):
+    #: Recorded before the first byte moves; a sweep finds and completes it after a crash.
+    STARTED = "started"
+    DONE = "done"
+    #: Could not complete (a checksum mismatch, a tier unreachable); retried next sweep.
+    FAILED = "failed"
+
+
+class RunStatus(str, Enum):
+    """A scheduled run: recorded first (the idempotency key), then submitted."""
+
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    SKIPPED = "skipped"
+    FAILED = "failed"

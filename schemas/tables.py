@@ -11,12 +11,12 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from schemas.base import Base, UtcDateTime, utcnow
-from schemas.status import AttemptOutcome, JobStatus, LedgerKind, ShardStatus
+from schemas.status import ActionStatus, AttemptOutcome, JobStatus, LedgerKind, RunStatus, ShardStatus, StorageActionKind
 
 __all__ = [
     "JOB_PROGRESS_VIEW",
@@ -25,7 +25,10 @@ __all__ = [
     "CostLedgerEntry",
     "Job",
     "Shard",
+    "ScheduleRecord",
+    "ScheduleRun",
     "ShardAttempt",
+    "StorageAction",
 ]
 
 JOB_PROGRESS_VIEW = "job_progress"
@@ -67,9 +70,14 @@ class Job(Base):
     budget_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     deadline: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    #: Where the finished results are: the folder holding manifest.json.
+    #: Where the finished results are now: the folder holding ``_manifest.json``.
     result_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: ``warm`` or ``cold``; ``deleted`` once retention removed them.
     result_tier: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    #: When the lifecycle deleted the job's checkpoints (it can no longer be resumed).
+    checkpoints_purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    #: When retention deleted the job's results.
+    results_deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -218,3 +226,66 @@ class BackendStats(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     cooldown_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class StorageAction(Base):
+    """One lifecycle step on one job's files, recorded before it starts.
+
+    ``select * from storage_actions where status <> 'done'`` is what an interrupted
+    sweep left; the next sweep completes it.
+    """
+
+    __tablename__ = "storage_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    action: Mapped[StorageActionKind] = mapped_column(_state(StorageActionKind))
+    status: Mapped[ActionStatus] = mapped_column(_state(ActionStatus), default=ActionStatus.STARTED)
+    source_url: Mapped[str] = mapped_column(Text)
+    target_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_storage_actions_status", "status"), Index("ix_storage_actions_job", "job_id"))
+
+
+class ScheduleRecord(Base):
+    """A configured schedule as the scheduler last saw it (config is the source)."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64))
+    input_template: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Fire times before this are never caught up (the schedule did not exist yet).
+    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    next_fire_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ScheduleRun(Base):
+    """One run of a schedule; (schedule, fire_at) is its idempotency key."""
+
+    __tablename__ = "schedule_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedule: Mapped[str] = mapped_column(String(128))
+    #: The cron fire time this run is for (UTC); ``run_date`` is its local date.
+    fire_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    run_date: Mapped[str] = mapped_column(String(10))
+    #: ``beat`` (on time), ``catch_up`` (late, after the scheduler was down), ``manual``.
+    trigger: Mapped[str] = mapped_column(String(16))
+    status: Mapped[RunStatus] = mapped_column(_state(RunStatus), default=RunStatus.SUBMITTING)
+    #: Chosen when the run is recorded, so a retried submit cannot create a second job.
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    input_url: Mapped[str] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("schedule", "fire_at"), Index("ix_schedule_runs_status", "status"))

@@ -196,7 +196,7 @@ class ShardRunner:
                 cost_usd=cost,
                 url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row),
             )
-            write_parquet(table, stats.url)
+            write_parquet(table, stats.url, self.runtime.storage.storage_class("hot"))
             with session_scope(self.runtime.engine) as session:
                 transitions.commit_checkpoint(session, claim, stats, settings.worker.lease_seconds)
             seconds, started = time.perf_counter() - started, time.perf_counter()

@@ -1,0 +1,117 @@
+"""``spotlane`` commands for operations: ``storage sweep`` and ``schedules``.
+
+Registered on the same Typer app as ``pipeline.cli`` (which imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipeline.cli import _runtime, app, console
+from schemas.errors import InputError
+
+__all__: list[str] = []
+
+storage_app = typer.Typer(help="Object storage tiers and their lifecycle.", no_args_is_help=True)
+schedules_app = typer.Typer(help="Scheduled runs: the config's schedules, their last and next runs.", invoke_without_command=True)
+app.add_typer(storage_app, name="storage")
+app.add_typer(schedules_app, name="schedules")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@storage_app.command("sweep")
+def storage_sweep(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what a sweep would do; change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Move old results warm -> cold, delete old checkpoints and expired results.
+
+    The scheduler runs this every storage.sweep_interval_seconds; an interrupted
+    sweep is completed by the next one. Exit status 1 if an action failed.
+    """
+    from pipeline.lifecycle import sweep
+
+    report = sweep(_runtime(), dry_run=dry_run)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    elif not report.actions:
+        console.print("nothing to do")
+    else:
+        table = Table("job", "action", "status", "files", "size", "from", "to", box=None)
+        for a in report.actions:
+            table.add_row(a.job_id, a.action, a.status, str(a.files), _size(a.bytes), a.source_url,
+                          a.target_url or "", )
+        console.print(table)
+        for a in report.failed:
+            console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {a.error}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@schedules_app.callback()
+def schedules_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List schedules with their next and last run and the last run's job status."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.schedules import list_schedules
+
+    rows = list_schedules(_runtime())
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print("no schedules configured (add [[schedules]] to the config)", markup=False)
+        return
+    table = Table("schedule", "cron", "timezone", "next run", "last run", "run", "job", "job status", box=None)
+    for row in rows:
+        table.add_row(
+            row["name"] + ("" if row["enabled"] else " (disabled)"), row["cron"], row["timezone"],
+            (row["next_run"] or "")[:16], (row["last_run"] or "never")[:16], row["last_run_status"] or "",
+            row["last_job_id"] or "", row["last_job_status"] or "",
+        )
+    console.print(table)
+
+
+@schedules_app.command("run")
+def schedules_run(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    on: Annotated[str | None, typer.Option("--date", help="The run's date, YYYY-MM-DD, in the schedule's time zone (default: today there).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Trigger one run of schedule NAME by hand (at most once per date, like the scheduler)."""
+    from pipeline.schedules import run_schedule
+
+    day = None
+    if on:
+        try:
+            day = date.fromisoformat(on)
+        except ValueError:
+            raise InputError(f"--date {on!r} is not a date: use YYYY-MM-DD") from None
+    report = run_schedule(_runtime(), name, day)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    elif not report.new:
+        console.print(f"schedule {name}, run {report.run_date}: already {report.status}"
+                      + (f" as job {report.job_id}" if report.job_id else "") + "; nothing submitted")
+    elif report.status == "submitted":
+        console.print(f"schedule {name}, run {report.run_date}: submitted job {report.job_id} ({report.input_url})")
+    else:
+        console.print(f"schedule {name}, run {report.run_date}: {report.status}: {report.message}")
+    if report.new and report.status == "failed":
+        raise typer.Exit(1)

@@ -1,0 +1,311 @@
+"""The storage lifecycle: warm -> cold moves, checkpoint cleanup, retention.
+
+One sweep (the scheduler sends one every ``storage.sweep_interval_seconds``;
+``spotlane storage sweep`` runs one by hand) does, in this order:
+
+1. completes every action an earlier sweep recorded but did not finish;
+2. deletes everything of jobs that ended more than ``storage.retention_days`` ago;
+3. moves results of jobs that ended more than ``storage.cold_after_days`` ago from
+   warm to cold;
+4. deletes the hot-tier part files (checkpoints and orphans) of jobs that ended
+   more than ``storage.checkpoint_grace_hours`` ago.
+
+Every step is recorded in ``storage_actions`` before a byte moves, and every step
+can be run again: a move copies each file, checks the copy against the manifest's
+SHA-256 (and the source against it too, so a damaged warm file is reported, not
+archived), switches ``jobs.result_url`` with a guarded UPDATE, and only then
+deletes the warm copy. A crash anywhere leaves either the warm copy that SQL
+points at, or both copies; the next sweep finishes the move.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.orm import Session
+
+from pipeline.db import session_scope
+from pipeline.runtime import Runtime
+from pipeline.storage import MANIFEST, copy_file, filesystem, read_json, sha256_of
+from schemas.base import utcnow
+from schemas.errors import StoreError
+from schemas.status import ActionStatus, JobStatus, StorageActionKind
+from schemas.tables import Job, StorageAction
+
+__all__ = ["SweepReport", "sweep"]
+
+log = logging.getLogger(__name__)
+
+_FINAL = tuple(s for s in JobStatus if s.is_final)
+
+
+@dataclass
+class ActionReport:
+    job_id: str
+    action: str
+    status: str
+    source_url: str
+    target_url: str | None = None
+    files: int = 0
+    bytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SweepReport:
+    dry_run: bool
+    now: str
+    actions: list[ActionReport] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ActionReport]:
+        return [a for a in self.actions if a.status == ActionStatus.FAILED.value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "now": self.now, "actions": [asdict(a) for a in self.actions]}
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def _files(url: str) -> Iterator[tuple[str, int]]:
+    """(path relative to ``url``, size) of every file under ``url``; nothing if absent."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return
+    root = root.rstrip("/")
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") == "directory":
+            continue
+        yield path[len(root) + 1 :], int(info.get("size") or 0)
+
+
+def _remove(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _expected_checksums(url: str, files: list[str]) -> dict[str, tuple[int, str]]:
+    """name relative to ``url`` -> (bytes, sha256) from every manifest under ``url``."""
+    expected: dict[str, tuple[int, str]] = {}
+    for rel in files:
+        if rel.rsplit("/", 1)[-1] != MANIFEST:
+            continue
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        manifest = read_json(f"{url}/{rel}")
+        for entry in manifest.get("files", []):
+            name = f"{folder}/{entry['name']}" if folder else entry["name"]
+            expected[name] = (int(entry["bytes"]), str(entry["sha256"]))
+    return expected
+
+
+def _copy_verified(runtime: Runtime, source: str, target: str) -> tuple[int, int]:
+    """Copy every file under ``source`` to ``target`` and verify each copy; (files, bytes)."""
+    listing = [(rel, size) for rel, size in _files(source) if not rel.rsplit("/", 1)[-1].startswith(".tmp-")]
+    expected = _expected_checksums(source, [rel for rel, _ in listing])
+    cold_class = runtime.storage.storage_class("cold")
+    total = 0
+    for rel, size in listing:
+        src, dst = f"{source}/{rel}", f"{target}/{rel}"
+        want = expected.get(rel)
+        copied, read_digest = copy_file(src, dst, cold_class)
+        if want is not None and (copied, read_digest) != want:
+            raise StoreError(
+                f"{src} does not match its manifest ({copied} bytes, sha256 {read_digest[:12]}...; "
+                f"manifest: {want[0]} bytes, sha256 {want[1][:12]}...); not moved"
+            )
+        fs, path = filesystem(dst)
+        fs.invalidate_cache()
+        if fs.size(path) != copied or sha256_of(dst) != read_digest:
+            raise StoreError(f"the copy {dst} does not match {src} after writing; not moved")
+        total += size
+    return len(listing), total
+
+
+# -- the three actions -----------------------------------------------------------------
+
+
+def _job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def _do_move(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+    source, target = action.source_url, action.target_url or ""
+    with session_scope(runtime.engine) as session:
+        job = _job(session, action.job_id)
+        if job is None or job.results_deleted_at is not None:
+            return 0, 0  # deleted meanwhile: nothing to move
+        result_url = job.result_url or ""
+    files = size = 0
+    if result_url.startswith(source + "/"):
+        files, size = _copy_verified(runtime, source, target)
+        moved_url = target + result_url[len(source) :]
+        with session_scope(runtime.engine) as session:
+            switched = session.execute(
+                update(Job)
+                .where(Job.id == action.job_id, Job.result_url == result_url)
+                .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+        if switched != 1:
+            raise StoreError(f"job {action.job_id}'s results changed during the move; the next sweep tries again")
+        log.info("job %s: results moved to %s (%d files, %d bytes)", action.job_id, moved_url, files, size)
+    elif not result_url.startswith(target + "/"):
+        return 0, 0  # results are elsewhere (re-finalized after a resume): leave them
+    _remove(source)  # SQL points at the cold copy now
+    return files, size
+
+
+def _do_purge(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+    listing = list(_files(action.source_url))
+    _remove(action.source_url)
+    return len(listing), sum(size for _, size in listing)
+
+
+def _do_delete(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+    files = size = 0
+    for tier in ("warm", "cold", "hot"):
+        url = runtime.storage.job_url(action.job_id, tier)  # type: ignore[arg-type]
+        listing = list(_files(url))
+        files, size = files + len(listing), size + sum(s for _, s in listing)
+        _remove(url)
+    return files, size
+
+
+_HANDLERS = {
+    StorageActionKind.MOVE_TO_COLD: _do_move,
+    StorageActionKind.PURGE_CHECKPOINTS: _do_purge,
+    StorageActionKind.DELETE_RESULTS: _do_delete,
+}
+
+
+def _execute(runtime: Runtime, action_id: int) -> ActionReport:
+    with session_scope(runtime.engine) as session:
+        action = session.get(StorageAction, action_id)
+        assert action is not None
+        session.expunge(action)
+    report = ActionReport(action.job_id, action.action.value, ActionStatus.DONE.value, action.source_url, action.target_url)
+    try:
+        report.files, report.bytes = _HANDLERS[action.action](runtime, action)
+    except Exception as exc:  # recorded; the next sweep tries again
+        log.warning("storage action %s (%s of job %s) failed: %s", action_id, action.action.value, action.job_id, exc)
+        report.status, report.error = ActionStatus.FAILED.value, f"{exc.__class__.__name__}: {exc}"
+    with session_scope(runtime.engine) as session:
+        session.execute(
+            update(StorageAction)
+            .where(StorageAction.id == action_id)
+            .values(status=ActionStatus(report.status), files=report.files, bytes=report.bytes, error=report.error,
+                    finished_at=utcnow() if report.status == ActionStatus.DONE.value else None)
+        )
+    return report
+
+
+# -- planning ----------------------------------------------------------------------
+
+
+def _open_action(kind: StorageActionKind) -> Any:
+    return exists().where(
+        StorageAction.job_id == Job.id,
+        StorageAction.action == kind,
+        StorageAction.status != ActionStatus.DONE,
+    )
+
+
+def _candidates(session: Session, now: datetime, runtime: Runtime) -> dict[StorageActionKind, list[str]]:
+    storage = runtime.settings.storage
+    ended = and_(Job.status.in_(_FINAL), Job.finished_at.is_not(None), Job.results_deleted_at.is_(None))
+    found: dict[StorageActionKind, list[str]] = {kind: [] for kind in StorageActionKind}
+    if storage.retention_days:
+        cutoff = now - timedelta(days=storage.retention_days)
+        found[StorageActionKind.DELETE_RESULTS] = list(session.execute(
+            select(Job.id).where(ended, Job.finished_at < cutoff).order_by(Job.finished_at)
+        ).scalars())
+    gone = set(found[StorageActionKind.DELETE_RESULTS])
+    if storage.cold_after_days:
+        cutoff = now - timedelta(days=storage.cold_after_days)
+        found[StorageActionKind.MOVE_TO_COLD] = [j for j in session.execute(
+            select(Job.id).where(ended, Job.finished_at < cutoff, Job.result_tier == "warm",
+                                 ~_open_action(StorageActionKind.MOVE_TO_COLD)).order_by(Job.finished_at)
+        ).scalars() if j not in gone]
+    cutoff = now - timedelta(hours=storage.checkpoint_grace_hours)
+    found[StorageActionKind.PURGE_CHECKPOINTS] = [j for j in session.execute(
+        select(Job.id).where(ended, Job.finished_at < cutoff, Job.checkpoints_purged_at.is_(None)).order_by(Job.finished_at)
+    ).scalars() if j not in gone]
+    return found
+
+
+def _urls(runtime: Runtime, kind: StorageActionKind, job_id: str) -> tuple[str, str | None]:
+    storage = runtime.storage
+    if kind is StorageActionKind.MOVE_TO_COLD:
+        return storage.job_url(job_id, "warm"), storage.job_url(job_id, "cold")
+    if kind is StorageActionKind.PURGE_CHECKPOINTS:
+        return storage.checkpoints_url(job_id), None
+    return storage.job_url(job_id, "warm"), None
+
+
+def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime) -> int | None:
+    """Mark the job (guarded) and record the action in one transaction; None if lost the race."""
+    source, target = _urls(runtime, kind, job_id)
+    with session_scope(runtime.engine) as session:
+        guard = [Job.id == job_id, Job.status.in_(_FINAL), Job.results_deleted_at.is_(None)]
+        marks: dict[str, Any] = {}
+        if kind is StorageActionKind.DELETE_RESULTS:
+            marks = {"results_deleted_at": now, "result_url": None, "result_tier": "deleted"}
+        elif kind is StorageActionKind.PURGE_CHECKPOINTS:
+            guard.append(Job.checkpoints_purged_at.is_(None))
+            marks = {"checkpoints_purged_at": now}
+        else:
+            guard.append(Job.result_tier == "warm")
+        if marks and session.execute(update(Job).where(*guard).values(**marks)).rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        if kind is StorageActionKind.DELETE_RESULTS:
+            session.execute(update(Job).where(Job.id == job_id, Job.checkpoints_purged_at.is_(None))
+                            .values(checkpoints_purged_at=now))
+        action = StorageAction(job_id=job_id, action=kind, status=ActionStatus.STARTED, source_url=source,
+                               target_url=target, files=0, bytes=0, started_at=now)
+        session.add(action)
+        session.flush()
+        return action.id
+
+
+def _planned(runtime: Runtime, kind: StorageActionKind, job_id: str) -> ActionReport:
+    source, target = _urls(runtime, kind, job_id)
+    urls = [source] if kind is not StorageActionKind.DELETE_RESULTS else [
+        runtime.storage.job_url(job_id, t) for t in ("warm", "cold", "hot")  # type: ignore[arg-type]
+    ]
+    listing = [item for url in urls for item in _files(url)]
+    return ActionReport(job_id, kind.value, "planned", source, target, len(listing), sum(s for _, s in listing))
+
+
+def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = False) -> SweepReport:
+    """Run one lifecycle sweep (see the module docstring); ``now`` is injectable for tests."""
+    now = now or utcnow()
+    report = SweepReport(dry_run=dry_run, now=now.isoformat())
+    with session_scope(runtime.engine) as session:
+        unfinished = list(session.execute(
+            select(StorageAction.id, StorageAction.job_id, StorageAction.action, StorageAction.source_url,
+                   StorageAction.target_url)
+            .where(StorageAction.status != ActionStatus.DONE).order_by(StorageAction.id)
+        ).all())
+        candidates = _candidates(session, now, runtime)
+    for row in unfinished:
+        if dry_run:
+            report.actions.append(ActionReport(row.job_id, row.action.value, "unfinished", row.source_url, row.target_url))
+        else:
+            report.actions.append(_execute(runtime, row.id))
+    for kind in (StorageActionKind.DELETE_RESULTS, StorageActionKind.MOVE_TO_COLD, StorageActionKind.PURGE_CHECKPOINTS):
+        for job_id in candidates[kind]:
+            if dry_run:
+                report.actions.append(_planned(runtime, kind, job_id))
+                continue
+            action_id = _start(runtime, kind, job_id, now)
+            if action_id is not None:
+                report.actions.append(_execute(runtime, action_id))
+    return report

@@ -1,0 +1,174 @@
+"""``[[schedules]]``: jobs submitted on a cron schedule (nightly runs).
+
+A schedule names a cron expression in a time zone, an input URL template filled
+with the run's date, and the job's model, budget and deadline. The time of each
+run is a *fire time* of the cron expression; a run is identified by (schedule,
+fire time), which for a daily schedule is (schedule, date). Everything here is
+pure: the clock is always an argument.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from pydantic import Field, field_validator, model_validator
+
+from schemas.backends import Section
+
+__all__ = ["Schedule"]
+
+_DURATION = re.compile(r"\+(\d+(?:\.\d+)?)([mhd])")
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
+_UNIT = {"m": 60, "h": 3600, "d": 86400}
+
+
+class Schedule(Section):
+    """One scheduled job."""
+
+    name: str
+    #: Five-field cron expression, e.g. ``"0 2 * * *"`` (02:00 every day).
+    cron: str
+    #: IANA time zone the cron expression, the dates and the deadline are read in.
+    timezone: str = "UTC"
+    #: Input URL template: ``{date:%Y-%m-%d}`` (the run's local date and time),
+    #: ``{yesterday:%Y-%m-%d}`` and ``{name}``; a glob or a folder takes every
+    #: Parquet file it matches.
+    input: str
+    model: str | list[str]
+    budget_usd: float | None = Field(default=None, ge=0)
+    #: ``"07:00"``: the first 07:00 (local) after the run fires; ``"+6h"``: six
+    #: hours after it fires. Empty: no deadline.
+    deadline: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    task: Literal["generate", "embed"] = "generate"
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    rows_per_shard: int | None = Field(default=None, ge=1)
+    #: No file matches the input: ``skip`` records a skipped run, ``fail`` a failed one.
+    on_missing: Literal["skip", "fail"] = "skip"
+    #: Runs missed while the scheduler was down: ``latest`` submits only the most
+    #: recent one, ``all`` submits each (at most ``max_catch_up``), ``none`` skips
+    #: them all. Skipped runs are recorded.
+    catch_up: Literal["latest", "all", "none"] = "latest"
+    max_catch_up: int = Field(default=7, ge=1)
+    #: A run this late (minutes after its fire time) counts as missed.
+    misfire_grace_minutes: float = Field(default=15.0, gt=0)
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '.', '-' and '_' only")
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a five-field cron expression (e.g. '0 2 * * *')")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (_DURATION.fullmatch(value) or _clock(value)):
+            raise ValueError(f"{value!r} is neither a local time (07:00) nor a duration (+6h, +90m, +1d)")
+        return value
+
+    @model_validator(mode="after")
+    def _template(self) -> Schedule:
+        try:
+            self.input_url(datetime(2026, 1, 2, 3, 4, tzinfo=UTC))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"input template {self.input!r} cannot be filled ({exc!r}); "
+                "use {date:%Y-%m-%d}, {yesterday:%Y-%m-%d} or {name}"
+            ) from None
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
+    def local(self, moment: datetime) -> datetime:
+        return moment.astimezone(self.zone)
+
+    def next_fire(self, after: datetime) -> datetime:
+        """The first fire time strictly after ``after`` (UTC)."""
+        return _utc(croniter(self.cron, self.local(after)).get_next(datetime))
+
+    def previous_fire(self, at: datetime) -> datetime:
+        """The last fire time at or before ``at`` (UTC)."""
+        probe = self.local(at) + timedelta(seconds=1)
+        return _utc(croniter(self.cron, probe).get_prev(datetime))
+
+    def fire_times(self, after: datetime, until: datetime, limit: int = 1000) -> list[datetime]:
+        """The newest ``limit`` fire times in ``(after, until]``, oldest first."""
+        found: list[datetime] = []
+        it = croniter(self.cron, self.local(until) + timedelta(seconds=1))
+        while len(found) < limit:
+            moment = _utc(it.get_prev(datetime))
+            if moment <= after:
+                break
+            found.append(moment)
+        return found[::-1]
+
+    def fire_on(self, day: datetime) -> datetime:
+        """The first fire time on local calendar day ``day`` (midnight if none that day)."""
+        start = datetime(day.year, day.month, day.day, tzinfo=self.zone)
+        first = self.next_fire(start - timedelta(seconds=1))
+        if self.local(first).date() == start.date():
+            return first
+        return _utc(start)
+
+    def run_date(self, fire: datetime) -> str:
+        return self.local(fire).strftime("%Y-%m-%d")
+
+    def input_url(self, fire: datetime) -> str:
+        local = self.local(fire)
+        return self.input.format(date=local, yesterday=local - timedelta(days=1), name=self.name)
+
+    def deadline_at(self, fire: datetime) -> datetime | None:
+        if not self.deadline:
+            return None
+        match = _DURATION.fullmatch(self.deadline)
+        if match:
+            return fire + timedelta(seconds=float(match.group(1)) * _UNIT[match.group(2)])
+        hour, minute = _clock(self.deadline) or (0, 0)
+        local = self.local(fire)
+        at = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if at <= local:
+            at = (local + timedelta(days=1)).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return _utc(at)
+
+
+def _clock(value: str) -> tuple[int, int] | None:
+    match = _CLOCK.fullmatch(value)
+    if not match:
+        return None
+    hour, minute = int(match.group(1)), int(match.group(2))
+    return (hour, minute) if hour < 24 and minute < 60 else None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)

@@ -50,11 +50,10 @@ def storage_sweep(
     elif not report.actions:
         console.print("nothing to do")
     else:
-        table = Table("job", "action", "status", "files", "size", "from", "to", box=None)
         for a in report.actions:
-            table.add_row(a.job_id, a.action, a.status, str(a.files), _size(a.bytes), a.source_url,
-                          a.target_url or "", )
-        console.print(table)
+            where = f"{a.source_url} -> {a.target_url}" if a.target_url else a.source_url
+            console.print(f"{a.status:<10} {a.action:<17} job {a.job_id}  {a.files} files, {_size(a.bytes)}  {where}",
+                          highlight=False, markup=False)
         for a in report.failed:
             console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {a.error}", highlight=False)
     if report.failed:

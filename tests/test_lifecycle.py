@@ -1,0 +1,274 @@
+"""The storage lifecycle over real jobs: warm -> cold moves, checkpoint cleanup,
+retention, crash recovery, and results readable by pyarrow and duckdb.
+
+Jobs are run in-process (submit, route, the real shard runner, the finalizer) on
+the tiny model; storage tiers are local folders or buckets on the S3 server; the
+job store is SQLite or PostgreSQL. The sweep's clock is injected.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from fsspec.core import url_to_fs
+from sqlalchemy import select
+
+from pipeline import api, lifecycle
+from pipeline.control import resume
+from pipeline.db import session_scope
+from pipeline.finalizer import finalize_job
+from pipeline.producer import JobRequest, submit
+from pipeline.router import route_job
+from pipeline.runtime import Runtime
+from pipeline.storage import MANIFEST, sha256_of
+from schemas.errors import StoreError
+from schemas.records import RunShard
+from schemas.status import ActionStatus, JobStatus
+from schemas.tables import Job, Shard, StorageAction
+from tests.conftest import spotlane, write_prompts
+from workers.runner import ShardRunner
+
+
+def _runtime(store_url: str, root: str, **storage: Any) -> Runtime:
+    from pipeline import db
+
+    if not store_url.startswith("sqlite"):
+        db.upgrade(db.engine_for(store_url))
+    tiers = {tier: f"{root}/{tier}" for tier in ("hot", "warm", "cold")}
+    return Runtime.open(database={"url": store_url}, storage={**tiers, **storage},
+                        worker={"checkpoint_rows": 5})
+
+
+def _finished_job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 24) -> str:
+    """A real job run to the end in this process: parts in hot, results in warm."""
+    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / f"in-{rows}.parquet", rows)), str(tiny_model),
+                                        rows_per_shard=10, max_tokens=3))
+    route_job(runtime, job_id)
+    runner = ShardRunner(runtime, wid="lifecycle-test")
+    with session_scope(runtime.engine) as session:
+        shards = [(s.id, s.backend) for s in session.execute(select(Shard).where(Shard.job_id == job_id)).scalars()]
+    for shard_id, backend in shards:
+        runner.run(RunShard(job_id=job_id, shard_id=shard_id, backend=backend or "local"))
+    assert finalize_job(runtime, job_id) in (JobStatus.SUCCEEDED, None)
+    assert api.job_status(runtime, job_id).status == "succeeded"
+    return job_id
+
+
+def _job(runtime: Runtime, job_id: str) -> Job:
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache()
+    return bool(fs.exists(path))
+
+
+def _actions(runtime: Runtime, job_id: str) -> list[tuple[str, str]]:
+    with session_scope(runtime.engine) as session:
+        return [(a.action.value, a.status.value) for a in session.execute(
+            select(StorageAction).where(StorageAction.job_id == job_id).order_by(StorageAction.id)).scalars()]
+
+
+def _verify_against_manifest(url: str) -> int:
+    manifest = json.loads(url_to_fs(f"{url}/{MANIFEST}")[0].cat_file(url_to_fs(f"{url}/{MANIFEST}")[1]))
+    for entry in manifest["files"]:
+        assert sha256_of(f"{url}/{entry['name']}") == entry["sha256"]
+    return int(manifest["rows"])
+
+
+def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
+    store_url: str, tier_root: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    s3 = tier_root.startswith("s3://")
+    runtime = _runtime(store_url, tier_root, cold_after_days=30, retention_days=90, checkpoint_grace_hours=24,
+                       **({"cold_storage_class": "STANDARD_IA"} if s3 else {}))
+    job_id = _finished_job(runtime, tmp_path, tiny_model)
+    ended = _job(runtime, job_id).finished_at
+    assert ended is not None
+    warm_results = runtime.storage.results_url(job_id, "warm")
+    assert _job(runtime, job_id).result_url == warm_results
+    assert _exists(runtime.storage.checkpoints_url(job_id))
+
+    # Within every grace period: nothing happens.
+    assert lifecycle.sweep(runtime, now=ended + timedelta(hours=1)).actions == []
+
+    # After the checkpoint grace: parts go, results stay in warm, the job can no longer resume.
+    report = lifecycle.sweep(runtime, now=ended + timedelta(hours=25))
+    assert [(a.action, a.status) for a in report.actions] == [("purge_checkpoints", "done")]
+    assert report.actions[0].files == 5  # shards of 10, 10 and 4 rows in parts of at most 5: 2 + 2 + 1
+    assert not _exists(runtime.storage.checkpoints_url(job_id))
+    assert _job(runtime, job_id).checkpoints_purged_at is not None
+    assert _verify_against_manifest(warm_results) == 24
+
+    # A dry run says what it would move, and moves nothing.
+    plan = lifecycle.sweep(runtime, now=ended + timedelta(days=31), dry_run=True)
+    assert [(a.action, a.status) for a in plan.actions] == [("move_to_cold", "planned")]
+    assert plan.actions[0].files == 2 and plan.actions[0].bytes > 0  # one result file + the manifest
+    assert _job(runtime, job_id).result_tier == "warm" and _exists(warm_results)
+
+    # After cold_after_days: copied, verified, switched in SQL, warm deleted.
+    report = lifecycle.sweep(runtime, now=ended + timedelta(days=31))
+    assert [(a.action, a.status) for a in report.actions] == [("move_to_cold", "done")]
+    cold_results = runtime.storage.results_url(job_id, "cold")
+    job = _job(runtime, job_id)
+    assert (job.result_url, job.result_tier) == (cold_results, "cold")
+    assert not _exists(runtime.storage.job_url(job_id, "warm"))
+    assert _verify_against_manifest(cold_results) == 24
+    info = api.results(runtime, job_id)
+    assert info.tier == "cold" and all(u.startswith(cold_results) for u in info.files)
+    assert api.export_results(runtime, job_id, str(tmp_path / "export.parquet")) == 24
+
+    # Readable where it lies, as a dataset (the manifest's leading '_' keeps it out).
+    fs, path = url_to_fs(cold_results)
+    table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == [f"row-{i:05d}" for i in range(24)]
+    if s3:
+        name = next(p for p in fs.find(path) if p.endswith(".parquet"))
+        assert fs.info(name)["StorageClass"] == "STANDARD_IA"
+    else:
+        count, distinct = duckdb.sql(f"select count(*), count(distinct id) from read_parquet('{path}/*.parquet')").fetchall()[0]
+        assert (count, distinct) == (24, 24)
+        assert pq.read_table(path).num_rows == 24
+
+    # Past retention: everything of the job goes, and SQL and the CLI say so.
+    report = lifecycle.sweep(runtime, now=ended + timedelta(days=91))
+    assert [(a.action, a.status) for a in report.actions] == [("delete_results", "done")]
+    job = _job(runtime, job_id)
+    assert (job.result_url, job.result_tier) == (None, "deleted") and job.results_deleted_at is not None
+    for tier in ("hot", "warm", "cold"):
+        assert not _exists(runtime.storage.job_url(job_id, tier))  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="deleted .*retention_days"):
+        api.results(runtime, job_id)
+    assert _actions(runtime, job_id) == [("purge_checkpoints", "done"), ("move_to_cold", "done"),
+                                         ("delete_results", "done")]
+    assert lifecycle.sweep(runtime, now=ended + timedelta(days=200)).actions == []
+
+
+def test_a_failed_job_resumes_within_the_grace_and_is_refused_after_the_purge(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=6)
+    with session_scope(runtime.engine) as session:
+        session.get(Job, job_id).status = JobStatus.FAILED  # type: ignore[union-attr]
+    ended = _job(runtime, job_id).finished_at
+    assert ended is not None
+    lifecycle.sweep(runtime, now=ended + timedelta(hours=25))
+    with pytest.raises(StoreError, match="checkpoints were deleted"):
+        resume(runtime, job_id)
+    assert _job(runtime, job_id).status is JobStatus.FAILED
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing records it."""
+
+
+def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
+    store_url: str, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model)
+    ended = _job(runtime, job_id).finished_at
+    assert ended is not None
+    later = ended + timedelta(days=31)
+    warm = runtime.storage.results_url(job_id, "warm")
+
+    # 1. Dies after copying the first file: SQL still points at the intact warm copy.
+    real_copy = lifecycle.copy_file
+    copies: list[str] = []
+
+    def copy_then_die(source: str, target: str, storage_class: str = "") -> tuple[int, str]:
+        result = real_copy(source, target, storage_class)
+        copies.append(target)
+        if len(copies) == 1:
+            raise Crash()
+        return result
+
+    monkeypatch.setattr(lifecycle, "copy_file", copy_then_die)
+    with pytest.raises(Crash):
+        lifecycle.sweep(runtime, now=later)
+    assert _actions(runtime, job_id)[-1] == ("move_to_cold", "started")
+    assert _job(runtime, job_id).result_url == warm
+    assert _verify_against_manifest(warm) == 24
+    assert api.export_results(runtime, job_id, str(tmp_path / "during.parquet")) == 24
+
+    # 2. The next sweep finishes it, then dies after switching SQL, before deleting warm.
+    monkeypatch.setattr(lifecycle, "copy_file", real_copy)
+    real_remove = lifecycle._remove
+
+    def die_before_delete(url: str) -> None:
+        raise Crash()
+
+    monkeypatch.setattr(lifecycle, "_remove", die_before_delete)
+    with pytest.raises(Crash):
+        lifecycle.sweep(runtime, now=later)
+    cold = runtime.storage.results_url(job_id, "cold")
+    assert _job(runtime, job_id).result_url == cold
+    assert _exists(warm) and _verify_against_manifest(cold) == 24
+
+    # 3. A normal sweep deletes the warm copy and closes the action: one move, done.
+    monkeypatch.setattr(lifecycle, "_remove", real_remove)
+    report = lifecycle.sweep(runtime, now=later)
+    assert ("move_to_cold", "done") in [(a.action, a.status) for a in report.actions]
+    assert not _exists(runtime.storage.job_url(job_id, "warm"))
+    assert [a for a in _actions(runtime, job_id) if a[0] == "move_to_cold"] == [("move_to_cold", "done")]
+    assert api.export_results(runtime, job_id, str(tmp_path / "after.parquet")) == 24
+
+
+def test_a_damaged_warm_file_is_reported_not_archived(store_url: str, tmp_path: Path, tiny_model: Path) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model)
+    ended = _job(runtime, job_id).finished_at
+    assert ended is not None
+    warm = runtime.storage.results_url(job_id, "warm")
+    part = Path(url_to_fs(f"{warm}/part-00000.parquet")[1])
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+
+    report = lifecycle.sweep(runtime, now=ended + timedelta(days=31))
+    moves = [a for a in report.actions if a.action == "move_to_cold"]
+    assert [a.status for a in moves] == ["failed"]
+    assert "part-00000.parquet does not match its manifest" in (moves[0].error or "")
+    job = _job(runtime, job_id)
+    assert (job.result_url, job.result_tier) == (warm, "warm")
+    with session_scope(runtime.engine) as session:
+        action = session.execute(select(StorageAction).where(StorageAction.action == "move_to_cold")).scalar_one()
+        assert action.status is ActionStatus.FAILED and "does not match" in (action.error or "")
+    # It stays failed (and reported) on every sweep until someone looks at it.
+    assert [a.status for a in lifecycle.sweep(runtime, now=ended + timedelta(days=32)).actions
+            if a.action == "move_to_cold"] == ["failed"]
+
+
+def test_storage_sweep_command_dry_run_then_sweep(tmp_path: Path, tiny_model: Path) -> None:
+    env = {"SPOTLANE_STORAGE__COLD_AFTER_DAYS": "0.00001", "SPOTLANE_STORAGE__CHECKPOINT_GRACE_HOURS": "0"}
+    prompts = write_prompts(tmp_path / "in.parquet", 8)
+    done = spotlane("run", str(prompts), "--model", str(tiny_model), "--max-tokens", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    runtime = Runtime.open()
+    with session_scope(runtime.engine) as session:
+        job_id = session.execute(select(Job.id)).scalar_one()
+
+    dry = spotlane("storage", "sweep", "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    planned = {(a["action"], a["status"]) for a in json.loads(dry.stdout)["actions"]}
+    assert planned == {("move_to_cold", "planned"), ("purge_checkpoints", "planned")}
+    assert _job(runtime, job_id).result_tier == "warm"
+
+    swept = spotlane("storage", "sweep", env=env)
+    assert swept.returncode == 0, swept.stderr
+    assert "move_to_cold" in swept.stdout and "purge_checkpoints" in swept.stdout
+    shown = spotlane("results", job_id, env=env)
+    assert shown.returncode == 0 and "(cold tier)" in shown.stdout
+    assert spotlane("storage", "sweep", env=env).stdout.strip() == "nothing to do"

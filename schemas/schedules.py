@@ -131,7 +131,13 @@ class Schedule(Section):
             if moment <= after:
                 break
             found.append(moment)
-        return found[::-1]
+        # When clocks go back, a wall-clock time happens twice: fire at the first only.
+        unique: list[datetime] = []
+        for moment in reversed(found):
+            wall = self.local(moment).replace(tzinfo=None)
+            if not unique or self.local(unique[-1]).replace(tzinfo=None) != wall:
+                unique.append(moment)
+        return unique
 
     def fire_on(self, day: datetime) -> datetime:
         """The first fire time on local calendar day ``day`` (midnight if none that day)."""

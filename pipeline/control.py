@@ -68,7 +68,7 @@ def resume(runtime: Runtime, job_id: str) -> Stopped:
         claimed = session.execute(
             update(Job).where(Job.id == job_id, Job.checkpoints_purged_at.is_(None), Job.status == job.status)
             .values(updated_at=utcnow())
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
         if claimed != 1:
             raise StoreError(
                 f"job {job_id}'s checkpoints were deleted by the storage lifecycle "

@@ -172,7 +172,7 @@ def _do_purge(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
 def _do_delete(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
     files = size = 0
     for tier in ("warm", "cold", "hot"):
-        url = runtime.storage.job_url(action.job_id, tier)  # type: ignore[arg-type]
+        url = runtime.storage.job_url(action.job_id, tier)
         listing = list(_files(url))
         files, size = files + len(listing), size + sum(s for _, s in listing)
         _remove(url)
@@ -278,7 +278,7 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
 def _planned(runtime: Runtime, kind: StorageActionKind, job_id: str) -> ActionReport:
     source, target = _urls(runtime, kind, job_id)
     urls = [source] if kind is not StorageActionKind.DELETE_RESULTS else [
-        runtime.storage.job_url(job_id, t) for t in ("warm", "cold", "hot")  # type: ignore[arg-type]
+        runtime.storage.job_url(job_id, t) for t in ("warm", "cold", "hot")
     ]
     listing = [item for url in urls for item in _files(url)]
     return ActionReport(job_id, kind.value, "planned", source, target, len(listing), sum(s for _, s in listing))

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from pipeline import transitions
 from pipeline.db import session_scope
 from pipeline.estimate import profile_rows
-from pipeline.inputs import inspect_input
+from pipeline.inputs import expand_input, inspect_input
 from pipeline.producer import plan_shards
 from pipeline.router import choose, quotes_for
 from pipeline.runtime import Runtime
@@ -55,7 +55,10 @@ def plan(
 ) -> Plan:
     """What routing would do with ``input_url`` now, without writing anything."""
     settings = runtime.settings
-    info = inspect_input(input_url)
+    files = expand_input(input_url)
+    if len(files) > 1:
+        raise InputError(f"matches {len(files)} files; plan prices one file (submit stitches several)", file=input_url)
+    info = inspect_input(files[0])
     per_shard = rows_per_shard or settings.jobs.rows_per_shard
     job = Job(id="plan", model=models[0], models=models, input_url=info.url, input_kind=info.kind,
               max_tokens=max_tokens or settings.jobs.max_tokens, temperature=0.0, tags=tags or {},

@@ -203,14 +203,11 @@ def tick(runtime: Runtime, now: datetime | None = None) -> list[RunReport]:
         since = max(filter(None, [last, records[schedule.name].first_seen_at]))
         for fire, skip in _due(schedule, since, now):
             trigger = "beat" if now - fire <= timedelta(minutes=schedule.misfire_grace_minutes) else "catch_up"
-            if skip is not None:
-                run = _record(runtime, schedule, fire, trigger, RunStatus.SKIPPED, skip)
-            else:
-                run = _record(runtime, schedule, fire, trigger)
-                if run is not None:
-                    _submit(runtime, schedule, run)
-            if run is not None:
-                reports.append(_report(run, True))
+            recorded = _record(runtime, schedule, fire, trigger, *((RunStatus.SKIPPED, skip) if skip else ()))
+            if recorded is not None and skip is None:
+                _submit(runtime, schedule, recorded)
+            if recorded is not None:
+                reports.append(_report(recorded, True))
     return reports
 
 

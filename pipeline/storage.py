@@ -168,7 +168,7 @@ class Storage:
         """Which tier ``url`` lies in (the longest matching tier URL wins)."""
         best: tuple[int, Tier] | None = None
         for tier in ("hot", "warm", "cold"):
-            root = self.tier(tier) + "/"  # type: ignore[arg-type]
+            root = self.tier(tier) + "/"
             if url.startswith(root) and (best is None or len(root) > best[0]):
-                best = (len(root), tier)  # type: ignore[assignment]
+                best = (len(root), tier)
         return best[1] if best else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,18 @@ def test_compose_keeps_credentials_out_of_settings_keys(compose: dict[str, Any])
     assert all("secret" not in v.lower() for k, v in env.items() if k.startswith("SPOTLANE_STORAGE"))
 
 
-@pytest.mark.skipif(not (shutil.which("docker-compose") or shutil.which("docker")), reason="no compose client")
+def _compose_client() -> list[str] | None:
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1), whichever works here."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(_compose_client() is None, reason="no compose client (docker compose or docker-compose)")
 def test_compose_config_validates() -> None:
-    command = ["docker-compose", "config", "-q"] if shutil.which("docker-compose") else ["docker", "compose", "config", "-q"]
+    command = [*(_compose_client() or []), "config", "-q"]
 
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
 
@@ -150,3 +160,16 @@ def test_the_image_copies_every_package_the_project_installs() -> None:
 
     for package in ("pipeline", "workers", "schemas", "migrations"):
         assert f"COPY {package} ./{package}" in dockerfile
+
+
+def test_the_cluster_config_schedules_a_nightly_run_and_ages_results(
+    k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
+    settings = _settings_from(config["data"], monkeypatch)
+    [nightly] = settings.schedules
+    assert (nightly.name, nightly.cron, nightly.timezone, nightly.deadline) == ("support-nightly", "0 2 * * *", "Europe/Berlin", "07:00")
+    assert nightly.input_url(nightly.next_fire(datetime(2026, 11, 25, 12, tzinfo=UTC))).endswith("/2026-11-26/*.parquet")
+    assert settings.storage.storage_class("cold") == "GLACIER_IR" and settings.storage.retention_days > settings.storage.cold_after_days
+    scheduler = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-scheduler")
+    assert scheduler["spec"]["strategy"]["type"] == "Recreate"

@@ -47,13 +47,15 @@ def storage_sweep(
     report = sweep(_runtime(), dry_run=dry_run)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
-    elif not report.actions:
+    elif not report.actions and not report.deferred:
         console.print("nothing to do")
     else:
         for a in report.actions:
             where = f"{a.source_url} -> {a.target_url}" if a.target_url else a.source_url
             console.print(f"{a.status:<10} {a.action:<17} job {a.job_id}  {a.files} files, {_size(a.bytes)}  {where}",
                           highlight=False, markup=False)
+        if report.deferred:
+            console.print(f"{report.deferred} more left for the next sweep (storage.sweep_max_seconds)")
         for a in report.failed:
             console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {a.error}", highlight=False)
     if report.failed:

@@ -21,6 +21,7 @@ points at, or both copies; the next sweep finishes the move.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from typing import Any
 from sqlalchemy import and_, exists, select, update
 from sqlalchemy.orm import Session
 
+from pipeline import metrics
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
 from pipeline.storage import MANIFEST, copy_file, filesystem, read_json, sha256_of
@@ -61,13 +63,17 @@ class SweepReport:
     dry_run: bool
     now: str
     actions: list[ActionReport] = field(default_factory=list)
+    #: Actions left for the next sweep (``storage.sweep_max_seconds`` ran out; a
+    #: sweep always does at least one, so it always makes progress).
+    deferred: int = 0
 
     @property
     def failed(self) -> list[ActionReport]:
         return [a for a in self.actions if a.status == ActionStatus.FAILED.value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "now": self.now, "actions": [asdict(a) for a in self.actions]}
+        return {"dry_run": self.dry_run, "now": self.now, "deferred": self.deferred,
+                "actions": [asdict(a) for a in self.actions]}
 
 
 # -- files -------------------------------------------------------------------------
@@ -197,6 +203,8 @@ def _execute(runtime: Runtime, action_id: int) -> ActionReport:
     except Exception as exc:  # recorded; the next sweep tries again
         log.warning("storage action %s (%s of job %s) failed: %s", action_id, action.action.value, action.job_id, exc)
         report.status, report.error = ActionStatus.FAILED.value, f"{exc.__class__.__name__}: {exc}"
+    metrics.STORAGE_ACTIONS.labels(report.action, report.status).inc()
+    metrics.STORAGE_BYTES.labels(report.action).inc(report.bytes)
     with session_scope(runtime.engine) as session:
         session.execute(
             update(StorageAction)
@@ -295,9 +303,12 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
             .where(StorageAction.status != ActionStatus.DONE).order_by(StorageAction.id)
         ).all())
         candidates = _candidates(session, now, runtime)
+    stop_at = time.monotonic() + runtime.settings.storage.sweep_max_seconds
     for row in unfinished:
         if dry_run:
             report.actions.append(ActionReport(row.job_id, row.action.value, "unfinished", row.source_url, row.target_url))
+        elif report.actions and time.monotonic() > stop_at:
+            report.deferred += 1
         else:
             report.actions.append(_execute(runtime, row.id))
     for kind in (StorageActionKind.DELETE_RESULTS, StorageActionKind.MOVE_TO_COLD, StorageActionKind.PURGE_CHECKPOINTS):
@@ -305,7 +316,12 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
             if dry_run:
                 report.actions.append(_planned(runtime, kind, job_id))
                 continue
+            if report.actions and time.monotonic() > stop_at:
+                report.deferred += 1
+                continue
             action_id = _start(runtime, kind, job_id, now)
             if action_id is not None:
                 report.actions.append(_execute(runtime, action_id))
+    if report.deferred:
+        log.info("storage sweep: %d actions left for the next sweep (storage.sweep_max_seconds)", report.deferred)
     return report

@@ -14,7 +14,10 @@ __all__ = [
     "COST_USD",
     "QUEUE_WAIT_SECONDS",
     "ROWS",
+    "SCHEDULE_RUNS",
     "SHARDS",
+    "STORAGE_ACTIONS",
+    "STORAGE_BYTES",
     "TOKENS",
     "serve",
 ]
@@ -34,6 +37,15 @@ QUEUE_WAIT_SECONDS = Histogram(
     "Seconds a shard waited queued before a worker claimed it.",
     ["backend"],
     buckets=(0.1, 1, 5, 15, 60, 300, 900, 3600, 14400),
+)
+
+STORAGE_ACTIONS = Counter(
+    "spotlane_storage_actions", "Lifecycle actions ended, by action and status (done or failed).", ["action", "status"]
+)
+STORAGE_BYTES = Counter("spotlane_storage_bytes", "Bytes moved or deleted by the lifecycle, by action.", ["action"])
+SCHEDULE_RUNS = Counter(
+    "spotlane_schedule_runs", "Scheduled runs recorded, by schedule and status (submitted, skipped, failed).",
+    ["schedule", "status"],
 )
 
 _SERVING: set[int] = set()

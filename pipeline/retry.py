@@ -100,5 +100,6 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
         parent = session.get(Job, parent_id)
         assert parent is not None
         parent.result_url, parent.rows_ok, parent.rows_failed = new_url, rows - rows_failed, rows_failed
+        parent.result_tier = "warm"  # the new version is in warm even if older ones were archived
         parent.tags = {**(parent.tags or {}), "result_version": version}
     return new_url

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline import producer
+from pipeline import metrics, producer
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
 from schemas.base import utcnow
@@ -75,18 +75,30 @@ def _schedule(runtime: Runtime, name: str) -> Schedule:
 
 
 def _sync(runtime: Runtime, now: datetime) -> dict[str, ScheduleRecord]:
-    """Mirror the configured schedules into the ``schedules`` table."""
+    """Mirror the configured schedules into the ``schedules`` table; a schedule
+    gone from the config is kept there, disabled."""
     records: dict[str, ScheduleRecord] = {}
+    configured = [s.name for s in runtime.settings.schedules]
+    with session_scope(runtime.engine) as session:
+        session.execute(update(ScheduleRecord).where(ScheduleRecord.name.not_in(configured), ScheduleRecord.enabled)
+                        .values(enabled=False, next_fire_at=None, updated_at=now))
     for schedule in runtime.settings.schedules:
-        values = {"cron": schedule.cron, "timezone": schedule.timezone, "input_template": schedule.input,
-                  "enabled": schedule.enabled, "next_fire_at": schedule.next_fire(now), "updated_at": now}
+        values: dict[str, Any] = {
+            "cron": schedule.cron, "timezone": schedule.timezone, "input_template": schedule.input,
+            "enabled": schedule.enabled, "next_fire_at": schedule.next_fire(now) if schedule.enabled else None,
+            "updated_at": now,
+        }
+        if not schedule.enabled:
+            values["active_since"] = now  # re-enabled later, it starts from then
         try:
             with session_scope(runtime.engine) as session:
                 record = session.get(ScheduleRecord, schedule.name)
                 if record is None:
-                    record = ScheduleRecord(name=schedule.name, first_seen_at=now, **values)
+                    record = ScheduleRecord(name=schedule.name, **{"active_since": now, **values})
                     session.add(record)
                 else:
+                    if not record.enabled and schedule.enabled:
+                        values["active_since"] = now
                     for key, value in values.items():
                         setattr(record, key, value)
                 session.flush()
@@ -127,6 +139,7 @@ def _finish(runtime: Runtime, run: ScheduleRun, status: RunStatus, message: str 
                     job_id=run.job_id if status is RunStatus.SUBMITTED else None)
         )
     run.status, run.message = status, message
+    metrics.SCHEDULE_RUNS.labels(run.schedule, status.value).inc()
     if status is not RunStatus.SUBMITTED:
         run.job_id = None
 
@@ -200,10 +213,12 @@ def tick(runtime: Runtime, now: datetime | None = None) -> list[RunReport]:
         for run in stale:  # its submitter died: same job id, so at most one job
             _submit(runtime, schedule, run)
             reports.append(_report(run, False))
-        since = max(filter(None, [last, records[schedule.name].first_seen_at]))
+        since = max(filter(None, [last, records[schedule.name].active_since]))
         for fire, skip in _due(schedule, since, now):
             trigger = "beat" if now - fire <= timedelta(minutes=schedule.misfire_grace_minutes) else "catch_up"
             recorded = _record(runtime, schedule, fire, trigger, *((RunStatus.SKIPPED, skip) if skip else ()))
+            if recorded is not None and skip is not None:
+                metrics.SCHEDULE_RUNS.labels(schedule.name, RunStatus.SKIPPED.value).inc()
             if recorded is not None and skip is None:
                 _submit(runtime, schedule, recorded)
             if recorded is not None:

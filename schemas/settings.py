@@ -108,6 +108,9 @@ class StorageSettings(_Section):
     checkpoint_grace_hours: float = Field(default=24.0, ge=0)
     #: Seconds between lifecycle sweeps sent by the scheduler.
     sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+    #: A sweep starts no new action after this many seconds; the rest waits for the
+    #: next sweep, so routing and finalizing on the control queue are not held up.
+    sweep_max_seconds: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _storage_classes(self) -> StorageSettings:

@@ -262,8 +262,9 @@ class ScheduleRecord(Base):
     timezone: Mapped[str] = mapped_column(String(64))
     input_template: Mapped[str] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    #: Fire times before this are never caught up (the schedule did not exist yet).
-    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    #: Fire times before this are never caught up: the schedule was added, or
+    #: re-enabled, then (a disabled schedule's runs are not "missed").
+    active_since: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     next_fire_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 

@@ -170,6 +170,20 @@ def test_a_failed_job_resumes_within_the_grace_and_is_refused_after_the_purge(
     assert _job(runtime, job_id).status is JobStatus.FAILED
 
 
+def test_a_sweep_leaves_what_its_time_budget_cannot_cover_to_the_next(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri(), sweep_max_seconds=1e-9)
+    jobs = [_finished_job(runtime, tmp_path, tiny_model, rows=rows) for rows in (4, 6)]
+    later = max(_job(runtime, j).finished_at for j in jobs) + timedelta(hours=25)  # type: ignore[type-var]
+    first = lifecycle.sweep(runtime, now=later)
+    assert (len(first.actions), first.deferred) == (1, 1)
+    second = lifecycle.sweep(runtime, now=later)
+    assert (len(second.actions), second.deferred) == (1, 0)
+    assert {a.job_id for a in first.actions + second.actions} == set(jobs)
+    assert all(_job(runtime, j).checkpoints_purged_at is not None for j in jobs)
+
+
 class Crash(BaseException):
     """Stands for the process dying: not an Exception, so nothing records it."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from pipeline import schedules
 from pipeline.db import session_scope
@@ -130,6 +130,23 @@ def _jobs(runtime: Runtime) -> dict[str, Job]:
     return {job.id: job for job in jobs}
 
 
+def _ticking_at_once(runtime: Runtime, beats: int, now: datetime) -> list[list[schedules.RunReport]]:
+    """``beats`` schedulers calling ``tick`` at the same moment, on threads."""
+    reports: list[list[schedules.RunReport]] = []
+    barrier = threading.Barrier(beats)
+
+    def beat() -> None:
+        barrier.wait()
+        reports.append(schedules.tick(runtime, now=now))
+
+    threads = [threading.Thread(target=beat) for _ in range(beats)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return reports
+
+
 def test_a_tick_submits_each_due_run_once_with_its_date_deadline_and_tags(
     store_url: str, tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -151,18 +168,7 @@ def test_a_tick_submits_each_due_run_once_with_its_date_deadline_and_tags(
 
     # The same minute again, and two schedulers ticking at once: nothing new.
     assert schedules.tick(runtime, now=_at("2026-11-25 01:02")) == []
-    results: list[list[schedules.RunReport]] = []
-    barrier = threading.Barrier(2)
-
-    def beat() -> None:
-        barrier.wait()
-        results.append(schedules.tick(runtime, now=_at("2026-11-25 01:05")))
-
-    threads = [threading.Thread(target=beat) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _ticking_at_once(runtime, 2, _at("2026-11-25 01:05"))
     assert results == [[], []]
     assert len(_runs(runtime)) == 1 and len(_jobs(runtime)) == 1
 
@@ -171,18 +177,7 @@ def test_two_beats_racing_on_the_same_new_fire_time_make_one_job(store_url: str,
     runtime = _rt(store_url, tmp_path, tiny_model)
     _partition(tmp_path / "prompts", "2026-11-25")
     schedules.tick(runtime, now=_at("2026-11-24 14:00"))
-    reports: list[list[schedules.RunReport]] = []
-    barrier = threading.Barrier(3)
-
-    def beat() -> None:
-        barrier.wait()
-        reports.append(schedules.tick(runtime, now=_at("2026-11-25 01:01")))
-
-    threads = [threading.Thread(target=beat) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    reports = _ticking_at_once(runtime, 3, _at("2026-11-25 01:01"))
     assert sorted(len(r) for r in reports) == [0, 0, 1]
     assert [r[1:3] for r in _runs(runtime)] == [("beat", "submitted")]
     assert len(_jobs(runtime)) == 1
@@ -246,6 +241,26 @@ def test_missing_input_is_skipped_or_failed_by_policy_and_a_manual_run_retries_i
     listed = {row["name"]: row for row in schedules.list_schedules(failing, now=_at("2026-11-26 12:00"))}
     assert listed["strict"]["last_run_date"] == "2026-11-26" and listed["strict"]["last_run_status"] == "failed"
     assert listed["strict"]["next_run"] == "2026-11-27T02:00:00+01:00"
+
+
+def test_a_disabled_schedule_is_not_caught_up_when_enabled_again(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    url = str(runtime.engine.url)
+    for day in ("2026-11-22", "2026-11-23", "2026-11-24", "2026-11-25"):
+        _partition(tmp_path / "prompts", day, files=1)
+    active = _rt(url, tmp_path, tiny_model, catch_up="all")
+    schedules.tick(active, now=_at("2026-11-21 14:00"))
+    assert len(schedules.tick(active, now=_at("2026-11-22 01:00"))) == 1
+    paused = _rt(url, tmp_path, tiny_model, catch_up="all", enabled=False)
+    assert schedules.tick(paused, now=_at("2026-11-23 01:00")) == []
+    assert schedules.tick(paused, now=_at("2026-11-24 12:00")) == []
+    # Enabled again on the 25th before 02:00: the 23rd and 24th were not "missed".
+    schedules.tick(active, now=_at("2026-11-25 00:30"))
+    schedules.tick(active, now=_at("2026-11-25 01:00"))
+    assert [r[:3] for r in _runs(active)] == [("2026-11-22", "beat", "submitted"), ("2026-11-25", "beat", "submitted")]
+    # Gone from the config: kept in SQL, disabled.
+    schedules.tick(Runtime.open(database={"url": url}), now=_at("2026-11-25 02:00"))
+    with session_scope(active.engine) as session:
+        assert session.execute(text("select enabled from schedules where name = 'nightly'")).scalar_one() in (False, 0)
 
 
 def test_a_run_whose_submitter_died_is_submitted_again_under_the_same_job_id(
@@ -336,7 +351,7 @@ def test_celery_beat_triggers_a_scheduled_run_once_and_the_lifecycle_moves_its_r
     env = {**os.environ, "SPOTLANE_CONFIG": str(config)}
     runtime = Runtime.open(config)
     with session_scope(runtime.engine) as session:  # the schedule was configured yesterday
-        session.execute(text("insert into schedules (name, cron, timezone, input_template, enabled, first_seen_at, "
+        session.execute(text("insert into schedules (name, cron, timezone, input_template, enabled, active_since, "
                              "updated_at) values ('nightly', '', 'UTC', '', true, :t, :t)"),
                         {"t": now - timedelta(days=1)})
     procs = [

@@ -101,17 +101,24 @@ def write_json(obj: Any, url: str, storage_class: str = "") -> None:
     _atomic_write(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_class)
 
 
-def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 << 22) -> tuple[int, str]:
-    """Stream ``source`` to ``target`` (any two filesystems); return (bytes, sha256 of what was read).
+def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 << 22) -> tuple[int, str | None]:
+    """Copy ``source`` to ``target``; return (bytes, sha256 of the bytes read).
 
-    The target appears whole or not at all: a temporary name and a rename on a
-    local disk, a single (multipart) upload on S3.
+    Within one object store (both URLs on the same S3 endpoint) the store copies
+    server-side and nothing is read here: the digest is then None and the caller
+    verifies the target. Otherwise the file is streamed, and the target appears
+    whole or not at all (a temporary name and a rename on a local disk, a single
+    upload on S3).
     """
     fs_in, path_in = filesystem(source)
     fs_out, path_out = filesystem(target)
     parent = path_out.rsplit("/", 1)[0]
     fs_out.makedirs(parent, exist_ok=True)
     local = _is_local(fs_out)
+    if fs_in is fs_out and not local:
+        fs_out.copy(path_in, path_out, **write_options(storage_class))
+        fs_out.invalidate_cache(parent)
+        return int(fs_out.size(path_out)), None
     dest = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path_out
     digest, size = hashlib.sha256(), 0
     with fs_in.open(path_in, "rb") as src, fs_out.open(dest, "wb", **({} if local else write_options(storage_class))) as dst:

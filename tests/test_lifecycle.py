@@ -240,16 +240,18 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     assert api.export_results(runtime, job_id, str(tmp_path / "after.parquet")) == 24
 
 
-def test_a_damaged_warm_file_is_reported_not_archived(store_url: str, tmp_path: Path, tiny_model: Path) -> None:
-    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+def test_a_damaged_warm_file_is_reported_not_archived(tier_root: str, tmp_path: Path, tiny_model: Path) -> None:
+    """Streamed (local) or copied server-side (S3), a copy that does not match the
+    manifest stops the move: SQL keeps pointing at warm, nothing is deleted."""
+    runtime = _runtime(f"sqlite:///{tmp_path / 'store.db'}", tier_root)
     job_id = _finished_job(runtime, tmp_path, tiny_model)
     ended = _job(runtime, job_id).finished_at
     assert ended is not None
     warm = runtime.storage.results_url(job_id, "warm")
-    part = Path(url_to_fs(f"{warm}/part-00000.parquet")[1])
-    data = bytearray(part.read_bytes())
+    fs, part = url_to_fs(f"{warm}/part-00000.parquet")
+    data = bytearray(fs.cat_file(part))
     data[len(data) // 2] ^= 0xFF
-    part.write_bytes(bytes(data))
+    fs.pipe_file(part, bytes(data))
 
     report = lifecycle.sweep(runtime, now=ended + timedelta(days=31))
     moves = [a for a in report.actions if a.action == "move_to_cold"]
@@ -260,6 +262,7 @@ def test_a_damaged_warm_file_is_reported_not_archived(store_url: str, tmp_path: 
     with session_scope(runtime.engine) as session:
         action = session.execute(select(StorageAction).where(StorageAction.action == "move_to_cold")).scalar_one()
         assert action.status is ActionStatus.FAILED and "does not match" in (action.error or "")
+    assert _exists(f"{warm}/part-00000.parquet") and _exists(f"{warm}/{MANIFEST}")
     # It stays failed (and reported) on every sweep until someone looks at it.
     assert [a.status for a in lifecycle.sweep(runtime, now=ended + timedelta(days=32)).actions
             if a.action == "move_to_cold"] == ["failed"]

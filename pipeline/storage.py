@@ -104,22 +104,24 @@ def write_json(obj: Any, url: str, storage_class: str = "") -> None:
 def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 << 22) -> tuple[int, str | None]:
     """Copy ``source`` to ``target``; return (bytes, sha256 of the bytes read).
 
-    Within one object store (both URLs on the same S3 endpoint) the store copies
-    server-side and nothing is read here: the digest is then None and the caller
-    verifies the target. Otherwise the file is streamed, and the target appears
-    whole or not at all (a temporary name and a rename on a local disk, a single
-    upload on S3).
+    Within one filesystem (one local disk, or one S3 endpoint) the filesystem
+    copies (the kernel, or S3 server-side) and nothing is read here: the digest is
+    then None and the caller verifies the target. Otherwise the file is streamed.
+    Either way the target appears whole or not at all (a temporary name and a
+    rename on a local disk, a single copy or upload on S3).
     """
     fs_in, path_in = filesystem(source)
     fs_out, path_out = filesystem(target)
     parent = path_out.rsplit("/", 1)[0]
     fs_out.makedirs(parent, exist_ok=True)
     local = _is_local(fs_out)
-    if fs_in is fs_out and not local:
-        fs_out.copy(path_in, path_out, **write_options(storage_class))
+    dest = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path_out
+    if fs_in is fs_out:
+        fs_out.copy(path_in, dest, **({} if local else write_options(storage_class)))
+        if local:
+            fs_out.mv(dest, path_out)
         fs_out.invalidate_cache(parent)
         return int(fs_out.size(path_out)), None
-    dest = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path_out
     digest, size = hashlib.sha256(), 0
     with fs_in.open(path_in, "rb") as src, fs_out.open(dest, "wb", **({} if local else write_options(storage_class))) as dst:
         while block := src.read(chunk):

@@ -10,7 +10,6 @@ from datetime import date
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pipeline.cli import _runtime, app, console
 from schemas.errors import InputError
@@ -62,6 +61,11 @@ def storage_sweep(
         raise typer.Exit(1)
 
 
+def _local(iso: str | None) -> str:
+    """``2026-11-26T02:00:00+01:00`` -> ``2026-11-26 02:00`` (the schedule's own zone)."""
+    return iso[:16].replace("T", " ") if iso else ""
+
+
 @schedules_app.callback()
 def schedules_list(
     ctx: typer.Context,
@@ -79,15 +83,18 @@ def schedules_list(
     if not rows:
         console.print("no schedules configured (add [[schedules]] to the config)", markup=False)
         return
-    table = Table("schedule", "cron", "timezone", "next run", "last run", "run", "job", "job status", box=None)
     for row in rows:
-        table.add_row(
-            row["name"] + ("" if row["enabled"] else " (disabled)"), row["cron"], row["timezone"],
-            (row["next_run"] or "")[:16], (row["last_run"] or "never")[:16], row["last_run_status"] or "",
-            row["last_job_id"] or "", row["last_job_status"] or "",
-        )
-    console.print(table)
-
+        console.print(f"{row['name']}  {row['cron']} ({row['timezone']})" + ("" if row["enabled"] else "  disabled"),
+                      highlight=False, markup=False)
+        if row["enabled"]:
+            console.print(f"  next run  {_local(row['next_run'])}", highlight=False, markup=False)
+        if row["last_run"] is None:
+            console.print("  last run  never", highlight=False, markup=False)
+            continue
+        job = f"  job {row['last_job_id']} ({row['last_job_status']})" if row["last_job_id"] else ""
+        console.print(f"  last run  {_local(row['last_run'])}  {row['last_run_status']}{job}", highlight=False, markup=False)
+        if row["last_message"]:
+            console.print(f"            {row['last_message']}", highlight=False, markup=False)
 
 @schedules_app.command("run")
 def schedules_run(

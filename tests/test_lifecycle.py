@@ -93,8 +93,14 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
 ) -> None:
     s3 = tier_root.startswith("s3://")
     runtime = _runtime(store_url, tier_root, cold_after_days=30, retention_days=90, checkpoint_grace_hours=24,
-                       **({"cold_storage_class": "STANDARD_IA"} if s3 else {}))
+                       **({"hot_storage_class": "REDUCED_REDUNDANCY", "warm_storage_class": "ONEZONE_IA",
+                           "cold_storage_class": "STANDARD_IA"} if s3 else {}))
     job_id = _finished_job(runtime, tmp_path, tiny_model)
+    if s3:  # every tier's objects carry its class: parts in hot, results and manifest in warm
+        for tier, cls in (("hot", "REDUCED_REDUNDANCY"), ("warm", "ONEZONE_IA")):
+            fs, root = url_to_fs(runtime.storage.job_url(job_id, tier))
+            fs.invalidate_cache()
+            assert {fs.info(p)["StorageClass"] for p in fs.find(root)} == {cls}, tier
     ended = _job(runtime, job_id).finished_at
     assert ended is not None
     warm_results = runtime.storage.results_url(job_id, "warm")
@@ -135,8 +141,8 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
     table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == [f"row-{i:05d}" for i in range(24)]
     if s3:
-        name = next(p for p in fs.find(path) if p.endswith(".parquet"))
-        assert fs.info(name)["StorageClass"] == "STANDARD_IA"
+        fs.invalidate_cache()
+        assert {fs.info(p)["StorageClass"] for p in fs.find(path)} == {"STANDARD_IA"}
     else:
         count, distinct = duckdb.sql(f"select count(*), count(distinct id) from read_parquet('{path}/*.parquet')").fetchall()[0]
         assert (count, distinct) == (24, 24)

@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 from pipeline import producer
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST, filesystem, read_json
+from pipeline.storage import filesystem, read_manifest
 from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard
@@ -199,7 +199,7 @@ def results(runtime: Runtime, job_id: str) -> ResultsInfo:
         if job.result_url is None:
             raise StoreError(f"job {job_id} has no results yet (status: {job.status.value})")
         url, status, tier = job.result_url, job.status.value, job.result_tier or "warm"
-    return ResultsInfo(job_id, status, url, read_json(f"{url}/{MANIFEST}"), tier)
+    return ResultsInfo(job_id, status, url, read_manifest(url), tier)
 
 
 def export_results(runtime: Runtime, job_id: str, to: str) -> int:

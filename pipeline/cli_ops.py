@@ -34,6 +34,7 @@ def _size(n: int) -> str:
 @storage_app.command("sweep")
 def storage_sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what a sweep would do; change nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also retry actions that failed too often.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Move old results warm -> cold, delete old checkpoints and expired results.
@@ -43,9 +44,11 @@ def storage_sweep(
     """
     from pipeline.lifecycle import sweep
 
-    report = sweep(_runtime(), dry_run=dry_run)
+    report = sweep(_runtime(), dry_run=dry_run, retry_failed=retry_failed)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
+    elif report.locked:
+        console.print("another sweep is running; nothing done")
     elif not report.actions and not report.deferred:
         console.print("nothing to do")
     else:
@@ -57,6 +60,9 @@ def storage_sweep(
             console.print(f"{report.deferred} more left for the next sweep (storage.sweep_max_seconds)")
         for a in report.failed:
             console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {a.error}", highlight=False)
+    if report.given_up and not as_json:
+        console.print(f"{report.given_up} failed action(s) are no longer retried; see "
+                      "`select * from storage_actions where status = 'failed'`, then --retry-failed", markup=False)
     if report.failed:
         raise typer.Exit(1)
 

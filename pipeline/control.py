@@ -70,6 +70,9 @@ def resume(runtime: Runtime, job_id: str) -> Stopped:
             .values(updated_at=utcnow())
         ).rowcount  # type: ignore[attr-defined]
         if claimed != 1:
+            session.refresh(job)
+            if job.checkpoints_purged_at is None:
+                raise StoreError(f"job {job_id} changed state while resuming (now {job.status.value}); try again")
             raise StoreError(
                 f"job {job_id}'s checkpoints were deleted by the storage lifecycle "
                 f"(storage.checkpoint_grace_hours); it cannot resume: submit its input again"

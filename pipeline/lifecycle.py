@@ -10,30 +10,37 @@ One sweep (the scheduler sends one every ``storage.sweep_interval_seconds``;
 4. deletes the hot-tier part files (checkpoints and orphans) of jobs that ended
    more than ``storage.checkpoint_grace_hours`` ago.
 
-Every step is recorded in ``storage_actions`` before a byte moves, and every step
-can be run again: a move copies each file, checks the copy against the manifest's
-SHA-256 (and the source against it too, so a damaged warm file is reported, not
+One sweep runs at a time (a lease in SQL, renewed after every file). Every step
+is recorded in ``storage_actions`` before a byte moves, and every step can be
+run again (a failed one by the next ``MAX_ATTEMPTS`` sweeps, then by hand). A
+move copies each file (by the filesystem itself where it can: the kernel, S3
+server-side), checks the copy against the manifest's SHA-256 and size (a
+streamed copy checks the source too, so a damaged warm file is reported, not
 archived), switches ``jobs.result_url`` with a guarded UPDATE, and only then
-deletes the warm copy. A crash anywhere leaves either the warm copy that SQL
-points at, or both copies; the next sweep finishes the move.
+deletes the warm files it copied (a result version written meanwhile stays). A
+crash anywhere leaves either the warm copy that SQL points at, or both copies;
+the next sweep finishes the move.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from pipeline import metrics
+from pipeline import leases, metrics
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST, copy_file, filesystem, read_json, sha256_of
+from pipeline.storage import MANIFEST_NAMES, copy_file, filesystem, read_json, sha256_of
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.status import ActionStatus, JobStatus, StorageActionKind
@@ -66,14 +73,18 @@ class SweepReport:
     #: Actions left for the next sweep (``storage.sweep_max_seconds`` ran out; a
     #: sweep always does at least one, so it always makes progress).
     deferred: int = 0
+    #: Another sweep holds the lease; this one did nothing.
+    locked: bool = False
+    #: Failed actions past ``MAX_ATTEMPTS`` that sweeps no longer retry.
+    given_up: int = 0
 
     @property
     def failed(self) -> list[ActionReport]:
         return [a for a in self.actions if a.status == ActionStatus.FAILED.value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "now": self.now, "deferred": self.deferred,
-                "actions": [asdict(a) for a in self.actions]}
+        return {"dry_run": self.dry_run, "now": self.now, "deferred": self.deferred, "locked": self.locked,
+                "given_up": self.given_up, "actions": [asdict(a) for a in self.actions]}
 
 
 # -- files -------------------------------------------------------------------------
@@ -103,23 +114,26 @@ def _expected_checksums(url: str, files: list[str]) -> dict[str, tuple[int, str]
     """name relative to ``url`` -> (bytes, sha256) from every manifest under ``url``."""
     expected: dict[str, tuple[int, str]] = {}
     for rel in files:
-        if rel.rsplit("/", 1)[-1] != MANIFEST:
+        if rel.rsplit("/", 1)[-1] not in MANIFEST_NAMES:
             continue
         folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
-        manifest = read_json(f"{url}/{rel}")
-        for entry in manifest.get("files", []):
-            name = f"{folder}/{entry['name']}" if folder else entry["name"]
-            expected[name] = (int(entry["bytes"]), str(entry["sha256"]))
+        try:
+            entries = [(e["name"], int(e["bytes"]), str(e["sha256"])) for e in read_json(f"{url}/{rel}")["files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"cannot read the manifest {url}/{rel} ({exc.__class__.__name__}: {exc}); not moved") from exc
+        for name, size, digest in entries:
+            expected[f"{folder}/{name}" if folder else name] = (size, digest)
     return expected
 
 
-def _copy_verified(runtime: Runtime, source: str, target: str) -> tuple[int, int]:
+def _copy_verified(runtime: Runtime, source: str, target: str, heartbeat: Callable[[], None]) -> tuple[int, int]:
     """Copy every file under ``source`` to ``target`` and verify each copy; (files, bytes)."""
     listing = [(rel, size) for rel, size in _files(source) if not rel.rsplit("/", 1)[-1].startswith(".tmp-")]
     expected = _expected_checksums(source, [rel for rel, _ in listing])
     cold_class = runtime.storage.storage_class("cold")
     total = 0
     for rel, size in listing:
+        heartbeat()
         src, dst = f"{source}/{rel}", f"{target}/{rel}"
         want = expected.get(rel)
         copied, read_digest = copy_file(src, dst, cold_class)
@@ -146,7 +160,30 @@ def _job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def _do_move(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+def _delete_copied(source: str, target: str) -> None:
+    """Delete each file under ``source`` that ``target`` holds at the same size, then
+    the folder if nothing is left: a file written after the copy (a retry's new
+    result version) stays, and the next sweep moves it."""
+    target_sizes = dict(_files(target))
+    fs, root = filesystem(source)
+    kept: set[str] = set()
+    emptied: set[str] = set()
+    for rel, size in _files(source):
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        if rel.rsplit("/", 1)[-1].startswith(".tmp-") or target_sizes.get(rel) == size:
+            fs.rm(f"{root.rstrip('/')}/{rel}")
+            emptied.add(folder)
+        else:
+            kept.add(folder)
+    if not kept:
+        _remove(source)
+        return
+    for folder in emptied - kept:  # a folder whose files all moved (no nesting under results folders)
+        if folder:
+            _remove(f"{source}/{folder}")
+
+
+def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
     source, target = action.source_url, action.target_url or ""
     with session_scope(runtime.engine) as session:
         job = _job(session, action.job_id)
@@ -155,7 +192,7 @@ def _do_move(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
         result_url = job.result_url or ""
     files = size = 0
     if result_url.startswith(source + "/"):
-        files, size = _copy_verified(runtime, source, target)
+        files, size = _copy_verified(runtime, source, target, heartbeat)
         moved_url = target + result_url[len(source) :]
         with session_scope(runtime.engine) as session:
             switched = session.execute(
@@ -168,19 +205,20 @@ def _do_move(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
         log.info("job %s: results moved to %s (%d files, %d bytes)", action.job_id, moved_url, files, size)
     elif not result_url.startswith(target + "/"):
         return 0, 0  # results are elsewhere (re-finalized after a resume): leave them
-    _remove(source)  # SQL points at the cold copy now
+    _delete_copied(source, target)  # SQL points at the cold copy now
     return files, size
 
 
-def _do_purge(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+def _do_purge(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
     listing = list(_files(action.source_url))
     _remove(action.source_url)
     return len(listing), sum(size for _, size in listing)
 
 
-def _do_delete(runtime: Runtime, action: StorageAction) -> tuple[int, int]:
+def _do_delete(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
     files = size = 0
     for tier in ("warm", "cold", "hot"):
+        heartbeat()
         url = runtime.storage.job_url(action.job_id, tier)
         listing = list(_files(url))
         files, size = files + len(listing), size + sum(s for _, s in listing)
@@ -195,14 +233,14 @@ _HANDLERS = {
 }
 
 
-def _execute(runtime: Runtime, action_id: int) -> ActionReport:
+def _execute(runtime: Runtime, action_id: int, heartbeat: Callable[[], None]) -> ActionReport:
     with session_scope(runtime.engine) as session:
         action = session.get(StorageAction, action_id)
         assert action is not None
         session.expunge(action)
     report = ActionReport(action.job_id, action.action.value, ActionStatus.DONE.value, action.source_url, action.target_url)
     try:
-        report.files, report.bytes = _HANDLERS[action.action](runtime, action)
+        report.files, report.bytes = _HANDLERS[action.action](runtime, action, heartbeat)
     except Exception as exc:  # recorded; the next sweep tries again
         log.warning("storage action %s (%s of job %s) failed: %s", action_id, action.action.value, action.job_id, exc)
         report.status, report.error = ActionStatus.FAILED.value, f"{exc.__class__.__name__}: {exc}"
@@ -213,6 +251,7 @@ def _execute(runtime: Runtime, action_id: int) -> ActionReport:
             update(StorageAction)
             .where(StorageAction.id == action_id)
             .values(status=ActionStatus(report.status), files=report.files, bytes=report.bytes, error=report.error,
+                    attempts=StorageAction.attempts + 1,
                     finished_at=utcnow() if report.status == ActionStatus.DONE.value else None)
         )
     return report
@@ -295,16 +334,59 @@ def _planned(runtime: Runtime, kind: StorageActionKind, job_id: str) -> ActionRe
     return ActionReport(job_id, kind.value, "planned", source, target, len(listing), sum(s for _, s in listing))
 
 
-def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = False) -> SweepReport:
-    """Run one lifecycle sweep (see the module docstring); ``now`` is injectable for tests."""
+#: The lease one sweep holds (renewed after every file it copies).
+SWEEP_LEASE = "storage_sweep"
+LEASE_SECONDS = 300.0
+#: A failed action is retried by this many sweeps, then left for a person
+#: (``spotlane storage sweep --retry-failed``).
+MAX_ATTEMPTS = 3
+
+
+def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = False,
+          retry_failed: bool = False) -> SweepReport:
+    """Run one lifecycle sweep (see the module docstring); ``now`` is injectable for tests.
+
+    One sweep runs at a time (a lease in SQL): a second one, from a duplicated
+    beat or by hand, returns at once with ``locked`` set.
+    """
     now = now or utcnow()
     report = SweepReport(dry_run=dry_run, now=now.isoformat())
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not dry_run and not leases.take(runtime.engine, SWEEP_LEASE, owner, LEASE_SECONDS):
+        report.locked = True
+        return report
+
+    def heartbeat() -> None:
+        if not leases.renew(runtime.engine, SWEEP_LEASE, owner, LEASE_SECONDS):
+            raise StoreError("this sweep lost its lease (it stalled past the lease); the next sweep goes on")
+
+    try:
+        _sweep(runtime, report, now, dry_run, retry_failed, heartbeat)
+    finally:
+        if not dry_run:
+            leases.release(runtime.engine, SWEEP_LEASE, owner)
+    if report.deferred:
+        log.info("storage sweep: %d actions left for the next sweep (storage.sweep_max_seconds)", report.deferred)
+    return report
+
+
+def _sweep(runtime: Runtime, report: SweepReport, now: datetime, dry_run: bool, retry_failed: bool,
+           heartbeat: Callable[[], None]) -> None:
+    retryable = StorageAction.status == ActionStatus.STARTED
+    if retry_failed:
+        retryable = StorageAction.status != ActionStatus.DONE
+    else:
+        retryable = or_(retryable, and_(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts < MAX_ATTEMPTS))
     with session_scope(runtime.engine) as session:
         unfinished = list(session.execute(
             select(StorageAction.id, StorageAction.job_id, StorageAction.action, StorageAction.source_url,
                    StorageAction.target_url)
-            .where(StorageAction.status != ActionStatus.DONE).order_by(StorageAction.id)
+            .where(retryable).order_by(StorageAction.id)
         ).all())
+        report.given_up = int(session.execute(
+            select(func.count()).select_from(StorageAction)
+            .where(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts >= MAX_ATTEMPTS)
+        ).scalar_one()) if not retry_failed else 0
         candidates = _candidates(session, now, runtime)
     stop_at = time.monotonic() + runtime.settings.storage.sweep_max_seconds
     for row in unfinished:
@@ -313,7 +395,8 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
         elif report.actions and time.monotonic() > stop_at:
             report.deferred += 1
         else:
-            report.actions.append(_execute(runtime, row.id))
+            heartbeat()
+            report.actions.append(_execute(runtime, row.id, heartbeat))
     for kind in (StorageActionKind.DELETE_RESULTS, StorageActionKind.MOVE_TO_COLD, StorageActionKind.PURGE_CHECKPOINTS):
         for job_id in candidates[kind]:
             if dry_run:
@@ -322,9 +405,7 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
             if report.actions and time.monotonic() > stop_at:
                 report.deferred += 1
                 continue
+            heartbeat()
             action_id = _start(runtime, kind, job_id, now)
             if action_id is not None:
-                report.actions.append(_execute(runtime, action_id))
-    if report.deferred:
-        log.info("storage sweep: %d actions left for the next sweep (storage.sweep_max_seconds)", report.deferred)
-    return report
+                report.actions.append(_execute(runtime, action_id, heartbeat))

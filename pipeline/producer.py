@@ -80,13 +80,19 @@ def _exists(runtime: Runtime, job_id: str) -> bool:
         return session.get(Job, job_id) is not None
 
 
+def _stitched_folder(runtime: Runtime, job_id: str) -> str:
+    return f"{runtime.storage.job_url(job_id, 'hot')}/input/"
+
+
 def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
     """Validate the input; several files (a glob or a folder) are first stitched into
     one file in the job's hot folder, and errors name the source file and row."""
     files = expand_input(url)
     if len(files) == 1:
         return inspect_input(files[0])
-    target = f"{runtime.storage.job_url(job_id, 'hot')}/input/input.parquet"
+    # A name of its own per attempt: two submitters of one scheduled run never write
+    # (or clean up) the same file; the job row records the one that won.
+    target = f"{_stitched_folder(runtime, job_id)}input-{secrets.token_hex(4)}.parquet"
     stitch_inputs(files, target, runtime.storage.storage_class("hot"))
     try:
         return inspect_input(target)
@@ -177,8 +183,11 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                 ],
             )
     except IntegrityError:
-        if request.job_id:
-            return job_id  # the same scheduled run, submitted twice at once: one job
-        raise
+        if not request.job_id:
+            raise
+        if info.url.startswith(_stitched_folder(runtime, job_id)):  # our stitched copy lost: remove it
+            fs, path = filesystem(info.url)
+            fs.rm(path)
+        return job_id  # the same scheduled run, submitted twice at once: one job
     runtime.send("spotlane.route_job", RouteJob(job_id=job_id), settings.control_queue)
     return job_id

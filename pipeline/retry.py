@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from sqlalchemy import update
 
 from pipeline import producer
 from pipeline.api import results
@@ -19,7 +20,7 @@ from pipeline.db import session_scope
 from pipeline.finalizer import _ResultWriter
 from pipeline.inputs import iter_rows, open_parquet
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST, filesystem, read_json, write_json, write_parquet
+from pipeline.storage import MANIFEST, filesystem, read_manifest, write_json, write_parquet
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.tables import Job
@@ -73,9 +74,9 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
         if parent is None or parent.result_url is None:
             return None
         old_url, new_url = parent.result_url, f"{runtime.storage.job_url(parent_id, 'warm')}/results-v{version}"
-    redone = pa.concat_tables([_read(f"{child.result_url}/{f['name']}") for f in read_json(f"{child.result_url}/{MANIFEST}")["files"]])
+    redone = pa.concat_tables([_read(f"{child.result_url}/{f['name']}") for f in read_manifest(child.result_url)["files"]])
     replacement = {row_id: i for i, row_id in enumerate(redone.column("id").to_pylist())}
-    old_manifest = read_json(f"{old_url}/{MANIFEST}")
+    old_manifest = read_manifest(old_url)
     writer: _ResultWriter | None = None
     rows = rows_failed = 0
     for entry in old_manifest["files"]:
@@ -99,7 +100,15 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
     with session_scope(runtime.engine) as session:
         parent = session.get(Job, parent_id)
         assert parent is not None
-        parent.result_url, parent.rows_ok, parent.rows_failed = new_url, rows - rows_failed, rows_failed
-        parent.result_tier = "warm"  # the new version is in warm even if older ones were archived
-        parent.tags = {**(parent.tags or {}), "result_version": version}
+        # Guarded: retention may have deleted the parent's results meanwhile. The
+        # new version is in warm even if older ones were archived.
+        switched = session.execute(
+            update(Job).where(Job.id == parent_id, Job.results_deleted_at.is_(None))
+            .values(result_url=new_url, result_tier="warm", rows_ok=rows - rows_failed, rows_failed=rows_failed,
+                    tags={**(parent.tags or {}), "result_version": version}, updated_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+    if not switched:
+        fs, path = filesystem(new_url)
+        fs.rm(path, recursive=True)
+        return None
     return new_url

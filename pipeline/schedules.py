@@ -168,6 +168,10 @@ def _submit(runtime: Runtime, schedule: Schedule, run: ScheduleRun) -> None:
         _finish(runtime, run, RunStatus.FAILED, str(exc))
         log.error("schedule %s, run %s failed: %s", schedule.name, run.run_date, exc)
         return
+    except Exception as exc:  # storage or database trouble: recorded; `schedules run` retries it
+        _finish(runtime, run, RunStatus.FAILED, f"submit failed: {exc.__class__.__name__}: {exc}")
+        log.exception("schedule %s, run %s: submit failed", schedule.name, run.run_date)
+        return
     _finish(runtime, run, RunStatus.SUBMITTED, None)
     log.info("schedule %s, run %s (%s): submitted job %s", schedule.name, run.run_date, run.trigger, run.job_id)
 
@@ -199,30 +203,45 @@ def tick(runtime: Runtime, now: datetime | None = None) -> list[RunReport]:
     for schedule in runtime.settings.schedules:
         if not schedule.enabled:
             continue
+        try:
+            reports.extend(_tick_one(runtime, schedule, records[schedule.name], now))
+        except Exception:  # one schedule's trouble does not hold up the others
+            log.exception("schedule %s: tick failed; the next tick tries again", schedule.name)
+    return reports
+
+
+def _tick_one(runtime: Runtime, schedule: Schedule, record: ScheduleRecord, now: datetime) -> list[RunReport]:
+    reports: list[RunReport] = []
+    with session_scope(runtime.engine) as session:
+        # Runs recorded ahead of time by hand (--date in the future) do not count.
+        last = session.execute(
+            select(func.max(ScheduleRun.fire_at)).where(ScheduleRun.schedule == schedule.name, ScheduleRun.fire_at <= now)
+        ).scalar_one_or_none()
+        stale = list(session.execute(
+            select(ScheduleRun).where(ScheduleRun.schedule == schedule.name, ScheduleRun.status == RunStatus.SUBMITTING,
+                                      ScheduleRun.updated_at < now - STALE_SUBMIT)
+        ).scalars())
+        for run in stale:
+            session.expunge(run)
+    for run in stale:  # its submitter died: claim it, then submit under the same job id
         with session_scope(runtime.engine) as session:
-            last = session.execute(
-                select(func.max(ScheduleRun.fire_at)).where(ScheduleRun.schedule == schedule.name)
-            ).scalar_one_or_none()
-            stale = list(session.execute(
-                select(ScheduleRun).where(ScheduleRun.schedule == schedule.name,
-                                          ScheduleRun.status == RunStatus.SUBMITTING,
-                                          ScheduleRun.updated_at < now - STALE_SUBMIT)
-            ).scalars())
-            for run in stale:
-                session.expunge(run)
-        for run in stale:  # its submitter died: same job id, so at most one job
+            claimed = session.execute(
+                update(ScheduleRun).where(ScheduleRun.id == run.id, ScheduleRun.status == RunStatus.SUBMITTING,
+                                          ScheduleRun.updated_at == run.updated_at).values(updated_at=now)
+            ).rowcount  # type: ignore[attr-defined]
+        if claimed:
             _submit(runtime, schedule, run)
             reports.append(_report(run, False))
-        since = max(filter(None, [last, records[schedule.name].active_since]))
-        for fire, skip in _due(schedule, since, now):
-            trigger = "beat" if now - fire <= timedelta(minutes=schedule.misfire_grace_minutes) else "catch_up"
-            recorded = _record(runtime, schedule, fire, trigger, *((RunStatus.SKIPPED, skip) if skip else ()))
-            if recorded is not None and skip is not None:
-                metrics.SCHEDULE_RUNS.labels(schedule.name, RunStatus.SKIPPED.value).inc()
-            if recorded is not None and skip is None:
-                _submit(runtime, schedule, recorded)
-            if recorded is not None:
-                reports.append(_report(recorded, True))
+    since = max(filter(None, [last, record.active_since]))
+    for fire, skip in _due(schedule, since, now):
+        trigger = "beat" if now - fire <= timedelta(minutes=schedule.misfire_grace_minutes) else "catch_up"
+        recorded = _record(runtime, schedule, fire, trigger, *((RunStatus.SKIPPED, skip) if skip else ()))
+        if recorded is not None and skip is not None:
+            metrics.SCHEDULE_RUNS.labels(schedule.name, RunStatus.SKIPPED.value).inc()
+        if recorded is not None and skip is None:
+            _submit(runtime, schedule, recorded)
+        if recorded is not None:
+            reports.append(_report(recorded, True))
     return reports
 
 

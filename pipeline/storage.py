@@ -32,11 +32,13 @@ from schemas.settings import StorageSettings
 
 __all__ = [
     "MANIFEST",
+    "MANIFEST_NAMES",
     "Storage",
     "Tier",
     "copy_file",
     "filesystem",
     "read_json",
+    "read_manifest",
     "sha256_of",
     "write_json",
     "write_parquet",
@@ -44,6 +46,9 @@ __all__ = [
 
 #: The manifest of a results folder: row counts, sizes, checksums, schema.
 MANIFEST = "_manifest.json"
+#: Its name before 0.2: results written then are still read (and moved) as they are.
+LEGACY_MANIFEST = "manifest.json"
+MANIFEST_NAMES = (MANIFEST, LEGACY_MANIFEST)
 
 Tier = Literal["hot", "warm", "cold"]
 
@@ -137,6 +142,23 @@ def read_json(url: str) -> Any:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as fh:
         return json.loads(fh.read())
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of the results folder ``folder`` (either name); ``StoreError`` naming it otherwise."""
+    fs, path = filesystem(folder)
+    for name in MANIFEST_NAMES:
+        url = f"{folder.rstrip('/')}/{name}"
+        try:
+            manifest = read_json(url)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read the manifest {url}: {exc.__class__.__name__}: {exc}") from exc
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+            raise StoreError(f"the manifest {url} has no list of files")
+        return manifest
+    raise StoreError(f"no manifest ({MANIFEST}) in {folder}")
 
 
 def sha256_of(url: str, chunk: int = 1 << 22) -> str:

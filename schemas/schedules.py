@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -93,9 +94,11 @@ class Schedule(Section):
 
     @model_validator(mode="after")
     def _template(self) -> Schedule:
+        if urlsplit(self.input).password is not None:
+            raise ValueError("input carries a password; give storage credentials through the environment")
         try:
             self.input_url(datetime(2026, 1, 2, 3, 4, tzinfo=UTC))
-        except (KeyError, IndexError, ValueError) as exc:
+        except Exception as exc:  # KeyError, AttributeError, ValueError...: a template that cannot be filled
             raise ValueError(
                 f"input template {self.input!r} cannot be filled ({exc!r}); "
                 "use {date:%Y-%m-%d}, {yesterday:%Y-%m-%d} or {name}"

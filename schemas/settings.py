@@ -259,6 +259,19 @@ class Settings(BaseSettings):
         for tier in ("hot", "warm", "cold"):
             if not getattr(self.storage, tier):
                 setattr(self.storage, tier, (home / "storage" / tier).as_uri())
+            if urlsplit(getattr(self.storage, tier)).password is not None:
+                raise ValueError(
+                    f"storage.{tier} carries a password; give storage credentials through the environment "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3)"
+                )
+        tiers = {t: str(getattr(self.storage, t)).rstrip("/") for t in ("hot", "warm", "cold")}
+        for a, b in (("hot", "warm"), ("hot", "cold"), ("warm", "cold")):
+            x, y = tiers[a], tiers[b]
+            if x == y or x.startswith(y + "/") or y.startswith(x + "/"):
+                raise ValueError(
+                    f"storage.{a} ({x}) and storage.{b} ({y}) must be separate places, neither inside the other: "
+                    "the lifecycle moves and deletes each tier's job folders"
+                )
         names = [pool.name for pool in self.gpu_pools] + [p.name for p in self.api_providers]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

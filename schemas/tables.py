@@ -21,6 +21,7 @@ from schemas.status import ActionStatus, AttemptOutcome, JobStatus, LedgerKind, 
 __all__ = [
     "JOB_PROGRESS_VIEW",
     "BackendStats",
+    "Lease",
     "Checkpoint",
     "CostLedgerEntry",
     "Job",
@@ -245,6 +246,8 @@ class StorageAction(Base):
     target_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     files: Mapped[int] = mapped_column(Integer, default=0)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Sweeps that ran it; a failed action is retried up to a limit, then left for a person.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
@@ -290,3 +293,17 @@ class ScheduleRun(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 
     __table_args__ = (UniqueConstraint("schedule", "fire_at"), Index("ix_schedule_runs_status", "status"))
+
+
+class Lease(Base):
+    """A named lease: at most one holder at a time (one storage sweep, say).
+
+    Taken and renewed with guarded UPDATEs; a holder that dies loses it when
+    ``expires_at`` passes.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

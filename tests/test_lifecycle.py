@@ -295,3 +295,95 @@ def test_storage_sweep_command_dry_run_then_sweep(tmp_path: Path, tiny_model: Pa
     shown = spotlane("results", job_id, env=env)
     assert shown.returncode == 0 and "(cold tier)" in shown.stdout
     assert spotlane("storage", "sweep", env=env).stdout.strip() == "nothing to do"
+
+
+def test_one_sweep_at_a_time(store_url: str, tmp_path: Path, tiny_model: Path) -> None:
+    from pipeline import leases
+
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=4)
+    later = _job(runtime, job_id).finished_at + timedelta(days=31)  # type: ignore[operator]
+    assert leases.take(runtime.engine, lifecycle.SWEEP_LEASE, "another-host:1", 60)
+    held = lifecycle.sweep(runtime, now=later)
+    assert held.locked and held.actions == []
+    assert _job(runtime, job_id).result_tier == "warm"
+    assert lifecycle.sweep(runtime, now=later, dry_run=True).actions  # a dry run reads, it needs no lease
+    leases.release(runtime.engine, lifecycle.SWEEP_LEASE, "another-host:1")
+    done = lifecycle.sweep(runtime, now=later)
+    assert not done.locked and {(a.action, a.status) for a in done.actions} == {
+        ("move_to_cold", "done"), ("purge_checkpoints", "done")}
+    # A holder that died: its lease runs out and the next sweep goes on.
+    assert leases.take(runtime.engine, lifecycle.SWEEP_LEASE, "dead-host:1", -1)
+    assert not lifecycle.sweep(runtime, now=later).locked
+
+
+def test_results_with_the_old_manifest_name_are_still_read_and_moved(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=7)
+    warm = Path(url_to_fs(runtime.storage.results_url(job_id, "warm"))[1])
+    (warm / MANIFEST).rename(warm / "manifest.json")  # as written before the rename
+    assert api.results(runtime, job_id).manifest["rows"] == 7
+    report = lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
+    assert ("move_to_cold", "done") in {(a.action, a.status) for a in report.actions}
+    info = api.results(runtime, job_id)
+    assert info.tier == "cold" and info.manifest["rows"] == 7
+    assert api.export_results(runtime, job_id, str(tmp_path / "old.parquet")) == 7
+
+
+def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_files(
+    store_url: str, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
+    warm_job = Path(url_to_fs(runtime.storage.job_url(job_id, "warm"))[1])
+    real = lifecycle._copy_verified
+
+    def copy_then_a_retry_lands(*args: Any) -> tuple[int, int]:
+        copied = real(*args)
+        (warm_job / "results-v2").mkdir()
+        (warm_job / "results-v2" / "part-00000.parquet").write_bytes(b"written after the copy listed the folder")
+        return copied
+
+    monkeypatch.setattr(lifecycle, "_copy_verified", copy_then_a_retry_lands)
+    lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
+    assert _job(runtime, job_id).result_tier == "cold"
+    assert not (warm_job / "results").exists()
+    assert (warm_job / "results-v2" / "part-00000.parquet").exists()
+
+
+def test_a_failed_action_is_retried_a_few_times_then_left_for_a_person(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
+    part = Path(url_to_fs(f"{runtime.storage.results_url(job_id, 'warm')}/part-00000.parquet")[1])
+    part.write_bytes(part.read_bytes()[:-10])
+    later = _job(runtime, job_id).finished_at + timedelta(days=31)  # type: ignore[operator]
+    statuses = []
+    for _ in range(lifecycle.MAX_ATTEMPTS + 1):
+        report = lifecycle.sweep(runtime, now=later)
+        statuses.append([a.status for a in report.actions if a.action == "move_to_cold"])
+    assert statuses == [["failed"]] * lifecycle.MAX_ATTEMPTS + [[]]
+    assert report.given_up == 1
+    again = lifecycle.sweep(runtime, now=later, retry_failed=True)
+    assert [a.status for a in again.actions if a.action == "move_to_cold"] == ["failed"]
+    assert _job(runtime, job_id).result_tier == "warm"
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        ({"warm": "file:///data/r", "cold": "file:///data/r"}, "storage.warm .* and storage.cold .* must be separate"),
+        ({"warm": "s3://b/r", "cold": "s3://b/r/cold"}, "must be separate places, neither inside the other"),
+        ({"cold": "s3://key:secret@bucket/cold"}, "storage.cold carries a password"),
+    ],
+)
+def test_tiers_that_would_lose_data_or_leak_a_secret_are_refused(tiers: dict[str, str], message: str) -> None:
+    from schemas.errors import ConfigError
+    from schemas.settings import load_settings
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_settings(storage=tiers)
+    assert "secret" not in str(err.value).replace("carries a password", "")

@@ -263,6 +263,44 @@ def test_a_disabled_schedule_is_not_caught_up_when_enabled_again(runtime: Runtim
         assert session.execute(text("select enabled from schedules where name = 'nightly'")).scalar_one() in (False, 0)
 
 
+def test_a_manual_run_for_a_later_date_does_not_silence_the_days_before(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime = _rt(str(runtime.engine.url), tmp_path, tiny_model)
+    for day in ("2026-11-25", "2026-11-28"):
+        _partition(tmp_path / "prompts", day, files=1)
+    schedules.tick(runtime, now=_at("2026-11-24 14:00"))
+    assert schedules.run_schedule(runtime, "nightly", date(2026, 11, 28)).status == "submitted"
+    [report] = schedules.tick(runtime, now=_at("2026-11-25 01:00"))
+    assert (report.run_date, report.status) == ("2026-11-25", "submitted")
+
+
+def test_one_schedules_failure_is_recorded_and_does_not_hold_up_the_others(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import producer
+
+    url = str(runtime.engine.url)
+    entry = {"cron": "0 2 * * *", "timezone": BERLIN, "model": str(tiny_model),
+             "input": str(tmp_path / "prompts" / "{date:%Y-%m-%d}" / "*.parquet")}
+    runtime = Runtime.open(database={"url": url}, schedules=[{"name": "a", **entry}, {"name": "b", **entry}])
+    _partition(tmp_path / "prompts", "2026-11-25", files=1)
+    real = producer.submit
+
+    def storage_trouble_for_a(rt: Runtime, request: producer.JobRequest) -> str:
+        if request.tags["schedule"] == "a":
+            raise OSError("connection reset by peer")
+        return real(rt, request)
+
+    monkeypatch.setattr(producer, "submit", storage_trouble_for_a)
+    schedules.tick(runtime, now=_at("2026-11-24 14:00"))
+    reports = {r.schedule: r for r in schedules.tick(runtime, now=_at("2026-11-25 01:00"))}
+    assert reports["a"].status == "failed" and "OSError: connection reset by peer" in (reports["a"].message or "")
+    assert reports["b"].status == "submitted"
+    monkeypatch.setattr(producer, "submit", real)
+    assert schedules.run_schedule(runtime, "a", date(2026, 11, 25)).status == "submitted"  # retried by hand
+
+
 def test_a_run_whose_submitter_died_is_submitted_again_under_the_same_job_id(
     runtime: Runtime, tmp_path: Path, tiny_model: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""lifecycle and schedules: storage_actions, schedules, schedule_runs, job purge marks
+"""lifecycle and schedules: storage_actions, schedules, schedule_runs, leases, job purge marks
 
 Revision ID: 0003
 Revises: 0002
@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("target_url", sa.Text(), nullable=True),
         sa.Column("files", sa.Integer(), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
@@ -71,9 +72,17 @@ def upgrade() -> None:
         sa.UniqueConstraint("schedule", "fire_at", name=op.f("uq_schedule_runs_schedule")),
     )
     op.create_index("ix_schedule_runs_status", "schedule_runs", ["status"])
+    op.create_table(
+        "leases",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_leases")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("leases")
     op.drop_table("schedule_runs")
     op.drop_table("schedules")
     op.drop_table("storage_actions")

@@ -168,16 +168,19 @@ def _delete_copied(source: str, target: str) -> None:
     fs, root = filesystem(source)
     kept: set[str] = set()
     emptied: set[str] = set()
+    copied: list[str] = []
     for rel, size in _files(source):
         folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
         if rel.rsplit("/", 1)[-1].startswith(".tmp-") or target_sizes.get(rel) == size:
-            fs.rm(f"{root.rstrip('/')}/{rel}")
+            copied.append(f"{root.rstrip('/')}/{rel}")
             emptied.add(folder)
         else:
             kept.add(folder)
     if not kept:
         _remove(source)
         return
+    if copied:
+        fs.rm(copied)  # one bulk request on S3
     for folder in emptied - kept:  # a folder whose files all moved (no nesting under results folders)
         if folder:
             _remove(f"{source}/{folder}")

@@ -62,6 +62,10 @@ def _runtime() -> Runtime:
     return Runtime.open(_STATE["config"])
 
 
+InputArg = Annotated[
+    str,
+    typer.Argument(metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL)."),
+]
 ModelOpt = Annotated[
     list[str],
     typer.Option("--model", "-m", help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins)."),
@@ -109,7 +113,7 @@ def _tags(items: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def run(
-    input_url: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet file of prompts (path or fsspec URL).")],
+    input_url: InputArg,
     model: ModelOpt,
     max_tokens: MaxTokensOpt = None,
     temperature: TempOpt = None,
@@ -171,7 +175,7 @@ def _follow(runtime: Runtime, job_id: str, worker: Any, log_path: Path) -> api.J
 
 @app.command()
 def submit(
-    input_url: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet file of prompts (path or fsspec URL).")],
+    input_url: InputArg,
     model: ModelOpt,
     max_tokens: MaxTokensOpt = None,
     temperature: TempOpt = None,

@@ -14,6 +14,7 @@ from rich.table import Table
 from pipeline.cli import (
     BudgetOpt,
     DeadlineOpt,
+    InputArg,
     MaxTokensOpt,
     ModelOpt,
     ShardOpt,
@@ -30,7 +31,7 @@ __all__: list[str] = []
 
 @app.command()
 def plan(
-    input_url: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet file of prompts.")],
+    input_url: InputArg,
     model: ModelOpt,
     budget: BudgetOpt = None,
     deadline: DeadlineOpt = None,

@@ -7,6 +7,7 @@ Memory is bounded by a batch or a shard, never by the file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, write_options
 from schemas.arrow import (
     CARRIED_KNOWN,
     MESSAGE_TYPE,
@@ -197,8 +198,6 @@ def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
     file and column otherwise). Memory: one record batch. The file's metadata
     lists the sources under ``spotlane.sources``.
     """
-    from pipeline.storage import write_options
-
     first = open_parquet(urls[0])
     schema = first.schema_arrow
     for url in urls[1:]:
@@ -211,8 +210,6 @@ def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
         extra = [n for n in other.names if n not in schema.names]
         if extra:
             raise InputError(f"column not in {urls[0]}", file=url, column=extra[0])
-    import json
-
     schema = schema.with_metadata({**(schema.metadata or {}), b"spotlane.sources": json.dumps(urls).encode()})
     fs, path = filesystem(target)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -225,8 +222,6 @@ def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
 
 def source_of_row(url: str, row: int) -> tuple[str, int] | None:
     """For a stitched input: (source file, row within it) of ``row``; None otherwise."""
-    import json
-
     meta = open_parquet(url).schema_arrow.metadata or {}
     if b"spotlane.sources" not in meta:
         return None

@@ -29,7 +29,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from pipeline import leases, metrics
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST_NAMES, copy_file, filesystem, read_json, sha256_of
+from pipeline.storage import MANIFEST_NAMES, copy_file, filesystem, list_files, read_manifest, remove_tree, sha256_of
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.status import ActionStatus, JobStatus, StorageActionKind
@@ -90,49 +90,32 @@ class SweepReport:
 # -- files -------------------------------------------------------------------------
 
 
-def _files(url: str) -> Iterator[tuple[str, int]]:
-    """(path relative to ``url``, size) of every file under ``url``; nothing if absent."""
-    fs, root = filesystem(url)
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        return
-    root = root.rstrip("/")
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        if info.get("type") == "directory":
-            continue
-        yield path[len(root) + 1 :], int(info.get("size") or 0)
-
-
-def _remove(url: str) -> None:
-    fs, path = filesystem(url)
-    fs.invalidate_cache()
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def _expected_checksums(url: str, files: list[str]) -> dict[str, tuple[int, str]]:
     """name relative to ``url`` -> (bytes, sha256) from every manifest under ``url``."""
     expected: dict[str, tuple[int, str]] = {}
-    for rel in files:
-        if rel.rsplit("/", 1)[-1] not in MANIFEST_NAMES:
-            continue
-        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+    folders = {rel.rpartition("/")[0] for rel in files if rel.rpartition("/")[2] in MANIFEST_NAMES}
+    for folder in sorted(folders):
+        manifest = read_manifest(f"{url}/{folder}" if folder else url)
         try:
-            entries = [(e["name"], int(e["bytes"]), str(e["sha256"])) for e in read_json(f"{url}/{rel}")["files"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"cannot read the manifest {url}/{rel} ({exc.__class__.__name__}: {exc}); not moved") from exc
-        for name, size, digest in entries:
-            expected[f"{folder}/{name}" if folder else name] = (size, digest)
+            for entry in manifest["files"]:
+                name = f"{folder}/{entry['name']}" if folder else entry["name"]
+                expected[name] = (int(entry["bytes"]), str(entry["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"the manifest in {url}/{folder} lacks {exc}; not moved") from exc
     return expected
 
 
-def _copy_verified(runtime: Runtime, source: str, target: str, heartbeat: Callable[[], None]) -> tuple[int, int]:
-    """Copy every file under ``source`` to ``target`` and verify each copy; (files, bytes)."""
-    listing = [(rel, size) for rel, size in _files(source) if not rel.rsplit("/", 1)[-1].startswith(".tmp-")]
-    expected = _expected_checksums(source, [rel for rel, _ in listing])
+def _is_temporary(rel: str) -> bool:
+    """A half-written file a crashed writer left (``storage`` writes via ``.tmp-`` names)."""
+    return rel.rpartition("/")[2].startswith(".tmp-")
+
+
+def _copy_verified(runtime: Runtime, source: str, target: str, heartbeat: Callable[[], None]) -> dict[str, int]:
+    """Copy every file under ``source`` to ``target`` and verify each copy; {path: bytes} copied."""
+    listing = {rel: size for rel, size in list_files(source) if not _is_temporary(rel)}
+    expected = _expected_checksums(source, list(listing))
     cold_class = runtime.storage.storage_class("cold")
-    total = 0
-    for rel, size in listing:
+    for rel in listing:
         heartbeat()
         src, dst = f"{source}/{rel}", f"{target}/{rel}"
         want = expected.get(rel)
@@ -149,53 +132,46 @@ def _copy_verified(runtime: Runtime, source: str, target: str, heartbeat: Callab
         if (int(fs.size(path)), sha256_of(dst)) != want:
             what = "its manifest" if rel in expected else src
             raise StoreError(f"the copy {dst} does not match {what} (source {src}); not moved")
-        total += size
-    return len(listing), total
+    return listing
 
 
 # -- the three actions -----------------------------------------------------------------
 
 
-def _job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
-
-
-def _delete_copied(source: str, target: str) -> None:
-    """Delete each file under ``source`` that ``target`` holds at the same size, then
+def _delete_copied(source: str, copied: dict[str, int]) -> None:
+    """Delete each file under ``source`` that was copied (same path and size), then
     the folder if nothing is left: a file written after the copy (a retry's new
     result version) stays, and the next sweep moves it."""
-    target_sizes = dict(_files(target))
     fs, root = filesystem(source)
     kept: set[str] = set()
     emptied: set[str] = set()
-    copied: list[str] = []
-    for rel, size in _files(source):
-        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
-        if rel.rsplit("/", 1)[-1].startswith(".tmp-") or target_sizes.get(rel) == size:
-            copied.append(f"{root.rstrip('/')}/{rel}")
+    paths: list[str] = []
+    for rel, size in list_files(source):
+        folder = rel.rpartition("/")[0]
+        if _is_temporary(rel) or copied.get(rel) == size:
+            paths.append(f"{root.rstrip('/')}/{rel}")
             emptied.add(folder)
         else:
             kept.add(folder)
     if not kept:
-        _remove(source)
+        remove_tree(source)
         return
-    if copied:
-        fs.rm(copied)  # one bulk request on S3
+    if paths:
+        fs.rm(paths)  # one bulk request on S3
     for folder in emptied - kept:  # a folder whose files all moved (no nesting under results folders)
         if folder:
-            _remove(f"{source}/{folder}")
+            remove_tree(f"{source}/{folder}")
 
 
 def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
     source, target = action.source_url, action.target_url or ""
     with session_scope(runtime.engine) as session:
-        job = _job(session, action.job_id)
+        job = session.get(Job, action.job_id)
         if job is None or job.results_deleted_at is not None:
             return 0, 0  # deleted meanwhile: nothing to move
         result_url = job.result_url or ""
-    files = size = 0
     if result_url.startswith(source + "/"):
-        files, size = _copy_verified(runtime, source, target, heartbeat)
+        copied = _copy_verified(runtime, source, target, heartbeat)
         moved_url = target + result_url[len(source) :]
         with session_scope(runtime.engine) as session:
             switched = session.execute(
@@ -205,27 +181,33 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
             ).rowcount  # type: ignore[attr-defined]
         if switched != 1:
             raise StoreError(f"job {action.job_id}'s results changed during the move; the next sweep tries again")
-        log.info("job %s: results moved to %s (%d files, %d bytes)", action.job_id, moved_url, files, size)
-    elif not result_url.startswith(target + "/"):
+        log.info("job %s: results moved to %s (%d files)", action.job_id, moved_url, len(copied))
+    elif result_url.startswith(target + "/"):
+        copied = dict(list_files(target))  # switched by an earlier, interrupted sweep
+    else:
         return 0, 0  # results are elsewhere (re-finalized after a resume): leave them
-    _delete_copied(source, target)  # SQL points at the cold copy now
-    return files, size
+    _delete_copied(source, copied)  # SQL points at the cold copy now
+    return len(copied), sum(copied.values())
 
 
 def _do_purge(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
-    listing = list(_files(action.source_url))
-    _remove(action.source_url)
+    listing = list(list_files(action.source_url))
+    remove_tree(action.source_url)
     return len(listing), sum(size for _, size in listing)
+
+
+def _job_folders(runtime: Runtime, job_id: str) -> list[str]:
+    """Everything of a job, in every tier (what retention deletes)."""
+    return [runtime.storage.job_url(job_id, tier) for tier in ("warm", "cold", "hot")]
 
 
 def _do_delete(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], None]) -> tuple[int, int]:
     files = size = 0
-    for tier in ("warm", "cold", "hot"):
+    for url in _job_folders(runtime, action.job_id):
         heartbeat()
-        url = runtime.storage.job_url(action.job_id, tier)
-        listing = list(_files(url))
+        listing = list(list_files(url))
         files, size = files + len(listing), size + sum(s for _, s in listing)
-        _remove(url)
+        remove_tree(url)
     return files, size
 
 
@@ -308,19 +290,17 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
     source, target = _urls(runtime, kind, job_id)
     with session_scope(runtime.engine) as session:
         guard = [Job.id == job_id, Job.status.in_(_FINAL), Job.results_deleted_at.is_(None)]
-        marks: dict[str, Any] = {}
+        marks: dict[str, Any] = {"updated_at": utcnow()}
         if kind is StorageActionKind.DELETE_RESULTS:
-            marks = {"results_deleted_at": now, "result_url": None, "result_tier": "deleted"}
+            marks |= {"results_deleted_at": now, "result_url": None, "result_tier": "deleted",
+                      "checkpoints_purged_at": func.coalesce(Job.checkpoints_purged_at, now)}
         elif kind is StorageActionKind.PURGE_CHECKPOINTS:
             guard.append(Job.checkpoints_purged_at.is_(None))
-            marks = {"checkpoints_purged_at": now}
+            marks["checkpoints_purged_at"] = now
         else:
             guard.append(Job.result_tier == "warm")
-        if marks and session.execute(update(Job).where(*guard).values(**marks)).rowcount != 1:  # type: ignore[attr-defined]
+        if session.execute(update(Job).where(*guard).values(**marks)).rowcount != 1:  # type: ignore[attr-defined]
             return None
-        if kind is StorageActionKind.DELETE_RESULTS:
-            session.execute(update(Job).where(Job.id == job_id, Job.checkpoints_purged_at.is_(None))
-                            .values(checkpoints_purged_at=now))
         action = StorageAction(job_id=job_id, action=kind, status=ActionStatus.STARTED, source_url=source,
                                target_url=target, files=0, bytes=0, started_at=now)
         session.add(action)
@@ -330,10 +310,8 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
 
 def _planned(runtime: Runtime, kind: StorageActionKind, job_id: str) -> ActionReport:
     source, target = _urls(runtime, kind, job_id)
-    urls = [source] if kind is not StorageActionKind.DELETE_RESULTS else [
-        runtime.storage.job_url(job_id, t) for t in ("warm", "cold", "hot")
-    ]
-    listing = [item for url in urls for item in _files(url)]
+    urls = _job_folders(runtime, job_id) if kind is StorageActionKind.DELETE_RESULTS else [source]
+    listing = [item for url in urls for item in list_files(url)]
     return ActionReport(job_id, kind.value, "planned", source, target, len(listing), sum(s for _, s in listing))
 
 

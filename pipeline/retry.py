@@ -20,7 +20,7 @@ from pipeline.db import session_scope
 from pipeline.finalizer import _ResultWriter
 from pipeline.inputs import iter_rows, open_parquet
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST, filesystem, read_manifest, write_json, write_parquet
+from pipeline.storage import MANIFEST, filesystem, read_manifest, remove_tree, write_json, write_parquet
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.tables import Job
@@ -108,7 +108,6 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
                     tags={**(parent.tags or {}), "result_version": version}, updated_at=utcnow())
         ).rowcount  # type: ignore[attr-defined]
     if not switched:
-        fs, path = filesystem(new_url)
-        fs.rm(path, recursive=True)
+        remove_tree(new_url)
         return None
     return new_url

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,8 +38,10 @@ __all__ = [
     "Tier",
     "copy_file",
     "filesystem",
+    "list_files",
     "read_json",
     "read_manifest",
+    "remove_tree",
     "sha256_of",
     "write_json",
     "write_parquet",
@@ -144,6 +147,26 @@ def read_json(url: str) -> Any:
         return json.loads(fh.read())
 
 
+def list_files(url: str) -> Iterator[tuple[str, int]]:
+    """(path relative to ``url``, size) of every file under ``url``, sorted; nothing if absent."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return
+    root = root.rstrip("/")
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") != "directory":
+            yield path[len(root) + 1 :], int(info.get("size") or 0)
+
+
+def remove_tree(url: str) -> None:
+    """Delete ``url`` and everything under it; nothing if it is absent."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def read_manifest(folder: str) -> dict[str, Any]:
     """The manifest of the results folder ``folder`` (either name); ``StoreError`` naming it otherwise."""
     fs, path = filesystem(folder)
@@ -194,12 +217,3 @@ class Storage:
 
     def storage_class(self, tier: Tier) -> str:
         return self.settings.storage_class(tier)
-
-    def tier_of(self, url: str) -> Tier | None:
-        """Which tier ``url`` lies in (the longest matching tier URL wins)."""
-        best: tuple[int, Tier] | None = None
-        for tier in ("hot", "warm", "cold"):
-            root = self.tier(tier) + "/"
-            if url.startswith(root) and (best is None or len(root) > best[0]):
-                best = (len(root), tier)
-        return best[1] if best else None

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpoints(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(text("select count(*) from checkpoints")).scalar_one())
 
 
 def _job_status(home: Path, job_id: str) -> str:
@@ -115,10 +121,7 @@ def test_killing_the_worker_mid_job_and_restarting_it_gives_every_id_exactly_onc
     job_id = submitted.stdout.strip()
     engine = _db(spotlane_home)
 
-    def committed() -> int:
-        with engine.connect() as conn:
-            return int(conn.execute(text("select count(*) from checkpoints")).scalar_one())
-
+    committed = partial(_checkpoints, engine)
     first = _start_worker(env, tmp_path / "worker1.log")
     _wait_for(lambda: committed() >= 3, 120, "three checkpoints")
     first.send_signal(signal.SIGKILL)
@@ -177,10 +180,7 @@ def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
     job_id = spotlane("submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "160", "--max-tokens", "24", env=env).stdout.strip()
     engine = _db(spotlane_home)
 
-    def committed() -> int:
-        with engine.connect() as conn:
-            return int(conn.execute(text("select count(*) from checkpoints")).scalar_one())
-
+    committed = partial(_checkpoints, engine)
     first = _start_worker(env, tmp_path / "worker1.log")
     _wait_for(lambda: committed() >= 2, 120, "two checkpoints")
     first.send_signal(signal.SIGTERM)

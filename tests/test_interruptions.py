@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import spotlane, write_prompts
+from tests.conftest import spotlane, stop_process, write_prompts
 from workers.drain import StopFlag
 from workers.spot_notice import SpotNoticeProbe, notice_in
 
@@ -99,6 +99,14 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 SLOW = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": "10", "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
 
 
+def _finish_with_another_worker(env: dict[str, str], tmp_path: Path, home: Path, job_id: str) -> None:
+    second = _worker(env, tmp_path / "w2.log")
+    try:
+        _wait(lambda: _scalar(home, f"select status from jobs where id = '{job_id}'") == "succeeded", 120, "success")
+    finally:
+        stop_process(second)
+
+
 @pytest.mark.slow
 def test_a_spot_notice_drains_the_worker_and_the_next_one_finishes(
     tmp_path: Path, spotlane_home: Path, tiny_model: Path, metadata: _Metadata
@@ -115,12 +123,7 @@ def test_a_spot_notice_drains_the_worker_and_the_next_one_finishes(
     assert _scalar(spotlane_home, "select outcome from shard_attempts") == "preempted"
     assert _scalar(spotlane_home, "select status from shards") == "queued"
     metadata.action = None
-    second = _worker(env, tmp_path / "w2.log")
-    try:
-        _wait(lambda: _scalar(spotlane_home, f"select status from jobs where id = '{job_id}'") == "succeeded", 120, "success")
-    finally:
-        second.terminate()
-        second.wait(30)
+    _finish_with_another_worker(env, tmp_path, spotlane_home, job_id)
     assert _scalar(spotlane_home, "select sum(row_count) from checkpoints") == 120
     assert _scalar(spotlane_home, "select count(*) from checkpoints") == 12
 
@@ -138,12 +141,7 @@ def test_a_shard_preempted_max_times_goes_back_to_the_router(tmp_path: Path, spo
     # Not straight back to its queue: to the router (which the draining worker may already have run).
     assert "preempted 1 times: back to the router" in (tmp_path / "w1.log").read_text()
     assert _scalar(spotlane_home, "select status from shards") in ("pending", "queued")
-    second = _worker(env, tmp_path / "w2.log")
-    try:
-        _wait(lambda: _scalar(spotlane_home, f"select status from jobs where id = '{job_id}'") == "succeeded", 120, "success")
-    finally:
-        second.terminate()
-        second.wait(30)
+    _finish_with_another_worker(env, tmp_path, spotlane_home, job_id)
     assert _scalar(spotlane_home, "select sum(row_count) from checkpoints") == 120
 
 

@@ -225,12 +225,12 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
 
     # 2. The next sweep finishes it, then dies after switching SQL, before deleting warm.
     monkeypatch.setattr(lifecycle, "copy_file", real_copy)
-    real_remove = lifecycle._remove
+    real_remove = lifecycle.remove_tree
 
     def die_before_delete(url: str) -> None:
         raise Crash()
 
-    monkeypatch.setattr(lifecycle, "_remove", die_before_delete)
+    monkeypatch.setattr(lifecycle, "remove_tree", die_before_delete)
     with pytest.raises(Crash):
         lifecycle.sweep(runtime, now=later)
     cold = runtime.storage.results_url(job_id, "cold")
@@ -238,7 +238,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     assert _exists(warm) and _verify_against_manifest(cold) == 24
 
     # 3. A normal sweep deletes the warm copy and closes the action: one move, done.
-    monkeypatch.setattr(lifecycle, "_remove", real_remove)
+    monkeypatch.setattr(lifecycle, "remove_tree", real_remove)
     report = lifecycle.sweep(runtime, now=later)
     assert ("move_to_cold", "done") in [(a.action, a.status) for a in report.actions]
     assert not _exists(runtime.storage.job_url(job_id, "warm"))

@@ -122,7 +122,7 @@ def main() -> None:
             plain = time.perf_counter() - started
 
             job_id = "bench-job"
-            folder = storage.results_url(job_id, "warm")
+            folder = storage.new_results_url(job_id)
             assert _write_results(folder, args.files, args.rows_per_file) == size
             ended = utcnow() - timedelta(days=365)
             with session_scope(runtime.engine) as session:

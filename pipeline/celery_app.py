@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from schemas.records import FinalizeJob, RouteJob, RunShard
+from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard
 
 from workers.drain import StopFlag
 
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 
 #: Every task and the queue it runs on (``<pool>``: the GPU pool's name).
 TASKS = {
-    "spotlane.route_job": "control",
-    "spotlane.finalize_job": "control",
+    ROUTE_JOB: "control",
+    FINALIZE_JOB: "control",
     "spotlane.reap": "control",
     "spotlane.schedules_tick": "control",
     "spotlane.storage_sweep": "control",
-    "spotlane.run_shard": "gpu.<pool>",
+    RUN_SHARD: "gpu.<pool>",
 }
 
 
@@ -122,19 +122,33 @@ def _runner(app: Celery, runtime: Runtime) -> ShardRunner:
     if runner is None:
         from workers.runner import ShardRunner
 
-        runner = ShardRunner(runtime, stop=STOP)
+        runner = ShardRunner(runtime, stop=STOP, on_hung=_exit_after_hang)
         app.spotlane_runner = runner
     return runner
 
 
+#: Seconds a worker whose engine hung waits (its shard already handed back) before it exits.
+HANG_EXIT_GRACE = 5.0
+
+
+def _exit_after_hang() -> None:
+    """A hung engine (a stuck CUDA kernel, a lost continuous-batching result) does not
+    come back: the shard was handed back; end the process so its supervisor starts a
+    fresh one."""
+    log.critical("the engine is hung; this worker exits in %.0f s", HANG_EXIT_GRACE)
+    timer = threading.Timer(HANG_EXIT_GRACE, os._exit, args=(70,))
+    timer.daemon = True
+    timer.start()
+
+
 def _register(app: Celery, runtime: Runtime) -> None:
-    @app.task(name="spotlane.route_job")
+    @app.task(name=ROUTE_JOB)
     def route_job(payload: dict[str, Any]) -> int:
         from pipeline.router import route_job as route
 
         return route(runtime, RouteJob.decode(payload).job_id)
 
-    @app.task(name="spotlane.run_shard")
+    @app.task(name=RUN_SHARD)
     def run_shard(payload: dict[str, Any]) -> str | None:
         if STOP:
             # Draining: put the task back for another worker rather than start it.
@@ -142,7 +156,7 @@ def _register(app: Celery, runtime: Runtime) -> None:
         status = _runner(app, runtime).run(RunShard.decode(payload))
         return status.value if status is not None else None
 
-    @app.task(name="spotlane.finalize_job")
+    @app.task(name=FINALIZE_JOB)
     def finalize_job(payload: dict[str, Any]) -> str | None:
         from pipeline.finalizer import finalize_job as finalize
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import api, db
@@ -144,13 +145,13 @@ def run(
     wall = time.monotonic() - started
     console.print(summary_line(report, wall))
     if report.result_url:
-        console.print(f"results: {report.result_url}")
+        console.print(f"results: {escape(report.result_url)}")
     if output and report.result_url:
         rows = api.export_results(runtime, job_id, output)
-        console.print(f"exported {rows} rows to {output}")
+        console.print(f"exported {rows} rows to {escape(output)}")
     if report.status in ("failed", "cancelled", "paused"):
         if report.error:
-            err.print(f"[red]error:[/red] {report.error}")
+            err.print(f"[red]error:[/red] {escape(report.error)}")
         raise typer.Exit(1)
 
 
@@ -254,7 +255,7 @@ def jobs(
     table = Table("job", "status", "rows", "failed", "model", "created", box=None)
     for row in rows:
         table.add_row(row["job_id"], row["status"], str(row["rows"]), str(row["rows_failed"]),
-                      Path(row["model"]).name, (row["created_at"] or "")[:19])
+                      escape(Path(row["model"]).name), (row["created_at"] or "")[:19])
     console.print(table)
 
 
@@ -269,14 +270,14 @@ def results(
     info = api.results(runtime, job_id)
     if to:
         rows = api.export_results(runtime, job_id, to)
-        console.print(f"exported {rows} rows to {to}")
+        console.print(f"exported {rows} rows to {escape(to)}")
         return
     if as_json:
         console.print_json(json.dumps(info.manifest))
         return
-    console.print(f"{info.url}  ({info.tier} tier)")
+    console.print(f"{escape(info.url)}  ({info.tier} tier)")
     for url in info.files:
-        console.print(f"  {url}")
+        console.print(f"  {escape(url)}")
 
 
 @app.command()
@@ -331,7 +332,7 @@ def main() -> None:
     except SpotlaneError as exc:
         if _STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except typer.Abort:
         err.print("aborted")
@@ -344,7 +345,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc} (run with --debug for the traceback)")
+        err.print(f"[red]error:[/red] {exc.__class__.__name__}: {escape(str(exc))} (run with --debug for the traceback)")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -9,6 +9,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli import (
@@ -50,7 +51,7 @@ def plan(
         return
     table = Table("backend", "kind", "shards", "rows", "est. cost", "est. finish (UTC)", box=None)
     for name, line in sorted(result.by_backend.items()):
-        table.add_row(name, line["kind"], str(line["shards"]), f"{line['rows']:,}", f"${line['cost_usd']:.4f}",
+        table.add_row(escape(name), line["kind"], str(line["shards"]), f"{line['rows']:,}", f"${line['cost_usd']:.4f}",
                       f"{line['finish']:%Y-%m-%d %H:%M:%S}")
     console.print(table)
     console.print(f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f}, "
@@ -58,7 +59,7 @@ def plan(
     if result.blocked:
         console.print(f"[yellow]{result.blocked} shard(s) would wait: the budget does not cover them[/yellow]")
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 @app.command()
@@ -88,7 +89,7 @@ def costs(
         return
     table = Table(by, "cost", "input tokens", "output tokens", box=None)
     for line in lines:
-        table.add_row(str(line[by]), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}", f"{line['output_tokens']:,}")
+        table.add_row(escape(str(line[by])), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}", f"{line['output_tokens']:,}")
     console.print(table)
 
 

@@ -10,6 +10,7 @@ from datetime import date
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pipeline.cli import _runtime, app, console
 from schemas.errors import InputError
@@ -59,7 +60,7 @@ def storage_sweep(
         if report.deferred:
             console.print(f"{report.deferred} more left for the next sweep (storage.sweep_max_seconds)")
         for a in report.failed:
-            console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {a.error}", highlight=False)
+            console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {escape(a.error or '')}", highlight=False)
     if report.given_up and not as_json:
         console.print(f"{report.given_up} failed action(s) are no longer retried; see "
                       "`select * from storage_actions where status = 'failed'`, then --retry-failed", markup=False)

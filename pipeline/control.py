@@ -2,7 +2,8 @@
 
 ``cancel`` stops routing at once; shards not started go back to ``pending`` and a
 running shard stops at its next checkpoint (the worker sees the job cancelled),
-so every committed checkpoint is kept. ``resume`` continues a cancelled, failed or
+so every committed checkpoint is kept. A job writing its results (``finalizing``)
+spends nothing more and is not cancelled. ``resume`` continues a cancelled, failed or
 paused job: unfinished shards are routed again and resume after their last
 committed checkpoint; finished shards are not touched.
 """
@@ -11,15 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from pipeline import transitions
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from schemas.base import utcnow
 from schemas.errors import NotFound, StoreError
-from schemas.records import RouteJob
-from schemas.status import JobStatus, ShardStatus
+from schemas.status import JobStatus
 from schemas.tables import Job, Shard
 
 __all__ = ["Stopped", "cancel", "resume"]
@@ -46,13 +45,10 @@ def cancel(runtime: Runtime, job_id: str) -> Stopped:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
         if job.status.is_final:
             raise StoreError(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
-        transitions.set_job_status(
-            session, job_id, JobStatus.CANCELLED,
-            expected=(JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FINALIZING),
-            error="cancelled by hand",
-        )
-        # Not started yet: back to pending (their queued tasks find nothing to claim).
-        transitions.unqueue_cancelled(session, job_id)
+        if job.status is JobStatus.FINALIZING:
+            raise StoreError(f"job {job_id} is writing its results (every shard has ended); nothing to cancel")
+        if not transitions.cancel_job(session, job_id, "cancelled by hand"):
+            raise StoreError(f"job {job_id} changed state while cancelling; try again")
         return Stopped(job_id, JobStatus.CANCELLED.value, _rows_done(session, job_id), job.rows_total)
 
 
@@ -63,13 +59,9 @@ def resume(runtime: Runtime, job_id: str) -> Stopped:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
         if job.status not in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED):
             raise StoreError(f"job {job_id} is {job.status.value}; only cancelled, failed or paused jobs resume")
-        # Claim the row against the lifecycle sweep, which deletes checkpoints only
-        # of jobs that are still final and not yet purged (both are guarded UPDATEs).
-        claimed = session.execute(
-            update(Job).where(Job.id == job_id, Job.checkpoints_purged_at.is_(None), Job.status == job.status)
-            .values(updated_at=utcnow())
-        ).rowcount  # type: ignore[attr-defined]
-        if claimed != 1:
+        # Guarded on the checkpoints being there: the lifecycle sweep deletes them only
+        # of jobs still final and not yet purged (both are guarded UPDATEs).
+        if not transitions.resume_job(session, job_id, job.status):
             session.refresh(job)
             if job.checkpoints_purged_at is None:
                 raise StoreError(f"job {job_id} changed state while resuming (now {job.status.value}); try again")
@@ -77,18 +69,7 @@ def resume(runtime: Runtime, job_id: str) -> Stopped:
                 f"job {job_id}'s checkpoints were deleted by the storage lifecycle "
                 f"(storage.checkpoint_grace_hours); it cannot resume: submit its input again"
             )
-        session.execute(
-            update(Shard)
-            .where(Shard.job_id == job_id,
-                   Shard.status.in_((ShardStatus.FAILED, ShardStatus.BLOCKED, ShardStatus.PREEMPTED)))
-            .values(status=ShardStatus.PENDING, backend=None, queue=None, excluded_backends=[], error=None,
-                    finished_at=None, updated_at=utcnow())
-        )
-        transitions.set_job_status(
-            session, job_id, JobStatus.RUNNING, expected=(JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED),
-            error=None, finished_at=None, result_url=None, result_tier=None,
-        )
         kept = _rows_done(session, job_id)
         total = job.rows_total
-    runtime.send("spotlane.route_job", RouteJob(job_id=job_id), runtime.settings.control_queue)
+    runtime.send_route(job_id)
     return Stopped(job_id, JobStatus.RUNNING.value, kept, total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -18,16 +19,17 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from schemas.base import utcnow
 from schemas.errors import ConfigError, StoreError
 from schemas.settings import mask_url
 
-__all__ = ["current_revision", "engine_for", "head_revision", "session_scope", "upgrade"]
+__all__ = ["current_revision", "db_now", "engine_for", "head_revision", "session_scope", "upgrade"]
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -81,6 +83,19 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: what leases, heartbeats and the reaper all measure by.
+
+    Workers and reapers on different machines would otherwise compare each
+    other's clocks. PostgreSQL answers ``clock_timestamp()``; SQLite lives on
+    this machine's disk, so every process using it shares this machine's clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        value: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+        return value
+    return utcnow()
 
 
 def _alembic_config(engine: Engine) -> Config:

@@ -1,15 +1,19 @@
 """What a shard will cost to run: its rows' sizes, read from the input file.
 
-A ``ShardProfile`` sums a shard's prompt characters and ``max_tokens`` and lists
-the models its rows ask for. Tokens come from the model's own tokenizer when it is
+A ``ShardProfile`` sums a shard's prompt characters, UTF-8 bytes and
+``max_tokens`` and lists the models its rows ask for. Tokens come from the model's own tokenizer when it is
 a local folder with ``tokenizer.json`` (the Rust ``tokenizers`` library, no
 torch), else from characters divided by a calibrated characters-per-token ratio.
 Output tokens are the rows' limits times the learnt fill ratio (how much of
 ``max_tokens`` rows really use), 1.0 until observed.
+
+Those are estimates (what ``plan`` shows). ``input_bound`` and ``max_tokens`` are
+bounds: what the budget reserves (``pipeline.pricing.Quote.reserve_usd``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,8 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.inputs import iter_rows, open_parquet
+from schemas.backends import input_token_bound
+from schemas.inference import Request
 
-__all__ = ["ShardProfile", "count_tokens", "profile_rows"]
+__all__ = ["ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
 
 
 @dataclass
@@ -33,6 +39,10 @@ class ShardProfile:
     #: Exact prompt tokens when a local tokenizer was used, else None.
     prompt_tokens: int | None = None
     longest_prompt_chars: int = 0
+    #: UTF-8 bytes of the rows' prompts (messages: roles and contents).
+    prompt_bytes: int = 0
+    #: Chat messages over all rows (one per row for plain prompts).
+    messages: int = 0
 
     def input_tokens(self, chars_per_token: float) -> int:
         if self.prompt_tokens is not None:
@@ -41,6 +51,27 @@ class ShardProfile:
 
     def output_tokens(self, fill: float) -> int:
         return int(self.max_tokens * fill)
+
+    def input_bound(self, exact_tokenizer: bool) -> int:
+        """The most prompt tokens the rows can be billed: exact counts when the model's
+        own tokenizer was used (``exact_tokenizer``), else their UTF-8 bytes; plus the
+        chat template's tokens."""
+        counted = self.prompt_tokens if exact_tokenizer and self.prompt_tokens is not None else self.prompt_bytes
+        return input_token_bound(counted, self.messages, self.rows)
+
+
+def profile_requests(requests: Sequence[Request]) -> ShardProfile:
+    """The profile of requests a worker is about to send (for the chunk's worst case)."""
+    profile = ShardProfile()
+    for r in requests:
+        text = r.prompt if r.messages is None else _render(r.messages)
+        profile.rows += 1
+        profile.prompt_chars += len(text or "")
+        profile.prompt_bytes += len((text or "").encode("utf-8", "surrogatepass"))
+        profile.messages += len(r.messages) if r.messages is not None else 1
+        profile.max_tokens += max(0, r.max_tokens)
+        profile.longest_prompt_chars = max(profile.longest_prompt_chars, len(text or ""))
+    return profile
 
 
 @lru_cache(maxsize=8)
@@ -61,11 +92,16 @@ def count_tokens(model: str, texts: list[str]) -> int | None:
     return sum(len(e.ids) for e in tokenizer.encode_batch(texts))
 
 
-def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> list[str]:
+def _render(messages: Sequence[Mapping[str, Any]]) -> str:
+    return "\n".join(f"{m.get('role') or ''}: {m.get('content') or ''}" for m in messages)
+
+
+def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], int]:
+    """The rows' texts, and how many chat messages they hold."""
     values = column.to_pylist()
     if kind == "prompt":
-        return [v or "" for v in values]
-    return ["\n".join(f"{m['role']}: {m['content']}" for m in (v or [])) for v in values]
+        return [v or "" for v in values], len(values)
+    return [_render(v or []) for v in values], sum(max(1, len(v or [])) for v in values)
 
 
 def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str) -> ShardProfile:
@@ -75,13 +111,17 @@ def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: 
     profile = ShardProfile()
     exact: int | None = 0
     for batch in iter_rows(url, start, end, columns):
-        texts = _texts(batch.column(kind), kind)
+        texts, messages = _texts(batch.column(kind), kind)
         lengths = [len(t) for t in texts]
         profile.rows += len(texts)
+        profile.messages += messages
         profile.prompt_chars += sum(lengths)
+        profile.prompt_bytes += sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         profile.longest_prompt_chars = max([profile.longest_prompt_chars, *lengths])
         if "max_tokens" in columns:
-            limits = pc.fill_null(batch.column("max_tokens"), default_max_tokens)
+            # Submit refuses limits below 1; a file written before that rule cannot
+            # make an estimate (or a reservation) negative.
+            limits = pc.max_element_wise(pc.fill_null(batch.column("max_tokens"), default_max_tokens), 0)
             profile.max_tokens += int(pc.sum(limits).as_py() or 0)
         else:
             profile.max_tokens += default_max_tokens * len(texts)

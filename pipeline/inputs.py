@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -19,25 +21,34 @@ import pyarrow.parquet as pq
 from pipeline.storage import filesystem, write_options
 from schemas.arrow import (
     CARRIED_KNOWN,
-    MESSAGE_TYPE,
     OPTIONAL_INPUT_TYPES,
+    OUTPUT_NAMES,
     REQUEST_COLUMNS,
     is_string,
 )
-from schemas.errors import InputError
+from schemas.errors import InputChanged, InputError
 
 __all__ = [
     "InputInfo",
     "canonical_url",
+    "check_identity",
     "expand_input",
+    "input_identity",
     "inspect_input",
+    "batch_rows",
     "iter_rows",
     "open_parquet",
     "read_rows",
+    "refuse_credentials",
     "stitch_inputs",
 ]
 
 _ID_BATCH = 1 << 16
+#: Distinct per-row ``model`` names an input may use (each is loaded by workers).
+MAX_ROW_MODELS = 32
+#: Query parameters that make a URL a credential (presigned S3, GCS, Azure SAS, tokens).
+_SECRET_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                  "x-goog-credential", "sig", "signature", "token", "access_token", "password", "secret"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,8 @@ class InputInfo:
     #: Request columns present in the file, beyond id and the prompt column.
     request_columns: tuple[str, ...]
     schema: pa.Schema
+    #: Distinct models named in the ``model`` column (rows that override the job's).
+    row_models: tuple[str, ...] = ()
 
 
 def open_parquet(url: str) -> pq.ParquetFile:
@@ -113,8 +126,108 @@ def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tu
                 f"must be {what}, not {schema.field(column).type}", file=url, column=column
             )
     carried = tuple(n for n in names if n not in REQUEST_COLUMNS or n in CARRIED_KNOWN)
+    clash = [n for n in carried if n in OUTPUT_NAMES]
+    if clash:
+        raise InputError(
+            f"is also the name of an output column ({', '.join(sorted(OUTPUT_NAMES))}); rename it",
+            file=url, column=clash[0],
+        )
     requests = tuple(n for n in names if n in REQUEST_COLUMNS and n not in ("id", kind))
     return kind, carried, requests
+
+
+def _first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def _check_values(url: str, pf: pq.ParquetFile, requests: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse per-row limits a request cannot have, naming the row; return the row models."""
+    columns = [c for c in ("max_tokens", "temperature", "model") if c in requests]
+    if not columns:
+        return ()
+    import pyarrow.compute as pc
+
+    models: dict[str, int] = {}
+    offset = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=_ID_BATCH):
+        if "max_tokens" in columns:
+            bad = pc.fill_null(pc.less(batch.column("max_tokens"), 1), False)
+            if pc.any(bad).as_py():
+                row = _first(bad)
+                raise InputError(f"max_tokens {batch.column('max_tokens')[row].as_py()} is below 1",
+                                 file=url, column="max_tokens", row=offset + row)
+        if "temperature" in columns:
+            values = batch.column("temperature").cast(pa.float64())
+            bad = pc.fill_null(pc.invert(pc.and_(pc.greater_equal(values, 0.0), pc.less_equal(values, 5.0))), False)
+            if pc.any(bad).as_py():
+                row = _first(bad)
+                raise InputError(f"temperature {values[row].as_py()} is not a number in [0, 5]",
+                                 file=url, column="temperature", row=offset + row)
+        if "model" in columns:
+            for i, name in enumerate(batch.column("model").to_pylist()):
+                if name is not None and name not in models:
+                    if len(models) >= MAX_ROW_MODELS:
+                        raise InputError(f"more than {MAX_ROW_MODELS} distinct models", file=url, column="model",
+                                         row=offset + i)
+                    models[name] = offset + i
+        offset += batch.num_rows
+    return tuple(models)
+
+
+def refuse_credentials(url: str) -> None:
+    """Credentials in an input URL would be stored in SQL, the manifest and ``status``."""
+    if "://" not in url:
+        return
+    parts = urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        password = None
+    if password is not None or (parts.username and parts.scheme in ("http", "https")):
+        raise InputError("the URL carries credentials; give them through the environment "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3), never in the URL", file=_redact(url))
+    secret = sorted(k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS)
+    if secret:
+        raise InputError(f"the URL carries a signature or token ({secret[0]}=...); presigned URLs expire and would be "
+                         "stored with the job: give the object's own URL and credentials through the environment",
+                         file=_redact(url))
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""), query=""))
+
+
+def input_identity(url: str) -> dict[str, Any]:
+    """What pins the input: its size, and its ETag, generation or mtime where the store has one."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    found: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    for key in ("ETag", "etag", "generation", "version_id", "VersionId"):
+        if info.get(key):
+            found[key.lower()] = str(info[key])
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if mtime is not None and not any(k in found for k in ("etag", "generation")):
+        found["mtime"] = mtime.isoformat() if hasattr(mtime, "isoformat") else float(mtime)
+    return found
+
+
+def check_identity(url: str, recorded: dict[str, Any] | None) -> None:
+    """Raise ``InputChanged`` if ``url`` is not the file recorded at submit."""
+    if not recorded:
+        return
+    try:
+        now = input_identity(url)
+    except FileNotFoundError:
+        raise InputChanged(f"the input {url} is gone since the job was submitted; submit it again") from None
+    changed = sorted(k for k, v in recorded.items() if now.get(k) != v)
+    if changed:
+        raise InputChanged(
+            f"the input {url} changed since the job was submitted ({', '.join(f'{k}: {recorded[k]} -> {now.get(k)}' for k in changed)}); "
+            "its rows are no longer the ones validated: submit it again"
+        )
 
 
 def _hashes(ids: pa.Array) -> np.ndarray:
@@ -215,7 +328,8 @@ def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb", **write_options(storage_class)) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for url in urls:
-            for batch in open_parquet(url).iter_batches(batch_size=_ID_BATCH):
+            source = open_parquet(url)
+            for batch in source.iter_batches(batch_size=batch_rows(source, most=_ID_BATCH)):
                 writer.write_batch(pa.RecordBatch.from_arrays(batch.select(schema.names).columns, schema=schema))
     return target
 
@@ -247,16 +361,38 @@ def inspect_input(url: str) -> InputInfo:
         raise InputError("file has no rows", file=url)
     try:
         _check_ids(url, pf)
+        row_models = _check_values(url, pf, requests)
     except pa.ArrowException as exc:
-        raise InputError(f"could not read the id column ({exc})", file=url, column="id") from exc
-    return InputInfo(url, rows, kind, carried, requests, schema)
+        raise InputError(f"could not read the file's columns ({exc})", file=url) from exc
+    return InputInfo(url, rows, kind, carried, requests, schema, row_models)
+
+
+#: Bytes of (uncompressed) rows one read batch aims at: memory follows row size, not row count.
+BATCH_BYTES = 32 << 20
+
+
+def batch_rows(pf: pq.ParquetFile, columns: list[str] | None = None, most: int = 4096) -> int:
+    """Rows per read batch so that a batch of ``columns`` holds about ``BATCH_BYTES``."""
+    meta = pf.metadata
+    if not meta.num_rows or not meta.num_row_groups:
+        return most
+    names = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+    wanted = set(columns or names)
+    size = sum(
+        meta.row_group(rg).column(i).total_uncompressed_size
+        for rg in range(meta.num_row_groups) for i, name in enumerate(names) if name in wanted
+    )
+    per_row = max(1.0, size / meta.num_rows)
+    return int(max(1, min(most, BATCH_BYTES // per_row)))
 
 
 def iter_rows(
-    url: str, start: int, end: int, columns: list[str], batch_size: int = 4096
+    url: str, start: int, end: int, columns: list[str], batch_size: int | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Stream rows ``[start, end)`` of ``url`` as record batches of ``columns``."""
+    """Stream rows ``[start, end)`` of ``url`` as record batches of ``columns``
+    (``batch_size`` rows at most; by default as many as fit ``BATCH_BYTES``)."""
     pf = open_parquet(url)
+    batch_size = batch_rows(pf, columns, batch_size or 4096)
     meta = pf.metadata
     first = 0
     for rg in range(meta.num_row_groups):

@@ -1,16 +1,21 @@
-"""The cost ledger's moves: reserve (router), charge per checkpoint, release.
+"""The cost ledger's moves: reserve (router, top-ups), charge per checkpoint, release.
 
-Reserved + spent for a job is ``sum(amount_usd)`` over its rows: a reservation is
-held when a shard is routed, each committed checkpoint charges its actual cost and
-releases as much of the reservation, and whatever is left is released when the
-shard ends or goes back to the router. Callers pass a session; their transaction
-commits.
+Reserved + spent for a job is ``sum(amount_usd)`` over its rows. The router
+reserves a shard's worst case (``pipeline.pricing``: every row's ``max_tokens``,
+and an input bound that holds for any tokenizer) under the job lock, only if it
+fits the budget. Before each chunk is sent, a worker checks that the shard's
+remaining reservation covers the worst case of what it has in flight, topping it
+up under the job lock if the budget allows, and stops otherwise (``reserve_chunk``).
+Each committed checkpoint charges its actual cost and releases as much of the
+reservation; what is left is released when the shard ends or goes back to the
+router. So ``spent + reserved <= budget`` holds after every transaction. Callers
+pass a session; their transaction commits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -18,30 +23,37 @@ from sqlalchemy.orm import Session
 from schemas.status import LedgerKind
 from schemas.tables import CostLedgerEntry
 
-if TYPE_CHECKING:
-    from pipeline.transitions import CheckpointStats, Claim
+__all__ = ["Charge", "charge", "committed_usd", "release", "reserve", "reserve_chunk", "reserved_usd", "spent_usd"]
 
-__all__ = ["charge", "release", "reserved_usd"]
+#: Float slack in budget comparisons (a millionth of a cent).
+EPSILON = 1e-8
 
 
-def charge(session: Session, claim: Claim, stats: CheckpointStats, now: datetime) -> None:
-    """Charge a checkpoint's actual cost, and give back as much of the reservation.
+@dataclass(frozen=True)
+class Charge:
+    """Work to charge: who did it, what it cost."""
 
-    Reserved + spent therefore tracks max(estimate, actual) while the shard runs.
-    """
-    session.add(CostLedgerEntry(
-        job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend, kind=LedgerKind.CHARGE,
-        amount_usd=stats.cost_usd, input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
-        created_at=now,
-    ))
-    reserved = reserved_usd(session, claim.shard_id)
-    give_back = min(reserved, stats.cost_usd)
-    if give_back > 0:
-        session.add(CostLedgerEntry(
-            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
-            kind=LedgerKind.RELEASE, amount_usd=-give_back, created_at=now,
-        ))
+    job_id: str
+    shard_id: int
+    backend: str
+    cost_usd: float
+    input_tokens: int = 0
+    output_tokens: int = 0
 
+
+def committed_usd(session: Session, job_id: str) -> float:
+    """Spent plus still-reserved USD of a job."""
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
+    ).scalar_one())
+
+
+def spent_usd(session: Session, job_id: str) -> float:
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+            CostLedgerEntry.job_id == job_id, CostLedgerEntry.kind == LedgerKind.CHARGE
+        )
+    ).scalar_one())
 
 
 def reserved_usd(session: Session, shard_id: int) -> float:
@@ -53,12 +65,55 @@ def reserved_usd(session: Session, shard_id: int) -> float:
     ).scalar_one())
 
 
+def fits(committed: float, amount: float, budget_usd: float | None) -> bool:
+    return budget_usd is None or committed + amount <= budget_usd + EPSILON
 
-def release(session: Session, claim: Claim, now: datetime) -> None:
-    """Give back whatever is still reserved for the shard."""
-    reserved = reserved_usd(session, claim.shard_id)
-    if reserved > 0:
+
+def reserve(session: Session, job_id: str, shard_id: int, backend: str, amount_usd: float, now: datetime,
+            input_tokens: int = 0, output_tokens: int = 0) -> None:
+    """Hold ``amount_usd`` (never negative) for a shard; the caller holds the job lock and checked the budget."""
+    session.add(CostLedgerEntry(
+        job_id=job_id, shard_id=shard_id, backend=backend, kind=LedgerKind.RESERVE, amount_usd=max(0.0, amount_usd),
+        input_tokens=input_tokens, output_tokens=output_tokens, created_at=now,
+    ))
+
+
+def reserve_chunk(session: Session, job_id: str, shard_id: int, backend: str, need_usd: float,
+                  budget_usd: float | None, now: datetime) -> bool:
+    """Make the shard's reservation cover ``need_usd`` (the worst case of its work in flight).
+
+    The caller holds the job lock. Tops the reservation up if the budget allows;
+    False (nothing written) if it does not, or if the job is already over its
+    budget (the budget was lowered meanwhile).
+    """
+    committed = committed_usd(session, job_id)
+    top_up = max(0.0, need_usd - reserved_usd(session, shard_id))
+    if not fits(committed, top_up, budget_usd):
+        return False
+    if top_up > EPSILON:
+        reserve(session, job_id, shard_id, backend, top_up, now)
+    return True
+
+
+def charge(session: Session, work: Charge, now: datetime) -> None:
+    """Charge work's actual cost, and give back as much of the shard's reservation."""
+    session.add(CostLedgerEntry(
+        job_id=work.job_id, shard_id=work.shard_id, backend=work.backend, kind=LedgerKind.CHARGE,
+        amount_usd=work.cost_usd, input_tokens=work.input_tokens, output_tokens=work.output_tokens, created_at=now,
+    ))
+    give_back = min(reserved_usd(session, work.shard_id), work.cost_usd)
+    if give_back > 0:
         session.add(CostLedgerEntry(
-            job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend,
-            kind=LedgerKind.RELEASE, amount_usd=-float(reserved), created_at=now,
+            job_id=work.job_id, shard_id=work.shard_id, backend=work.backend,
+            kind=LedgerKind.RELEASE, amount_usd=-give_back, created_at=now,
+        ))
+
+
+def release(session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime) -> None:
+    """Give back whatever is still reserved for the shard (a negative remainder too)."""
+    reserved = reserved_usd(session, shard_id)
+    if abs(reserved) > EPSILON:
+        session.add(CostLedgerEntry(
+            job_id=job_id, shard_id=shard_id, backend=backend or "-",
+            kind=LedgerKind.RELEASE, amount_usd=-reserved, created_at=now,
         ))

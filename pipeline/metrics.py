@@ -51,8 +51,8 @@ SCHEDULE_RUNS = Counter(
 _SERVING: set[int] = set()
 
 
-def serve(port: int) -> None:
-    """Serve ``/metrics`` on ``port`` (once per process; 0 does nothing)."""
+def serve(port: int, address: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` on ``address``:``port`` (once per process; port 0 does nothing)."""
     if port and port not in _SERVING:
-        start_http_server(port)
+        start_http_server(port, addr=address)
         _SERVING.add(port)

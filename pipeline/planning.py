@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from pipeline import transitions
 from pipeline.db import session_scope
@@ -24,9 +24,8 @@ from pipeline.router import choose, quotes_for
 from pipeline.runtime import Runtime
 from schemas.base import utcnow
 from schemas.errors import InputError, NotFound
-from schemas.records import RouteJob
-from schemas.status import JobStatus, LedgerKind, ShardStatus
-from schemas.tables import CostLedgerEntry, Job, Shard
+from schemas.status import JobStatus, LedgerKind
+from schemas.tables import CostLedgerEntry, Job
 
 __all__ = ["Plan", "costs", "plan", "set_budget"]
 
@@ -97,20 +96,15 @@ def plan(
 
 def set_budget(runtime: Runtime, job_id: str, budget_usd: float) -> str:
     """Set a job's budget; a job paused for money resumes. Returns its status."""
-    if budget_usd < 0:
-        raise InputError("the budget must not be negative")
+    if budget_usd < 0 or budget_usd != budget_usd:
+        raise InputError("the budget must be a number of USD, not negative")
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
-        session.execute(update(Job).where(Job.id == job_id).values(budget_usd=budget_usd, updated_at=utcnow()))
-        resumed = transitions.set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.PAUSED,), error=None)
-        session.execute(
-            update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.BLOCKED)
-            .values(status=ShardStatus.PENDING, updated_at=utcnow())
-        )
+        resumed = transitions.change_budget(session, job_id, budget_usd)
         status = JobStatus.RUNNING.value if resumed else job.status.value
-    runtime.send("spotlane.route_job", RouteJob(job_id=job_id), runtime.settings.control_queue)
+    runtime.send_route(job_id)
     return status
 
 

@@ -10,6 +10,14 @@ the sustainable request rate (the tightest of concurrency / latency, rpm, tpm);
 ``capacity`` 1, since the rate already counts concurrency.
 
 Observed figures (``pipeline.learning``) replace the configured priors.
+
+Each quote carries two prices: ``cost_usd``, the estimate (learnt characters per
+token and output fill; what ``plan`` shows and what routing compares), and
+``reserve_usd``, the worst case the budget holds: every row's ``max_tokens``, and
+an input that no tokenizer can exceed (``ShardProfile.input_bound``). A
+provider's bill cannot exceed ``reserve_usd`` (the API engine charges no more
+than each request's bound); a GPU pool's is time and can, so workers check the
+budget before every chunk as well.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pipeline.estimate import ShardProfile
 from pipeline.learning import Observed
 from schemas.backends import ApiProvider, GpuPool, RoutingSettings
 
-__all__ = ["PREFILL_WEIGHT", "Quote", "quote"]
+__all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "worst_case_usd"]
 
 #: A prompt token costs a GPU about this fraction of a generated token (prefill is batched).
 PREFILL_WEIGHT = 0.1
@@ -38,6 +46,8 @@ class Quote:
     capacity: int
     input_tokens: int
     output_tokens: int
+    #: The worst case the backend can bill for the shard, held against the budget.
+    reserve_usd: float = 0.0
 
 
 def quote(
@@ -59,12 +69,28 @@ def quote(
     if isinstance(backend, GpuPool):
         tps = (stats.tokens_per_second if stats and stats.tokens_per_second else None) or backend.tokens_per_second
         preemption = stats.preemption_rate if stats and stats.preemption_rate is not None else backend.preemption_rate
-        seconds = (tokens_out + PREFILL_WEIGHT * tokens_in) / tps
+        seconds = max(0.0, (tokens_out + PREFILL_WEIGHT * tokens_in) / tps)
         cost = seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption)
         return Quote(backend.name, "gpu", backend.queue, model, cost, seconds * (1.0 + 0.5 * preemption),
-                     backend.max_workers, tokens_in, tokens_out)
+                     backend.max_workers, tokens_in, tokens_out, reserve_usd=worst_case_usd(backend, profile, stats))
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
     rate = backend.requests_per_second(per_request, latency)
-    cost = tokens_in / 1e6 * backend.input_usd_per_1m + tokens_out / 1e6 * backend.output_usd_per_1m
-    return Quote(backend.name, "api", backend.queue, model, cost, profile.rows / rate, 1, tokens_in, tokens_out)
+    return Quote(backend.name, "api", backend.queue, model, max(0.0, api_cost(backend, tokens_in, tokens_out)),
+                 profile.rows / rate, 1, tokens_in, tokens_out,
+                 reserve_usd=worst_case_usd(backend, profile))
+
+
+def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:
+    return input_tokens / 1e6 * provider.input_usd_per_1m + output_tokens / 1e6 * provider.output_usd_per_1m
+
+
+def worst_case_usd(backend: GpuPool | ApiProvider, profile: ShardProfile, stats: Observed | None = None) -> float:
+    """The most ``backend`` can bill for ``profile``'s rows (see the module docstring)."""
+    if isinstance(backend, ApiProvider):
+        # The provider's tokenizer is not ours to know: bound by bytes.
+        return max(0.0, api_cost(backend, profile.input_bound(exact_tokenizer=False), profile.max_tokens))
+    tps = (stats.tokens_per_second if stats and stats.tokens_per_second else None) or backend.tokens_per_second
+    preemption = stats.preemption_rate if stats and stats.preemption_rate is not None else backend.preemption_rate
+    seconds = (profile.max_tokens + PREFILL_WEIGHT * profile.input_bound(exact_tokenizer=True)) / tps
+    return max(0.0, seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption))

@@ -2,8 +2,10 @@
 
 The job row and all its shard rows are written in one transaction, and only then
 is the routing task sent; a bad input raises ``InputError`` before anything is
-written or enqueued. If the broker is unreachable after the commit, the job waits
-as ``pending`` and the reaper routes it later.
+written or enqueued. If the broker is unreachable after the commit, the submit
+still succeeds (a retried submit would make a second job): the job waits as
+``pending`` and the reaper routes it later. The input's size and ETag (or mtime)
+are recorded, so a worker can tell when the file changed after submit.
 """
 
 from __future__ import annotations
@@ -18,13 +20,23 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.db import session_scope
-from pipeline.inputs import InputInfo, expand_input, inspect_input, open_parquet, source_of_row, stitch_inputs
+from pipeline.inputs import (
+    InputInfo,
+    expand_input,
+    input_identity,
+    inspect_input,
+    iter_rows,
+    open_parquet,
+    refuse_credentials,
+    source_of_row,
+    stitch_inputs,
+)
 from pipeline.model_ref import resolve_model
 from pipeline.runtime import Runtime
 from pipeline.storage import filesystem
 from schemas.base import utcnow
 from schemas.errors import InputError
-from schemas.records import RouteJob
+from schemas.settings import Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
 
@@ -50,6 +62,8 @@ class JobRequest:
     #: Chosen by the caller to make a retried submit idempotent (scheduled runs);
     #: a job with this id already existing is then not an error.
     job_id: str | None = None
+    #: A ``retry-errors`` job: the job whose error rows this one re-runs.
+    retry_of: str | None = None
 
 
 def new_job_id() -> str:
@@ -109,6 +123,34 @@ def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
         raise InputError(message, file=where[0], column=exc.column, row=where[1]) from None
 
 
+def _check_row_models(settings: Settings, info: InputInfo, models: list[str]) -> None:
+    """A row's own ``model`` must be one of the job's, or one a backend names outright.
+
+    Never an arbitrary folder or hub id a ``*`` pool would load because a data row
+    says so: each would be loaded (and kept) by every worker that meets it.
+    """
+    named = {m for b in settings.backends for m in b.models if m != "*"}
+    for name in info.row_models:
+        if name not in models and name not in named:
+            where = _first_row_with(info.url, name)
+            raise InputError(
+                f"model {name!r} is neither one of the job's models ({', '.join(models)}) nor one a backend "
+                "lists in gpu_pools or api_providers", file=info.url, column="model", row=where,
+            )
+
+
+def _first_row_with(url: str, model: str) -> int | None:
+    import pyarrow.compute as pc
+
+    offset = 0
+    for batch in iter_rows(url, 0, open_parquet(url).metadata.num_rows, ["model"]):
+        hits = pc.equal(batch.column("model"), model)
+        if pc.any(hits).as_py():
+            return offset + int(pc.index(hits, True).as_py())
+        offset += batch.num_rows
+    return None
+
+
 def submit(runtime: Runtime, request: JobRequest) -> str:
     """Create the job and its shards, enqueue routing, and return the job id."""
     settings = runtime.settings
@@ -116,10 +158,13 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
         raise InputError(f"--task must be generate or embed, not {request.task!r}")
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InputError("--max-tokens must be at least 1")
+    if request.temperature is not None and not 0.0 <= request.temperature <= 5.0:
+        raise InputError(f"--temperature must be a number in [0, 5], not {request.temperature}")
     if request.rows_per_shard is not None and request.rows_per_shard < 1:
         raise InputError("--rows-per-shard must be at least 1")
-    if request.budget_usd is not None and request.budget_usd < 0:
-        raise InputError("--budget must not be negative")
+    if request.budget_usd is not None and not request.budget_usd >= 0:
+        raise InputError(f"--budget must be a number of USD, not negative (got {request.budget_usd})")
+    refuse_credentials(request.input_url)
     names = [request.model] if isinstance(request.model, str) else list(request.model)
     if not names:
         raise InputError("name at least one model")
@@ -131,6 +176,8 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
     if request.job_id and _exists(runtime, job_id):
         return job_id
     info = _inspect(runtime, request.input_url, job_id)
+    _check_row_models(settings, info, models)
+    identity = input_identity(info.url)
     rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
     ranges = plan_shards(info.rows, rows_per_shard)
     now = utcnow()
@@ -144,6 +191,8 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     model=model,
                     models=models,
                     input_url=info.url,
+                    input_identity=identity,
+                    retry_of=request.retry_of,
                     input_kind=info.kind,
                     carried_columns=list(info.carried_columns),
                     max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
@@ -189,5 +238,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
             fs, path = filesystem(info.url)
             fs.rm(path)
         return job_id  # the same scheduled run, submitted twice at once: one job
-    runtime.send("spotlane.route_job", RouteJob(job_id=job_id), settings.control_queue)
+    # A broker that fails now is not the submit's failure: the job is recorded, and
+    # the reaper routes a pending job whose message was lost.
+    runtime.send_route(job_id)
     return job_id

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.api import JobReport
 
@@ -42,8 +44,9 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     head = Table(show_header=False, box=None)
     head.add_row("job", report.job_id)
     head.add_row("status", report.status)
-    head.add_row("model", Path(report.model).name if "/" in report.model and Path(report.model).exists() else report.model)
-    head.add_row("input", report.input_url)
+    head.add_row("model", escape(Path(report.model).name if "/" in report.model and Path(report.model).exists()
+                                 else report.model))
+    head.add_row("input", escape(report.input_url))
     head.add_row("rows", f"{report.rows_done}/{report.rows_total} done ({report.percent_done:.1f}%), {report.rows_failed} failed")
     head.add_row(
         "shards",
@@ -53,14 +56,14 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     head.add_row("tokens", f"in {report.input_tokens:,} / out {report.output_tokens:,}")
     head.add_row("cost", f"${report.cost_usd:.4f}")
     if report.result_url:
-        head.add_row("results", report.result_url)
+        head.add_row("results", escape(report.result_url))
     if report.error:
-        head.add_row("error", f"[red]{report.error}[/red]")
+        head.add_row("error", Text(report.error, style="red"))
     shards = Table("shard", "status", "rows done", "failed", "backend", "attempts", box=None)
     for shard in report.shards[:max_shards]:
         shards.add_row(
             str(shard["shard"]), shard["status"], f"{shard['rows_done']}/{shard['rows']}",
-            str(shard["rows_failed"]), shard["backend"] or "-", str(shard["attempts"]),
+            str(shard["rows_failed"]), escape(shard["backend"] or "-"), str(shard["attempts"]),
         )
     parts: list[Table] = [head, shards]
     if len(report.shards) > max_shards:

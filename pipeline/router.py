@@ -1,6 +1,9 @@
 """Routing: every shard goes to the cheapest backend that keeps its job in budget and on time.
 
-For each pending shard of a job:
+One router per job at a time (a lease in SQL, renewed at every shard): a
+duplicated ``route_job`` message returns at once. For each pending shard of a job,
+read and profiled only when its turn comes, so the first shard is queued within
+seconds whatever the input's size:
 
 1. Rules first (``routing.rules``: model pins, a tag's allowed backends), then the
    backends that serve one of the job's models and every model its rows name, that
@@ -11,42 +14,50 @@ For each pending shard of a job:
 3. Under a lock on the job row (an UPDATE, so routers on any number of machines
    serialise per job): reserved + spent from ``cost_ledger``, and each backend's
    backlog (estimated seconds of queued and running shards, all jobs). ``choose``
-   picks the cheapest quote that fits the budget and finishes before the deadline;
-   if none is on time, the in-budget quote that finishes first; if nothing fits
-   the budget, the shard is ``blocked`` and the job ``paused``.
-4. Reserve the estimate, mark the shard queued on the backend's queue, commit, and
-   only then send the run task.
+   picks the cheapest quote whose worst case fits the budget and that finishes
+   before the deadline; if none is on time, the in-budget quote that finishes
+   first. If no worst case fits, the shard waits while other shards of the job
+   run (their reservations come back as they finish; the worker that ends one
+   routes the job again), or, with nothing in flight, every pending shard is
+   ``blocked`` and the job ``paused``.
+4. Reserve the worst case, mark the shard queued on the backend's queue, commit,
+   and only then send the run task.
+
+With a deadline, the job's pending shards are first assigned together (an exact
+MILP, ``pipeline.assignment``) from the footer's size estimate.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline import learning, transitions
+from pipeline import leases, learning, ledger, transitions
 from pipeline.assignment import cheapest_on_time
-from pipeline.db import session_scope
+from pipeline.db import db_now, session_scope
 from pipeline.estimate import ShardProfile, profile_rows
+from pipeline.identity import owner_id
 from pipeline.pricing import Quote, quote
 from pipeline.runtime import Runtime
 from schemas.backends import ApiProvider, GpuPool
-from schemas.base import utcnow
-from schemas.records import FinalizeJob, RunShard
 from schemas.settings import Settings
-from schemas.status import JobStatus, LedgerKind, ShardStatus
-from schemas.tables import CostLedgerEntry, Job, Shard
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
 
-__all__ = ["RUN_SHARD", "Choice", "candidates", "choose", "committed_usd", "plan_on_time", "quotes_for", "route_job"]
+__all__ = [
+    "Choice", "candidates", "choose", "committed_usd", "plan_on_time", "quotes_for", "route_job", "route_lease",
+]
 
 log = logging.getLogger(__name__)
 
-RUN_SHARD = "spotlane.run_shard"
+#: Characters per token of the footer-only estimate (``Job.est_prompt_tokens`` used 4).
+CHARS_PER_TOKEN = 4.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ def choose(
     deadline: datetime | None,
 ) -> Choice:
     """The cheapest quote within budget that finishes by the deadline (see module doc)."""
-    affordable = [q for q in quotes if budget_usd is None or committed_usd + q.cost_usd <= budget_usd + 1e-9]
+    affordable = [q for q in quotes if ledger.fits(committed_usd, _held(q), budget_usd)]
     if not affordable:
         return Choice(None, "no backend fits the remaining budget")
 
@@ -105,7 +116,7 @@ def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: It
             continue
         if job.task == "embed" and not isinstance(backend, GpuPool):
             continue  # providers are chat endpoints here
-        if not all(backend.serves(m) for m in profile.row_models):
+        if not all(backend.serves_row(m, models) for m in profile.row_models):
             continue
         for model in models:
             if backend.serves(model):
@@ -132,18 +143,10 @@ def quotes_for(session: Session, settings: Settings, job: Job, profile: ShardPro
     return found
 
 
-def _committed(session: Session, job_id: str) -> float:
-    return float(
-        session.execute(
-            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
-        ).scalar_one()
-    )
-
-
 def committed_usd(runtime: Runtime, job_id: str) -> float:
     """Spent plus still-reserved USD of a job, from the ledger."""
     with session_scope(runtime.engine) as session:
-        return _committed(session, job_id)
+        return ledger.committed_usd(session, job_id)
 
 
 def _backlog(session: Session) -> dict[str, float]:
@@ -155,55 +158,74 @@ def _backlog(session: Session) -> dict[str, float]:
     return {backend: float(seconds) for backend, seconds in rows if backend}
 
 
+#: How long a router holds a job before it must renew (it renews at every shard).
+ROUTE_LEASE_SECONDS = 120.0
+
+
+def route_lease(job_id: str) -> str:
+    return f"route:{job_id}"
+
+
 def route_job(runtime: Runtime, job_id: str) -> int:
-    """Route every pending shard of ``job_id``; return how many were queued."""
+    """Route the pending shards of ``job_id`` (one router per job at a time); return how many were queued."""
+    owner = owner_id()
+    lease = route_lease(job_id)
+    if not leases.take(runtime.engine, lease, owner, ROUTE_LEASE_SECONDS):
+        log.info("job %s is being routed by another router", job_id)
+        return 0
+    try:
+        return _route(runtime, job_id, lambda: leases.renew(runtime.engine, lease, owner, ROUTE_LEASE_SECONDS))
+    finally:
+        leases.release(runtime.engine, lease, owner)
+
+
+_IN_FLIGHT = (ShardStatus.QUEUED, ShardStatus.RUNNING, ShardStatus.PREEMPTED)
+
+
+def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
     settings = runtime.settings
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
-        if job is None or job.status.is_final or job.status is JobStatus.PAUSED:
+        if job is None or job.status.is_final or job.status is JobStatus.FINALIZING:
+            return 0
+        if job.status is JobStatus.PAUSED:
+            transitions.block_pending(session, job_id)  # nothing of a paused job waits unseen
             return 0
         shards = session.execute(
-            select(Shard.id, Shard.row_start, Shard.row_end, Shard.excluded_backends)
+            select(Shard.id, Shard.shard_index, Shard.row_start, Shard.row_end, Shard.excluded_backends)
             .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
             .order_by(Shard.shard_index)
         ).all()
-    profiles = {sid: profile_rows(job.input_url, s, e, job.input_kind, job.max_tokens, job.model)
-                for sid, s, e, _ in shards}
-    planned = _plan(runtime, job_id, shards, profiles) if job.deadline is not None else {}
+    planned = _plan(runtime, job_id, shards) if job.deadline is not None and shards else {}
     queued = 0
-    for shard_id, start, end, excluded in shards:
-        profile = profiles[shard_id]
+    for shard_id, index, start, end, excluded in shards:
+        if not renew():
+            log.warning("router lost its lease on job %s; another router goes on", job_id)
+            return queued
+        # Profiled one shard at a time: the first shard is queued after reading its
+        # own rows, not the whole input.
+        profile = profile_rows(job.input_url, start, end, job.input_kind, job.max_tokens, job.model)
         with session_scope(runtime.engine) as session:
-            now = utcnow()
-            # Lock the job row first: routers of the same job take turns from here to commit.
-            session.execute(update(Job).where(Job.id == job_id).values(updated_at=now))
-            job = session.get(Job, job_id)
-            if job is None or job.status.is_final or job.status is JobStatus.PAUSED:
+            job = transitions.lock_job(session, job_id)  # routers, claims and commits of this job take turns
+            if job is None or job.status.is_final or job.status is JobStatus.FINALIZING:
                 return queued
+            if job.status is JobStatus.PAUSED:
+                transitions.block_pending(session, job_id)
+                return queued
+            now = db_now(session)
             quotes = quotes_for(session, settings, job, profile, excluded or [], now)
             if not quotes:
-                _fail_unroutable(session, job, shard_id, excluded or [])
+                _fail_unroutable(session, job, shard_id, index, excluded or [])
                 continue
-            committed = _committed(session, job_id)
+            committed = ledger.committed_usd(session, job_id)
             preferred = [q for q in quotes if (q.backend, q.model) == planned.get(shard_id)]
-            if preferred and (job.budget_usd is None or committed + preferred[0].cost_usd <= job.budget_usd + 1e-9):
+            if preferred and ledger.fits(committed, _held(preferred[0]), job.budget_usd):
                 choice = Choice(preferred[0])
             else:
-                choice = choose(
-                    quotes,
-                    committed_usd=committed,
-                    budget_usd=job.budget_usd,
-                    backlog_seconds=_backlog(session),
-                    now=now,
-                    deadline=job.deadline,
-                )
+                choice = choose(quotes, committed_usd=committed, budget_usd=job.budget_usd,
+                                backlog_seconds=_backlog(session), now=now, deadline=job.deadline)
             if choice.quote is None:
-                transitions.block_shard(session, shard_id)
-                transitions.set_job_status(
-                    session, job_id, JobStatus.PAUSED, expected=(JobStatus.PENDING, JobStatus.RUNNING),
-                    error=f"paused: budget ${job.budget_usd:.4f} cannot cover shard {shard_id} "
-                          f"(cheapest ${min(q.cost_usd for q in quotes):.4f}); raise it with `spotlane budget`",
-                )
+                _wait_or_pause(session, job, shard_id, index, quotes)
                 return queued
             best = choice.quote
             if not transitions.queue_shard(
@@ -212,41 +234,82 @@ def route_job(runtime: Runtime, job_id: str) -> int:
                 est_cost_usd=best.cost_usd, est_seconds=best.seconds, route_note=choice.note,
             ):
                 continue
-            session.add(CostLedgerEntry(
-                job_id=job_id, shard_id=shard_id, backend=best.backend, kind=LedgerKind.RESERVE,
-                amount_usd=best.cost_usd, input_tokens=best.input_tokens, output_tokens=best.output_tokens,
-            ))
+            ledger.reserve(session, job_id, shard_id, best.backend, _held(best), now,
+                           best.input_tokens, best.output_tokens)
             transitions.set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.PENDING,))
+            record = transitions.run_record(session, shard_id)
         # Sent after the commit: a worker never sees a task its shard row does not back.
-        runtime.send(RUN_SHARD, RunShard(job_id=job_id, shard_id=shard_id, backend=best.backend), best.queue)
+        runtime.send_run(record)
         queued += 1
     with session_scope(runtime.engine) as session:
         finished = transitions.job_shards_final(session, job_id)
     if finished:  # every shard failed routing: finalize now, nothing else will
-        runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), settings.control_queue)
+        runtime.send_finalize(job_id)
     return queued
 
 
-def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any], profiles: dict[int, ShardProfile]) -> dict[int, tuple[str, str]]:
-    """Shard id -> (backend, model) of the cheapest on-time assignment of all pending shards."""
+def _held(q: Quote) -> float:
+    """What routing ``q`` holds against the budget: its worst case (never less than its estimate)."""
+    return max(q.reserve_usd, q.cost_usd)
+
+
+def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes: Sequence[Quote]) -> None:
+    """No backend's worst case fits what is left of the budget now.
+
+    If other shards of the job are in flight, their reservations come back as they
+    finish (their actual cost is usually well under the worst case): the shard
+    waits, pending, and is routed again when one of them ends. Otherwise the budget
+    cannot cover it: every pending shard is blocked and the job paused.
+    """
+    cheapest = min(_held(q) for q in quotes)
+    in_flight = session.execute(
+        select(func.count()).select_from(Shard).where(Shard.job_id == job.id, Shard.status.in_(_IN_FLIGHT))
+    ).scalar_one()
+    if in_flight:
+        session.execute(update(Shard).where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING).values(
+            route_note=f"waiting for budget: worst case ${cheapest:.4f} does not fit until running shards finish",
+            updated_at=db_now(session)))
+        return
+    transitions.block_pending(session, job.id)
+    transitions.set_job_status(
+        session, job.id, JobStatus.PAUSED, expected=(JobStatus.PENDING, JobStatus.RUNNING),
+        error=f"paused: budget ${job.budget_usd or 0:.4f} cannot cover shard {index} "
+              f"(worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
+    )
+
+
+def _rough_profile(job: Job, rows: int) -> ShardProfile:
+    """A shard's profile from the file's footer alone, for the deadline plan (no rows read)."""
+    chars = int(job.est_prompt_tokens * CHARS_PER_TOKEN * rows)
+    return ShardProfile(rows=rows, prompt_chars=chars, max_tokens=job.max_tokens * rows, prompt_bytes=chars,
+                        messages=rows, longest_prompt_chars=chars // max(rows, 1))
+
+
+def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any]) -> dict[int, tuple[str, str]]:
+    """Shard id -> (backend, model) of the cheapest on-time assignment of all pending shards.
+
+    Priced from the input's footer (no rows read): each shard's exact profile is
+    read when it is routed, and a shard whose plan no longer fits the budget is
+    routed shard by shard.
+    """
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
         if job is None or job.deadline is None:
             return {}
-        now = utcnow()
-        rows = [quotes_for(session, runtime.settings, job, profiles[sid], excluded or [], now)
-                for sid, _, _, excluded in shards]
+        now = db_now(session)
+        rows = [quotes_for(session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now)
+                for _, _, start, end, excluded in shards]
         assignment = plan_on_time(rows, _backlog(session), now, job.deadline)
     if assignment is None:
         return {}
     return {sid: (q.backend, q.model) for (sid, *_), q in zip(shards, assignment, strict=True)}
 
 
-def _fail_unroutable(session: Session, job: Job, shard_id: int, excluded: list[str]) -> None:
+def _fail_unroutable(session: Session, job: Job, shard_id: int, index: int, excluded: list[str]) -> None:
     last = session.execute(select(Shard.error).where(Shard.id == shard_id)).scalar_one()
     if excluded:
         reason = f"no backend left for model {job.model!r}; failed on {', '.join(excluded)}: {last}"
     else:
         reason = f"no backend serves model {job.model!r} (see gpu_pools, api_providers and routing.rules)"
     transitions.fail_unrouted(session, shard_id, reason)
-    log.warning("job %s shard %s: %s", job.id, shard_id, reason)
+    log.warning("job %s shard %s: %s", job.id, index, reason)

@@ -9,6 +9,7 @@ set-up; a server database must be migrated with ``spotlane db upgrade``.
 from __future__ import annotations
 
 import fcntl
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,13 +20,15 @@ from sqlalchemy import Engine
 from pipeline import db
 from pipeline.storage import Storage
 from schemas.errors import StoreError
-from schemas.records import TaskRecord
+from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
 from schemas.settings import Settings, load_settings, mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,31 @@ class Runtime:
             self._celery = make_celery(self)
         return self._celery
 
-    def send(self, name: str, record: TaskRecord, queue: str) -> None:
-        """Enqueue task ``name`` with ``record`` as its only argument."""
-        self.celery.send_task(name, args=[record.encode()], queue=queue)
+    def send(self, name: str, record: TaskRecord, queue: str) -> bool:
+        """Enqueue task ``name`` with ``record`` as its only argument; False if the broker failed.
+
+        Every message follows a committed SQL change that already says what must
+        happen, and the reaper sends again whatever SQL shows a message was lost
+        for; so a broker error is logged here, never raised to a caller whose
+        work is already done (a submit that raised after its commit would be
+        retried into a second job).
+        """
+        try:
+            self.celery.send_task(name, args=[record.encode()], queue=queue)
+        except Exception as exc:  # kombu/redis errors of every kind: the reaper resends
+            log.warning("could not send %s (%s) to queue %s: %s: %s; the reaper will send it again",
+                        name, record, queue, exc.__class__.__name__, exc)
+            return False
+        return True
+
+    def send_route(self, job_id: str) -> bool:
+        """Ask the control plane to route the job's pending shards."""
+        return self.send(ROUTE_JOB, RouteJob(job_id=job_id), self.settings.control_queue)
+
+    def send_run(self, record: RunShard) -> bool:
+        """Send a queued shard to its backend's queue."""
+        return self.send(RUN_SHARD, record, self.settings.backend(record.backend).queue)
+
+    def send_finalize(self, job_id: str) -> bool:
+        """Ask the control plane to finalize the job (or finish a retry job's merge)."""
+        return self.send(FINALIZE_JOB, FinalizeJob(job_id=job_id), self.settings.control_queue)

@@ -2,9 +2,15 @@
 
 Layout (ARCHITECTURE "Storage tiers")::
 
-    <hot>/jobs/<job_id>/shards/<shard_index>/part-<first_row>.parquet   checkpoints
-    <warm>/jobs/<job_id>/results/part-<n>.parquet + _manifest.json  results
-    <cold>/jobs/<job_id>/results/...                                   after the lifecycle moved them
+    <hot>/jobs/<job_id>/shards/<shard_index>/part-<first_row>-a<attempt>-<token>.parquet   checkpoints
+    <warm>/jobs/<job_id>/results-<token>/part-<n>.parquet + _manifest.json              results
+    <warm>/jobs/<job_id>/results-v<N>-<token>/...                     a retry's merged version
+    <cold>/jobs/<job_id>/results-.../...                              after the lifecycle moved them
+
+A part's name is new for every attempt (and every write), so a worker that lost
+its lease can never overwrite the part another attempt committed. A results
+folder is new for every finalization and never rewritten; ``jobs.result_url``
+switches to it once its manifest is written.
 
 Writes are whole-object: a file is written under a temporary name and moved into
 place, so a reader never sees half a part (S3 PUTs are atomic already). Objects
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,17 +36,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from schemas.errors import ConfigError, StoreError
+from schemas.errors import ConfigError, StoreError, TransientError
 from schemas.settings import StorageSettings
 
 __all__ = [
     "MANIFEST",
     "MANIFEST_NAMES",
     "Storage",
+    "HashingWriter",
     "Tier",
     "copy_file",
     "filesystem",
     "list_files",
+    "open_new",
     "read_json",
     "read_manifest",
     "remove_tree",
@@ -94,15 +104,77 @@ def _atomic_write(url: str, data: bytes, storage_class: str = "") -> None:
 
 
 def write_parquet(table: pa.Table, url: str, storage_class: str = "") -> int:
-    """Write ``table`` to ``url`` whole; return the number of bytes written."""
+    """Write ``table`` to ``url`` whole; return the number of bytes written.
+
+    ``TransientError`` if storage fails (a 5xx after s3fs's own retries, a full
+    disk): the caller retries or hands its work back.
+    """
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     try:
         _atomic_write(url, data, storage_class)
     except OSError as exc:
-        raise StoreError(f"could not write {url}: {exc}") from exc
+        raise TransientError(f"could not write {url}: {exc}") from exc
     return len(data)
+
+
+class HashingWriter:
+    """A binary sink that counts and SHA-256s what goes through it (so a file is
+    checksummed as it is written, never read back for it)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += len(view)
+        self.raw.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@contextmanager
+def open_new(url: str, storage_class: str = "") -> Iterator[HashingWriter]:
+    """Write a new file at ``url`` that appears whole or not at all (a temporary name
+    and a rename on a local disk; one upload on S3, aborted on error), checksummed
+    on the way."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    local = _is_local(fs)
+    target = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path
+    handle = fs.open(target, "wb", **({} if local else write_options(storage_class)))
+    try:
+        yield HashingWriter(handle)
+    except BaseException:
+        if local:
+            handle.close()
+            fs.rm(target)
+        else:
+            try:
+                handle.discard()  # aborts the multipart upload: nothing appears
+            finally:
+                handle.closed = True  # closing would complete the upload
+        raise
+    handle.close()
+    if local:
+        fs.mv(target, path)
 
 
 def write_json(obj: Any, url: str, storage_class: str = "") -> None:
@@ -205,11 +277,15 @@ class Storage:
     def job_url(self, job_id: str, tier: Tier) -> str:
         return _join(self.tier(tier), "jobs", job_id)
 
-    def part_url(self, job_id: str, shard_index: int, first_row: int) -> str:
-        return _join(self.job_url(job_id, "hot"), "shards", shard_index, f"part-{first_row}.parquet")
+    def part_url(self, job_id: str, shard_index: int, first_row: int, attempt: int) -> str:
+        """A new name for a part of ``attempt``: never the name of a part written before."""
+        name = f"part-{first_row}-a{attempt}-{secrets.token_hex(4)}.parquet"
+        return _join(self.job_url(job_id, "hot"), "shards", shard_index, name)
 
-    def results_url(self, job_id: str, tier: Tier = "warm") -> str:
-        return _join(self.job_url(job_id, tier), "results")
+    def new_results_url(self, job_id: str, version: int = 1) -> str:
+        """A fresh folder for one finalization (or, ``version`` > 1, one retry merge)."""
+        name = f"results-{secrets.token_hex(4)}" if version == 1 else f"results-v{version}-{secrets.token_hex(4)}"
+        return _join(self.job_url(job_id, "warm"), name)
 
     def checkpoints_url(self, job_id: str) -> str:
         """The folder of a job's part files (committed or orphan) in the hot tier."""

@@ -51,7 +51,7 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     settings = runtime.settings
     STOP.clear()
     SHUTDOWN_GRACE[:] = [settings.worker.shutdown_grace_seconds]
-    metrics.serve(settings.metrics.port)
+    metrics.serve(settings.metrics.port, settings.metrics.address)
     sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
     if sweeper is not None:
         sweeper.start()

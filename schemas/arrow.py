@@ -20,6 +20,7 @@ __all__ = [
     "MESSAGE_TYPE",
     "OPTIONAL_INPUT_TYPES",
     "OUTPUT_FIELDS",
+    "OUTPUT_NAMES",
     "REQUEST_COLUMNS",
     "is_integer",
     "is_number",
@@ -47,6 +48,11 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("attempt", pa.int32()),
     pa.field("error", pa.string()),
 )
+
+
+#: Names the output gives its own columns: an input column carried to the output
+#: may not use one (the results would hold two columns of that name).
+OUTPUT_NAMES = frozenset(f.name for f in OUTPUT_FIELDS) | {"embedding", "parsed"}
 
 
 def is_string(t: pa.DataType) -> bool:

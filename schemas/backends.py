@@ -18,7 +18,34 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ApiProvider", "GpuPool", "RoutingRule", "RoutingSettings", "Section", "default_pools"]
+__all__ = [
+    "MESSAGE_OVERHEAD_TOKENS",
+    "REQUEST_OVERHEAD_TOKENS",
+    "ApiProvider",
+    "GpuPool",
+    "RoutingRule",
+    "RoutingSettings",
+    "Section",
+    "default_pools",
+    "input_token_bound",
+]
+
+#: Tokens a chat template may add to a request (BOS, a default system prompt such
+#: as Qwen's or Llama 3.1's date header, the assistant header) and to each message
+#: (role markers, separators). Generous on purpose: they bound what a provider can
+#: bill, they do not estimate it.
+REQUEST_OVERHEAD_TOKENS = 48
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def input_token_bound(text_bytes: int, messages: int, requests: int) -> int:
+    """The most prompt tokens any tokenizer can make of ``text_bytes`` UTF-8 bytes.
+
+    Byte-level BPE and SentencePiece with byte fallback both emit at least one
+    byte per token, so a text never has more tokens than bytes; the chat
+    template's own tokens come on top.
+    """
+    return text_bytes + REQUEST_OVERHEAD_TOKENS * requests + MESSAGE_OVERHEAD_TOKENS * messages
 
 
 class Section(BaseModel):
@@ -64,6 +91,12 @@ class GpuPool(Section):
     def serves(self, model: str) -> bool:
         return "*" in self.models or model in self.models
 
+    def serves_row(self, model: str, job_models: list[str]) -> bool:
+        """Whether a row naming its own ``model`` may run here: a model listed by name,
+        or, on a ``*`` pool, one of the job's own models (never any folder or hub id
+        an input row names)."""
+        return model in self.models or ("*" in self.models and model in job_models)
+
     def provider_model(self, model: str) -> str:
         return model
 
@@ -103,6 +136,8 @@ class ApiProvider(Section):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/]+", value):
             raise ValueError("must be an http(s) URL such as https://api.example.com/v1")
+        if "@" in value.split("/", 3)[2]:
+            raise ValueError("carries credentials; put the key in the environment variable api_key_env names")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -112,6 +147,9 @@ class ApiProvider(Section):
         return self
 
     def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def serves_row(self, model: str, job_models: list[str]) -> bool:
         return model in self.models
 
     def provider_model(self, model: str) -> str:

@@ -10,10 +10,13 @@ as one line (``--debug`` shows the traceback).
     ├── InputError           the input Parquet file is unusable
     ├── ModelError           the model cannot be found or loaded
     ├── StoreError           the job store refused or lost something
-    │   └── NotFound         no job / shard with that id
+    │   ├── NotFound         no job / shard with that id
+    │   ├── IllegalMove      a state change the table of moves forbids (a bug)
+    │   └── TransientError   storage or the database failed for now; try again
     ├── RoutingError         no backend can take a shard
     └── WorkerError          a worker could not run a shard
         ├── LeaseLost        another worker owns the shard now
+        ├── InputChanged     the input file is not the one validated at submit
         └── ProviderError    an API provider failed a whole chunk beyond retries
 
 Messages never contain secrets: settings are rendered through ``mask_secrets``.
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "IllegalMove",
+    "InputChanged",
     "InputError",
     "LeaseLost",
     "ModelError",
@@ -31,6 +36,7 @@ __all__ = [
     "RoutingError",
     "SpotlaneError",
     "StoreError",
+    "TransientError",
     "WorkerError",
 ]
 
@@ -103,6 +109,15 @@ class NotFound(StoreError):
     exit_code = 2
 
 
+class IllegalMove(StoreError):
+    """A job or shard state change that ``schemas.status``'s table of moves does not allow."""
+
+
+class TransientError(StoreError):
+    """Object storage or the job store failed in a way that may pass (a 5xx, a dropped
+    connection, a full disk); the work is handed back, not failed."""
+
+
 class RoutingError(SpotlaneError):
     """No configured backend can take a shard."""
 
@@ -113,6 +128,10 @@ class WorkerError(SpotlaneError):
 
 class LeaseLost(WorkerError):
     """The worker's lease on a shard expired or was taken; it must stop writing."""
+
+
+class InputChanged(WorkerError):
+    """The input file changed (size, mtime or ETag) after the job was submitted."""
 
 
 class ProviderError(WorkerError):

@@ -13,7 +13,12 @@ from typing import Any, ClassVar, Self
 
 from schemas.errors import WorkerError
 
-__all__ = ["FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
+__all__ = ["FINALIZE_JOB", "ROUTE_JOB", "RUN_SHARD", "FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
+
+#: Task names: what a record is sent as, and what a worker registers.
+ROUTE_JOB = "spotlane.route_job"
+RUN_SHARD = "spotlane.run_shard"
+FINALIZE_JOB = "spotlane.finalize_job"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +49,19 @@ class RouteJob(TaskRecord):
 
 @dataclass(frozen=True, slots=True)
 class RunShard(TaskRecord):
-    """Run one shard on the backend it was routed to."""
+    """Run one shard on the backend it was routed to.
+
+    ``attempt`` is the shard's attempt count when the message was sent: the claim
+    only succeeds while the shard is still queued on ``backend`` with that count,
+    so a duplicate or stale message (sent before a reroute, a re-price or a later
+    hand-back) claims nothing. ``None`` (a message from an older producer) is
+    guarded on the backend alone.
+    """
 
     job_id: str
     shard_id: int
     backend: str
+    attempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

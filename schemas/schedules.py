@@ -27,6 +27,10 @@ _CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
 _UNIT = {"m": 60, "h": 3600, "d": 86400}
 
 
+#: A template field (``{date:%Y-%m-%d}``), or an escaped brace.
+_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_]+(?::[^{}]*)?)\}")
+
+
 class Schedule(Section):
     """One scheduled job."""
 
@@ -154,8 +158,26 @@ class Schedule(Section):
         return self.local(fire).strftime("%Y-%m-%d")
 
     def input_url(self, fire: datetime) -> str:
+        """The template filled in for the run firing at ``fire``: ``{date:FORMAT}``,
+        ``{yesterday:FORMAT}`` (strftime formats) and ``{name}``, nothing else (no
+        attribute or index lookups, unlike ``str.format``); ``{{`` and ``}}`` are braces."""
         local = self.local(fire)
-        return self.input.format(date=local, yesterday=local - timedelta(days=1), name=self.name)
+        values = {"date": local, "yesterday": local - timedelta(days=1)}
+
+        def fill(match: re.Match[str]) -> str:
+            if match.group(0) in ("{{", "}}"):
+                return match.group(0)[0]
+            field, _, spec = match.group(1).partition(":")
+            if field == "name" and not spec:
+                return self.name
+            if field in values:
+                return values[field].strftime(spec or "%Y-%m-%d")
+            raise ValueError(f"unknown template field {{{match.group(1)}}}")
+
+        filled = _FIELD.sub(fill, self.input)
+        if "{" in _FIELD.sub("", self.input) or "}" in _FIELD.sub("", self.input):
+            raise ValueError("a '{' or '}' that opens or closes no field (write {{ or }} for a brace)")
+        return filled
 
     def deadline_at(self, fire: datetime) -> datetime | None:
         if not self.deadline:

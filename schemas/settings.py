@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -149,6 +151,9 @@ class MetricsSettings(_Section):
 
     #: Port a worker serves ``/metrics`` on; 0 turns the endpoint off.
     port: int = Field(default=0, ge=0, le=65535)
+    #: Address it listens on: loopback unless set (a container sets 0.0.0.0 and
+    #: keeps the port private to its network).
+    address: str = "127.0.0.1"
 
 
 class JobDefaults(_Section):
@@ -181,8 +186,11 @@ class WorkerSettings(_Section):
     #: ``auto``: bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: ``batched``: spotlane's length-grouped micro-batches; ``continuous``:
-    #: transformers' continuous batching (rows join as slots free up).
-    engine: Literal["batched", "continuous"] = "batched"
+    #: transformers' continuous batching (rows join as slots free up); ``stub``: no
+    #: model at all, an answer per row at once (``stub_seconds_per_row`` each), to
+    #: measure and test the control plane alone.
+    engine: Literal["batched", "continuous", "stub"] = "batched"
+    stub_seconds_per_row: float = Field(default=0.0, ge=0)
     #: ``torch.compile`` the model's forward (CUDA; first batches are slower).
     compile: bool = False
     #: Spot-interruption notice URL, polled while the worker runs ("" = off). The
@@ -194,8 +202,18 @@ class WorkerSettings(_Section):
     #: regardless (a broker that went away can hold Celery's shutdown forever).
     #: At most one checkpoint of work is lost, as with kill -9.
     shutdown_grace_seconds: float = Field(default=90.0, gt=0)
-    #: A job left ``finalizing`` this long (its finalizer died) is finalized again.
-    finalize_grace_seconds: float = Field(default=600.0, gt=0)
+    #: The finalizer's lease: it renews it as it writes, and a finalizer silent this
+    #: long (dead, frozen) is replaced by another (the reaper sends one).
+    finalize_grace_seconds: float = Field(default=120.0, gt=0)
+    #: A storage or database error while writing or committing a checkpoint is
+    #: retried with backoff for this many seconds; then the shard is handed back
+    #: (not failed, and not counted against the backend).
+    transient_retry_seconds: float = Field(default=60.0, ge=0)
+    #: A chunk that makes no progress for ``hang_factor`` times its estimated time,
+    #: and at least ``hang_min_seconds``, is a hung engine: the worker stops
+    #: heartbeating, hands the shard back, and (``spotlane worker``) exits.
+    hang_factor: float = Field(default=10.0, gt=1)
+    hang_min_seconds: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_under_lease(self) -> WorkerSettings:
@@ -326,17 +344,34 @@ class Settings(BaseSettings):
         data["broker"]["url"] = mask_url(data["broker"]["url"])
         for tier in ("hot", "warm", "cold"):
             data["storage"][tier] = mask_url(data["storage"][tier])
+        for provider in data["api_providers"]:
+            provider["base_url"] = mask_url(provider["base_url"])
+        data["worker"]["spot_notice_url"] = mask_url(data["worker"]["spot_notice_url"])
         return data
 
 
+#: Query parameters whose values are secrets (libpq's ``?password=``, tokens, signatures).
+_SECRET_QUERY = {"password", "sslpassword", "passwd", "secret", "token", "access_token", "api_key", "apikey",
+                 "x-amz-signature", "x-amz-credential", "x-amz-security-token", "sig", "signature"}
+
+
 def mask_url(url: str) -> str:
-    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password (``user:***@``) and secret query parameters masked.
+
+    Parsed the way SQLAlchemy parses a database URL, so a password holding ``/``,
+    ``#`` or ``?`` unencoded (which SQLAlchemy and libpq accept) is masked whole.
+    """
+    if not url:
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not a URL SQLAlchemy reads: mask whatever sits between "//user:" and the last "@".
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    secrets = {k: "***" for k in parsed.query if k.lower() in _SECRET_QUERY}
+    if secrets:
+        parsed = parsed.update_query_dict(secrets)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:

@@ -1,14 +1,35 @@
-"""Job, shard and attempt states, stored verbatim in SQL.
+"""Job, shard and attempt states, stored verbatim in SQL, and the moves allowed between them.
 
-The allowed moves are listed here once; ``pipeline.transitions`` performs them
-as guarded UPDATEs.
+``JOB_MOVES`` and ``SHARD_MOVES`` are the one table of allowed moves;
+``pipeline.transitions`` performs each move as a guarded UPDATE and refuses any
+move this table does not list.
+
+    job:   pending ─▶ running ─▶ finalizing ─▶ succeeded | succeeded_with_errors | failed
+              │          │ ▲                        (a finalizer that died: another takes over)
+              │          ▼ │
+              └──────▶ paused (budget)      cancelled / failed ─▶ running (resume)
+
+    shard: pending ─▶ queued ─▶ running ─▶ done | failed
+              │  ▲       │         │ ├──▶ preempted ─▶ queued | pending
+              ▼  │       ▼         │ ├──▶ queued (lease expired)
+           blocked ◀── (cancel) ───┘ └──▶ pending (reroute, cancel, budget)
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["ActionStatus", "AttemptOutcome", "JobStatus", "LedgerKind", "RunStatus", "ShardStatus", "StorageActionKind"]
+__all__ = [
+    "JOB_MOVES",
+    "SHARD_MOVES",
+    "ActionStatus",
+    "AttemptOutcome",
+    "JobStatus",
+    "LedgerKind",
+    "RunStatus",
+    "ShardStatus",
+    "StorageActionKind",
+]
 
 
 class JobStatus(str, Enum):
@@ -48,16 +69,56 @@ class ShardStatus(str, Enum):
         return self in (ShardStatus.DONE, ShardStatus.FAILED)
 
 
+_J, _S = JobStatus, ShardStatus
+
+#: Every allowed job move: ``JOB_MOVES[old]`` is the set of states ``old`` may become.
+JOB_MOVES: dict[JobStatus, frozenset[JobStatus]] = {
+    # running: a shard was claimed or routed; finalizing: every shard failed routing;
+    # paused: the budget covers no shard.
+    _J.PENDING: frozenset({_J.RUNNING, _J.FINALIZING, _J.PAUSED, _J.CANCELLED}),
+    _J.RUNNING: frozenset({_J.FINALIZING, _J.PAUSED, _J.CANCELLED}),
+    _J.PAUSED: frozenset({_J.RUNNING, _J.CANCELLED}),
+    # Cancel is refused while results are written: nothing is spent any more.
+    _J.FINALIZING: frozenset({_J.SUCCEEDED, _J.SUCCEEDED_WITH_ERRORS, _J.FAILED}),
+    _J.FAILED: frozenset({_J.RUNNING}),
+    _J.CANCELLED: frozenset({_J.RUNNING}),
+    _J.SUCCEEDED: frozenset(),
+    _J.SUCCEEDED_WITH_ERRORS: frozenset(),
+}
+
+#: Every allowed shard move.
+SHARD_MOVES: dict[ShardStatus, frozenset[ShardStatus]] = {
+    # queued: routed; blocked: the budget cannot cover it; failed: no backend can run it.
+    _S.PENDING: frozenset({_S.QUEUED, _S.BLOCKED, _S.FAILED}),
+    # running: claimed; pending: its job was cancelled before a worker claimed it.
+    _S.QUEUED: frozenset({_S.RUNNING, _S.PENDING}),
+    # queued: its lease expired; preempted: handed back (drain, spot notice, a
+    # transient fault, a hung engine); pending: back to the router (the backend
+    # failed it, the job was cancelled, the budget ran out mid-shard).
+    _S.RUNNING: frozenset({_S.DONE, _S.FAILED, _S.PREEMPTED, _S.QUEUED, _S.PENDING}),
+    _S.PREEMPTED: frozenset({_S.QUEUED, _S.PENDING}),
+    # pending: the budget was raised, or the job resumed or cancelled.
+    _S.BLOCKED: frozenset({_S.PENDING}),
+    _S.DONE: frozenset(),
+    # pending: the job resumed.
+    _S.FAILED: frozenset({_S.PENDING}),
+}
+
+
 class AttemptOutcome(str, Enum):
     RUNNING = "running"
     DONE = "done"
+    #: Handed back: a drain, a spot notice, a transient storage or database fault.
     PREEMPTED = "preempted"
+    #: The lease ran out (the worker died, froze or hung).
     LOST = "lost"
     FAILED = "failed"
+    #: Stopped because the job's budget could not cover its next chunk.
+    PARKED = "parked"
 
 
 class LedgerKind(str, Enum):
-    #: Estimated cost held against the budget when a shard is routed.
+    #: Worst-case cost held against the budget when a shard is routed (or topped up).
     RESERVE = "reserve"
     #: Actual cost of work done.
     CHARGE = "charge"

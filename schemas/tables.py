@@ -57,6 +57,10 @@ class Job(Base):
     #: Every model the submitter accepts, cheapest-first choice among them.
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
     input_url: Mapped[str] = mapped_column(Text)
+    #: What the input was when it was validated (size, and mtime, ETag or
+    #: generation); a worker that finds it changed fails the shard instead of
+    #: answering other prompts.
+    input_identity: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: "prompt" or "messages": which column holds the request.
     input_kind: Mapped[str] = mapped_column(String(16))
     #: Input columns copied to the output unchanged.
@@ -79,6 +83,11 @@ class Job(Base):
     checkpoints_purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     #: When retention deleted the job's results.
     results_deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    #: A ``retry-errors`` job: the job whose error rows it re-runs.
+    retry_of: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    #: When this retry job's rows were merged into its parent's next result version
+    #: (NULL on a finished retry job: the merge is still to do, and the reaper sees to it).
+    merged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -89,7 +98,7 @@ class Job(Base):
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.shard_index")
 
-    __table_args__ = (Index("ix_jobs_status", "status"),)
+    __table_args__ = (Index("ix_jobs_status", "status"), Index("ix_jobs_retry_of", "retry_of"))
 
 
 class Shard(Base):

@@ -28,7 +28,11 @@ class FakeOpenAI:
     rpm: int | None = None
     #: Status codes answered to the first requests, in order (e.g. [429, 500]).
     script: list[int] = field(default_factory=list)
-    retry_after: float | None = None
+    #: The Retry-After header sent with scripted statuses (a number, or any text).
+    retry_after: float | str | None = None
+    #: What every answer reports as usage, (prompt_tokens, completion_tokens),
+    #: whatever it really was: a provider (or a proxy) that lies.
+    usage: tuple[int, int] | None = None
     malformed_first: int = 0
     down: bool = False
     required_key: str | None = None
@@ -116,7 +120,11 @@ class FakeOpenAI:
             return web.Response(text='{"choices": [', content_type="application/json")
         self.ok += 1
         self.accepted_at.append(time.monotonic())
-        return web.json_response(_answer(body))
+        answer = _answer(body)
+        if self.usage is not None:
+            answer["usage"] = {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1],
+                               "total_tokens": sum(self.usage)}
+        return web.json_response(answer)
 
 
 def _answer(body: dict[str, Any]) -> dict[str, Any]:

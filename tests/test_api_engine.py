@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from schemas.backends import ApiProvider
+from schemas.backends import ApiProvider, input_token_bound
 from schemas.errors import ProviderError
 from tests.openai_server import FakeOpenAI
-from workers.api_engine import APIEngine
+from workers.api_engine import RETRY_AFTER_CAP, APIEngine, retry_after
 from workers.engine import Request
 
 SECRET = "sk-test-DO-NOT-LEAK-1234567890"
@@ -69,18 +69,69 @@ def test_a_malformed_body_is_retried_then_becomes_an_error_row(server: FakeOpenA
     assert completions[0].tries == 3
 
 
-def test_a_client_error_is_not_retried_and_the_key_never_shows(
+def test_a_refused_key_fails_the_chunk_for_the_router_and_the_key_never_shows(
     server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Review L4: a 401 was turned into an error row per row (0 rows ok, job 'succeeded')."""
     server.required_key = "sk-some-other-key"
     engine = _engine(server, monkeypatch)
 
-    with caplog.at_level(logging.DEBUG):
-        completion = engine.generate(_requests(1))[0]
+    with caplog.at_level(logging.DEBUG), pytest.raises(ProviderError, match="refused the key: HTTP 401") as caught:
+        engine.generate(_requests(1))
 
-    assert completion.tries == 1 and "HTTP 401" in (completion.error or "")
-    assert SECRET not in (completion.error or "")
-    assert SECRET not in caplog.text
+    assert server.requests == 1  # not retried
+    assert SECRET not in str(caught.value) and SECRET not in caplog.text
+
+
+def test_a_client_error_is_not_retried_and_becomes_an_error_row(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.script = [400]
+    engine = _engine(server, monkeypatch, max_concurrency=1)
+
+    completions = engine.generate(_requests(2))
+
+    assert completions[0].tries == 1 and "HTTP 400" in (completions[0].error or "")
+    assert completions[1].error is None and server.requests == 2
+
+
+@pytest.mark.parametrize("header", ["soon", "Wed, 99 Foo 2026 99:99:99 GMT", "nan", "-5"])
+def test_a_malformed_retry_after_is_ignored_not_fatal(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, header: str
+) -> None:
+    """Review M11: 'soon' raised ValueError out of the retry loop and failed the shard."""
+    server.script, server.retry_after = [503], header
+    engine = _engine(server, monkeypatch, max_concurrency=1)
+
+    completion = engine.generate(_requests(1))[0]
+
+    assert completion.error is None and completion.tries == 2
+
+
+def test_a_huge_retry_after_is_capped() -> None:
+    """Review M11: '1e9' slept for about 31 years while the heartbeat kept the lease."""
+    assert retry_after("1e9") == RETRY_AFTER_CAP
+    assert retry_after("1e9", cap=7.0) == 7.0
+    assert retry_after("0.3") == pytest.approx(0.3)
+    assert retry_after("Thu, 01 Jan 1970 00:00:00 GMT") == 0.0
+    assert retry_after("soon") is None and retry_after(None) is None
+
+
+def test_usage_a_provider_reports_beyond_what_a_request_can_be_billed_is_clamped(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review L6: negative usage gave a negative charge, 10**12 tokens a $40M one."""
+    engine = _engine(server, monkeypatch, max_concurrency=1)
+
+    server.usage = (-5_000_000, 10)
+    negative = engine.generate(_requests(1, max_tokens=8))[0]
+    server.usage = (10**12, 10**12)
+    with caplog.at_level(logging.WARNING):
+        absurd = engine.generate(_requests(1, max_tokens=8))[0]
+
+    assert negative.input_tokens == 0 and negative.output_tokens == 8 and (negative.cost_usd or 0) >= 0
+    prompt_bytes = len(b"question number 0 about billing") + len("user")
+    assert absurd.output_tokens == 8 and absurd.input_tokens == input_token_bound(prompt_bytes, 1, 1)
+    assert absurd.cost_usd == pytest.approx(absurd.input_tokens / 1e6 * 1.0 + 8 / 1e6 * 2.0)
+    assert "reported usage" in caplog.text
 
 
 def test_a_provider_that_is_down_fails_the_chunk_for_the_router(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,7 +127,9 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
     assert attempts == 6 and owners == 2, "both workers took shards, each shard ran once"
     manifest = json.loads(spotlane("results", job_id, "--json", env=env).stdout)
     assert manifest["rows"] == 120
-    result_dir = f"{distributed_env['SPOTLANE_STORAGE__WARM']}/jobs/{job_id}/results"
+    with create_engine(distributed_env["SPOTLANE_DATABASE__URL"]).connect() as conn:
+        result_dir = conn.execute(text("select result_url from jobs where id = :id"), {"id": job_id}).scalar_one()
+    assert result_dir.startswith(f"{distributed_env['SPOTLANE_STORAGE__WARM']}/jobs/{job_id}/results-")
     fs, path = fsspec.core.url_to_fs(result_dir)
     with fs.open(f"{path}/{manifest['files'][0]['name']}", "rb") as fh:
         table = pq.read_table(fh)

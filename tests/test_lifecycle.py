@@ -69,6 +69,18 @@ def _job(runtime: Runtime, job_id: str) -> Job:
         return job
 
 
+def _results(runtime: Runtime, job_id: str) -> str:
+    """Where SQL says the job's results are now."""
+    url = _job(runtime, job_id).result_url
+    assert url is not None
+    return url
+
+
+def _in_cold(runtime: Runtime, warm_url: str) -> str:
+    """Where the lifecycle moves a warm results folder to."""
+    return runtime.storage.tier("cold") + warm_url[len(runtime.storage.tier("warm")):]
+
+
 def _exists(url: str) -> bool:
     fs, path = url_to_fs(url)
     fs.invalidate_cache()
@@ -103,8 +115,8 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
             assert {fs.info(p)["StorageClass"] for p in fs.find(root)} == {cls}, tier
     ended = _job(runtime, job_id).finished_at
     assert ended is not None
-    warm_results = runtime.storage.results_url(job_id, "warm")
-    assert _job(runtime, job_id).result_url == warm_results
+    warm_results = _results(runtime, job_id)
+    assert warm_results.startswith(runtime.storage.job_url(job_id, "warm") + "/results-")
     assert _exists(runtime.storage.checkpoints_url(job_id))
 
     # Within every grace period: nothing happens.
@@ -127,7 +139,7 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
     # After cold_after_days: copied, verified, switched in SQL, warm deleted.
     report = lifecycle.sweep(runtime, now=ended + timedelta(days=31))
     assert [(a.action, a.status) for a in report.actions] == [("move_to_cold", "done")]
-    cold_results = runtime.storage.results_url(job_id, "cold")
+    cold_results = _in_cold(runtime, warm_results)
     job = _job(runtime, job_id)
     assert (job.result_url, job.result_tier) == (cold_results, "cold")
     assert not _exists(runtime.storage.job_url(job_id, "warm"))
@@ -202,7 +214,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     ended = _job(runtime, job_id).finished_at
     assert ended is not None
     later = ended + timedelta(days=31)
-    warm = runtime.storage.results_url(job_id, "warm")
+    warm = _results(runtime, job_id)
 
     # 1. Dies after copying the first file: SQL still points at the intact warm copy.
     real_copy = lifecycle.copy_file
@@ -233,7 +245,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     monkeypatch.setattr(lifecycle, "remove_tree", die_before_delete)
     with pytest.raises(Crash):
         lifecycle.sweep(runtime, now=later)
-    cold = runtime.storage.results_url(job_id, "cold")
+    cold = _in_cold(runtime, warm)
     assert _job(runtime, job_id).result_url == cold
     assert _exists(warm) and _verify_against_manifest(cold) == 24
 
@@ -253,7 +265,7 @@ def test_a_damaged_warm_file_is_reported_not_archived(tier_root: str, tmp_path: 
     job_id = _finished_job(runtime, tmp_path, tiny_model)
     ended = _job(runtime, job_id).finished_at
     assert ended is not None
-    warm = runtime.storage.results_url(job_id, "warm")
+    warm = _results(runtime, job_id)
     fs, part = url_to_fs(f"{warm}/part-00000.parquet")
     data = bytearray(fs.cat_file(part))
     data[len(data) // 2] ^= 0xFF
@@ -322,7 +334,7 @@ def test_results_with_the_old_manifest_name_are_still_read_and_moved(
 ) -> None:
     runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
     job_id = _finished_job(runtime, tmp_path, tiny_model, rows=7)
-    warm = Path(url_to_fs(runtime.storage.results_url(job_id, "warm"))[1])
+    warm = Path(url_to_fs(_results(runtime, job_id))[1])
     (warm / MANIFEST).rename(warm / "manifest.json")  # as written before the rename
     assert api.results(runtime, job_id).manifest["rows"] == 7
     report = lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
@@ -338,6 +350,7 @@ def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_f
     runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
     job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
     warm_job = Path(url_to_fs(runtime.storage.job_url(job_id, "warm"))[1])
+    moved = Path(url_to_fs(_results(runtime, job_id))[1])
     real = lifecycle._copy_verified
 
     def copy_then_a_retry_lands(*args: Any) -> tuple[int, int]:
@@ -349,7 +362,7 @@ def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_f
     monkeypatch.setattr(lifecycle, "_copy_verified", copy_then_a_retry_lands)
     lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
     assert _job(runtime, job_id).result_tier == "cold"
-    assert not (warm_job / "results").exists()
+    assert moved.parent == warm_job and not moved.exists()
     assert (warm_job / "results-v2" / "part-00000.parquet").exists()
 
 
@@ -358,7 +371,7 @@ def test_a_failed_action_is_retried_a_few_times_then_left_for_a_person(
 ) -> None:
     runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
     job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
-    part = Path(url_to_fs(f"{runtime.storage.results_url(job_id, 'warm')}/part-00000.parquet")[1])
+    part = Path(url_to_fs(f"{_results(runtime, job_id)}/part-00000.parquet")[1])
     part.write_bytes(part.read_bytes()[:-10])
     later = _job(runtime, job_id).finished_at + timedelta(days=31)  # type: ignore[operator]
     statuses = []

@@ -29,17 +29,18 @@ import random
 import threading
 import time
 from collections import deque
+from datetime import UTC
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import aiohttp
 
-from schemas.backends import ApiProvider
+from schemas.backends import ApiProvider, input_token_bound
 from schemas.errors import ProviderError
 from workers.engine import Completion, Request
 
-__all__ = ["APIEngine", "TokenBucket"]
+__all__ = ["APIEngine", "TokenBucket", "retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,31 @@ class TokenBucket:
         self.tokens = 0.0
 
 
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    value = response.headers.get("retry-after")
+#: The longest a ``Retry-After`` is honoured, in seconds: a server asking for more
+#: is treated as down for now (the shard goes elsewhere), not waited on for years.
+RETRY_AFTER_CAP = 120.0
+
+
+def retry_after(value: str | None, cap: float = RETRY_AFTER_CAP) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), within
+    ``[0, cap]``; None when absent or unreadable (then the backoff alone applies)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if parsed is None:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        seconds = parsed.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(0.0, seconds), cap)
 
 
 class APIEngine:
@@ -106,6 +123,7 @@ class APIEngine:
         self._safety = safety
         self._ready: Future[None] = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
         self._ready.result()
+        self._retry_cap = min(RETRY_AFTER_CAP, provider.timeout_seconds)
 
     async def _setup(self) -> None:
         p = self.provider
@@ -132,15 +150,23 @@ class APIEngine:
         return self._submit(requests).result()
 
     def stream(self, chunks: Iterable[Sequence[Request]], lookahead: int = 1) -> Iterator[list[Completion]]:
-        """Completions per chunk in order, with ``lookahead`` later chunks already running."""
+        """Completions per chunk in order, with ``lookahead`` later chunks already running.
+
+        If the caller stops early (the shard failed, its lease was lost), chunks
+        still in flight are cancelled: requests not yet sent are never sent.
+        """
         pending: deque[Future[list[Completion]]] = deque()
         source = iter(chunks)
-        for chunk in source:
-            pending.append(self._submit(chunk))
-            if len(pending) > lookahead:
+        try:
+            for chunk in source:
+                pending.append(self._submit(chunk))
+                if len(pending) > lookahead:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
     # -- internals ----------------------------------------------------------------
 
@@ -186,12 +212,12 @@ class APIEngine:
                     async with self._client.post(self._url, json=body) as response:
                         status, payload = response.status, await response.read()
                         if status in RETRYABLE:
-                            wait = _retry_after(response)
+                            wait = retry_after(response.headers.get("retry-after"), self._retry_cap)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     last_error = f"provider unavailable: {exc.__class__.__name__}"
                 else:
                     if status == 200:
-                        parsed = self._parse(payload, started, attempt + 1)
+                        parsed = self._parse(request, payload, started, attempt + 1)
                         if parsed is not None:
                             return parsed
                         last_error = "malformed response body from provider"
@@ -199,6 +225,10 @@ class APIEngine:
                         if status == 429 and self._rpm:
                             self._rpm.drain()
                         last_error = "rate limited (HTTP 429)" if status == 429 else f"provider unavailable: HTTP {status}"
+                    elif status in (401, 403):
+                        # The key is wrong, expired or not allowed: no row will fare better.
+                        raise ProviderError(f"provider {self.provider.name!r} refused the key: HTTP {status}"
+                                            + (f" (check {self.provider.api_key_env})" if self.provider.api_key_env else ""))
                     else:
                         text = payload[:300].decode("utf-8", "replace")
                         return Completion.failed(
@@ -206,11 +236,11 @@ class APIEngine:
                         )
             if attempt < self.provider.max_retries:
                 backoff = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
-                await asyncio.sleep(max(wait or 0.0, backoff))
+                await asyncio.sleep(min(max(wait or 0.0, backoff), self._retry_cap))
         return Completion.failed(self._scrub(f"{last_error} after {self.provider.max_retries + 1} attempts"),
                                  tries=self.provider.max_retries + 1)
 
-    def _parse(self, payload: bytes, started: float, tries: int) -> Completion | None:
+    def _parse(self, request: Request, payload: bytes, started: float, tries: int) -> Completion | None:
         try:
             data = json.loads(payload)
             choice = data["choices"][0]
@@ -222,6 +252,7 @@ class APIEngine:
         except (ValueError, KeyError, IndexError, TypeError):
             return None
         p = self.provider
+        tokens_in, tokens_out = self._clamp_usage(request, tokens_in, tokens_out)
         return Completion(
             output=text,
             finish_reason=choice.get("finish_reason") or "stop",
@@ -231,3 +262,18 @@ class APIEngine:
             cost_usd=tokens_in / 1e6 * p.input_usd_per_1m + tokens_out / 1e6 * p.output_usd_per_1m,
             tries=tries,
         )
+
+    def _clamp_usage(self, request: Request, tokens_in: int, tokens_out: int) -> tuple[int, int]:
+        """Usage within what the request can be billed: at least 0, at most its prompt's
+        bound (``input_token_bound``) and its ``max_tokens``. A provider (or a proxy)
+        reporting more is logged, and charged the bound the budget reserved."""
+        body = self._body(request)
+        text = sum(len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "")
+                   for m in body["messages"])
+        most_in = input_token_bound(text, len(body["messages"]), 1)
+        clamped = (min(max(0, tokens_in), most_in), min(max(0, tokens_out), request.max_tokens))
+        if clamped != (tokens_in, tokens_out):
+            log.warning("provider %r reported usage %d in / %d out for a request bounded by %d / %d tokens; "
+                        "charged %d / %d", self.provider.name, tokens_in, tokens_out, most_in, request.max_tokens,
+                        *clamped)
+        return clamped

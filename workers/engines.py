@@ -2,7 +2,8 @@
 
 Engines are created once per worker process and reused across shards. A GPU pool
 may be asked for rows naming different models: ``GpuEngines`` loads each model
-once and sends each row to its own.
+once (a few at most stay loaded) and sends each row to its own; a row model that
+cannot load fails those rows, not the shard.
 """
 
 from __future__ import annotations
@@ -41,13 +42,25 @@ class GpuEngines:
             by_model.setdefault(request.model or self.model, []).append(i)
         results: list[Completion | None] = [None] * len(requests)
         for model, indexes in by_model.items():
-            for i, completion in zip(indexes, self._engine(model).generate([requests[i] for i in indexes]), strict=True):
+            try:
+                engine = self._engine(model)
+            except ModelError as exc:
+                if model == self.model:
+                    raise  # the shard's own model: the backend cannot run it at all
+                for i in indexes:  # one row's model: those rows fail, the rest go on
+                    results[i] = Completion.failed(f"model {model!r} could not be loaded: {exc}")
+                continue
+            for i, completion in zip(indexes, engine.generate([requests[i] for i in indexes]), strict=True):
                 results[i] = completion
         return [r if r is not None else Completion.failed("no result") for r in results]
 
 
 def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSettings, task: str = "generate") -> Engine:
     """The engine that runs ``backend``'s rows whose default model is ``model``."""
+    if isinstance(backend, GpuPool) and settings.engine == "stub":
+        from workers.stub_engine import StubEngine
+
+        return StubEngine(model, settings.stub_seconds_per_row, embed=task == "embed")
     if task == "embed":
         if not isinstance(backend, GpuPool):
             raise ModelError(f"backend {backend.name!r} cannot embed: embeddings run on GPU pools")

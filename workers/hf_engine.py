@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from threading import Lock
 from typing import TYPE_CHECKING, Any
@@ -23,13 +24,16 @@ from workers.batching import BatchItem, plan_batches
 from workers.engine import Completion, Request
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 __all__ = ["HFEngine", "load_engine"]
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple[str, str, str], HFEngine] = {}
+#: Models kept loaded per process, least recently used dropped first: rows may
+#: name models of their own, and each loaded model holds its weights.
+MAX_LOADED = 2
+_ENGINES: OrderedDict[tuple[str, str, str], HFEngine] = OrderedDict()
 _LOCK = Lock()
 
 
@@ -246,7 +250,13 @@ def load_engine(
     key = (model, device, dtype + ":" + kind)
     with _LOCK:
         engine = _ENGINES.get(key)
-        if engine is None:
+        if engine is not None:
+            _ENGINES.move_to_end(key)
+        else:
+            while len(_ENGINES) >= MAX_LOADED:
+                _, dropped = _ENGINES.popitem(last=False)
+                log.info("unloading model %s to make room", dropped.model)
+                del dropped
             log.info("loading model %s (%s engine)", model, kind)
             cls: type[HFEngine] = HFEngine
             if kind == "continuous":

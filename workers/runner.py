@@ -1,42 +1,64 @@
 """Running one shard: claim, resume from the checkpoint, generate, commit, finish.
 
-    claim (guarded UPDATE queued -> running, lease)        ── someone else has it? stop
+    claim (guarded UPDATE queued -> running on this backend and attempt, lease)   someone else has it? stop
+    check the input is the file validated at submit (size, ETag or mtime)
     for each chunk of ``checkpoint_rows`` rows after the last commit:
-        generate -> write part-<first_row>.parquet (hot tier) -> commit checkpoint row
-    finish (running -> done) -> last shard? enqueue finalize
+        budget: the shard's reservation covers the chunk's worst case (under the job lock)
+        generate -> write part-<first_row>-a<attempt>-<token>.parquet (hot tier) -> commit (fenced)
+    finish (running -> done) -> last shard? enqueue finalize; pending shards left? route
 
-A part is written before its checkpoint row commits, and the commit is guarded by
-the lease, so a worker that lost its shard can write a stray part but never make it
-part of the results. A heartbeat thread keeps the lease alive. A stop request
-(SIGTERM, warm shutdown) is honoured between chunks: chunks already generating
-finish and commit, then the shard goes back to the queue. If the backend itself
-fails (the model will not load, the provider is down), the shard goes back to the
-router, which will not pick that backend for it again.
+Fencing: a part's name is new for every write, and the commit is guarded by the
+shard's owner and attempt, so a worker that lost its lease (frozen past it, cut
+off from the database) writes only parts nobody will read, never over a part
+another attempt committed; the finalizer checks every part it reads anyway.
+
+A heartbeat thread keeps the lease alive while chunks make progress. A chunk that
+makes none for far longer than its estimate is a hung engine: the heartbeat stops
+renewing and hands the shard back itself (and ``on_hung`` may end the process).
+
+A stop request (SIGTERM, warm shutdown, a spot notice) is honoured between chunks:
+chunks already generating finish and commit, then the shard goes back to the
+queue. A storage or database fault while committing is retried for
+``worker.transient_retry_seconds``, then the shard is handed back, not failed. If
+the backend itself fails (the model will not load, the provider is down or refuses
+the key), the shard goes back to the router, which will not pick that backend for
+it again. If the budget cannot cover the next chunk, the shard is parked: back to
+the router, which blocks it and pauses the job if nothing else of the job runs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from collections import deque
-from collections.abc import Iterator, Sequence
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from pipeline import learning, metrics, transitions
 from pipeline.db import session_scope
-from pipeline.inputs import iter_rows, open_parquet
+from pipeline.estimate import profile_requests
+from pipeline.identity import owner_id
+from pipeline.inputs import check_identity, iter_rows, open_parquet
+from pipeline.pricing import worst_case_usd
 from pipeline.runtime import Runtime
 from pipeline.storage import write_parquet
 from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
-from schemas.errors import LeaseLost, ModelError, ProviderError, SpotlaneError
-from schemas.records import FinalizeJob, RouteJob, RunShard
-from schemas.status import AttemptOutcome, JobStatus, ShardStatus
+from schemas.errors import (
+    ConfigError,
+    InputChanged,
+    LeaseLost,
+    ModelError,
+    ProviderError,
+    SpotlaneError,
+    TransientError,
+)
+from schemas.records import RunShard
+from schemas.status import AttemptOutcome, ShardStatus
 from schemas.tables import Job, Shard, ShardAttempt
 from workers.chunks import Chunk, build_output, merge, prepare, rechunk
 from workers.drain import StopFlag
@@ -47,21 +69,39 @@ __all__ = ["ShardRunner", "worker_id"]
 
 log = logging.getLogger(__name__)
 
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+#: Kept for callers of the old name: a new owner string for this process.
+worker_id = owner_id
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, runtime: Runtime, claim: transitions.Claim) -> None:
+    """Renews the lease while the shard makes progress; hands it back if the engine hangs."""
+
+    def __init__(self, runtime: Runtime, claim: transitions.Claim, on_hang: Callable[[], None]) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{claim.shard_id}")
-        self.runtime, self.claim = runtime, claim
+        self.runtime, self.claim, self.on_hang = runtime, claim, on_hang
         self.stopped = threading.Event()
         self.lost = threading.Event()
+        self.hung = threading.Event()
+        self._progress = time.monotonic()
+        #: Seconds without progress that mean a hung engine (None: not watched yet).
+        self.hang_after: float | None = None
+
+    def progress(self, hang_after: float | None = None) -> None:
+        """A chunk was committed (or the model loaded): the engine is alive."""
+        self._progress = time.monotonic()
+        if hang_after is not None:
+            self.hang_after = hang_after
 
     def run(self) -> None:
         settings = self.runtime.settings.worker
         while not self.stopped.wait(settings.heartbeat_seconds):
+            if self.hang_after is not None and time.monotonic() - self._progress > self.hang_after:
+                log.error("shard %s of job %s made no progress for %.0f s: the engine is hung; handing it back",
+                          self.claim.shard_index, self.claim.job_id, time.monotonic() - self._progress)
+                self.hung.set()
+                self.lost.set()
+                self.on_hang()
+                return
             try:
                 with session_scope(self.runtime.engine) as session:
                     if not transitions.heartbeat(session, self.claim, settings.lease_seconds):
@@ -72,7 +112,8 @@ class _Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        self.join(timeout=5)
+        if self is not threading.current_thread():
+            self.join(timeout=5)
 
 
 def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -> None:
@@ -84,27 +125,58 @@ def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -
     metrics.CHECKPOINT_SECONDS.labels(backend).observe(seconds)
 
 
-class ShardRunner:
-    """Runs shards for one worker process."""
+def _transient(exc: BaseException) -> bool:
+    """A fault that may pass: storage I/O, a dropped or locked database connection."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
-    def __init__(self, runtime: Runtime, stop: StopFlag | None = None, wid: str | None = None) -> None:
+
+@dataclass
+class _Feed:
+    """What the chunk feeder saw: why it stopped, and the worst case still in flight."""
+
+    stopped: str | None = None
+    fed_to: int = 0
+    exhausted: bool = False
+
+
+class ShardRunner:
+    """Runs shards for one worker process.
+
+    ``on_hung``: called (from the heartbeat thread) after a hung engine's shard was
+    handed back; a worker process ends itself there, since a hung GPU context does
+    not come back.
+    """
+
+    def __init__(self, runtime: Runtime, stop: StopFlag | None = None, wid: str | None = None,
+                 on_hung: Callable[[], None] | None = None) -> None:
         self.runtime = runtime
         self.stop = stop if stop is not None else StopFlag()
-        self.worker_id = wid or worker_id()
+        self.worker_id = wid or owner_id()
+        self.on_hung = on_hung
 
     def run(self, task: RunShard) -> ShardStatus | None:
         """Run ``task``'s shard if this worker wins the claim; return its new status."""
         settings = self.runtime.settings
-        backend = settings.backend(task.backend)
+        try:
+            backend = settings.backend(task.backend)
+        except ConfigError:
+            log.warning("a task for backend %r, which this worker's config does not have: skipped", task.backend)
+            return None
         with session_scope(self.runtime.engine) as session:
             claim = transitions.claim_shard(
-                session, task.shard_id, self.worker_id, settings.worker.lease_seconds, task.backend
+                session, task.shard_id, self.worker_id, settings.worker.lease_seconds, task.backend, task.attempt
             )
             job = session.get(Job, task.job_id)
             shard = session.get(Shard, task.shard_id)
             model = (shard.model if shard is not None else None) or (job.model if job else "")
+            est_seconds, rows = (shard.est_seconds, shard.rows_total) if shard is not None else (0.0, 1)
         if claim is None or job is None:
-            log.info("shard %s is not claimable (already taken or finished)", task.shard_id)
+            log.info("shard %s is not claimable (already taken, finished, or sent for another backend or attempt)",
+                     task.shard_id)
             return None
         log.info(
             "shard %s of job %s (rows %d-%d) attempt %d on %s, resuming at row %d",
@@ -113,74 +185,95 @@ class ShardRunner:
         )
         if claim.queued_at is not None:
             metrics.QUEUE_WAIT_SECONDS.labels(claim.backend).observe((utcnow() - claim.queued_at).total_seconds())
-        beat = _Heartbeat(self.runtime, claim)
+        beat = _Heartbeat(self.runtime, claim, lambda: self._hung(claim, model))
         beat.start()
+        per_chunk = est_seconds / max(rows, 1) * settings.worker.checkpoint_rows
+        hang_after = max(settings.worker.hang_min_seconds, settings.worker.hang_factor * per_chunk * 2)
         try:
-            status = self._run_claimed(claim, job, backend, model, beat)
+            status = self._run_claimed(claim, job, backend, model, beat, hang_after)
         except LeaseLost as exc:
             log.warning("%s", exc)
             return None
+        except TransientError as exc:
+            log.warning("shard %s of job %s: %s; handing it back", claim.shard_index, claim.job_id, exc)
+            status = self._hand_back(claim, model, f"transient fault: {exc}", learn=False)
+        except InputChanged as exc:
+            status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED, str(exc), learn=False)
         except (ModelError, ProviderError) as exc:
             log.warning("backend %s failed shard %s: %s", claim.backend, claim.shard_index, exc)
             status = self._reroute(claim, model, str(exc))
         except SpotlaneError as exc:
             status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED, str(exc))
         except Exception as exc:
-            log.exception("shard %s failed", claim.shard_id)
-            status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED,
-                               f"{exc.__class__.__name__}: {exc}")
+            if _transient(exc):
+                log.warning("shard %s of job %s: %s; handing it back", claim.shard_index, claim.job_id, exc)
+                status = self._hand_back(claim, model, f"transient fault: {exc.__class__.__name__}", learn=False)
+            else:
+                log.exception("shard %s failed", claim.shard_id)
+                status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED,
+                                   f"{exc.__class__.__name__}: {exc}")
         finally:
             beat.stop()
         if status is not None:
             metrics.SHARDS.labels(claim.backend, status.value).inc()
-        if status is not None and status.is_final:
-            self._maybe_finalize(claim.job_id)
+        if status is not None and (status.is_final or status is ShardStatus.PENDING):
+            self._after_end(claim.job_id)
         return status
 
-    def _end(self, claim: transitions.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
-             error: str | None = None) -> ShardStatus | None:
-        with session_scope(self.runtime.engine) as session:
-            if not transitions.end_shard(session, claim, new, outcome=outcome, error=error):
-                return None
-            learning.record_shard_end(session, claim.backend, model, outcome.value, self.runtime.settings.routing)
-        return new
-
-    def _reroute(self, claim: transitions.Claim, model: str, error: str) -> ShardStatus | None:
-        """The backend failed the shard: back to the router, never to this backend again."""
-        with session_scope(self.runtime.engine) as session:
-            if not transitions.reroute_shard(session, claim, error):
-                return None
-            learning.record_shard_end(session, claim.backend, model, "failed", self.runtime.settings.routing)
-        self.runtime.send("spotlane.route_job", RouteJob(job_id=claim.job_id), self.runtime.settings.control_queue)
-        return ShardStatus.PENDING
+    # -- the shard's chunks ----------------------------------------------------------
 
     def _chunks(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider,
-                beat: _Heartbeat, pending: deque[Chunk]) -> Iterator[list[Request]]:
-        """Requests chunk by chunk; stops feeding on a drain request or a lost lease."""
+                beat: _Heartbeat, pending: deque[tuple[Chunk, float]], feed: _Feed) -> Iterator[list[Request]]:
+        """Requests chunk by chunk; stops feeding on a drain request, a lost lease, a
+        cancelled job, or a budget that cannot cover the next chunk."""
         names = open_parquet(job.input_url).schema_arrow.names
         requested = [c for c in ("max_tokens", "temperature", "model") if c in names]
         columns = list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
-        first_row = claim.row_start + claim.rows_done
-        for table in rechunk(iter_rows(job.input_url, first_row, claim.row_end, columns),
-                             self.runtime.settings.worker.checkpoint_rows):
-            if self.stop or beat.lost.is_set() or self._cancelled(claim.job_id):
+        checkpoint_rows = self.runtime.settings.worker.checkpoint_rows
+        first_row = feed.fed_to = claim.row_start + claim.rows_done
+        models = list(job.models or [job.model])
+        stats = self._stats(claim.backend, job.model)
+        batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
+        for table in rechunk(batches, checkpoint_rows):
+            if self.stop:
+                feed.stopped = "stop requested"
+                return
+            if beat.lost.is_set():
+                feed.stopped = "lease lost"
                 return
             chunk = prepare(table, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
-                            default_temperature=job.temperature, serves=backend.serves)
-            pending.append(chunk)
+                            default_temperature=job.temperature,
+                            serves=lambda m: backend.serves_row(m, models))
+            worst = worst_case_usd(backend, profile_requests(chunk.runnable), stats)
+            need = worst + sum(w for _, w in pending)
+            with session_scope(self.runtime.engine) as session:
+                verdict = transitions.reserve_chunk(session, claim, need)
+            if verdict is not transitions.ChunkVerdict.GO:
+                feed.stopped = verdict.value
+                return
+            pending.append((chunk, worst))
             first_row += table.num_rows
+            feed.fed_to = first_row
             yield chunk.runnable
+        feed.exhausted = True
+
+    def _stats(self, backend: str, model: str) -> learning.Observed | None:
+        with session_scope(self.runtime.engine) as session:
+            return learning.observed(session, backend, model)
 
     def _run_claimed(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
-                     beat: _Heartbeat) -> ShardStatus | None:
+                     beat: _Heartbeat, hang_after: float) -> ShardStatus | None:
         settings = self.runtime.settings
+        check_identity(job.input_url, job.input_identity)
         engine = engine_for(backend, model, settings.worker, job.task)
+        beat.progress(hang_after)  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
-        pending: deque[Chunk] = deque()
+        pending: deque[tuple[Chunk, float]] = deque()
+        feed = _Feed()
         done_to = claim.row_start + claim.rows_done
         started = time.perf_counter()
-        for generated in stream(engine, self._chunks(claim, job, backend, beat, pending)):
-            chunk = pending.popleft()
+        for generated in stream(engine, self._chunks(claim, job, backend, beat, pending, feed)):
+            chunk, _ = pending.popleft()
             log.info("generated rows %d-%d of shard %s (job %s)", chunk.first_row, chunk.first_row + chunk.table.num_rows,
                      claim.shard_index, claim.job_id)
             completions = merge(chunk, generated)
@@ -194,27 +287,65 @@ class ShardRunner:
                 input_tokens=sum(c.input_tokens for c in completions),
                 output_tokens=sum(c.output_tokens for c in completions),
                 cost_usd=cost,
-                url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row),
+                url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, claim.attempt),
             )
-            write_parquet(table, stats.url, self.runtime.storage.storage_class("hot"))
-            with session_scope(self.runtime.engine) as session:
-                transitions.commit_checkpoint(session, claim, stats, settings.worker.lease_seconds)
+            self._persist(claim, table, stats, beat)
+            beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
             _observe(claim.backend, stats, seconds)
             self._learn(claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider))
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
-            raise LeaseLost(f"shard {claim.shard_id}: lease lost")
-        if done_to < claim.row_end and self._cancelled(claim.job_id):
+            raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
+        if done_to >= claim.row_end:
+            return self._end(claim, model, ShardStatus.DONE, AttemptOutcome.DONE)
+        if feed.exhausted:
+            raise InputChanged(f"the input {job.input_url} ends at row {feed.fed_to}, but shard {claim.shard_index} "
+                               f"covers rows up to {claim.row_end}: it changed since the job was submitted")
+        if feed.stopped == transitions.ChunkVerdict.CANCELLED.value:
             log.info("job %s cancelled: shard %s stops at row %d", claim.job_id, claim.shard_index, done_to)
-            with session_scope(self.runtime.engine) as session:
-                transitions.end_shard(session, claim, ShardStatus.PENDING, outcome=AttemptOutcome.PREEMPTED,
-                                      error="job cancelled")
-            return ShardStatus.PENDING
-        if done_to < claim.row_end:
-            log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
-            return self._hand_back(claim, model)
-        return self._end(claim, model, ShardStatus.DONE, AttemptOutcome.DONE)
+            return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PREEMPTED, "job cancelled", learn=False)
+        if feed.stopped == transitions.ChunkVerdict.NO_BUDGET.value:
+            log.warning("job %s: the budget cannot cover the next chunk of shard %s; parked at row %d",
+                        claim.job_id, claim.shard_index, done_to)
+            return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PARKED,
+                             "parked: the budget cannot cover its next chunk", learn=False)
+        if feed.stopped == transitions.ChunkVerdict.LOST.value:
+            raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
+        log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
+        return self._hand_back(claim, model, None)
+
+    def _persist(self, claim: transitions.Claim, table: object, stats: transitions.CheckpointStats,
+                 beat: _Heartbeat) -> None:
+        """Write the part and commit its checkpoint, retrying transient faults for a while."""
+        settings = self.runtime.settings.worker
+        deadline = time.monotonic() + settings.transient_retry_seconds
+        delay = 0.5
+        written = False
+        while True:
+            try:
+                if not written:
+                    write_parquet(table, stats.url, self.runtime.storage.storage_class("hot"))
+                    written = True
+                with session_scope(self.runtime.engine) as session:
+                    transitions.commit_checkpoint(session, claim, stats, settings.lease_seconds)
+                return
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if beat.lost.is_set():
+                    raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost while "
+                                    f"retrying a checkpoint") from exc
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(f"checkpoint at row {stats.first_row} still failing after "
+                                         f"{settings.transient_retry_seconds:.0f} s: {exc.__class__.__name__}: "
+                                         f"{str(exc)[:200]}") from exc
+                log.warning("checkpoint at row %d of shard %s failed (%s); retrying in %.1f s",
+                            stats.first_row, claim.shard_index, exc.__class__.__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _learn(self, backend: str, model: str, chunk: Chunk, completions: Sequence[Completion],
                stats: transitions.CheckpointStats, seconds: float, is_api: bool) -> None:
@@ -231,41 +362,91 @@ class ShardRunner:
         except Exception:  # learning is advisory; never fail a shard over it
             log.warning("could not record backend statistics", exc_info=True)
 
-    def _hand_back(self, claim: transitions.Claim, model: str) -> ShardStatus | None:
-        """running -> preempted -> queued, and enqueue it again for the next worker."""
-        from pipeline.router import RUN_SHARD
+    # -- ending a shard ----------------------------------------------------------------
 
-        if self._end(claim, model, ShardStatus.PREEMPTED, AttemptOutcome.PREEMPTED) is None:
+    def _end(self, claim: transitions.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
+             error: str | None = None, *, learn: bool = True) -> ShardStatus | None:
+        try:
+            with session_scope(self.runtime.engine) as session:
+                if not transitions.end_shard(session, claim, new, outcome=outcome, error=error):
+                    return None
+                if learn:
+                    learning.record_shard_end(session, claim.backend, model, outcome.value,
+                                              self.runtime.settings.routing)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            log.warning("could not end shard %s (%s); its lease runs out and the reaper queues it again",
+                        claim.shard_index, exc.__class__.__name__)
             return None
+        return new
+
+    def _reroute(self, claim: transitions.Claim, model: str, error: str) -> ShardStatus | None:
+        """The backend failed the shard: back to the router, never to this backend again."""
+        with session_scope(self.runtime.engine) as session:
+            if not transitions.reroute_shard(session, claim, error):
+                return None
+            learning.record_shard_end(session, claim.backend, model, "failed", self.runtime.settings.routing)
+        return ShardStatus.PENDING
+
+    def _hand_back(self, claim: transitions.Claim, model: str, error: str | None, *, learn: bool = True,
+                   outcome: AttemptOutcome = AttemptOutcome.PREEMPTED) -> ShardStatus | None:
+        """running -> preempted -> queued on the same backend (one transaction), and send it
+        again; a shard preempted ``routing.max_preemptions`` times goes back to the router."""
         settings = self.runtime.settings
-        with session_scope(self.runtime.engine) as session:
-            preempted = session.execute(
-                select(func.count()).select_from(ShardAttempt).where(
-                    ShardAttempt.shard_id == claim.shard_id,
-                    ShardAttempt.outcome.in_((AttemptOutcome.PREEMPTED, AttemptOutcome.LOST)),
-                )
-            ).scalar_one()
-            rerouted = preempted >= settings.routing.max_preemptions and transitions.back_to_router(session, claim.shard_id)
-        if rerouted:
-            log.info("shard %s preempted %d times: back to the router", claim.shard_index, preempted)
-            self.runtime.send("spotlane.route_job", RouteJob(job_id=claim.job_id), settings.control_queue)
+        try:
+            with session_scope(self.runtime.engine) as session:
+                if not transitions.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=outcome, error=error):
+                    return None
+                if learn:
+                    learning.record_shard_end(session, claim.backend, model, outcome.value, settings.routing)
+                preempted = session.execute(
+                    select(func.count()).select_from(ShardAttempt).where(
+                        ShardAttempt.shard_id == claim.shard_id,
+                        ShardAttempt.outcome.in_((AttemptOutcome.PREEMPTED, AttemptOutcome.LOST)),
+                    )
+                ).scalar_one()
+                if preempted >= settings.routing.max_preemptions:
+                    transitions.back_to_router(session, claim.shard_id)
+                    log.info("shard %s preempted %d times: back to the router", claim.shard_index, preempted)
+                    record = None
+                else:
+                    transitions.queue_shard(session, claim.shard_id, expected=(ShardStatus.PREEMPTED,),
+                                            backend=claim.backend, queue=settings.backend(claim.backend).queue)
+                    record = transitions.run_record(session, claim.shard_id)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            log.warning("could not hand shard %s back (%s); its lease runs out and the reaper queues it again",
+                        claim.shard_index, exc.__class__.__name__)
+            return None
+        if record is None:
+            self.runtime.send_route(claim.job_id)
             return ShardStatus.PENDING
-        queue = settings.backend(claim.backend).queue
-        with session_scope(self.runtime.engine) as session:
-            ok = transitions.queue_shard(
-                session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend, queue=queue
-            )
-        if ok:
-            self.runtime.send(RUN_SHARD, RunShard(job_id=claim.job_id, shard_id=claim.shard_id, backend=claim.backend), queue)
-            return ShardStatus.QUEUED
-        return ShardStatus.PREEMPTED
+        self.runtime.send_run(record)
+        return ShardStatus.QUEUED
 
-    def _cancelled(self, job_id: str) -> bool:
-        with session_scope(self.runtime.engine) as session:
-            return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one() is JobStatus.CANCELLED
+    def _hung(self, claim: transitions.Claim, model: str) -> None:
+        """From the heartbeat thread: the engine is hung. Hand the shard back (the
+        stuck chunk, if it ever returns, fails its fenced commit) and let the process go."""
+        try:
+            self._hand_back(claim, model, "engine hung: no progress past its deadline", learn=True,
+                            outcome=AttemptOutcome.LOST)
+        except Exception:
+            log.exception("could not hand back the hung shard %s; its lease runs out", claim.shard_index)
+        if self.on_hung is not None:
+            self.on_hung()
 
-    def _maybe_finalize(self, job_id: str) -> None:
+    def _after_end(self, job_id: str) -> None:
+        """Last shard? Finalize. Shards waiting for the router (budget headroom came back,
+        a parked shard)? Route (the router blocks them if the job is paused)."""
         with session_scope(self.runtime.engine) as session:
             done = transitions.job_shards_final(session, job_id)
+            waiting = not done and session.execute(
+                select(func.count()).select_from(Shard).where(Shard.job_id == job_id,
+                                                              Shard.status == ShardStatus.PENDING)
+            ).scalar_one() > 0
         if done:
-            self.runtime.send("spotlane.finalize_job", FinalizeJob(job_id=job_id), self.runtime.settings.control_queue)
+            self.runtime.send_finalize(job_id)
+        elif waiting:
+            self.runtime.send_route(job_id)

@@ -1,0 +1,44 @@
+"""What an inference engine is asked and what it answers: one request per row, one completion back.
+
+The records both planes share: the worker builds ``Request``s from input rows and
+engines return ``Completion``s; the control plane prices requests (a chunk's
+worst case) without importing any engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Completion", "Request"]
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    #: The row's own model, when it names one; else the engine's.
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    output: str | None
+    finish_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    latency_ms: float
+    #: This row's share of the engine's busy time, for pricing GPU-hours.
+    compute_seconds: float = 0.0
+    error: str | None = None
+    #: Exact cost when the backend reports it per request (API usage); else priced by time.
+    cost_usd: float | None = None
+    #: Attempts the request took (API retries); 1 for engines that do not retry.
+    tries: int = 1
+    #: The row's embedding (``embed`` task).
+    embedding: list[float] | None = None
+
+    @classmethod
+    def failed(cls, error: str, input_tokens: int = 0, tries: int = 1) -> Completion:
+        return cls(None, "error", input_tokens, 0, 0.0, 0.0, error, tries=tries)

@@ -25,10 +25,7 @@ the next sweep finishes the move.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -39,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import leases, metrics
 from pipeline.db import session_scope
+from pipeline.identity import owner_id
 from pipeline.runtime import Runtime
 from pipeline.storage import MANIFEST_NAMES, copy_file, filesystem, list_files, read_manifest, remove_tree, sha256_of
 from schemas.base import utcnow
@@ -110,9 +108,17 @@ def _is_temporary(rel: str) -> bool:
     return rel.rpartition("/")[2].startswith(".tmp-")
 
 
+def _complete(listing: dict[str, int]) -> dict[str, int]:
+    """The files of results folders whose manifest is written: a folder without one is
+    still being written (a finalizer or a retry merge at work) and is left alone."""
+    finished = {rel.rpartition("/")[0] for rel in listing if rel.rpartition("/")[2] in MANIFEST_NAMES}
+    return {rel: size for rel, size in listing.items() if rel.rpartition("/")[0] in finished}
+
+
 def _copy_verified(runtime: Runtime, source: str, target: str, heartbeat: Callable[[], None]) -> dict[str, int]:
-    """Copy every file under ``source`` to ``target`` and verify each copy; {path: bytes} copied."""
-    listing = {rel: size for rel, size in list_files(source) if not _is_temporary(rel)}
+    """Copy every file of every finished results folder under ``source`` to ``target`` and
+    verify each copy; {path: bytes} copied."""
+    listing = _complete({rel: size for rel, size in list_files(source) if not _is_temporary(rel)})
     expected = _expected_checksums(source, list(listing))
     cold_class = runtime.storage.storage_class("cold")
     for rel in listing:
@@ -169,14 +175,17 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         job = session.get(Job, action.job_id)
         if job is None or job.results_deleted_at is not None:
             return 0, 0  # deleted meanwhile: nothing to move
-        result_url = job.result_url or ""
+        result_url, finished_at = job.result_url or "", job.finished_at
     if result_url.startswith(source + "/"):
         copied = _copy_verified(runtime, source, target, heartbeat)
         moved_url = target + result_url[len(source) :]
         with session_scope(runtime.engine) as session:
+            # Guarded on the very results copied: a resume and a new finalization (a
+            # new folder, a new finish time) or a retry's merge meanwhile switch nothing.
             switched = session.execute(
                 update(Job)
-                .where(Job.id == action.job_id, Job.result_url == result_url)
+                .where(Job.id == action.job_id, Job.result_url == result_url, Job.status.in_(_FINAL),
+                       Job.finished_at == finished_at)
                 .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
             ).rowcount  # type: ignore[attr-defined]
         if switched != 1:
@@ -258,18 +267,18 @@ def _candidates(session: Session, now: datetime, runtime: Runtime) -> dict[Stora
     ended = and_(Job.status.in_(_FINAL), Job.finished_at.is_not(None), Job.results_deleted_at.is_(None))
     found: dict[StorageActionKind, list[str]] = {kind: [] for kind in StorageActionKind}
     if storage.retention_days:
-        cutoff = now - timedelta(days=storage.retention_days)
+        cutoff = _cutoff(runtime, StorageActionKind.DELETE_RESULTS, now)
         found[StorageActionKind.DELETE_RESULTS] = list(session.execute(
             select(Job.id).where(ended, Job.finished_at < cutoff).order_by(Job.finished_at)
         ).scalars())
     gone = set(found[StorageActionKind.DELETE_RESULTS])
     if storage.cold_after_days:
-        cutoff = now - timedelta(days=storage.cold_after_days)
+        cutoff = _cutoff(runtime, StorageActionKind.MOVE_TO_COLD, now)
         found[StorageActionKind.MOVE_TO_COLD] = [j for j in session.execute(
             select(Job.id).where(ended, Job.finished_at < cutoff, Job.result_tier == "warm",
                                  ~_open_action(StorageActionKind.MOVE_TO_COLD)).order_by(Job.finished_at)
         ).scalars() if j not in gone]
-    cutoff = now - timedelta(hours=storage.checkpoint_grace_hours)
+    cutoff = _cutoff(runtime, StorageActionKind.PURGE_CHECKPOINTS, now)
     found[StorageActionKind.PURGE_CHECKPOINTS] = [j for j in session.execute(
         select(Job.id).where(ended, Job.finished_at < cutoff, Job.checkpoints_purged_at.is_(None)).order_by(Job.finished_at)
     ).scalars() if j not in gone]
@@ -285,11 +294,25 @@ def _urls(runtime: Runtime, kind: StorageActionKind, job_id: str) -> tuple[str, 
     return storage.job_url(job_id, "warm"), None
 
 
+def _cutoff(runtime: Runtime, kind: StorageActionKind, now: datetime) -> datetime:
+    storage = runtime.settings.storage
+    if kind is StorageActionKind.DELETE_RESULTS:
+        return now - timedelta(days=storage.retention_days)
+    if kind is StorageActionKind.MOVE_TO_COLD:
+        return now - timedelta(days=storage.cold_after_days)
+    return now - timedelta(hours=storage.checkpoint_grace_hours)
+
+
 def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime) -> int | None:
-    """Mark the job (guarded) and record the action in one transaction; None if lost the race."""
+    """Mark the job (guarded) and record the action in one transaction; None if lost the race.
+
+    The guard checks again that the job is final and ended before the cutoff: a job
+    resumed (and perhaps finished again) since the sweep listed it is left alone.
+    """
     source, target = _urls(runtime, kind, job_id)
     with session_scope(runtime.engine) as session:
-        guard = [Job.id == job_id, Job.status.in_(_FINAL), Job.results_deleted_at.is_(None)]
+        guard = [Job.id == job_id, Job.status.in_(_FINAL), Job.results_deleted_at.is_(None),
+                 Job.finished_at < _cutoff(runtime, kind, now)]
         marks: dict[str, Any] = {"updated_at": utcnow()}
         if kind is StorageActionKind.DELETE_RESULTS:
             marks |= {"results_deleted_at": now, "result_url": None, "result_tier": "deleted",
@@ -332,7 +355,7 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
     """
     now = now or utcnow()
     report = SweepReport(dry_run=dry_run, now=now.isoformat())
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = owner_id()
     if not dry_run and not leases.take(runtime.engine, SWEEP_LEASE, owner, LEASE_SECONDS):
         report.locked = True
         return report

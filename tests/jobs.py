@@ -1,0 +1,104 @@
+"""Helpers for tests that drive jobs in this process: a runtime on the stub engine,
+a model folder to name, shards run by the real runner, broker sends recorded.
+
+The stub engine (``worker.engine = "stub"``) is a real, selectable engine that
+answers without a model, so these tests exercise claims, leases, checkpoints,
+budgets and finalizing at the speed of the control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from pipeline import db
+from pipeline.db import session_scope
+from pipeline.finalizer import finalize_job
+from pipeline.router import route_job
+from pipeline.runtime import Runtime
+from pipeline.transitions import run_record
+from schemas.records import TaskRecord
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+from workers.runner import ShardRunner
+
+__all__ = ["Sent", "job_row", "model_folder", "run_queued", "shards", "stub_runtime", "worker_process"]
+
+
+def model_folder(tmp_path: Path) -> str:
+    """A folder that passes as a model at submit (the stub engine never loads it)."""
+    folder = tmp_path / "stub-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "stub"}))
+    return str(folder)
+
+
+class Sent(list[tuple[str, TaskRecord, str]]):
+    """The messages a runtime sent, instead of a broker: a test decides which arrive."""
+
+    def of(self, name: str) -> list[TaskRecord]:
+        return [record for sent, record, _ in self if sent == name]
+
+
+def stub_runtime(store_url: str, *, worker: dict[str, Any] | None = None, deliver: bool = False,
+                 **overrides: Any) -> tuple[Runtime, Sent]:
+    """A migrated runtime on the stub engine whose sends are recorded, and not
+    delivered unless ``deliver`` (then they go to the real broker too)."""
+    if not store_url.startswith("sqlite"):
+        db.upgrade(db.engine_for(store_url))
+    runtime = Runtime.open(database={"url": store_url}, worker={"engine": "stub", **(worker or {})}, **overrides)
+    sent = Sent()
+    broker = runtime.send
+
+    def record(name: str, record: TaskRecord, queue: str) -> bool:
+        sent.append((name, record, queue))
+        return broker(name, record, queue) if deliver else True
+
+    runtime.send = record  # type: ignore[method-assign]
+    return runtime, sent
+
+
+def shards(runtime: Runtime, job_id: str) -> list[Shard]:
+    with session_scope(runtime.engine) as session:
+        found = list(session.execute(select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars())
+        for shard in found:
+            session.expunge(shard)
+        return found
+
+
+def job_row(runtime: Runtime, job_id: str) -> Job:
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def run_queued(runtime: Runtime, job_id: str, *, finalize: bool = True) -> JobStatus | None:
+    """Route the job and run each queued shard with the real runner until none is left."""
+    route_job(runtime, job_id)
+    runner = ShardRunner(runtime)
+    for _ in range(100):
+        queued = [s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED]
+        if not queued:
+            break
+        for shard in queued:
+            with session_scope(runtime.engine) as session:
+                record = run_record(session, shard.id)
+            runner.run(record)
+        route_job(runtime, job_id)
+    return finalize_job(runtime, job_id) if finalize else None
+
+
+def worker_process(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """A real ``spotlane worker`` process (its own settings in ``env``), logging to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker", *args],
+        env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )

@@ -43,6 +43,16 @@ class ShardProfile:
     prompt_bytes: int = 0
     #: Chat messages over all rows (one per row for plain prompts).
     messages: int = 0
+    #: The largest single row: its bytes, messages and max_tokens (each the largest of
+    #: any row, so together they bound every row).
+    largest_row_bytes: int = 0
+    largest_row_messages: int = 0
+    largest_max_tokens: int = 0
+
+    def worst_row(self) -> ShardProfile:
+        """A one-row profile no row of these exceeds (what starting one row needs)."""
+        return ShardProfile(rows=1, prompt_bytes=self.largest_row_bytes, messages=max(1, self.largest_row_messages),
+                            max_tokens=self.largest_max_tokens, longest_prompt_chars=self.longest_prompt_chars)
 
     def input_tokens(self, chars_per_token: float) -> int:
         if self.prompt_tokens is not None:
@@ -65,12 +75,17 @@ def profile_requests(requests: Sequence[Request]) -> ShardProfile:
     profile = ShardProfile()
     for r in requests:
         text = r.prompt if r.messages is None else _render(r.messages)
+        size = len((text or "").encode("utf-8", "surrogatepass"))
+        messages = len(r.messages) if r.messages is not None else 1
         profile.rows += 1
         profile.prompt_chars += len(text or "")
-        profile.prompt_bytes += len((text or "").encode("utf-8", "surrogatepass"))
-        profile.messages += len(r.messages) if r.messages is not None else 1
+        profile.prompt_bytes += size
+        profile.messages += messages
         profile.max_tokens += max(0, r.max_tokens)
         profile.longest_prompt_chars = max(profile.longest_prompt_chars, len(text or ""))
+        profile.largest_row_bytes = max(profile.largest_row_bytes, size)
+        profile.largest_row_messages = max(profile.largest_row_messages, messages)
+        profile.largest_max_tokens = max(profile.largest_max_tokens, max(0, r.max_tokens))
     return profile
 
 
@@ -96,12 +111,12 @@ def _render(messages: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(f"{m.get('role') or ''}: {m.get('content') or ''}" for m in messages)
 
 
-def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], int]:
-    """The rows' texts, and how many chat messages they hold."""
+def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], list[int]]:
+    """The rows' texts, and how many chat messages each holds."""
     values = column.to_pylist()
     if kind == "prompt":
-        return [v or "" for v in values], len(values)
-    return [_render(v or []) for v in values], sum(max(1, len(v or [])) for v in values)
+        return [v or "" for v in values], [1] * len(values)
+    return [_render(v or []) for v in values], [max(1, len(v or [])) for v in values]
 
 
 def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str) -> ShardProfile:
@@ -113,18 +128,23 @@ def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: 
     for batch in iter_rows(url, start, end, columns):
         texts, messages = _texts(batch.column(kind), kind)
         lengths = [len(t) for t in texts]
+        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
         profile.rows += len(texts)
-        profile.messages += messages
+        profile.messages += sum(messages)
         profile.prompt_chars += sum(lengths)
-        profile.prompt_bytes += sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        profile.prompt_bytes += sum(sizes)
+        profile.largest_row_bytes = max([profile.largest_row_bytes, *sizes])
+        profile.largest_row_messages = max([profile.largest_row_messages, *messages])
         profile.longest_prompt_chars = max([profile.longest_prompt_chars, *lengths])
         if "max_tokens" in columns:
             # Submit refuses limits below 1; a file written before that rule cannot
             # make an estimate (or a reservation) negative.
             limits = pc.max_element_wise(pc.fill_null(batch.column("max_tokens"), default_max_tokens), 0)
             profile.max_tokens += int(pc.sum(limits).as_py() or 0)
+            profile.largest_max_tokens = max(profile.largest_max_tokens, int(pc.max(limits).as_py() or 0))
         else:
             profile.max_tokens += default_max_tokens * len(texts)
+            profile.largest_max_tokens = max(profile.largest_max_tokens, default_max_tokens)
         if "model" in columns:
             for name in batch.column("model").to_pylist():
                 if name is not None:

@@ -1,11 +1,13 @@
 """The cost ledger's moves: reserve (router, top-ups), charge per checkpoint, release.
 
-Reserved + spent for a job is ``sum(amount_usd)`` over its rows. The router
-reserves a shard's worst case (``pipeline.pricing``: every row's ``max_tokens``,
-and an input bound that holds for any tokenizer) under the job lock, only if it
-fits the budget. Before each chunk is sent, a worker checks that the shard's
-remaining reservation covers the worst case of what it has in flight, topping it
-up under the job lock if the budget allows, and stops otherwise (``reserve_chunk``).
+Reserved + spent for a job is ``sum(amount_usd)`` over its rows. Reservations are
+worst cases (``pipeline.pricing``: every row's ``max_tokens``, and an input bound
+that holds for any tokenizer). The router holds a shard's first chunk's worth
+under the job lock, only if the budget has room for at least its costliest row.
+Before each chunk is sent, a worker makes the shard's reservation cover the worst
+case of everything it has in flight, topping it up under the job lock if the
+budget allows (``reserve_chunk``); if not, it sends as many rows as still fit, and
+then stops.
 Each committed checkpoint charges its actual cost and releases as much of the
 reservation; what is left is released when the shard ends or goes back to the
 router. So ``spent + reserved <= budget`` holds after every transaction. Callers
@@ -23,7 +25,10 @@ from sqlalchemy.orm import Session
 from schemas.status import LedgerKind
 from schemas.tables import CostLedgerEntry
 
-__all__ = ["Charge", "charge", "committed_usd", "release", "reserve", "reserve_chunk", "reserved_usd", "spent_usd"]
+__all__ = [
+    "Charge", "charge", "committed_usd", "fits", "headroom", "release", "reserve", "reserve_chunk", "reserved_usd",
+    "spent_usd",
+]
 
 #: Float slack in budget comparisons (a millionth of a cent).
 EPSILON = 1e-8
@@ -78,21 +83,29 @@ def reserve(session: Session, job_id: str, shard_id: int, backend: str, amount_u
     ))
 
 
+def headroom(session: Session, job_id: str, shard_id: int, budget_usd: float | None) -> float:
+    """The most the shard may hold in all: what it holds now plus what the budget has left."""
+    if budget_usd is None:
+        return float("inf")
+    return reserved_usd(session, shard_id) + budget_usd - committed_usd(session, job_id)
+
+
 def reserve_chunk(session: Session, job_id: str, shard_id: int, backend: str, need_usd: float,
-                  budget_usd: float | None, now: datetime) -> bool:
+                  budget_usd: float | None, now: datetime) -> tuple[bool, float]:
     """Make the shard's reservation cover ``need_usd`` (the worst case of its work in flight).
 
-    The caller holds the job lock. Tops the reservation up if the budget allows;
-    False (nothing written) if it does not, or if the job is already over its
-    budget (the budget was lowered meanwhile).
+    The caller holds the job lock. Tops the reservation up if the budget allows and
+    returns (True, headroom); returns (False, headroom) with nothing written if it
+    does not, the headroom being the most ``need_usd`` could have been (negative if
+    the budget was lowered below what the job has spent and holds).
     """
-    committed = committed_usd(session, job_id)
+    room = headroom(session, job_id, shard_id, budget_usd)
+    if need_usd > room + EPSILON:
+        return False, room
     top_up = max(0.0, need_usd - reserved_usd(session, shard_id))
-    if not fits(committed, top_up, budget_usd):
-        return False
     if top_up > EPSILON:
         reserve(session, job_id, shard_id, backend, top_up, now)
-    return True
+    return True, room
 
 
 def charge(session: Session, work: Charge, now: datetime) -> None:

@@ -11,13 +11,15 @@ the sustainable request rate (the tightest of concurrency / latency, rpm, tpm);
 
 Observed figures (``pipeline.learning``) replace the configured priors.
 
-Each quote carries two prices: ``cost_usd``, the estimate (learnt characters per
-token and output fill; what ``plan`` shows and what routing compares), and
-``reserve_usd``, the worst case the budget holds: every row's ``max_tokens``, and
-an input that no tokenizer can exceed (``ShardProfile.input_bound``). A
-provider's bill cannot exceed ``reserve_usd`` (the API engine charges no more
-than each request's bound); a GPU pool's is time and can, so workers check the
-budget before every chunk as well.
+Each quote carries an estimate and bounds. ``cost_usd`` is the estimate (learnt
+characters per token and output fill): what ``plan`` shows and what routing
+compares. ``reserve_usd`` is the worst case the backend can bill for the shard:
+every row's ``max_tokens``, and an input no tokenizer can exceed
+(``ShardProfile.input_bound``); ``row_reserve_usd`` the worst case of its
+costliest row. The budget holds worst cases chunk by chunk (``pipeline.ledger``):
+a provider's bill for a chunk cannot exceed what was reserved for it (the API
+engine charges no more than each request's bound); a GPU pool's is time and can,
+by at most one chunk, which the next chunk's reservation accounts for.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class Quote:
     capacity: int
     input_tokens: int
     output_tokens: int
-    #: The worst case the backend can bill for the shard, held against the budget.
+    #: The worst case the backend can bill for the whole shard.
     reserve_usd: float = 0.0
+    #: The worst case of the shard's costliest row: what starting it needs at least.
+    row_reserve_usd: float = 0.0
 
 
 def quote(
@@ -72,13 +76,14 @@ def quote(
         seconds = max(0.0, (tokens_out + PREFILL_WEIGHT * tokens_in) / tps)
         cost = seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption)
         return Quote(backend.name, "gpu", backend.queue, model, cost, seconds * (1.0 + 0.5 * preemption),
-                     backend.max_workers, tokens_in, tokens_out, reserve_usd=worst_case_usd(backend, profile, stats))
+                     backend.max_workers, tokens_in, tokens_out, reserve_usd=worst_case_usd(backend, profile, stats),
+                     row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats))
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
     rate = backend.requests_per_second(per_request, latency)
     return Quote(backend.name, "api", backend.queue, model, max(0.0, api_cost(backend, tokens_in, tokens_out)),
                  profile.rows / rate, 1, tokens_in, tokens_out,
-                 reserve_usd=worst_case_usd(backend, profile))
+                 reserve_usd=worst_case_usd(backend, profile), row_reserve_usd=worst_case_usd(backend, profile.worst_row()))
 
 
 def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:

@@ -14,14 +14,14 @@ seconds whatever the input's size:
 3. Under a lock on the job row (an UPDATE, so routers on any number of machines
    serialise per job): reserved + spent from ``cost_ledger``, and each backend's
    backlog (estimated seconds of queued and running shards, all jobs). ``choose``
-   picks the cheapest quote whose worst case fits the budget and that finishes
-   before the deadline; if none is on time, the in-budget quote that finishes
-   first. If no worst case fits, the shard waits while other shards of the job
+   picks the cheapest quote that fits the budget (what is left covers the worst
+   case of the shard's costliest row) and that finishes before the deadline; if none is on time, the in-budget quote that finishes
+   first. If none fits, the shard waits while other shards of the job
    run (their reservations come back as they finish; the worker that ends one
    routes the job again), or, with nothing in flight, every pending shard is
    ``blocked`` and the job ``paused``.
-4. Reserve the worst case, mark the shard queued on the backend's queue, commit,
-   and only then send the run task.
+4. Reserve the worst case of its first chunk, mark the shard queued on the
+   backend's queue, commit, and only then send the run task.
 
 With a deadline, the job's pending shards are first assigned together (an exact
 MILP, ``pipeline.assignment``) from the footer's size estimate.
@@ -75,8 +75,12 @@ def choose(
     now: datetime,
     deadline: datetime | None,
 ) -> Choice:
-    """The cheapest quote within budget that finishes by the deadline (see module doc)."""
-    affordable = [q for q in quotes if ledger.fits(committed_usd, _held(q), budget_usd)]
+    """The cheapest quote within budget that finishes by the deadline (see module doc).
+
+    A quote fits the budget when what is left of it covers the shard's costliest
+    row (``row_reserve_usd``): the worker reserves chunk by chunk from there.
+    """
+    affordable = [q for q in quotes if ledger.fits(committed_usd, q.row_reserve_usd, budget_usd)]
     if not affordable:
         return Choice(None, "no backend fits the remaining budget")
 
@@ -219,7 +223,7 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 continue
             committed = ledger.committed_usd(session, job_id)
             preferred = [q for q in quotes if (q.backend, q.model) == planned.get(shard_id)]
-            if preferred and ledger.fits(committed, _held(preferred[0]), job.budget_usd):
+            if preferred and ledger.fits(committed, preferred[0].row_reserve_usd, job.budget_usd):
                 choice = Choice(preferred[0])
             else:
                 choice = choose(quotes, committed_usd=committed, budget_usd=job.budget_usd,
@@ -234,7 +238,8 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 est_cost_usd=best.cost_usd, est_seconds=best.seconds, route_note=choice.note,
             ):
                 continue
-            ledger.reserve(session, job_id, shard_id, best.backend, _held(best), now,
+            room = float("inf") if job.budget_usd is None else job.budget_usd - committed
+            ledger.reserve(session, job_id, shard_id, best.backend, _advance(best, profile.rows, settings, room), now,
                            best.input_tokens, best.output_tokens)
             transitions.set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.PENDING,))
             record = transitions.run_record(session, shard_id)
@@ -248,9 +253,11 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
     return queued
 
 
-def _held(q: Quote) -> float:
-    """What routing ``q`` holds against the budget: its worst case (never less than its estimate)."""
-    return max(q.reserve_usd, q.cost_usd)
+def _advance(q: Quote, rows: int, settings: Settings, room: float) -> float:
+    """What routing holds for the shard: the worst case of its first chunk (at least its
+    costliest row), within what the budget has left. The worker tops it up chunk by chunk."""
+    first_chunk = q.reserve_usd * min(1.0, settings.worker.checkpoint_rows / max(rows, 1))
+    return min(q.reserve_usd, max(first_chunk, q.row_reserve_usd), room)
 
 
 def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes: Sequence[Quote]) -> None:
@@ -261,20 +268,21 @@ def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes
     waits, pending, and is routed again when one of them ends. Otherwise the budget
     cannot cover it: every pending shard is blocked and the job paused.
     """
-    cheapest = min(_held(q) for q in quotes)
+    cheapest = min(q.row_reserve_usd for q in quotes)
     in_flight = session.execute(
         select(func.count()).select_from(Shard).where(Shard.job_id == job.id, Shard.status.in_(_IN_FLIGHT))
     ).scalar_one()
     if in_flight:
         session.execute(update(Shard).where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING).values(
-            route_note=f"waiting for budget: worst case ${cheapest:.4f} does not fit until running shards finish",
+            route_note=f"waiting for budget: its costliest row's worst case (${cheapest:.4f}) does not fit "
+                       "until running shards finish",
             updated_at=db_now(session)))
         return
     transitions.block_pending(session, job.id)
     transitions.set_job_status(
         session, job.id, JobStatus.PAUSED, expected=(JobStatus.PENDING, JobStatus.RUNNING),
-        error=f"paused: budget ${job.budget_usd or 0:.4f} cannot cover shard {index} "
-              f"(worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
+        error=f"paused: what is left of the budget (${job.budget_usd or 0:.4f}) cannot cover shard {index}'s "
+              f"costliest row (worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
     )
 
 

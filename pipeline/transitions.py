@@ -396,19 +396,22 @@ class ChunkVerdict(str, Enum):
     LOST = "lost"
 
 
-def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> ChunkVerdict:
+def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> tuple[ChunkVerdict, float]:
     """Before a chunk is sent: the job is not cancelled, the shard is still ours, and its
     reservation covers ``need_usd`` (the worst case of everything in flight, this
-    chunk included), topped up under the job lock if the budget allows."""
+    chunk included), topped up under the job lock if the budget allows.
+
+    Returns the verdict and the shard's headroom (``ledger.headroom``): on
+    ``NO_BUDGET``, the most that could have been in flight.
+    """
     job = lock_job(session, claim.job_id)
     if job is None or job.status is JobStatus.CANCELLED:
-        return ChunkVerdict.CANCELLED
+        return ChunkVerdict.CANCELLED, 0.0
     if session.execute(select(Shard.id).where(*_owned(claim))).scalar_one_or_none() is None:
-        return ChunkVerdict.LOST
-    if not ledger.reserve_chunk(session, claim.job_id, claim.shard_id, claim.backend, need_usd, job.budget_usd,
-                                db_now(session)):
-        return ChunkVerdict.NO_BUDGET
-    return ChunkVerdict.GO
+        return ChunkVerdict.LOST, 0.0
+    ok, room = ledger.reserve_chunk(session, claim.job_id, claim.shard_id, claim.backend, need_usd, job.budget_usd,
+                                    db_now(session))
+    return (ChunkVerdict.GO if ok else ChunkVerdict.NO_BUDGET), room
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSetti
     from workers.api_engine import APIEngine
 
     with _LOCK:
-        key = (backend.name, model)
+        key = (backend.model_dump_json(), model)  # a changed provider config gets an engine of its own
         if key not in _API:
             _API[key] = APIEngine(backend, model)
         return _API[key]

@@ -134,6 +134,16 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+def _rows_within(costs: Sequence[float], room: float) -> int:
+    """How many of the first ``costs`` fit in ``room`` together."""
+    total = 0.0
+    for i, cost in enumerate(costs):
+        total += cost
+        if total > room + 1e-9:
+            return i
+    return len(costs)
+
+
 @dataclass
 class _Feed:
     """What the chunk feeder saw: why it stopped, and the worst case still in flight."""
@@ -234,27 +244,35 @@ class ShardRunner:
         models = list(job.models or [job.model])
         stats = self._stats(claim.backend, job.model)
         batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
-        for table in rechunk(batches, checkpoint_rows):
-            if self.stop:
-                feed.stopped = "stop requested"
-                return
-            if beat.lost.is_set():
-                feed.stopped = "lease lost"
-                return
-            chunk = prepare(table, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
-                            default_temperature=job.temperature,
-                            serves=lambda m: backend.serves_row(m, models))
-            worst = worst_case_usd(backend, profile_requests(chunk.runnable), stats)
-            need = worst + sum(w for _, w in pending)
-            with session_scope(self.runtime.engine) as session:
-                verdict = transitions.reserve_chunk(session, claim, need)
-            if verdict is not transitions.ChunkVerdict.GO:
-                feed.stopped = verdict.value
-                return
-            pending.append((chunk, worst))
-            first_row += table.num_rows
-            feed.fed_to = first_row
-            yield chunk.runnable
+        for rows in rechunk(batches, checkpoint_rows):
+            while rows.num_rows:
+                if self.stop:
+                    feed.stopped = "stop requested"
+                    return
+                if beat.lost.is_set():
+                    feed.stopped = "lease lost"
+                    return
+                part = rows
+                while True:
+                    chunk = prepare(part, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
+                                    default_temperature=job.temperature, serves=lambda m: backend.serves_row(m, models))
+                    row_worst = [0.0 if r is None else worst_case_usd(backend, profile_requests([r]), stats)
+                                 for r in chunk.requests]
+                    in_flight = sum(w for _, w in pending)
+                    with session_scope(self.runtime.engine) as session:
+                        verdict, room = transitions.reserve_chunk(session, claim, in_flight + sum(row_worst))
+                    fit = _rows_within(row_worst, room - in_flight)
+                    if verdict is not transitions.ChunkVerdict.NO_BUDGET or not 0 < fit < part.num_rows:
+                        break
+                    part = part.slice(0, fit)  # send the rows the budget still covers; the rest stop the shard
+                if verdict is not transitions.ChunkVerdict.GO:
+                    feed.stopped = verdict.value
+                    return
+                pending.append((chunk, sum(row_worst)))
+                first_row += part.num_rows
+                feed.fed_to = first_row
+                rows = rows.slice(part.num_rows)
+                yield chunk.runnable
         feed.exhausted = True
 
     def _stats(self, backend: str, model: str) -> learning.Observed | None:

@@ -18,7 +18,8 @@ from sqlalchemy import select, text
 from pipeline import producer
 from pipeline.db import session_scope
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem, read_manifest
+from pipeline.inputs import canonical_url
+from pipeline.storage import filesystem, open_new, read_manifest
 from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard
@@ -203,17 +204,22 @@ def results(runtime: Runtime, job_id: str) -> ResultsInfo:
 
 
 def export_results(runtime: Runtime, job_id: str, to: str) -> int:
-    """Write a job's results as one Parquet file at ``to``; return the row count."""
+    """Write a job's results as one Parquet file at ``to``; return the row count.
+
+    ``to`` may not lie inside spotlane's own storage tiers (it could replace a
+    part or a result file), and it appears whole or not at all.
+    """
     info = results(runtime, job_id)
+    target = canonical_url(to)
+    for tier in ("hot", "warm", "cold"):
+        root = canonical_url(runtime.storage.tier(tier))
+        if _within(target, root):
+            raise StoreError(f"--to {to} is inside spotlane's storage ({tier} tier): export somewhere else")
     fs_first, path_first = filesystem(info.files[0])
     with fs_first.open(path_first, "rb") as fh:
         schema = pq.read_schema(fh)
-    fs_out, path_out = filesystem(to)
-    parent = path_out.rsplit("/", 1)[0]
-    if parent:
-        fs_out.makedirs(parent, exist_ok=True)
     rows = 0
-    with fs_out.open(path_out, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+    with open_new(target) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for url in info.files:
             fs, path = filesystem(url)
             with fs.open(path, "rb") as fh:
@@ -222,3 +228,10 @@ def export_results(runtime: Runtime, job_id: str, to: str) -> int:
                     rows += len(batch)
     return rows
 
+
+def _within(target: str, root: str) -> bool:
+    def plain(url: str) -> str:
+        return url.removeprefix("file://").rstrip("/")
+
+    target, root = plain(target), plain(root)
+    return target == root or target.startswith(root + "/")

@@ -176,6 +176,11 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         if job is None or job.results_deleted_at is not None:
             return 0, 0  # deleted meanwhile: nothing to move
         result_url, finished_at = job.result_url or "", job.finished_at
+        recent = finished_at is None or finished_at >= _cutoff(runtime, StorageActionKind.MOVE_TO_COLD, action.started_at)
+        if not job.status.is_final or (recent and result_url.startswith(source + "/")):
+            # Resumed (and perhaps finished again) since the action started: its new
+            # results are not due yet; a later sweep moves them when they are.
+            return 0, 0
     if result_url.startswith(source + "/"):
         copied = _copy_verified(runtime, source, target, heartbeat)
         moved_url = target + result_url[len(source) :]

@@ -137,3 +137,71 @@ def test_an_uncached_hub_model_is_refused_when_offline(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "some-org/not-cached-model" in result.stderr
+
+
+@pytest.mark.parametrize("column", ["error", "output", "cost_usd", "backend", "attempt", "embedding"])
+def test_a_column_named_like_an_output_column_is_refused_before_any_work(tmp_path: Path, column: str) -> None:
+    """Review M6: the job ran and was paid for, then finalizing failed on two 'error' columns."""
+    path = write_prompts(tmp_path / "in.parquet", 3, **{column: ["x", "y", "z"]})
+
+    with pytest.raises(InputError, match=f"column '{column}': is also the name of an output column"):
+        inspect_input(str(path))
+
+
+def test_a_row_model_that_is_neither_the_jobs_nor_a_named_one_is_refused_at_submit(tmp_path: Path) -> None:
+    """Review M5: any folder or hub id an input row named was loaded by '*' pools."""
+    from tests.jobs import model_folder
+
+    model = model_folder(tmp_path)
+    path = write_prompts(tmp_path / "in.parquet", 4, model=[None, model, "/etc/secret-model", None])
+
+    result = spotlane("submit", str(path), "--model", model)
+
+    assert result.returncode == 2
+    assert "column 'model', row 2: model '/etc/secret-model' is neither one of the job's models" in result.stderr
+
+
+def test_a_row_model_that_cannot_load_fails_its_rows_not_the_shard(tmp_path: Path, tiny_model: Path) -> None:
+    """Review M5: one unloadable row model failed the shard, then the job."""
+    from pipeline.runtime import Runtime
+    from schemas.inference import Request
+    from workers.engines import GpuEngines
+
+    settings = Runtime.open().settings.worker
+    engine = GpuEngines(str(tiny_model), settings)
+
+    done = engine.generate([Request(prompt="hello", max_tokens=2), Request(prompt="hi", max_tokens=2,
+                                                                          model=str(tmp_path / "missing"))])
+
+    assert done[0].error is None and done[1].error is not None and "could not be loaded" in done[1].error
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://reader:Sup3rS3cret@127.0.0.1/in.parquet",
+        "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/in.parquet",
+        "https://bucket.s3.amazonaws.com/in.parquet?X-Amz-Credential=AKIA&X-Amz-Signature=abc123",
+    ],
+)
+def test_credentials_in_an_input_url_are_refused_and_never_echoed(url: str) -> None:
+    """Review L2: they were stored in jobs.input_url and the manifest, and shown by status."""
+    from pipeline.inputs import refuse_credentials
+
+    with pytest.raises(InputError, match="credentials|signature or token") as refused:
+        refuse_credentials(url)
+    assert "Sup3rS3cret" not in str(refused.value) and "wJalrXUtnFEMI" not in str(refused.value)
+    assert "abc123" not in str(refused.value)
+
+
+def test_a_worker_reads_a_shard_of_huge_prompts_a_few_rows_at_a_time(tmp_path: Path) -> None:
+    """Review L7: 4,096-row read batches of 50 kB prompts took 620 MB to read 256 rows."""
+    from pipeline.inputs import BATCH_BYTES, iter_rows, open_parquet
+
+    path = write_prompts(tmp_path / "big.parquet", 2000, prompt=[("word " * 10_000) + str(i) for i in range(2000)])
+
+    batches = list(iter_rows(str(path), 0, 2000, ["id", "prompt"], batch_size=256))
+
+    per_row = 50_000
+    assert max(len(b) for b in batches) <= BATCH_BYTES // per_row + 1
+    assert sum(len(b) for b in batches) == 2000 and open_parquet(str(path)).metadata.num_rows == 2000

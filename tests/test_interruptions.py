@@ -23,14 +23,41 @@ from workers.spot_notice import SpotNoticeProbe, notice_in
 
 
 class _Metadata:
-    """A local stand-in for the instance-metadata service: 404 until told otherwise."""
+    """A local stand-in for the instance-metadata service: 404 until told otherwise.
+
+    With ``tokens_required`` it behaves as IMDSv2 with ``HttpTokens = required``: a
+    GET without a session token from ``PUT /latest/api/token`` is answered 401.
+    """
+
+    TOKEN = "AQAEAFake-session-token=="
 
     def __init__(self) -> None:
         self.action: str | None = None
+        self.tokens_required = False
+        self.token_requests = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802
+                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    outer.token_requests += 1
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(outer.TOKEN.encode())
+                    return
+                self.send_response(400)
+                self.end_headers()
+
             def do_GET(self) -> None:  # noqa: N802
+                if outer.tokens_required and self.headers.get("X-aws-ec2-metadata-token") != outer.TOKEN:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                    self.end_headers()
+                    return
                 if outer.action is None:
                     self.send_response(404)
                     self.end_headers()
@@ -73,6 +100,29 @@ def test_the_probe_sets_the_drain_flag_when_the_notice_appears(metadata: _Metada
     probe.join(5)
 
     assert stop and probe.action == "terminate"
+
+
+def test_the_probe_speaks_imdsv2_where_tokens_are_required(metadata: _Metadata) -> None:
+    """Review M12: with HttpTokens=required every plain GET got 401, read as 'no notice'."""
+    metadata.tokens_required = True
+    stop = StopFlag()
+    probe = SpotNoticeProbe(metadata.url, 0.05, stop)
+    probe.start()
+    time.sleep(0.3)
+    assert not stop
+
+    metadata.action = "terminate"
+    probe.join(5)
+
+    assert stop and probe.action == "terminate" and metadata.token_requests >= 1
+
+
+def test_the_probe_takes_only_http_urls_and_follows_no_redirect(metadata: _Metadata) -> None:
+    with pytest.raises(ValueError, match="must be an http:// URL"):
+        SpotNoticeProbe("file:///etc/passwd", 1, StopFlag())
+    probe = SpotNoticeProbe(metadata.url.replace("/latest/meta-data/spot/instance-action", "/redirect"), 1, StopFlag())
+
+    assert probe._poll() is None
 
 
 def _db(home: Path):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from fsspec.core import url_to_fs
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipeline import api, lifecycle
 from pipeline.control import resume
@@ -400,3 +400,77 @@ def test_tiers_that_would_lose_data_or_leak_a_secret_are_refused(tiers: dict[str
     with pytest.raises(ConfigError, match=message) as err:
         load_settings(storage=tiers)
     assert "secret" not in str(err.value).replace("carries a password", "")
+
+
+def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_where_they_are(
+    store_url: str, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review M7: the move's switch still matched (same URL string): the job pointed at the
+    old, partial results in cold, and the sweep purged the resumed job's checkpoints."""
+    from pipeline import transitions
+    from schemas.status import AttemptOutcome, ShardStatus
+    from tests.jobs import model_folder, run_queued, shards, stub_runtime
+
+    runtime, _ = stub_runtime(store_url, storage={t: (tmp_path / "tiers" / t).as_uri() for t in ("hot", "warm", "cold")},
+                              worker={"checkpoint_rows": 5})
+    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 20)), model_folder(tmp_path),
+                                        rows_per_shard=10))
+    route_job(runtime, job_id)
+    first, second = shards(runtime, job_id)
+    runner = ShardRunner(runtime)
+    runner.run(RunShard(job_id=job_id, shard_id=first.id, backend="local", attempt=0))
+    with session_scope(runtime.engine) as session:  # the second shard fails: the job finishes failed, 10 rows
+        claim = transitions.claim_shard(session, second.id, "w:1:t", 60, "local")
+        assert claim is not None
+        transitions.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED, error="boom")
+    assert finalize_job(runtime, job_id) is JobStatus.FAILED
+    failed_at = _job(runtime, job_id).finished_at
+    assert failed_at is not None
+    with session_scope(runtime.engine) as session:  # it failed 40 days ago: due to move and to purge
+        session.execute(update(Job).where(Job.id == job_id).values(finished_at=failed_at - timedelta(days=40)))
+    old = _job(runtime, job_id)
+    real = lifecycle._copy_verified
+
+    def copy_while_the_job_is_resumed(*args: Any) -> dict[str, int]:
+        copied = real(*args)
+        resume(runtime, job_id)
+        assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED  # finalized again, 20 rows
+        return copied
+
+    monkeypatch.setattr(lifecycle, "_copy_verified", copy_while_the_job_is_resumed)
+    report = lifecycle.sweep(runtime)
+    monkeypatch.setattr(lifecycle, "_copy_verified", real)
+
+    moves = [a for a in report.actions if a.action == "move_to_cold"]
+    assert [a.status for a in moves] == ["failed"] and "changed during the move" in (moves[0].error or "")
+    job = _job(runtime, job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.result_tier == "warm" and job.result_url != old.result_url
+    assert api.results(runtime, job_id).manifest["rows"] == 20
+    assert job.checkpoints_purged_at is None  # it finished just now: its checkpoints are not due either
+    assert ("purge_checkpoints", "done") not in [(a.action, a.status) for a in report.actions]
+
+    # The next sweep retries the move, finds results that are not due yet, and leaves them.
+    lifecycle.sweep(runtime)
+    job = _job(runtime, job_id)
+    assert job.result_tier == "warm" and api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 20
+
+
+def test_a_results_folder_still_being_written_is_neither_copied_nor_deleted(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Review L11: a merge's finished part with no manifest yet was copied, 'verified'
+    against itself and deleted from warm before the merge switched the job to it."""
+    runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
+    job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
+    warm_job = Path(url_to_fs(runtime.storage.job_url(job_id, "warm"))[1])
+    writing = warm_job / "results-v2-0000abcd"
+    writing.mkdir()
+    (writing / "part-00000.parquet").write_bytes(b"a finished part of a merge whose manifest is not written yet")
+
+    report = lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
+
+    assert ("move_to_cold", "done") in {(a.action, a.status) for a in report.actions}
+    assert (writing / "part-00000.parquet").exists()
+    cold_job = Path(url_to_fs(runtime.storage.job_url(job_id, "cold"))[1])
+    assert not (cold_job / "results-v2-0000abcd").exists()
+    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 5

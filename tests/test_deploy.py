@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -86,13 +88,39 @@ def _compose_client() -> list[str] | None:
     return None
 
 
-@pytest.mark.skipif(_compose_client() is None, reason="no compose client (docker compose or docker-compose)")
-def test_compose_config_validates() -> None:
-    command = [*(_compose_client() or []), "config", "-q"]
+_PASSWORDS = {"POSTGRES_PASSWORD": "pg-pass", "MINIO_ROOT_PASSWORD": "minio-pass", "FLOWER_PASSWORD": "flower-pass"}
 
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+@pytest.mark.skipif(_compose_client() is None, reason="no compose client (docker compose or docker-compose)")
+def test_compose_config_validates_and_refuses_to_start_without_its_passwords() -> None:
+    """Review H6: missing passwords fell back to spotlane / spotlane-secret."""
+    command = [*(_compose_client() or []), "config", "-q"]
+    clean = {k: v for k, v in os.environ.items() if k not in _PASSWORDS}
+
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**clean, **_PASSWORDS})
+    for missing in _PASSWORDS:
+        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                 env={**clean, **{k: v for k, v in _PASSWORDS.items() if k != missing}})
+        assert refused.returncode != 0 and f"set {missing}" in refused.stderr, missing
 
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_opens_nothing_to_the_world_and_pins_every_image(compose: dict[str, Any]) -> None:
+    """Review H6: MinIO, Flower and Prometheus were published on every interface, with
+    default credentials, unauthenticated Flower and :latest images."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+        image = str(service.get("image", ""))
+        if "SPOTLANE_IMAGE" not in image:
+            tag = image.partition(":")[2]
+            assert tag and tag != "latest" and any(c.isdigit() for c in tag), (name, image)
+    assert "--basic-auth=" in " ".join(compose["services"]["flower"]["command"])
+    for secret in ("spotlane-secret", "POSTGRES_PASSWORD:-", "MINIO_ROOT_PASSWORD:-"):
+        assert secret not in text
+    assert text.count("${POSTGRES_PASSWORD:?") == 2 and text.count("${MINIO_ROOT_PASSWORD:?") == 3
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,6 +140,8 @@ def test_k8s_workers_queues_and_keda_triggers_agree_with_the_settings(
 ) -> None:
     config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
     settings = _settings_from(config["data"], monkeypatch)
+    # The broker URL carries the password: the secret the kustomization tells you to create.
+    broker_url = re.search(r'SPOTLANE_BROKER__URL="([^"]+)"', (K8S / "kustomization.yaml").read_text()).group(1)  # type: ignore[union-attr]
     deployments = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "Deployment"}
     queue_of: dict[str, list[str]] = {}
     for name, doc in deployments.items():
@@ -128,7 +158,7 @@ def test_k8s_workers_queues_and_keda_triggers_agree_with_the_settings(
         trigger = obj["spec"]["triggers"][0]
         assert trigger["type"] == "redis"
         assert [trigger["metadata"]["listName"]] == queue_of[target]
-        assert settings.broker.url.endswith("/" + trigger["metadata"]["databaseIndex"])
+        assert broker_url.endswith("/" + trigger["metadata"]["databaseIndex"])
     gpu_scaler = next(s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == "spotlane-gpu-spot")
     assert gpu_scaler["spec"]["maxReplicaCount"] == settings.pool("spot").max_workers
 
@@ -167,9 +197,53 @@ def test_the_cluster_config_schedules_a_nightly_run_and_ages_results(
 ) -> None:
     config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
     settings = _settings_from(config["data"], monkeypatch)
+    # The broker URL carries the password: the secret the kustomization tells you to create.
+    broker_url = re.search(r'SPOTLANE_BROKER__URL="([^"]+)"', (K8S / "kustomization.yaml").read_text()).group(1)  # type: ignore[union-attr]
     [nightly] = settings.schedules
     assert (nightly.name, nightly.cron, nightly.timezone, nightly.deadline) == ("support-nightly", "0 2 * * *", "Europe/Berlin", "07:00")
     assert nightly.input_url(nightly.next_fire(datetime(2026, 11, 25, 12, tzinfo=UTC))).endswith("/2026-11-26/*.parquet")
     assert settings.storage.storage_class("cold") == "GLACIER_IR" and settings.storage.retention_days > settings.storage.cold_after_days
     scheduler = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-scheduler")
     assert scheduler["spec"]["strategy"]["type"] == "Recreate"
+
+
+def _pod_specs(k8s: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in k8s if d["kind"] in ("Deployment", "Job")}
+
+
+def test_every_k8s_workload_runs_unprivileged_on_a_read_only_root(k8s: list[dict[str, Any]]) -> None:
+    """Review M15: no securityContext anywhere."""
+    for name, spec in _pod_specs(k8s).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            mounted = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            if name != "redis":
+                assert {"/tmp", "/var/lib/spotlane"} <= mounted, name  # where a read-only image still writes
+
+
+def test_the_k8s_broker_has_a_password_a_volume_and_a_network_policy(k8s: list[dict[str, Any]]) -> None:
+    """Review M15: Redis had no auth, no volume (a restart dropped every message) and no NetworkPolicy."""
+    redis = _pod_specs(k8s)["redis"]
+    (container,) = redis["containers"]
+    assert "--requirepass" in container["args"] and "--appendonly" in container["args"]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "spotlane-redis"
+    assert redis["volumes"][0]["persistentVolumeClaim"]["claimName"] == "redis-data"
+    assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "redis-data" for d in k8s)
+    policies = {d["metadata"]["name"]: d["spec"] for d in k8s if d["kind"] == "NetworkPolicy"}
+    allowed = policies["redis"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"spotlane.io/broker-client": "true"}}} in allowed
+    for name, spec in _pod_specs(k8s).items():
+        if name.startswith("spotlane-") and name != "spotlane-migrate":
+            labels = next(d for d in k8s if d.get("metadata", {}).get("name") == name and d["kind"] in ("Deployment", "Job"))[
+                "spec"]["template"]["metadata"]["labels"]
+            assert labels.get("spotlane.io/broker-client") == "true", name
+    assert policies["spotlane-metrics"]["ingress"][0]["ports"] == [{"port": 9808}]
+    config = next(d for d in k8s if d["kind"] == "ConfigMap")["data"]
+    assert "SPOTLANE_BROKER__URL" not in config  # it carries the password: a Secret
+    triggers = [t for d in k8s if d["kind"] == "ScaledObject" for t in d["spec"]["triggers"]]
+    assert all(t["authenticationRef"] == {"name": "spotlane-redis"} for t in triggers)

@@ -42,6 +42,7 @@ __all__ = [
     "block_pending",
     "block_shard",
     "cancel_job",
+    "charge_lost_work",
     "change_budget",
     "claim_shard",
     "commit_checkpoint",
@@ -472,6 +473,15 @@ def commit_checkpoint(
     )
     ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
                                          stats.input_tokens, stats.output_tokens), now)
+
+
+def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:
+    """Work done under a lease that was lost (a frozen worker, a partition) commits
+    nothing, but it was paid for: it is charged all the same, against the shard's
+    reservation, so the ledger shows real spend."""
+    lock_job(session, claim.job_id)
+    ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
+                                         stats.input_tokens, stats.output_tokens), db_now(session))
 
 
 def _end_attempt(

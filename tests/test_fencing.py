@@ -83,6 +83,9 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_the_results(tmp_path
     assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(16)]
     assert table.column("attempt").to_pylist() == [1] * 4 + [2] * 12
     assert info.manifest["rows"] == 16 and info.manifest["rows_missing"] == 0
+    with session_scope(runtime_b.engine) as session:  # L9: A's lost chunk was paid for, and is on the ledger
+        charged = session.execute(text("select input_tokens from cost_ledger where kind = 'charge'")).scalars().all()
+    assert len(charged) == 1 + 2 + 1 and sum(charged) == (16 + 4) * 11  # 11 stub tokens a prompt; rows 4-7 twice
 
 
 def test_a_part_that_does_not_match_its_checkpoint_fails_the_job_loudly(store_url: str, tmp_path: Path) -> None:

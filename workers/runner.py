@@ -349,6 +349,7 @@ class ShardRunner:
                     transitions.commit_checkpoint(session, claim, stats, settings.lease_seconds)
                 return
             except LeaseLost:
+                self._charge_lost(claim, stats)
                 raise
             except Exception as exc:
                 if not _transient(exc):
@@ -364,6 +365,13 @@ class ShardRunner:
                             stats.first_row, claim.shard_index, exc.__class__.__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _charge_lost(self, claim: transitions.Claim, stats: transitions.CheckpointStats) -> None:
+        try:
+            with session_scope(self.runtime.engine) as session:
+                transitions.charge_lost_work(session, claim, stats)
+        except Exception:  # the ledger is not worth failing over; the work is lost either way
+            log.warning("could not charge the lost chunk of shard %s", claim.shard_index, exc_info=True)
 
     def _learn(self, backend: str, model: str, chunk: Chunk, completions: Sequence[Completion],
                stats: transitions.CheckpointStats, seconds: float, is_api: bool) -> None:

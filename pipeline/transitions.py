@@ -120,8 +120,11 @@ def lock_job(session: Session, job_id: str) -> Job | None:
 
 def start_finalizing(session: Session, job_id: str) -> bool:
     """running or pending -> finalizing; True also if it already is finalizing (the
-    caller holds the finalizer's lease, so an earlier finalizer is gone)."""
+    caller holds the finalizer's lease, so an earlier finalizer is gone). Every
+    shard has ended: what the job still holds (lost attempts' reservations) is
+    given back."""
     if set_job_status(session, job_id, JobStatus.FINALIZING, expected=(JobStatus.RUNNING, JobStatus.PENDING)):
+        ledger.release_all(session, job_id, db_now(session))
         return True
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     return status is JobStatus.FINALIZING
@@ -139,6 +142,10 @@ def cancel_job(session: Session, job_id: str, error: str) -> bool:
                           expected=(JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED), error=error):
         return False
     unqueue_cancelled(session, job_id)
+    running = {(shard_id, attempt) for shard_id, attempt in session.execute(
+        select(Shard.id, Shard.attempts).where(Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)
+    )}
+    ledger.release_all(session, job_id, db_now(session), keep=running)  # running shards end on their own
     return True
 
 
@@ -161,7 +168,7 @@ def resume_job(session: Session, job_id: str, status: JobStatus) -> bool:
         .returning(Shard.id, Shard.backend)
     ).all()
     for shard_id, _ in rows:
-        ledger.release(session, job_id, shard_id, None, now)
+        ledger.release(session, job_id, shard_id, None, now)  # the pool of a preempted shard
     return True
 
 
@@ -350,6 +357,7 @@ def claim_shard(
         )
     )
     set_job_status(session, shard.job_id, JobStatus.RUNNING, expected=(JobStatus.PENDING,))
+    ledger.transfer(session, shard.job_id, shard_id, backend, now, None, shard.attempts)  # the router's advance
     return Claim(
         shard_id=shard.id,
         job_id=shard.job_id,
@@ -410,8 +418,8 @@ def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> tuple[Chun
         return ChunkVerdict.CANCELLED, 0.0
     if session.execute(select(Shard.id).where(*_owned(claim))).scalar_one_or_none() is None:
         return ChunkVerdict.LOST, 0.0
-    ok, room = ledger.reserve_chunk(session, claim.job_id, claim.shard_id, claim.backend, need_usd, job.budget_usd,
-                                    db_now(session))
+    ok, room = ledger.reserve_chunk(session, claim.job_id, claim.shard_id, claim.attempt, claim.backend, need_usd,
+                                    job.budget_usd, db_now(session))
     return (ChunkVerdict.GO if ok else ChunkVerdict.NO_BUDGET), room
 
 
@@ -472,7 +480,7 @@ def commit_checkpoint(
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
     )
     ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
-                                         stats.input_tokens, stats.output_tokens), now)
+                                         stats.input_tokens, stats.output_tokens, claim.attempt), now)
 
 
 def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:
@@ -481,7 +489,7 @@ def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> 
     reservation, so the ledger shows real spend."""
     lock_job(session, claim.job_id)
     ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
-                                         stats.input_tokens, stats.output_tokens), db_now(session))
+                                         stats.input_tokens, stats.output_tokens, claim.attempt), db_now(session))
 
 
 def _end_attempt(
@@ -505,9 +513,9 @@ def end_shard(
     """running -> ``new`` (done, failed, preempted, or pending: back to the router) for
     the lease holder.
 
-    Except on ``preempted`` (the shard is queued again on the same backend) what is
-    left of the shard's reservation is released (its actual cost was charged
-    checkpoint by checkpoint).
+    What is left of the attempt's reservation is released (its actual cost was
+    charged checkpoint by checkpoint), or, on ``preempted`` (the shard is queued
+    again on the same backend), given back to the shard's pool for the next attempt.
     """
     _check_shard((ShardStatus.RUNNING,), new)
     now = db_now(session)
@@ -526,8 +534,10 @@ def end_shard(
     if _rowcount(result) != 1:
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, outcome, error)
-    if new is not ShardStatus.PREEMPTED:
-        ledger.release(session, claim.job_id, claim.shard_id, claim.backend, now)
+    if new is ShardStatus.PREEMPTED:
+        ledger.transfer(session, claim.job_id, claim.shard_id, claim.backend, now, claim.attempt, None)
+    else:
+        ledger.release(session, claim.job_id, claim.shard_id, claim.backend, now, claim.attempt)
     return True
 
 
@@ -554,7 +564,7 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
     if _rowcount(result) != 1:
         return False
     _end_attempt(session, claim.shard_id, claim.attempt, AttemptOutcome.FAILED, error)
-    ledger.release(session, claim.job_id, claim.shard_id, claim.backend, now)
+    ledger.release(session, claim.job_id, claim.shard_id, claim.backend, now, claim.attempt)
     return True
 
 
@@ -562,7 +572,9 @@ def expire_lease(session: Session, shard_id: int, *, owner_dead: bool = False) -
     """running with an expired lease -> queued; the attempt is recorded as lost.
 
     ``owner_dead``: the caller knows the holder's process is gone, so the lease
-    need not have run out. The shard keeps its backend and reservation.
+    need not have run out. The shard keeps its backend; the lost attempt keeps its
+    reservation until the job ends (it may still be billed for the chunk it had in
+    flight), and the next owner reserves its own.
     """
     _check_shard((ShardStatus.RUNNING,), ShardStatus.QUEUED)
     now = db_now(session)

@@ -206,6 +206,9 @@ class CostLedgerEntry(Base):
     backend: Mapped[str] = mapped_column(String(64))
     kind: Mapped[LedgerKind] = mapped_column(_state(LedgerKind))
     amount_usd: Mapped[float] = mapped_column(Float)
+    #: The shard attempt a reservation belongs to (NULL: the shard's pool, held by the
+    #: router until a worker claims it), or that did the charged work.
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -1,4 +1,4 @@
-"""guarantees: the input's identity at submit, retry jobs' pending merges
+"""guarantees: the input's identity at submit, retry jobs' pending merges, reservations per attempt
 
 Revision ID: 0004
 Revises: 0003
@@ -24,6 +24,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("retry_of", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("merged_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_jobs_retry_of", "jobs", ["retry_of"])
+    with op.batch_alter_table("cost_ledger") as batch:
+        batch.add_column(sa.Column("attempt", sa.Integer(), nullable=True))
     # Retry jobs recorded their parent in tags only; their merges are long done.
     op.execute("UPDATE jobs SET merged_at = finished_at WHERE finished_at IS NOT NULL")
 
@@ -32,7 +34,9 @@ def downgrade() -> None:
     from migrations.views import JOB_PROGRESS_V1
 
     op.drop_index("ix_jobs_retry_of", table_name="jobs")
-    op.execute("DROP VIEW job_progress")  # SQLite rebuilds the table below
+    op.execute("DROP VIEW job_progress")  # SQLite rebuilds the tables below
+    with op.batch_alter_table("cost_ledger") as batch:
+        batch.drop_column("attempt")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("merged_at")
         batch.drop_column("retry_of")

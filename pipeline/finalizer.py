@@ -214,14 +214,13 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
             job = session.get(Job, job_id)
             if job is None:
                 return None
-            if job.status.is_final:
+            if job.status.is_final:  # a duplicate message, or a retry job whose merge is still to do
                 pending_merge = job.retry_of is not None and job.merged_at is None and job.result_url is not None
             elif not transitions.job_shards_final(session, job_id) or not transitions.start_finalizing(session, job_id):
                 return None
-            else:
-                pending_merge = False
-        if pending_merge:
-            _merge(runtime, job_id)
+        if job.status.is_final:
+            if pending_merge:
+                _merge(runtime, job_id)
             return None
         status = _finalize(runtime, job_id, owner, lease)
     finally:

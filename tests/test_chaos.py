@@ -1,8 +1,20 @@
-"""Chaos: workers killed (-9) and drained (SIGTERM) at random, and a Redis restart, mid-job.
+"""Chaos: every way a distributed job can be hit, at random, on real processes and services.
 
-Redis + PostgreSQL, several worker processes, a seeded random schedule, bounded in
-time. The job must complete with every id exactly once, and the rows generated
-but never committed must stay within one checkpoint interval per interruption.
+PostgreSQL, a private Redis, S3 (the moto server), several ``spotlane worker``
+processes on the stub engine (their chunks take real time), and a seeded random
+schedule of attacks:
+
+- the job's routing message is lost (deleted from the broker before any worker runs);
+- workers are killed (-9) and drained (SIGTERM), and restarted;
+- Redis is killed and restarted;
+- a worker is frozen (SIGSTOP) past its lease with a chunk in flight; another
+  worker with a different checkpoint size takes its shard over; then it is woken;
+- the process finalizing the job is killed mid-write.
+
+Every run must end with every id exactly once, a manifest that agrees, nothing
+spent past the budget at any moment, and the rows generated but never committed
+within one checkpoint interval per interruption. ``SPOTLANE_TEST_LONG=1`` runs a
+bigger job with more rounds of attacks.
 """
 
 from __future__ import annotations
@@ -14,104 +26,163 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
+import redis as redis_client
 from sqlalchemy import create_engine, text
 
 from tests.conftest import spotlane, stop_process, write_prompts
+from tests.jobs import model_folder
 from tests.test_distributed import _PrivateRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-ROWS, CHECKPOINT = 240, 10
+LONG = os.environ.get("SPOTLANE_TEST_LONG", "") not in ("", "0")
+ROWS, PER_SHARD, CHECKPOINT = (3000, 100, 10) if LONG else (600, 50, 10)
+WORKERS = 3
+#: A pool priced so that the stub engine's 0.05 s a row costs money: $36/h = $0.01/s.
+POOL = '[{"name": "local", "price_per_hour": 36.0, "tokens_per_second": 200}]'
+BUDGET = 10.0
 
 
-def test_random_kills_drains_and_a_redis_restart_lose_nothing_and_repeat_little(
-    postgres_url: str, tmp_path: Path, tiny_model: Path
+def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_lose_nothing(
+    postgres_url: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    rng = random.Random(20261125)
-    redis = _PrivateRedis(tmp_path)
-    redis.start()
+    rng = random.Random(20261126)
+    broker = _PrivateRedis(tmp_path)
+    broker.start()
     env = {
         "SPOTLANE_DATABASE__URL": postgres_url,
-        "SPOTLANE_BROKER__URL": redis.url,
+        "SPOTLANE_BROKER__URL": broker.url,
+        "SPOTLANE_STORAGE__HOT": f"{s3_bucket}/hot",
+        "SPOTLANE_STORAGE__WARM": f"{s3_bucket}/warm",
+        "SPOTLANE_STORAGE__COLD": f"{s3_bucket}/cold",
+        "SPOTLANE_GPU_POOLS": POOL,
+        "SPOTLANE_WORKER__ENGINE": "stub",
+        "SPOTLANE_WORKER__STUB_SECONDS_PER_ROW": "0.05",
         "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(CHECKPOINT),
-        "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
         "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "1",
-        "SPOTLANE_WORKER__LEASE_SECONDS": "20",
-        "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "2",
-        "SPOTLANE_WORKER__REQUEUE_AFTER_SECONDS": "5",
-        "SPOTLANE_WORKER__SHUTDOWN_GRACE_SECONDS": "15",
-        "SPOTLANE_WORKER__FINALIZE_GRACE_SECONDS": "10",
+        "SPOTLANE_WORKER__LEASE_SECONDS": "4",
+        "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "1",
+        "SPOTLANE_WORKER__REQUEUE_AFTER_SECONDS": "3",
+        "SPOTLANE_WORKER__SHUTDOWN_GRACE_SECONDS": "10",
+        "SPOTLANE_WORKER__FINALIZE_GRACE_SECONDS": "3",
     }
     assert spotlane("db", "upgrade", env=env).returncode == 0
-    job_id = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", ROWS)), "--model", str(tiny_model),
-                      "--rows-per-shard", "40", "--max-tokens", "16", env=env).stdout.strip()
+    fs, bucket = fsspec.core.url_to_fs(s3_bucket)
+    fs.put_file(str(write_prompts(tmp_path / "in.parquet", ROWS)), f"{bucket}/inputs/in.parquet")
+    submitted = spotlane("submit", f"{s3_bucket}/inputs/in.parquet", "--model", model_folder(tmp_path),
+                         "--rows-per-shard", str(PER_SHARD), "--max-tokens", "4", "--budget", str(BUDGET), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    hits: Counter[str] = Counter()
+    hits["lost routing message"] += redis_client.Redis.from_url(broker.url).delete("control")  # before any worker
     store = create_engine(postgres_url)
     logs: list[Path] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(**settings: str) -> subprocess.Popen[bytes]:
         log = tmp_path / f"worker{len(logs)}.log"
         logs.append(log)
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **env},
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"],
+                                env={**os.environ, **env, **settings},
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
-    def status() -> str:
+    def query(sql: str) -> list[tuple[object, ...]]:
         with store.connect() as conn:
-            return str(conn.execute(text("select status from jobs where id = :j"), {"j": job_id}).scalar_one())
+            return [tuple(r) for r in conn.execute(text(sql), {"j": job_id})]
 
-    workers = [start() for _ in range(3)]
-    interruptions = {"kill -9": 0, "SIGTERM": 0, "redis restart": 0, "killed after grace": 0}
-    started = time.monotonic()
-    redis_restarted = False
+    def status() -> str:
+        return str(query("select status from jobs where id = :j")[0][0])
+
+    highest = 0.0
+
+    def watch_the_budget() -> None:
+        nonlocal highest
+        highest = max(highest, float(query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j")[0][0]))
+
+    def holder_of(lease: str) -> int | None:
+        rows = query(f"select owner from leases where name = '{lease}'")
+        return int(str(rows[0][0]).split(":")[1]) if rows else None
+
+    workers = [start() for _ in range(WORKERS)]
+    started = last_kill = time.monotonic()
+    rounds = 3 if LONG else 1
     try:
-        time.sleep(8)  # let the workers load the model and start
-        while status() not in ("succeeded", "failed") and time.monotonic() - started < 240:
-            if not redis_restarted and time.monotonic() - started > 14:
-                redis.kill()
+        time.sleep(4)
+        while status() not in ("succeeded", "failed") and time.monotonic() - started < (600 if LONG else 150):
+            watch_the_budget()
+            elapsed = time.monotonic() - started
+            if hits["finalizer killed"] < 1 and (pid := holder_of(f"finalize:{job_id}")) is not None:
+                victim = next((w for w in workers if w.pid == pid), None)
+                if victim is not None:  # kill -9 the process writing the results
+                    victim.kill()
+                    victim.wait()
+                    hits["finalizer killed"] += 1
+                    workers[workers.index(victim)] = start()
+                continue
+            if hits["redis restart"] < rounds and elapsed > 10 + 40 * hits["redis restart"]:
+                broker.kill()
                 time.sleep(2)
-                redis.start()
-                redis_restarted = True
-                interruptions["redis restart"] += 1
-            elif time.monotonic() - started < 60 and rng.random() < 0.5:
+                broker.start()
+                hits["redis restart"] += 1
+            elif hits["freeze past the lease"] < rounds and elapsed > 16 + 40 * hits["freeze past the lease"]:
+                owners = query("select lease_owner from shards where job_id = :j and status = 'running'")
+                pids = {int(str(o[0]).split(":")[1]) for o in owners if o[0]}
+                frozen = next((w for w in workers if w.pid in pids), None)
+                if frozen is not None:
+                    time.sleep(0.2)  # inside a chunk
+                    os.kill(frozen.pid, signal.SIGSTOP)
+                    taker = start(SPOTLANE_WORKER__CHECKPOINT_ROWS="7")  # another checkpoint size takes over
+                    time.sleep(7)  # past the lease: the reaper re-queues, the taker claims
+                    os.kill(frozen.pid, signal.SIGCONT)
+                    workers.append(taker)
+                    hits["freeze past the lease"] += 1
+            elif elapsed < 40 * rounds and time.monotonic() - last_kill > 2.0 and rng.random() < 0.4:
+                last_kill = time.monotonic()
                 victim = rng.randrange(len(workers))
-                how = ["kill -9", "SIGTERM"][(interruptions["kill -9"] + interruptions["SIGTERM"]) % 2]
+                how = rng.choice(["kill -9", "SIGTERM"])
                 workers[victim].send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
                 try:
-                    workers[victim].wait(30)  # the termination grace, as Kubernetes gives a pod
+                    workers[victim].wait(20)
                 except subprocess.TimeoutExpired:
-                    workers[victim].kill()  # and then SIGKILL, as Kubernetes does
+                    workers[victim].kill()
                     workers[victim].wait()
-                    interruptions["killed after grace"] += 1
-                interruptions[how] += 1
+                    hits["killed after grace"] += 1
+                hits[how] += 1
                 workers[victim] = start()
-            time.sleep(rng.uniform(2.0, 4.0))
+            (left,) = query("select count(*) from shards where job_id = :j and status not in ('done', 'failed')")[0]
+            time.sleep(0.01 if left <= 2 else rng.uniform(1.0, 2.5))  # near the end: watch for the finalizer
         wall = time.monotonic() - started
+        watch_the_budget()
     finally:
         for worker in workers:
-            stop_process(worker)
-        redis.kill()
+            stop_process(worker, grace=15)
+        broker.kill()
 
     assert status() == "succeeded", logs[-1].read_text()[-3000:]
     out = tmp_path / "out.parquet"
     assert spotlane("results", job_id, "--to", str(out), env=env).returncode == 0
     ids = pq.read_table(out).column("id").to_pylist()
-    assert sorted(ids) == [f"row-{i:05d}" for i in range(ROWS)] and len(ids) == ROWS
-    # Rows generated by completed chunks; a chunk cut short by kill -9 is lost work too,
-    # also at most one checkpoint interval.
-    generated = 0
-    for log in logs:
-        for start_row, end_row in re.findall(r"generated rows (\d+)-(\d+) of shard", log.read_text()):
-            generated += int(end_row) - int(start_row)
-    recomputed = generated - ROWS
-    hard = interruptions["kill -9"] + interruptions["redis restart"] + interruptions["killed after grace"]
-    with store.connect() as conn:
-        outcomes = dict(conn.execute(text("select outcome, count(*) from shard_attempts group by outcome")).all())
+    assert ids == [f"row-{i:05d}" for i in range(ROWS)]  # every id once, in input order
+    manifest_rows = query("select rows_ok + rows_failed from jobs where id = :j")[0][0]
+    spent = float(query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j and kind = 'charge'")[0][0])
+    generated = sum(int(b) - int(a) for log in logs for a, b in re.findall(r"generated rows (\d+)-(\d+) of shard",
+                                                                            log.read_text()))
+    outcomes = dict(query("select outcome, count(*) from shard_attempts a join shards s on s.id = a.shard_id "
+                          "where s.job_id = :j group by outcome"))
     store.dispose()
-    print(f"\nchaos: interruptions {interruptions}, attempts {outcomes}, rows generated {generated}, "
-          f"recomputed {recomputed}, wall {wall:.1f} s")
-    # The schedule alternates kill -9 and SIGTERM; a fast job may end after the first.
-    assert interruptions["kill -9"] >= 1 and interruptions["redis restart"] == 1
+    recomputed = generated - ROWS
+    hard = hits["kill -9"] + hits["redis restart"] + hits["killed after grace"] + hits["freeze past the lease"] \
+        + hits["finalizer killed"]
+    print(f"\nchaos ({'long' if LONG else 'default'}): {ROWS} rows in {ROWS // PER_SHARD} shards; interruptions "
+          f"{dict(hits)}; attempts {outcomes}; rows generated {generated}, recomputed {recomputed}; "
+          f"spent ${spent:.4f}, highest reserved + spent ${highest:.4f} of ${BUDGET:.2f}; wall {wall:.1f} s")
+    assert manifest_rows == ROWS
+    assert highest <= BUDGET + 1e-9 and spent <= BUDGET
+    assert hits["lost routing message"] == 1 and hits["redis restart"] == rounds
+    assert hits["freeze past the lease"] == rounds and hits["finalizer killed"] == 1
     assert 0 <= recomputed <= CHECKPOINT * max(hard, 1)

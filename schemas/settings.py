@@ -59,8 +59,10 @@ DEFAULT_HOME = ".spotlane"
 #: Config file looked for in the working folder when none is named.
 DEFAULT_CONFIG_FILE = "spotlane.toml"
 ENV_PREFIX = "SPOTLANE_"
-#: Environment variables that are not settings keys but are ours all the same.
-_EXTRA_ENV = {"SPOTLANE_CONFIG", "SPOTLANE_HOME"}
+#: Environment variables that are not settings keys but are ours all the same:
+#: the config file and home, the compose image, and the test suite's own.
+_EXTRA_ENV = {"SPOTLANE_CONFIG", "SPOTLANE_HOME", "SPOTLANE_IMAGE"}
+_EXTRA_ENV_PREFIXES = ("SPOTLANE_TEST_",)
 
 
 class DatabaseSettings(_Section):
@@ -388,7 +390,8 @@ def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
 def _check_env(environ: Mapping[str, str]) -> None:
     known = _known_env_names(Settings, ENV_PREFIX) | _EXTRA_ENV
     for key in sorted(environ):
-        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known and not key.upper().startswith(
+                _EXTRA_ENV_PREFIXES):
             raise ConfigError(
                 f"unknown setting in environment variable {key}", setting=key
             )

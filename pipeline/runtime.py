@@ -75,17 +75,20 @@ class Runtime:
             self._celery = make_celery(self)
         return self._celery
 
-    def send(self, name: str, record: TaskRecord, queue: str) -> bool:
-        """Enqueue task ``name`` with ``record`` as its only argument; False if the broker failed.
+    def send(self, name: str, record: TaskRecord, queue: str) -> None:
+        """Enqueue task ``name`` with ``record`` as its only argument (raises if the broker fails)."""
+        self.celery.send_task(name, args=[record.encode()], queue=queue)
 
-        Every message follows a committed SQL change that already says what must
-        happen, and the reaper sends again whatever SQL shows a message was lost
-        for; so a broker error is logged here, never raised to a caller whose
-        work is already done (a submit that raised after its commit would be
+    def _send_after_commit(self, name: str, record: TaskRecord, queue: str) -> bool:
+        """``send``, for a message that follows a committed SQL change; False if the broker failed.
+
+        SQL already says what must happen, and the reaper sends again whatever SQL
+        shows a message was lost for; so a broker error is logged, never raised to
+        a caller whose work is done (a submit that raised after its commit would be
         retried into a second job).
         """
         try:
-            self.celery.send_task(name, args=[record.encode()], queue=queue)
+            self.send(name, record, queue)
         except Exception as exc:  # kombu/redis errors of every kind: the reaper resends
             log.warning("could not send %s (%s) to queue %s: %s: %s; the reaper will send it again",
                         name, record, queue, exc.__class__.__name__, exc)
@@ -94,12 +97,12 @@ class Runtime:
 
     def send_route(self, job_id: str) -> bool:
         """Ask the control plane to route the job's pending shards."""
-        return self.send(ROUTE_JOB, RouteJob(job_id=job_id), self.settings.control_queue)
+        return self._send_after_commit(ROUTE_JOB, RouteJob(job_id=job_id), self.settings.control_queue)
 
     def send_run(self, record: RunShard) -> bool:
         """Send a queued shard to its backend's queue."""
-        return self.send(RUN_SHARD, record, self.settings.backend(record.backend).queue)
+        return self._send_after_commit(RUN_SHARD, record, self.settings.backend(record.backend).queue)
 
     def send_finalize(self, job_id: str) -> bool:
         """Ask the control plane to finalize the job (or finish a retry job's merge)."""
-        return self.send(FINALIZE_JOB, FinalizeJob(job_id=job_id), self.settings.control_queue)
+        return self._send_after_commit(FINALIZE_JOB, FinalizeJob(job_id=job_id), self.settings.control_queue)

@@ -56,9 +56,10 @@ def stub_runtime(store_url: str, *, worker: dict[str, Any] | None = None, delive
     sent = Sent()
     broker = runtime.send
 
-    def record(name: str, record: TaskRecord, queue: str) -> bool:
+    def record(name: str, record: TaskRecord, queue: str) -> None:
         sent.append((name, record, queue))
-        return broker(name, record, queue) if deliver else True
+        if deliver:
+            broker(name, record, queue)
 
     runtime.send = record  # type: ignore[method-assign]
     return runtime, sent

@@ -197,8 +197,6 @@ def test_the_cluster_config_schedules_a_nightly_run_and_ages_results(
 ) -> None:
     config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
     settings = _settings_from(config["data"], monkeypatch)
-    # The broker URL carries the password: the secret the kustomization tells you to create.
-    broker_url = re.search(r'SPOTLANE_BROKER__URL="([^"]+)"', (K8S / "kustomization.yaml").read_text()).group(1)  # type: ignore[union-attr]
     [nightly] = settings.schedules
     assert (nightly.name, nightly.cron, nightly.timezone, nightly.deadline) == ("support-nightly", "0 2 * * *", "Europe/Berlin", "07:00")
     assert nightly.input_url(nightly.next_fire(datetime(2026, 11, 25, 12, tzinfo=UTC))).endswith("/2026-11-26/*.parquet")

@@ -28,7 +28,7 @@ from pipeline.router import route_job
 from pipeline.storage import filesystem, write_parquet
 from schemas.records import RunShard
 from schemas.status import JobStatus, ShardStatus
-from schemas.tables import Checkpoint, Shard, ShardAttempt
+from schemas.tables import Checkpoint, ShardAttempt
 from tests.conftest import stop_process, write_prompts
 from tests.jobs import job_row, model_folder, run_queued, shards, stub_runtime, worker_process
 from workers.runner import ShardRunner

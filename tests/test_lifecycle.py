@@ -33,6 +33,7 @@ from schemas.records import RunShard
 from schemas.status import ActionStatus, JobStatus
 from schemas.tables import Job, Shard, StorageAction
 from tests.conftest import spotlane, write_prompts
+from tests.jobs import job_row
 from workers.runner import ShardRunner
 
 
@@ -61,12 +62,7 @@ def _finished_job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int 
     return job_id
 
 
-def _job(runtime: Runtime, job_id: str) -> Job:
-    with session_scope(runtime.engine) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge(job)
-        return job
+_job = job_row
 
 
 def _results(runtime: Runtime, job_id: str) -> str:

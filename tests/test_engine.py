@@ -119,3 +119,32 @@ def test_the_continuous_engine_gives_the_same_greedy_text_as_the_batched_one(eng
     requests = [Request(prompt=p, max_tokens=n) for p, n in zip(PROMPTS, [6, 2, 9, 4, 7], strict=True)]
 
     assert [c.output for c in continuous.generate(requests)] == [c.output for c in engine.generate(requests)]
+
+
+def test_an_embedding_row_without_content_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review L5: one message with content null failed the whole embed shard."""
+    import torch
+
+    from workers.hf_embedder import HFEmbedder
+
+    embedder = HFEmbedder(str(_minilm()), device="cpu")
+    requests = [Request(messages=[{"role": "user", "content": "a paid invoice"}]),
+                Request(messages=[{"role": "user", "content": None}]),  # type: ignore[dict-item]
+                Request(prompt="an unpaid invoice")]
+
+    done = embedder.generate(requests)
+
+    assert done[1].error == "a message has no content" and done[1].embedding is None
+    assert done[0].embedding is not None and done[2].embedding is not None
+
+    # A device out of memory on a batch of more than one row: halved until rows fit.
+    real = embedder._embed
+
+    def small_device(batch, ids):  # type: ignore[no-untyped-def]
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(batch, ids)
+
+    monkeypatch.setattr(embedder, "_embed", small_device)
+    halved = embedder.generate([Request(prompt=f"invoice {i}") for i in range(5)])
+    assert all(c.error is None and c.embedding is not None for c in halved)

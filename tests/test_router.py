@@ -234,3 +234,49 @@ def test_plan_prices_without_writing_and_costs_report_the_ledger(store_url: str,
     with runtime.engine.connect() as conn:
         assert conn.execute(text("select count(*) from jobs")).scalar_one() == 0
     assert costs(runtime) == []
+
+
+@pytest.mark.postgres
+def test_a_router_and_claiming_workers_racing_on_postgres_never_deadlock(postgres_url: str, tmp_path: Path) -> None:
+    """Review L14: the router locked job then shard, a claim shard then job."""
+    runtime = _runtime(postgres_url)
+    job_id = _job(runtime, tmp_path)  # 20 shards
+    errors: list[BaseException] = []
+    routing = threading.Event()
+
+    def router() -> None:
+        routing.set()
+        try:
+            route_job(runtime, job_id)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def worker(n: int) -> None:
+        routing.wait()
+        try:
+            for _ in range(200):
+                for shard in _shards(runtime, job_id):
+                    if shard.status is not ShardStatus.QUEUED:
+                        continue
+                    with session_scope(runtime.engine) as session:
+                        claim = transitions.claim_shard(session, shard.id, f"w:{n}:t", 60, shard.backend or "")
+                    if claim is None:
+                        continue
+                    with session_scope(runtime.engine) as session:
+                        transitions.commit_checkpoint(session, claim, transitions.CheckpointStats(
+                            claim.row_start, 10, 0, 1, 1, 0.001, "file:///nowhere"), 60)
+                    with session_scope(runtime.engine) as session:
+                        transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+                if all(s.status is ShardStatus.DONE for s in _shards(runtime, job_id)):
+                    return
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=router)] + [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert {s.status for s in _shards(runtime, job_id)} == {ShardStatus.DONE}

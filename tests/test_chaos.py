@@ -124,12 +124,12 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
                     hits["finalizer killed"] += 1
                     workers[workers.index(victim)] = start()
                 continue
-            if hits["redis restart"] < rounds and elapsed > 10 + 40 * hits["redis restart"]:
+            if hits["redis restart"] < rounds and elapsed > 10 + 25 * hits["redis restart"]:
                 broker.kill()
                 time.sleep(2)
                 broker.start()
                 hits["redis restart"] += 1
-            elif hits["freeze past the lease"] < rounds and elapsed > 16 + 40 * hits["freeze past the lease"]:
+            elif hits["freeze past the lease"] < rounds and elapsed > 16 + 25 * hits["freeze past the lease"]:
                 owners = query("select lease_owner from shards where job_id = :j and status = 'running'")
                 pids = {int(str(o[0]).split(":")[1]) for o in owners if o[0]}
                 frozen = next((w for w in workers if w.pid in pids), None)
@@ -141,7 +141,7 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
                     os.kill(frozen.pid, signal.SIGCONT)
                     workers.append(taker)
                     hits["freeze past the lease"] += 1
-            elif elapsed < 40 * rounds and time.monotonic() - last_kill > 2.0 and rng.random() < 0.4:
+            elif elapsed < 25 * rounds + 15 and time.monotonic() - last_kill > 2.0 and rng.random() < 0.4:
                 last_kill = time.monotonic()
                 victim = rng.randrange(len(workers))
                 how = rng.choice(["kill -9", "SIGTERM"])

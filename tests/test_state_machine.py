@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
@@ -308,6 +309,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             self.claims.clear()
             for _ in range(3 * ROWS // PER_SHARD):
                 route_job(runtime, self.job_id)
+                self.every_move_is_in_the_table()  # each move of this long step is checked as it happens
                 queued = [i for i in range(ROWS // PER_SHARD) if self._shard(i).status is ShardStatus.QUEUED]
                 if not queued:
                     break
@@ -319,6 +321,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                         claim = transitions.claim_shard(session, shard.id, worker, 60, shard.backend or "", shard.attempts)
                     if claim is None:
                         continue
+                    self.every_move_is_in_the_table()
                     self.claims[worker], self.next_row[worker] = claim, claim.row_start + claim.rows_done
                     while worker in self.claims and self.next_row[worker] < claim.row_end:
                         if not self._send(worker, 2, cost) or not self._land(worker):
@@ -329,6 +332,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                             transitions.end_shard(session, self.claims.pop(worker),
                                                   ShardStatus.DONE if done else ShardStatus.PENDING,
                                                   outcome=AttemptOutcome.DONE if done else AttemptOutcome.PARKED)
+                        self.every_move_is_in_the_table()
             if self._states()[0] in (JobStatus.RUNNING, JobStatus.PENDING):
                 self.seen = self._states()
                 self.finalize()
@@ -369,6 +373,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
     return JobMachine
 
 
+@pytest.mark.timeout(3600 if LONG else 300)
 def test_random_sequences_of_moves_keep_every_guarantee(store_url: str, tmp_path: Path) -> None:
     runtime, _ = stub_runtime(store_url, gpu_pools=POOLS, worker={"checkpoint_rows": 2})
     seen: Counter[str] = Counter()

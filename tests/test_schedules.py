@@ -75,6 +75,18 @@ def test_input_template_and_deadlines_are_read_in_the_schedule_zone() -> None:
 
 
 @pytest.mark.parametrize(
+    "template",
+    ["s3://b/{date.tzinfo.__class__.__module__}/{date:%Y}", "s3://b/{name.__class__.__mro__}", "s3://b/{date[0]}",
+     "s3://b/{0}", "s3://b/{date:%Y}/{"],
+)
+def test_a_template_fills_its_three_fields_and_nothing_else(template: str) -> None:
+    """Review L12: str.format let a template read attributes ({name.__class__.__mro__} rendered)."""
+    with pytest.raises(ValueError, match="input template"):
+        _schedule(input=template)
+    assert _schedule(input="s3://b/{{literal}}/{date:%Y}").input_url(_at("2026-11-25 01:00")) == "s3://b/{literal}/2026"
+
+
+@pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("cron", '"0 25 * * *"', "schedules.0.cron"),

@@ -6,6 +6,7 @@ Registered on the same Typer app as ``pipeline.cli`` (which imports this module)
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -16,18 +17,40 @@ from pipeline.cli import (
     BudgetOpt,
     DeadlineOpt,
     InputArg,
+    JobArg,
     MaxTokensOpt,
     ModelOpt,
     ShardOpt,
     TagOpt,
     _deadline,
+    _job,
     _runtime,
     _tags,
     app,
     console,
+    err,
 )
+from pipeline.runtime import Runtime
 
 __all__: list[str] = []
+
+
+class By(str, Enum):
+    backend = "backend"
+    day = "day"
+    job = "job"
+    tag = "tag"
+
+
+def _say_if_nobody_works(runtime: Runtime, job_id: str) -> None:
+    """Commands that only enqueue work: say when no worker consumes the queues it goes to."""
+    from pipeline.presence import consumers
+
+    settings = runtime.settings
+    interval = settings.worker.reap_interval_seconds
+    if consumers(runtime.engine, settings.control_queue, interval) == 0:
+        err.print(f"note: no worker consumes the {settings.control_queue!r} queue now; start one with "
+                  f"`spotlane worker`, or work this job here with `spotlane run --job {job_id}`", highlight=False)
 
 
 @app.command()
@@ -54,8 +77,9 @@ def plan(
         table.add_row(escape(name), line["kind"], str(line["shards"]), f"{line['rows']:,}", f"${line['cost_usd']:.4f}",
                       f"{line['finish']:%Y-%m-%d %H:%M:%S}")
     console.print(table)
-    console.print(f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f}, "
-                  f"done about {result.finish:%Y-%m-%d %H:%M} UTC" if result.finish else "nothing can run")
+    console.print(f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f} "
+                  f"(worst case ${result.worst_case_usd:.4f}), done about {result.finish:%Y-%m-%d %H:%M} UTC"
+                  if result.finish else "nothing can run")
     if result.blocked:
         console.print(f"[yellow]{result.blocked} shard(s) would wait: the budget does not cover them[/yellow]")
     for note in result.notes:
@@ -64,61 +88,76 @@ def plan(
 
 @app.command()
 def budget(
-    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    job_id: JobArg,
     usd: Annotated[float, typer.Argument(metavar="USD", help="The job's new budget in USD.")],
 ) -> None:
     """Set a job's budget; a job paused for money resumes."""
     from pipeline.planning import set_budget
 
-    status = set_budget(_runtime(), job_id, usd)
+    runtime = _runtime()
+    job_id = _job(runtime, job_id)
+    status = set_budget(runtime, job_id, usd)
     console.print(f"job {job_id}: budget ${usd:.4f}, {status}")
+    if status == "running":
+        _say_if_nobody_works(runtime, job_id)
 
 
 @app.command()
 def costs(
-    job: Annotated[str | None, typer.Option("--job", help="Only this job.")] = None,
-    by: Annotated[str, typer.Option("--by", help="backend, day, job or tag")] = "backend",
+    job: Annotated[str | None, typer.Option("--job", help="Only this job (an id, a prefix or 'latest').")] = None,
+    by: Annotated[By, typer.Option("--by", help="Group by backend, day, job or tag.")] = By.backend,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Spend from the cost ledger, grouped."""
     from pipeline.planning import costs as report
 
-    lines = report(_runtime(), job_id=job, by=by)
+    runtime = _runtime(writes=False)
+    lines = report(runtime, job_id=_job(runtime, job) if job else None, by=by.value)
     if as_json:
         console.print_json(json.dumps(lines))
         return
-    table = Table(by, "cost", "input tokens", "output tokens", box=None)
+    table = Table(by.value, "cost", "input tokens", "output tokens", box=None)
     for line in lines:
-        table.add_row(escape(str(line[by])), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}", f"{line['output_tokens']:,}")
+        table.add_row(escape(str(line[by.value])), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}",
+                      f"{line['output_tokens']:,}")
     console.print(table)
 
 
 @app.command()
-def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+def cancel(job_id: JobArg) -> None:
     """Stop a job: no more routing, running shards stop at their next checkpoint."""
     from pipeline.control import cancel as stop
 
-    result = stop(_runtime(), job_id)
+    runtime = _runtime()
+    job_id = _job(runtime, job_id)
+    result = stop(runtime, job_id)
     console.print(f"job {job_id} cancelled; {result.rows_kept:,} of {result.rows_total:,} rows are finished and kept "
-                  f"(`spotlane resume {job_id}` continues with the rest)")
+                  f"so far (a running shard still commits the chunk in hand); `spotlane resume {job_id}` continues "
+                  "with the rest")
 
 
 @app.command()
-def resume(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+def resume(job_id: JobArg) -> None:
     """Continue a cancelled, failed or paused job, redoing only unfinished rows."""
     from pipeline.control import resume as go
 
-    result = go(_runtime(), job_id)
+    runtime = _runtime()
+    job_id = _job(runtime, job_id)
+    result = go(runtime, job_id)
     console.print(f"job {job_id} resumed: {result.rows_total - result.rows_kept:,} rows to go "
                   f"({result.rows_kept:,} already done)")
+    _say_if_nobody_works(runtime, job_id)
 
 
 @app.command("retry-errors")
-def retry_errors(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+def retry_errors(job_id: JobArg) -> None:
     """Re-run only the rows whose output has an error; a new result version replaces them."""
     from pipeline.retry import retry_errors as retry
 
-    child, rows = retry(_runtime(), job_id)
+    runtime = _runtime()
+    job_id = _job(runtime, job_id)
+    child, rows = retry(runtime, job_id)
     console.print(f"retrying {rows} row(s) of job {job_id} as job {child}; when it finishes, "
                   f"`spotlane results {job_id}` points at the new version")
     console.print(child)
+    _say_if_nobody_works(runtime, child)

@@ -38,7 +38,7 @@ def _rows_done(session: object, job_id: str) -> int:
     ).scalar_one())
 
 
-def cancel(runtime: Runtime, job_id: str) -> Stopped:
+def cancel(runtime: Runtime, job_id: str, *, reason: str = "cancelled by hand") -> Stopped:
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -47,7 +47,7 @@ def cancel(runtime: Runtime, job_id: str) -> Stopped:
             raise StoreError(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
         if job.status is JobStatus.FINALIZING:
             raise StoreError(f"job {job_id} is writing its results (every shard has ended); nothing to cancel")
-        if not transitions.cancel_job(session, job_id, "cancelled by hand"):
+        if not transitions.cancel_job(session, job_id, reason):
             raise StoreError(f"job {job_id} changed state while cancelling; try again")
         return Stopped(job_id, JobStatus.CANCELLED.value, _rows_done(session, job_id), job.rows_total)
 

@@ -8,9 +8,11 @@ money, unblocks its shards and routes them. ``costs`` sums the ledger's charges.
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +20,8 @@ from sqlalchemy import select
 from pipeline import transitions
 from pipeline.db import session_scope
 from pipeline.estimate import profile_rows
-from pipeline.inputs import expand_input, inspect_input
+from pipeline.inputs import expand_input, inspect_input, stitch_inputs
+from pipeline.model_ref import resolve_model
 from pipeline.producer import plan_shards
 from pipeline.router import choose, quotes_for
 from pipeline.runtime import Runtime
@@ -35,6 +38,8 @@ class Plan:
     rows: int
     shards: int
     cost_usd: float = 0.0
+    #: What the budget would hold at most: every row's max_tokens, a byte-bound prompt.
+    worst_case_usd: float = 0.0
     finish: datetime | None = None
     blocked: int = 0
     by_backend: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -52,12 +57,34 @@ def plan(
     rows_per_shard: int | None = None,
     tags: dict[str, Any] | None = None,
 ) -> Plan:
-    """What routing would do with ``input_url`` now, without writing anything."""
+    """What routing would do with ``input_url`` now, without writing anything.
+
+    Models resolve as ``submit`` resolves them (a mistyped folder is refused); several
+    files (a glob, a folder) are priced as the one input ``submit`` would stitch.
+    """
     settings = runtime.settings
+    api_models = {m for p in settings.api_providers for m in p.models}
+    models = [m if m in api_models else resolve_model(m) for m in models]
     files = expand_input(input_url)
-    if len(files) > 1:
-        raise InputError(f"matches {len(files)} files; plan prices one file (submit stitches several)", file=input_url)
-    info = inspect_input(files[0])
+    with tempfile.TemporaryDirectory(dir=settings.home) as scratch:
+        url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
+        return _plan(runtime, url, models, budget_usd=budget_usd, deadline=deadline, max_tokens=max_tokens,
+                     rows_per_shard=rows_per_shard, tags=tags)
+
+
+def _plan(
+    runtime: Runtime,
+    url: str,
+    models: list[str],
+    *,
+    budget_usd: float | None,
+    deadline: datetime | None,
+    max_tokens: int | None,
+    rows_per_shard: int | None,
+    tags: dict[str, Any] | None,
+) -> Plan:
+    settings = runtime.settings
+    info = inspect_input(url)
     per_shard = rows_per_shard or settings.jobs.rows_per_shard
     job = Job(id="plan", model=models[0], models=models, input_url=info.url, input_kind=info.kind,
               max_tokens=max_tokens or settings.jobs.max_tokens, temperature=0.0, tags=tags or {},
@@ -80,13 +107,16 @@ def plan(
             q = choice.quote
             backlog[q.backend] += q.seconds
             result.cost_usd += q.cost_usd
+            result.worst_case_usd += q.reserve_usd
             line = result.by_backend.setdefault(q.backend, {"shards": 0, "rows": 0, "cost_usd": 0.0,
                                                            "kind": q.kind, "capacity": q.capacity})
             line["shards"] += 1
             line["rows"] += end - start
             line["cost_usd"] += q.cost_usd
-            if choice.note and choice.note not in result.notes:
-                result.notes.append(choice.note)
+            if choice.note:
+                note = choice.note.split(";")[0] if budget_usd is not None else "the deadline cannot be met"
+                if note not in result.notes:
+                    result.notes.append(note)
     for name, line in result.by_backend.items():
         line["finish"] = now + timedelta(seconds=backlog[name] / line["capacity"])
     if result.by_backend:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from pipeline.db import session_scope
 from pipeline.inputs import (
     InputInfo,
+    canonical_url,
     expand_input,
     input_identity,
     inspect_input,
@@ -33,7 +34,7 @@ from pipeline.inputs import (
 )
 from pipeline.model_ref import resolve_model
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem
+from pipeline.storage import copy_file, filesystem, list_files, remove_tree
 from schemas.base import utcnow
 from schemas.errors import InputError
 from schemas.settings import Settings
@@ -98,29 +99,56 @@ def _stitched_folder(runtime: Runtime, job_id: str) -> str:
     return f"{runtime.storage.job_url(job_id, 'hot')}/input/"
 
 
+def _local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
 def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
-    """Validate the input; several files (a glob or a folder) are first stitched into
-    one file in the job's hot folder, and errors name the source file and row."""
+    """Validate the input and pin it: a local file is copied (streamed) into the job's hot
+    folder, several files (a glob or a folder) are stitched into one there, so the job
+    never depends on a file its submitter may change, move or keep on another machine;
+    an object-store file is read in place, pinned by its size and ETag. Errors name the
+    source file and row, and nothing of a refused input is kept."""
     files = expand_input(url)
-    if len(files) == 1:
+    if len(files) == 1 and not _local(files[0]):
         return inspect_input(files[0])
     # A name of its own per attempt: two submitters of one scheduled run never write
     # (or clean up) the same file; the job row records the one that won.
     target = f"{_stitched_folder(runtime, job_id)}input-{secrets.token_hex(4)}.parquet"
-    stitch_inputs(files, target, runtime.storage.storage_class("hot"))
     try:
+        if len(files) == 1:
+            info = inspect_input(files[0])  # refuse a bad file before copying it
+            before = input_identity(files[0])
+            copy_file(files[0], target, runtime.storage.storage_class("hot"))
+            if input_identity(files[0]) != before:
+                raise InputError("the file changed while it was being submitted; submit it again", file=files[0])
+            return replace(info, url=target)
+        stitch_inputs(files, target, runtime.storage.storage_class("hot"))
         return inspect_input(target)
     except InputError as exc:
+        _discard(runtime, job_id, target)
+        if len(files) == 1:
+            raise
         where = source_of_row(target, exc.row) if exc.row is not None else None
         message = str(exc).split(": ", 1)[-1]
         first = re.search(r"first at row (\d+)", message)
         if first and (origin := source_of_row(target, int(first.group(1)))):
             message = message.replace(first.group(0), f"first in {origin[0]} at row {origin[1]}")
-        fs, path = filesystem(target)
-        fs.rm(path)  # nothing is kept of a refused input
         if where is None:
             raise
         raise InputError(message, file=where[0], column=exc.column, row=where[1]) from None
+    except BaseException:
+        _discard(runtime, job_id, target)
+        raise
+
+
+def _discard(runtime: Runtime, job_id: str, target: str) -> None:
+    """Remove a copy of a refused (or lost) input, and the job's hot folder if that leaves it empty."""
+    fs, path = filesystem(target)
+    if fs.exists(path):
+        fs.rm(path)
+    if not _exists(runtime, job_id) and not list(list_files(runtime.storage.job_url(job_id, "hot"))):
+        remove_tree(runtime.storage.job_url(job_id, "hot"))
 
 
 def _check_row_models(settings: Settings, info: InputInfo, models: list[str]) -> None:
@@ -191,6 +219,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     model=model,
                     models=models,
                     input_url=info.url,
+                    source_url=canonical_url(request.input_url),
                     input_identity=identity,
                     retry_of=request.retry_of,
                     input_kind=info.kind,
@@ -234,7 +263,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
     except IntegrityError:
         if not request.job_id:
             raise
-        if info.url.startswith(_stitched_folder(runtime, job_id)):  # our stitched copy lost: remove it
+        if info.url.startswith(_stitched_folder(runtime, job_id)):  # our copy lost the race: remove it
             fs, path = filesystem(info.url)
             fs.rm(path)
         return job_id  # the same scheduled run, submitted twice at once: one job

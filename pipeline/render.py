@@ -42,6 +42,8 @@ def summary_line(report: JobReport, wall_seconds: float) -> str:
 
 def job_table(report: JobReport, max_shards: int = 50) -> Group:
     head = Table(show_header=False, box=None)
+    head.add_column(no_wrap=True)
+    head.add_column(overflow="fold")  # ids and URLs wrap, never cut: they are what people copy
     head.add_row("job", report.job_id)
     head.add_row("status", report.status)
     head.add_row("model", escape(Path(report.model).name if "/" in report.model and Path(report.model).exists()

@@ -93,7 +93,9 @@ def choose(
     if on_time:
         return Choice(min(on_time, key=lambda q: (q.cost_usd, q.seconds)))
     best = min(affordable, key=finish)
-    return Choice(best, f"deadline cannot be met within budget; fastest affordable backend, done about {finish(best):%Y-%m-%d %H:%M} UTC")
+    within = " within the budget" if budget_usd is not None else ""
+    return Choice(best, f"the deadline cannot be met{within}; fastest backend{within}, done about "
+                        f"{finish(best):%Y-%m-%d %H:%M} UTC")
 
 
 def plan_on_time(

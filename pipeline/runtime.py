@@ -8,6 +8,7 @@ set-up; a server database must be migrated with ``spotlane db upgrade``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from sqlalchemy import Engine
 
 from pipeline import db
 from pipeline.storage import Storage
-from schemas.errors import StoreError
+from schemas.errors import NotFound, StoreError
 from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
 from schemas.settings import Settings, load_settings, mask_url
 
@@ -37,27 +38,56 @@ class Runtime:
     _celery: Any = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, config: str | Path | None = None, **overrides: Any) -> Runtime:
-        """Load settings (file, env, ``overrides``) and check the job store is ready."""
+    def open(cls, config: str | Path | None = None, *, create: bool = True, **overrides: Any) -> Runtime:
+        """Load settings (file, env, ``overrides``) and check the job store is ready.
+
+        ``create=False`` (commands that only read): an embedded job store that does not
+        exist is an error naming where it was looked for, not a new empty store.
+        """
         runtime = cls(load_settings(config, **overrides))
-        runtime.prepare()
+        runtime.prepare(create=create)
         return runtime
 
-    def prepare(self) -> None:
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        if self.engine.dialect.name == "sqlite":
-            # Two CLIs started at once on a fresh home must not both create tables.
-            with open(self.settings.home / ".migrate.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if db.current_revision(self.engine) != db.head_revision():
-                    db.upgrade(self.engine)
-            return
+    def prepare(self, *, create: bool = True) -> None:
+        home = self.settings.home
+        if self.settings.database.url.startswith("sqlite:///"):
+            store = Path(self.settings.database.url.removeprefix("sqlite:///"))
+            if not create and not store.exists():
+                raise NotFound(
+                    f"no job store at {store}: nothing was submitted with this home (SPOTLANE_HOME={home}); "
+                    "run from the folder you submitted in, or set SPOTLANE_HOME or --config"
+                )
+            if not create and db.current_revision(self.engine) == db.head_revision():
+                return  # reading an up-to-date store needs no write (a read-only home works)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            if self.engine.dialect.name == "sqlite":
+                # Two CLIs started at once on a fresh home must not both create tables.
+                with open(home / ".migrate.lock", "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if db.current_revision(self.engine) != db.head_revision():
+                        db.upgrade(self.engine)
+                return
+        except PermissionError as exc:
+            raise StoreError(f"the spotlane home {home} is not writable ({exc.strerror}); "
+                             "set SPOTLANE_HOME to a folder you can write") from exc
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES):
+                raise StoreError(f"the spotlane home {home} is not writable ({exc.strerror}); "
+                                 "set SPOTLANE_HOME to a folder you can write") from exc
+            raise
         current, head = db.current_revision(self.engine), db.head_revision()
         if current != head:
             raise StoreError(
                 f"the job store at {mask_url(self.settings.database.url)} is at migration "
                 f"{current or 'none'}, not {head}: run `spotlane db upgrade`"
             )
+
+    @property
+    def store_name(self) -> str:
+        """The job store, as a person recognises it (a file, or a masked server URL)."""
+        url = self.settings.database.url
+        return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else mask_url(url)
 
     @cached_property
     def engine(self) -> Engine:

@@ -17,8 +17,9 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline import metrics
+from pipeline import metrics, presence
 from pipeline.celery_app import SHUTDOWN_GRACE, STOP
+from pipeline.identity import owner_id
 from pipeline.runtime import Runtime
 
 __all__ = ["Reaper", "run_scheduler", "run_worker", "spawn_worker", "stop_worker"]
@@ -46,12 +47,38 @@ class Reaper(threading.Thread):
                 return
 
 
+class Presence(threading.Thread):
+    """Keeps this worker's row in ``workers`` fresh while it runs (``pipeline.presence``)."""
+
+    def __init__(self, runtime: Runtime, owner: str, queues: list[str]) -> None:
+        super().__init__(daemon=True, name="spotlane-presence")
+        self.runtime, self.owner, self.queues = runtime, owner, queues
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = self.runtime.settings.worker.reap_interval_seconds
+        while True:
+            try:
+                presence.announce(self.runtime.engine, self.owner, self.queues)
+            except Exception:  # a database blip: the next beat says it again
+                log.warning("could not record this worker's presence", exc_info=True)
+            if self.stopped.wait(interval):
+                break
+        try:
+            presence.leave(self.runtime.engine, self.owner)
+        except Exception:  # it ages out by itself
+            pass
+
+
 def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: str = "INFO", reaper: bool = True) -> int:
     """Consume ``queues`` (default: every queue) until shut down; return the exit code."""
     settings = runtime.settings
     STOP.clear()
     SHUTDOWN_GRACE[:] = [settings.worker.shutdown_grace_seconds]
     metrics.serve(settings.metrics.port, settings.metrics.address)
+    consumed = queues or settings.queues
+    here = Presence(runtime, owner_id(), consumed)
+    here.start()
     sweeper = Reaper(runtime, settings.worker.reap_interval_seconds) if reaper else None
     if sweeper is not None:
         sweeper.start()
@@ -64,7 +91,7 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
                                 STOP, on_notice=lambda: os.kill(os.getpid(), signal.SIGTERM))
         probe.start()
     worker = runtime.celery.Worker(
-        queues=queues or settings.queues,
+        queues=consumed,
         pool="solo",
         concurrency=1,
         hostname=f"spotlane-{os.getpid()}@{socket.gethostname()}",
@@ -77,10 +104,12 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     try:
         worker.start()
     finally:
+        here.stopped.set()
         if sweeper is not None:
             sweeper.stopped.set()
         if probe is not None:
             probe.finished.set()
+        here.join(5)
     return int(worker.exitcode or 0)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "ScheduleRun",
     "ShardAttempt",
     "StorageAction",
+    "WorkerPresence",
 ]
 
 JOB_PROGRESS_VIEW = "job_progress"
@@ -56,7 +57,11 @@ class Job(Base):
     model: Mapped[str] = mapped_column(Text)
     #: Every model the submitter accepts, cheapest-first choice among them.
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: The input the job reads: the submitter's object-store URL, or a copy spotlane
+    #: made in the hot tier at submit (a local file, several files stitched).
     input_url: Mapped[str] = mapped_column(Text)
+    #: The input as the submitter named it (a path, a glob, a folder, a URL).
+    source_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: What the input was when it was validated (size, and mtime, ETag or
     #: generation); a worker that finds it changed fails the shard instead of
     #: answering other prompts.
@@ -305,6 +310,24 @@ class ScheduleRun(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 
     __table_args__ = (UniqueConstraint("schedule", "fire_at"), Index("ix_schedule_runs_status", "status"))
+
+
+class WorkerPresence(Base):
+    """A process consuming queues now: ``spotlane worker`` (and ``spotlane run``'s own loop).
+
+    Written when it starts and renewed every ``worker.reap_interval_seconds``; a row
+    not renewed for three intervals is a worker that is gone. Lets ``resume``,
+    ``budget`` and ``retry-errors`` say when nothing will pick their work up.
+    """
+
+    __tablename__ = "workers"
+
+    owner: Mapped[str] = mapped_column(String(160), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Lease(Base):

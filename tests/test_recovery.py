@@ -139,23 +139,47 @@ def test_a_submit_whose_broker_is_down_still_records_one_job_the_reaper_routes(t
 
 
 @pytest.mark.parametrize("change", ["shorter", "same size, other rows"])
-def test_an_input_changed_after_submit_fails_the_job_with_a_clear_error(
-    store_url: str, tmp_path: Path, change: str
+def test_an_object_store_input_changed_after_submit_fails_the_job_with_a_clear_error(
+    store_url: str, s3_bucket: str, tmp_path: Path, change: str
 ) -> None:
     """M9: a shorter file made its shards hand themselves back forever (a model load each)."""
+    import fsspec
+
     runtime, sent = stub_runtime(store_url, worker=FAST)
-    path = write_prompts(tmp_path / "in.parquet", 20)
-    job_id = submit(runtime, JobRequest(str(path), model_folder(tmp_path), rows_per_shard=10))
-    time.sleep(0.01)
-    write_prompts(path, 5 if change == "shorter" else 20, prompt=[f"another question {i}" for i in range(
-        5 if change == "shorter" else 20)])
+    fs, bucket = fsspec.core.url_to_fs(s3_bucket)
+    url = f"{s3_bucket}/inputs/in.parquet"
+    fs.put_file(str(write_prompts(tmp_path / "in.parquet", 20)), f"{bucket}/inputs/in.parquet")
+    job_id = submit(runtime, JobRequest(url, model_folder(tmp_path), rows_per_shard=10))
+    rows = 5 if change == "shorter" else 20
+    fs.put_file(str(write_prompts(tmp_path / "other.parquet", rows, prompt=[f"another question {i}" for i in range(rows)])),
+                f"{bucket}/inputs/in.parquet")
 
     assert run_queued(runtime, job_id) is JobStatus.FAILED
 
     job = job_row(runtime, job_id)
-    assert "changed since the job was submitted" in (job.error or "") and str(path) in (job.error or "")
+    assert "changed since the job was submitted" in (job.error or "") and url in (job.error or "")
     assert [s.attempts for s in shards(runtime, job_id)] == [1, 1]  # one try each: no loop
     assert len(sent.of("spotlane.run_shard")) == 2  # nothing handed back and sent again
+
+
+def test_a_local_input_is_copied_at_submit_so_changing_it_afterwards_changes_nothing(
+    store_url: str, tmp_path: Path
+) -> None:
+    """First hours 6: a local file overwritten after submit was answered in place of the validated one."""
+    runtime, _ = stub_runtime(store_url)
+    path = write_prompts(tmp_path / "in.parquet", 20)
+    job_id = submit(runtime, JobRequest(str(path), model_folder(tmp_path), rows_per_shard=10))
+    write_prompts(path, 5, id=[f"other-{i}" for i in range(5)])  # the user regenerates the file ...
+    path.unlink()  # ... or deletes it
+
+    assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED
+
+    job = job_row(runtime, job_id)
+    assert job.source_url == str(path) and job.input_url.startswith(runtime.storage.job_url(job_id, "hot"))
+    from pipeline import api
+
+    assert api.job_status(runtime, job_id).input_url == str(path)  # status shows what the user gave
+    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 20
 
 
 def test_a_hung_engine_stops_heartbeating_and_hands_its_shard_back(store_url: str, tmp_path: Path) -> None:

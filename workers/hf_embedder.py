@@ -48,6 +48,8 @@ class HFEmbedder:
         import torch
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
+
         self.model = model
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.token_budget, self.max_batch_rows = token_budget, max_batch_rows

@@ -41,6 +41,8 @@ def _import_torch() -> Any:
     try:
         import torch
         import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in logs and terminals
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ModelError(
             "the GPU worker needs torch and transformers: pip install 'spotlane' "

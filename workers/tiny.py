@@ -50,6 +50,7 @@ def build_tiny_model(
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import transformers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     out = Path(path)
@@ -91,6 +92,7 @@ def build_tiny_model(
     model.generation_config.pad_token_id = fast.pad_token_id
     if train_steps > 0:
         _fit(model, fast, texts, train_steps)
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out

@@ -48,7 +48,7 @@ class HFEmbedder:
         import torch
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         self.model = model
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -42,7 +42,7 @@ def _import_torch() -> Any:
         import torch
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in logs and terminals
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bars
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ModelError(
             "the GPU worker needs torch and transformers: pip install 'spotlane' "

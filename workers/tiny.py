@@ -92,7 +92,7 @@ def build_tiny_model(
     model.generation_config.pad_token_id = fast.pad_token_id
     if train_steps > 0:
         _fit(model, fast, texts, train_steps)
-    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Writing model shards" bar
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out

@@ -5,7 +5,18 @@ It never imports torch or transformers; the data plane lives in ``workers``.
 
 from __future__ import annotations
 
-from pipeline.api import JobReport, ResultsInfo, export_results, job_status, list_jobs, results, submit
+from pipeline.api import (
+    JobReport,
+    ResultsInfo,
+    export_results,
+    job_events,
+    job_status,
+    list_jobs,
+    resolve_job,
+    results,
+    submit,
+    wait,
+)
 from pipeline.runtime import Runtime
 
 __all__ = [
@@ -13,8 +24,11 @@ __all__ = [
     "ResultsInfo",
     "Runtime",
     "export_results",
+    "job_events",
     "job_status",
     "list_jobs",
+    "resolve_job",
     "results",
     "submit",
+    "wait",
 ]

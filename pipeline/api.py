@@ -257,20 +257,23 @@ EXPORT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json
 def check_export_target(to: str) -> str:
     """The format of an export to ``to`` (by its extension); ``InputError`` naming the
     problem if it cannot be written there. Checked before any work is done."""
+    target = canonical_url(to)
+    if "://" not in target and Path(target).is_dir():
+        raise InputError(f"{to} is a folder; give a file name")
     suffix = PurePosixPath(to.split("?", 1)[0]).suffix.lower()
     fmt = EXPORT_FORMATS.get(suffix)
     if fmt is None:
         raise InputError(f"{to}: export to .parquet, .csv or .jsonl (not {suffix or 'a name without an extension'})")
-    target = canonical_url(to)
     if "://" not in target:
-        path = Path(target)
-        if path.is_dir():
-            raise InputError(f"{to} is a folder; give a file name")
-        parent = path.parent
+        parent = Path(target).parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"{to}: cannot write in {parent}")
+        try:  # a real write: permissions alone say nothing to root, or on /proc
+            probe = parent / f".spotlane-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(f"{to}: cannot write in {parent} ({exc.strerror})") from None
     return fmt
 
 

@@ -433,10 +433,10 @@ def jobs(
     table.add_column("rows", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("model", overflow="fold")
-    table.add_column("created", overflow="fold")
+    table.add_column("created", no_wrap=True)
     for row in rows:
         table.add_row(row["job_id"], row["status"], str(row["rows"]), str(row["rows_failed"]),
-                      escape(Path(row["model"]).name), (row["created_at"] or "")[:19])
+                      escape(Path(row["model"]).name), (row["created_at"] or "")[:16].replace("T", " "))
     if not rows:
         console.print(f"no jobs in {runtime.store_name}", highlight=False, markup=False)
         return

@@ -14,6 +14,7 @@ bounds: what the budget reserves (``pipeline.pricing.Quote.reserve_usd``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -90,6 +91,22 @@ def profile_requests(requests: Sequence[Request]) -> ShardProfile:
 
 
 @lru_cache(maxsize=8)
+def context_length(model: str) -> int | None:
+    """The model's context in tokens, from a local folder's ``config.json`` (None if unknown)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    return None
+
+
+@lru_cache(maxsize=8)
 def _tokenizer(model: str) -> Any:
     path = Path(model) / "tokenizer.json"
     if not path.is_file():
@@ -124,6 +141,7 @@ def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: 
     names = open_parquet(url).schema_arrow.names
     columns = [kind] + [c for c in ("max_tokens", "model") if c in names]
     profile = ShardProfile()
+    context = context_length(model)
     exact: int | None = 0
     for batch in iter_rows(url, start, end, columns):
         texts, messages = _texts(batch.column(kind), kind)
@@ -138,13 +156,17 @@ def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: 
         profile.longest_prompt_chars = max([profile.longest_prompt_chars, *lengths])
         if "max_tokens" in columns:
             # Submit refuses limits below 1; a file written before that rule cannot
-            # make an estimate (or a reservation) negative.
+            # make an estimate (or a reservation) negative. No row generates past the
+            # model's context, whatever its max_tokens says.
             limits = pc.max_element_wise(pc.fill_null(batch.column("max_tokens"), default_max_tokens), 0)
+            if context is not None:
+                limits = pc.min_element_wise(limits, context)
             profile.max_tokens += int(pc.sum(limits).as_py() or 0)
             profile.largest_max_tokens = max(profile.largest_max_tokens, int(pc.max(limits).as_py() or 0))
         else:
-            profile.max_tokens += default_max_tokens * len(texts)
-            profile.largest_max_tokens = max(profile.largest_max_tokens, default_max_tokens)
+            limit = default_max_tokens if context is None else min(default_max_tokens, context)
+            profile.max_tokens += limit * len(texts)
+            profile.largest_max_tokens = max(profile.largest_max_tokens, limit)
         if "model" in columns:
             for name in batch.column("model").to_pylist():
                 if name is not None:

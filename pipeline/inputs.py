@@ -101,7 +101,8 @@ def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tu
         raise InputError("required column is missing", file=url, column="id")
     if not is_string(schema.field("id").type):
         raise InputError(
-            f"must be a string, not {schema.field('id').type}", file=url, column="id"
+            f"must be a string, not {schema.field('id').type} (cast it, e.g. df['id'] = df['id'].astype(str))",
+            file=url, column="id",
         )
     has_prompt, has_messages = "prompt" in names, "messages" in names
     if has_prompt and has_messages:

@@ -25,6 +25,7 @@ from pipeline.runtime import Runtime
 from pipeline.storage import MANIFEST, filesystem, read_manifest, remove_tree, write_json, write_parquet
 from schemas.base import utcnow
 from schemas.errors import StoreError
+from schemas.inference import is_permanent
 from schemas.tables import Job
 
 __all__ = ["merge_retry", "retry_errors"]
@@ -40,10 +41,16 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
     """Submit a job for the parent's error rows; return (child job id, rows)."""
     info = results(runtime, job_id)
     failed: list[str] = []
+    permanent: list[str] = []
     for url in info.files:
         table = _read(url, ["id", "error"])
-        failed.extend(table.filter(pc.is_valid(table.column("error"))).column("id").to_pylist())
+        errors = table.filter(pc.is_valid(table.column("error")))
+        for row_id, error in zip(errors.column("id").to_pylist(), errors.column("error").to_pylist(), strict=True):
+            (permanent if is_permanent(error) else failed).append(row_id)
     if not failed:
+        if permanent:
+            raise StoreError(f"job {job_id}'s {len(permanent)} error row(s) failed for reasons a retry cannot change "
+                             "(the row's prompt, limits or model; see `spotlane results JOB --errors --to errors.csv`)")
         raise StoreError(f"job {job_id} has no rows with an error; nothing to retry")
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)

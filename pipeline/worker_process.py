@@ -110,7 +110,8 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
         if probe is not None:
             probe.finished.set()
         here.join(5)
-    return int(worker.exitcode or 0)
+    # A drain (Ctrl-C, SIGTERM, a spot notice) is a normal stop, whichever signal asked for it.
+    return 0 if STOP else int(worker.exitcode or 0)
 
 
 def run_scheduler(runtime: Runtime, *, loglevel: str = "INFO") -> None:

@@ -56,6 +56,10 @@ OUTPUT_NAMES = frozenset(f.name for f in OUTPUT_FIELDS) | {"embedding", "parsed"
 
 
 def is_string(t: pa.DataType) -> bool:
+    """Text, however it is stored: plain, large, view, or dictionary-encoded (pandas
+    ``category``, polars ``Categorical``)."""
+    if pat.is_dictionary(t):
+        return is_string(t.value_type)
     return bool(pat.is_string(t) or pat.is_large_string(t) or pat.is_string_view(t))
 
 

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Completion", "Request"]
+__all__ = ["PERMANENT_ROW_ERRORS", "Completion", "Request", "is_permanent"]
+
+#: How error rows that no retry can change begin: the row itself is at fault (its
+#: prompt, its limits, its model), not the engine or the provider of the day.
+PERMANENT_ROW_ERRORS = (
+    "prompt is null", "messages is null", "prompt is empty", "messages is empty", "every message is empty",
+    "message ", "max_tokens ", "temperature ", "prompt too long", "the backend running this shard does not serve",
+)
+
+
+def is_permanent(error: str | None) -> bool:
+    """Whether an error row failed for a reason a retry cannot change."""
+    return bool(error) and str(error).startswith(PERMANENT_ROW_ERRORS)
 
 
 @dataclass(frozen=True)

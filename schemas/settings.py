@@ -13,6 +13,8 @@ when ``load_settings`` is called, never at import time.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -53,6 +56,8 @@ __all__ = [
     "load_settings",
     "mask_url",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Folder of the embedded default, relative to the working folder.
 DEFAULT_HOME = ".spotlane"
@@ -183,8 +188,8 @@ class WorkerSettings(_Section):
     token_budget: int = Field(default=32768, ge=16)
     #: Upper bound on rows in one micro-batch, whatever the token budget allows.
     max_batch_rows: int = Field(default=64, ge=1)
-    #: ``auto`` picks CUDA when present, else CPU.
-    device: str = "auto"
+    #: ``auto`` picks CUDA when present, else CPU; or ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     #: ``auto``: bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: ``batched``: spotlane's length-grouped micro-batches; ``continuous``:
@@ -266,7 +271,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        return (init_settings, _KnownEnv(settings_cls), TomlConfigSettingsSource(settings_cls))
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -275,7 +280,7 @@ class Settings(BaseSettings):
         if not self.database.url:
             self.database.url = f"sqlite:///{home / 'spotlane.db'}"
         if not self.broker.url:
-            self.broker.url = "filesystem://"
+            self.broker.url = "filesystem://localhost//"  # a host: kombu warns about none
         for tier in ("hot", "warm", "cold"):
             if not getattr(self.storage, tier):
                 setattr(self.storage, tier, (home / "storage" / tier).as_uri())
@@ -387,14 +392,33 @@ def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
     return names
 
 
+class _KnownEnv(EnvSettingsSource):
+    """The environment, ``SPOTLANE_*`` settings keys only: a variable that is not one (a
+    typo, a tool's own) is never read as a setting; ``load_settings`` warns about it."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        known = {name.lower() for name in _known_env_names(Settings, ENV_PREFIX)}
+        return {k: v for k, v in super()._load_env_vars().items() if not k.startswith(ENV_PREFIX.lower()) or k in known}
+
+
+#: Unknown ``SPOTLANE_*`` variables already warned about in this process.
+_WARNED: set[str] = set()
+
+
 def _check_env(environ: Mapping[str, str]) -> None:
-    known = _known_env_names(Settings, ENV_PREFIX) | _EXTRA_ENV
+    """Warn once about each ``SPOTLANE_*`` variable that is not a setting, naming the
+    setting it most likely meant to be; it is ignored (it must not break every command)."""
+    known = _known_env_names(Settings, ENV_PREFIX)
     for key in sorted(environ):
-        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known and not key.upper().startswith(
-                _EXTRA_ENV_PREFIXES):
-            raise ConfigError(
-                f"unknown setting in environment variable {key}", setting=key
-            )
+        upper = key.upper()
+        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in _EXTRA_ENV
+                or upper.startswith(_EXTRA_ENV_PREFIXES) or upper in _WARNED):
+            continue
+        _WARNED.add(upper)
+        bare = {name[len(ENV_PREFIX):]: name for name in known}
+        near = difflib.get_close_matches(upper[len(ENV_PREFIX):], sorted(bare), n=1, cutoff=0.75)
+        hint = f"; did you mean {bare[near[0]]}?" if near else ""
+        log.warning("ignoring environment variable %s: it is not a spotlane setting%s", key, hint)
 
 
 def _config_path(config: str | Path | None, environ: Mapping[str, str]) -> Path | None:
@@ -419,7 +443,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(part) for part in error.get("loc", ()))
     if error.get("type") == "extra_forbidden":
         return f"unknown setting {loc!r}"
-    return f"setting {loc!r}: {error.get('msg', 'invalid value')}"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"setting {loc!r}: {message}" if loc else message
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

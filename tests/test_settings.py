@@ -14,7 +14,7 @@ def test_with_no_config_everything_lives_in_the_home_folder(spotlane_home: Path)
 
     assert settings.home == spotlane_home.resolve()
     assert settings.database.url == f"sqlite:///{spotlane_home.resolve() / 'spotlane.db'}"
-    assert settings.broker.url == "filesystem://"
+    assert settings.broker.url == "filesystem://localhost//"
     assert settings.storage.hot == (spotlane_home.resolve() / "storage" / "hot").as_uri()
     assert [p.queue for p in settings.gpu_pools] == ["gpu.local"]
 
@@ -49,11 +49,26 @@ def test_a_bad_value_is_refused_with_the_key(tmp_path: Path) -> None:
         load_settings(config)
 
 
-def test_an_unknown_environment_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unknown_environment_variable_is_ignored_with_a_warning_naming_the_likely_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """First hours 12: any unknown SPOTLANE_* variable (the tests' own, compose's
+    SPOTLANE_IMAGE) broke every command."""
     monkeypatch.setenv("SPOTLANE_WORKER__CHEKPOINT_ROWS", "3")
+    monkeypatch.setenv("SPOTLANE_IMAGE", "ghcr.io/spotlane/spotlane:0.1.0")
 
-    with pytest.raises(ConfigError, match="SPOTLANE_WORKER__CHEKPOINT_ROWS"):
-        load_settings()
+    with caplog.at_level("WARNING"):
+        settings = load_settings()
+
+    assert settings.worker.checkpoint_rows == 256  # not read as a setting
+    assert "SPOTLANE_WORKER__CHEKPOINT_ROWS" in caplog.text and "did you mean SPOTLANE_WORKER__CHECKPOINT_ROWS" in caplog.text
+    assert "SPOTLANE_IMAGE" not in caplog.text
+
+
+def test_the_cli_works_with_unknown_variables_in_the_environment(tmp_path: Path) -> None:
+    result = spotlane("config", "show", env={"SPOTLANE_TEST_POSTGRES_URL": "postgresql://x", "SPOTLANE_BOGUS": "1"})
+
+    assert result.returncode == 0 and "ignoring environment variable SPOTLANE_BOGUS" in result.stderr
 
 
 def test_a_heartbeat_slower_than_half_the_lease_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,6 +84,8 @@ def prepare(
         problem = None
         if body is None:
             problem = f"{kind} is null"
+        elif (bad := _bad_request(kind, body)) is not None:
+            problem = bad
         elif max_tokens is not None and max_tokens < 1:
             problem = f"max_tokens {max_tokens} is below 1"
         elif temperature is not None and not 0 <= temperature <= 5:
@@ -104,6 +106,26 @@ def prepare(
             )
         )
     return Chunk(first_row, table, requests, problems)
+
+
+#: Chat roles a request may carry (OpenAI's; templates refuse others, or worse, accept them).
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _bad_request(kind: str, body: Any) -> str | None:
+    """Why a row's prompt or messages cannot be sent, or None."""
+    if kind == "prompt":
+        return "prompt is empty" if not str(body).strip() else None
+    if not body:
+        return "messages is empty"
+    for n, message in enumerate(body):
+        if message.get("content") is None:
+            return f"message {n} has no content"
+        if message.get("role") not in ROLES:
+            return f"message {n} has role {message.get('role')!r} (use {', '.join(ROLES)})"
+    if not any(str(m.get("content")).strip() for m in body):
+        return "every message is empty"
+    return None
 
 
 def merge(chunk: Chunk, generated: Sequence[Completion]) -> list[Completion]:

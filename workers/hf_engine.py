@@ -136,11 +136,8 @@ class HFEngine:
             if self.max_positions is not None:
                 room = self.max_positions - len(ids)
                 if room < 1:
-                    results[i] = Completion.failed(
-                        f"prompt too long: {len(ids)} tokens, the model's context is "
-                        f"{self.max_positions}",
-                        input_tokens=len(ids),
-                    )
+                    results[i] = Completion.failed(  # it never ran: it counts no tokens
+                        f"prompt too long: {len(ids)} tokens, the model's context is {self.max_positions}")
                     continue
                 max_new = min(max_new, room)
             if not ids:

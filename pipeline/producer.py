@@ -126,14 +126,17 @@ def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
         stitch_inputs(files, target, runtime.storage.storage_class("hot"))
         return inspect_input(target)
     except InputError as exc:
-        _discard(runtime, job_id, target)
         if len(files) == 1:
+            _discard(runtime, job_id, target)
             raise
-        where = source_of_row(target, exc.row) if exc.row is not None else None
-        message = str(exc).split(": ", 1)[-1]
-        first = re.search(r"first at row (\d+)", message)
-        if first and (origin := source_of_row(target, int(first.group(1)))):
-            message = message.replace(first.group(0), f"first in {origin[0]} at row {origin[1]}")
+        try:  # name the source file and its row while the stitched copy still exists
+            where = source_of_row(target, exc.row) if exc.row is not None else None
+            message = str(exc).split(": ", 1)[-1]
+            first = re.search(r"first at row (\d+)", message)
+            if first and (origin := source_of_row(target, int(first.group(1)))):
+                message = message.replace(first.group(0), f"first in {origin[0]} at row {origin[1]}")
+        finally:
+            _discard(runtime, job_id, target)
         if where is None:
             raise
         raise InputError(message, file=where[0], column=exc.column, row=where[1]) from None

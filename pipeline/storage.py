@@ -197,7 +197,8 @@ def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 
     local = _is_local(fs_out)
     dest = f"{parent}/.tmp-{uuid.uuid4().hex}" if local else path_out
     if fs_in is fs_out:
-        fs_out.copy(path_in, dest, **({} if local else write_options(storage_class)))
+        # cp_file: one file, never a glob (a name may hold '[' or '*')
+        fs_out.cp_file(path_in, dest, **({} if local else write_options(storage_class)))
         if local:
             fs_out.mv(dest, path_out)
         fs_out.invalidate_cache(parent)

@@ -25,6 +25,7 @@ from pipeline.storage import filesystem, sha256_of
 from schemas.status import JobStatus
 from tests.conftest import write_prompts
 from tests.jobs import job_row, model_folder, run_queued, stub_runtime
+from workers.stub_engine import FAIL_MARKER
 
 
 def _read_all(runtime, job_id: str) -> pa.Table:  # type: ignore[no-untyped-def]
@@ -103,10 +104,10 @@ def test_every_finalization_writes_a_new_folder_and_results_have_large_row_group
 
 
 def _parent_with_errors(runtime, tmp_path: Path) -> str:  # type: ignore[no-untyped-def]
-    """A finished job whose rows 3 and 7 came back with an error (their messages have no content)."""
+    """A finished job whose rows 3 and 7 came back with an error a retry may cure (the engine failed them)."""
     messages = [[{"role": "user", "content": f"ticket {i}"}] for i in range(10)]
     for bad in (3, 7):
-        messages[bad] = [{"role": "user", "content": None}]
+        messages[bad] = [{"role": "user", "content": f"ticket {bad} {FAIL_MARKER}"}]
     path = tmp_path / "chat.parquet"
     pq.write_table(pa.table({"id": [f"t{i}" for i in range(10)], "messages": messages, "team": list("abcdeabcde")}), path)
     job_id = submit(runtime, JobRequest(str(path), model_folder(tmp_path), rows_per_shard=5))

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.conftest import spotlane, write_prompts
 from tests.jobs import model_folder
@@ -29,6 +30,16 @@ def _sql(home: Path, query: str, **params: object) -> list[tuple[object, ...]]:
             return [tuple(r) for r in conn.execute(text(query), params)]
     finally:
         engine.dispose()
+
+
+def _first_checkpoint(home: Path) -> bool:
+    """Whether a checkpoint is written; the store may not exist, or hold its tables, yet."""
+    if not (home / "spotlane.db").exists():
+        return False
+    try:
+        return bool(_sql(home, "select 1 from checkpoints limit 1"))
+    except OperationalError:  # no such table yet, or the store is locked by a migration
+        return False
 
 
 def _children(pid: int) -> list[int]:
@@ -49,8 +60,7 @@ def test_stopping_run_drains_keeps_the_rows_says_how_to_go_on_and_leaves_nothing
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 60
-    while not (spotlane_home / "spotlane.db").exists() or not _sql(
-            spotlane_home, "select 1 from checkpoints limit 1"):
+    while not _first_checkpoint(spotlane_home):
         assert time.monotonic() < deadline and run.poll() is None, run.communicate()
         time.sleep(0.1)
     children = _children(run.pid)

@@ -116,6 +116,7 @@ def test_a_budget_that_covers_no_row_pauses_the_job_then_raising_it_resumes(stor
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status is JobStatus.PAUSED and "budget" in (job.error or "")
+        assert "shard 0's" in (job.error or "")  # the index `status` shows, not a database id
     assert {s.status for s in _shards(runtime, job_id)} == {ShardStatus.BLOCKED}
     assert set_budget(runtime, job_id, 100.0) == "running"
     route_job(runtime, job_id)

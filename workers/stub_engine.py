@@ -4,7 +4,9 @@ Selected with ``worker.engine = "stub"``. It exercises everything around
 generation (claims, leases, checkpoints, budgets, finalizing) at the speed of the
 control plane, for benchmarks and for tests of what happens when workers die.
 Answers are deterministic (they echo the prompt), so a row answered twice is
-answered the same way; tokens are counted as words.
+answered the same way; tokens are counted as words. A row whose text holds
+``FAIL_MARKER`` comes back as an error row of the kind a retry may cure (an
+engine's fault, not the row's), so retries and merges can be exercised.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ __all__ = ["StubEngine"]
 
 #: Width of the stub's embeddings.
 EMBEDDING_SIZE = 8
+#: A row whose prompt or messages hold this fails, every time, as if the engine had.
+FAIL_MARKER = "[stub: fail]"
 
 
 class StubEngine:
@@ -40,6 +44,8 @@ class StubEngine:
             text = " ".join(str(m.get("content")) for m in request.messages)
         else:
             text = request.prompt or ""
+        if FAIL_MARKER in text:
+            return Completion.failed("stub engine: this row asked to fail")
         words = text.split()
         if self.embed:
             vector = [float(len(words) % 7), *[float(len(w)) for w in words[: EMBEDDING_SIZE - 1]]]

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.backends import ApiProvider  # noqa: E402
 from tests.openai_server import FakeOpenAI  # noqa: E402
-from workers.api_engine import APIEngine  # noqa: E402
-from workers.engine import Request  # noqa: E402
+from workers.engines.base import Request  # noqa: E402
+from workers.engines.openai_http import APIEngine  # noqa: E402
 
 
 @dataclass

@@ -8,7 +8,7 @@ is set to one it can never emit), two workloads:
 
 Arms: (a) naive per-prompt ``generate``; (b) transformers ``pipeline`` with
 ``batch_size=16``; (c) transformers continuous batching (``ContinuousBatchingManager``,
-per-request ``max_new_tokens``); (d) spotlane's engine (``workers.hf_engine``);
+per-request ``max_new_tokens``); (d) spotlane's engine (``workers.engines.hf``);
 (e) spotlane end to end (``spotlane submit`` + ``spotlane worker`` on the same rows
 as Parquet, timed from the shard's claim to its commit, model already loaded). Useful tokens are the tokens each row
 asked for; padding and overshoot do not count.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_model(folder: Path, hidden: int, layers: int, heads: int) -> Path:
-    from workers.tiny import build_tiny_model
+    from workers.demo_model import build_tiny_model
 
     path = build_tiny_model(folder, hidden_size=hidden, layers=layers, heads=heads, vocab_size=2048, max_positions=1024)
     never = 10**6  # an id the model cannot emit: EOS disabled for every arm alike
@@ -103,8 +103,8 @@ def arm_continuous(model: Any, tok: Any, rows: list[tuple[str, int]]) -> float:
 
 
 def arm_spotlane(path: Path, rows: list[tuple[str, int]]) -> float:
-    from workers.engine import Request
-    from workers.hf_engine import HFEngine
+    from workers.engines.base import Request
+    from workers.engines.hf import HFEngine
 
     engine = HFEngine(str(path), device="auto", dtype="auto")
     requests = [Request(prompt=p, max_tokens=n) for p, n in rows]

@@ -38,7 +38,7 @@ def _arm(arm: str, parent: str, child: str) -> None:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.retry import _replace_rows
+    from pipeline.jobs.retry import _replace_rows
 
     table, redone = pq.read_table(parent), pq.read_table(child)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,8 +4,8 @@ Synthetic job mixes (seeded): shards of varied sizes and output limits, two spot
 GPU pools and three API providers with different prices, speeds and limits, under
 generous, medium and tight deadlines. For each mix:
 
-- spotlane: the router's own pricing (``pipeline.pricing.quote``) and choice:
-  with a deadline, ``pipeline.router.plan_on_time`` (the job's shards as one
+- spotlane: the router's own pricing (``pipeline.routing.pricing.quote``) and choice:
+  with a deadline, ``pipeline.routing.router.plan_on_time`` (the job's shards as one
   small MILP, as ``route_job`` does), else ``choose`` shard by shard;
 - optimal: the same quotes solved as an independent MILP written out here
   (scipy's HiGHS): minimise total cost, every shard on one backend, each
@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.estimate import ShardProfile  # noqa: E402
-from pipeline.pricing import Quote, quote  # noqa: E402
-from pipeline.router import choose, plan_on_time  # noqa: E402
+from pipeline.routing.estimate import ShardProfile  # noqa: E402
+from pipeline.routing.pricing import Quote, quote  # noqa: E402
+from pipeline.routing.router import choose, plan_on_time  # noqa: E402
 from schemas.backends import ApiProvider, GpuPool, RoutingSettings  # noqa: E402
 from schemas.base import utcnow  # noqa: E402
 

@@ -96,8 +96,8 @@ print(t.num_rows)
 
 BASELINE_ENGINE = """
 import sys, time, pyarrow.parquet as pq
-from workers.hf_engine import load_engine
-from workers.engine import Request
+from workers.engines.hf import load_engine
+from workers.engines.base import Request
 path, model, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 engine = load_engine(model, device="auto", dtype="auto", token_budget=32768, max_batch_rows=64)
 prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
@@ -123,7 +123,7 @@ def main() -> None:
     env = {**os.environ, "SPOTLANE_HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
     cli = [sys.executable, "-m", "pipeline.cli"]
     cli_args = ["-m", "pipeline.cli"]
-    from workers.tiny import build_tiny_model
+    from workers.demo_model import build_tiny_model
 
     model = build_tiny_model(work / "tiny-model")
     big = work / "big.parquet"

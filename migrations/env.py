@@ -1,6 +1,6 @@
 """Alembic environment: runs every migration against ``config`` ``sqlalchemy.url``.
 
-``pipeline.db.upgrade`` drives it; so does ``alembic -c migrations/alembic.ini``.
+``pipeline.store.db.upgrade`` drives it; so does ``alembic -c migrations/alembic.ini``.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
-from pipeline import db
-from pipeline.storage import Storage
+from pipeline.storage.objects import Storage
+from pipeline.store import db
 from schemas.errors import NotFound, StoreError
 from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
 from schemas.settings import Settings, load_settings, mask_url
@@ -100,7 +100,7 @@ class Runtime:
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            from pipeline.celery_app import make_celery
+            from pipeline.tasks.app import make_celery
 
             self._celery = make_celery(self)
         return self._celery

@@ -13,12 +13,16 @@ from typing import Any, ClassVar, Self
 
 from schemas.errors import WorkerError
 
-__all__ = ["FINALIZE_JOB", "ROUTE_JOB", "RUN_SHARD", "FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
+__all__ = ["FINALIZE_JOB", "REAP", "ROUTE_JOB", "RUN_SHARD", "SCHEDULES_TICK", "STORAGE_SWEEP", "FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
 
 #: Task names: what a record is sent as, and what a worker registers.
 ROUTE_JOB = "spotlane.route_job"
 RUN_SHARD = "spotlane.run_shard"
 FINALIZE_JOB = "spotlane.finalize_job"
+#: Periodic tasks (sent by the scheduler, Celery beat), without a payload.
+REAP = "spotlane.reap"
+SCHEDULES_TICK = "spotlane.schedules_tick"
+STORAGE_SWEEP = "spotlane.storage_sweep"
 
 
 @dataclass(frozen=True, slots=True)

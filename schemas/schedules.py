@@ -19,12 +19,10 @@ from croniter import croniter
 from pydantic import Field, field_validator, model_validator
 
 from schemas.backends import Section
+from schemas.deadline import check_deadline, parse_deadline
 
 __all__ = ["Schedule"]
 
-_DURATION = re.compile(r"\+(\d+(?:\.\d+)?)([mhd])")
-_CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
-_UNIT = {"m": 60, "h": 3600, "d": 86400}
 
 
 #: A template field (``{date:%Y-%m-%d}``), or an escaped brace.
@@ -91,10 +89,7 @@ class Schedule(Section):
     @field_validator("deadline")
     @classmethod
     def _deadline(cls, value: str) -> str:
-        value = value.strip()
-        if value and not (_DURATION.fullmatch(value) or _clock(value)):
-            raise ValueError(f"{value!r} is neither a local time (07:00) nor a duration (+6h, +90m, +1d)")
-        return value
+        return check_deadline(value, absolute=False)  # a run repeats: relative forms only
 
     @model_validator(mode="after")
     def _template(self) -> Schedule:
@@ -180,25 +175,7 @@ class Schedule(Section):
         return filled
 
     def deadline_at(self, fire: datetime) -> datetime | None:
-        if not self.deadline:
-            return None
-        match = _DURATION.fullmatch(self.deadline)
-        if match:
-            return fire + timedelta(seconds=float(match.group(1)) * _UNIT[match.group(2)])
-        hour, minute = _clock(self.deadline) or (0, 0)
-        local = self.local(fire)
-        at = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if at <= local:
-            at = (local + timedelta(days=1)).replace(hour=hour, minute=minute, second=0, microsecond=0)
-        return _utc(at)
-
-
-def _clock(value: str) -> tuple[int, int] | None:
-    match = _CLOCK.fullmatch(value)
-    if not match:
-        return None
-    hour, minute = int(match.group(1)), int(match.group(2))
-    return (hour, minute) if hour < 24 and minute < 60 else None
+        return parse_deadline(self.deadline, fire, self.zone)
 
 
 def _utc(moment: datetime) -> datetime:

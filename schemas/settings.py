@@ -24,8 +24,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -33,8 +31,11 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from schemas.backends import ApiProvider, GpuPool, RoutingSettings, Section as _Section, default_pools
+from schemas.backends import ApiProvider, GpuPool, RoutingSettings, default_pools
+from schemas.backends import Section as _Section
 from schemas.errors import ConfigError
 from schemas.schedules import Schedule
 

@@ -1,7 +1,7 @@
 """Job, shard and attempt states, stored verbatim in SQL, and the moves allowed between them.
 
 ``JOB_MOVES`` and ``SHARD_MOVES`` are the one table of allowed moves;
-``pipeline.transitions`` performs each move as a guarded UPDATE and refuses any
+``pipeline.store.transitions`` performs each move as a guarded UPDATE and refuses any
 move this table does not list.
 
     job:   pending ─▶ running ─▶ finalizing ─▶ succeeded | succeeded_with_errors | failed

@@ -16,7 +16,15 @@ from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from schemas.base import Base, UtcDateTime, utcnow
-from schemas.status import ActionStatus, AttemptOutcome, JobStatus, LedgerKind, RunStatus, ShardStatus, StorageActionKind
+from schemas.status import (
+    ActionStatus,
+    AttemptOutcome,
+    JobStatus,
+    LedgerKind,
+    RunStatus,
+    ShardStatus,
+    StorageActionKind,
+)
 
 __all__ = [
     "JOB_PROGRESS_VIEW",

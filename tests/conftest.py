@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from pipeline.runtime import Runtime
-from workers.tiny import build_tiny_model
+from workers.demo_model import build_tiny_model
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SPOTLANE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -71,7 +71,7 @@ def postgres_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        from pipeline import db
+        from pipeline.store import db
 
         db._engine.cache_clear()
         with admin.connect() as conn:
@@ -178,7 +178,7 @@ def store_url(request: pytest.FixtureRequest, spotlane_home: Path) -> str:
 @pytest.fixture
 def runtime(store_url: str) -> Runtime:
     """A migrated runtime on ``store_url`` (Alembic migrations, not create_all)."""
-    from pipeline import db
+    from pipeline.store import db
 
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))  # the embedded store migrates itself

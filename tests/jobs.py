@@ -17,12 +17,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from pipeline import db
-from pipeline.db import session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.router import route_job
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.transitions import run_record
+from pipeline.store import db
+from pipeline.store.db import session_scope
+from pipeline.store.transitions import run_record
+from pipeline.tasks.finalize import finalize_job
 from schemas.records import TaskRecord
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard

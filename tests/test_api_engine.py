@@ -11,8 +11,8 @@ import pytest
 from schemas.backends import ApiProvider, input_token_bound
 from schemas.errors import ProviderError
 from tests.openai_server import FakeOpenAI
-from workers.api_engine import RETRY_AFTER_CAP, APIEngine, retry_after
-from workers.engine import Request
+from workers.engines.base import Request
+from workers.engines.openai_http import RETRY_AFTER_CAP, APIEngine, retry_after
 
 SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from workers.batching import BatchItem, plan_batches
+from workers.engines.batching import BatchItem, plan_batches
 
 
 def _items(n: int, seed: int = 0) -> list[BatchItem]:

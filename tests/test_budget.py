@@ -19,13 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import func, select
 
-from pipeline import transitions
-from pipeline.control import cancel
-from pipeline.db import session_scope
-from pipeline.planning import set_budget
-from pipeline.producer import JobRequest, submit
-from pipeline.router import route_job
+from pipeline.jobs.control import cancel, set_budget
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
+from pipeline.store import transitions
+from pipeline.store.db import session_scope
 from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry

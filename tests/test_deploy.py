@@ -235,7 +235,7 @@ def test_the_k8s_broker_has_a_password_a_volume_and_a_network_policy(k8s: list[d
     policies = {d["metadata"]["name"]: d["spec"] for d in k8s if d["kind"] == "NetworkPolicy"}
     allowed = policies["redis"]["ingress"][0]["from"]
     assert {"podSelector": {"matchLabels": {"spotlane.io/broker-client": "true"}}} in allowed
-    for name, spec in _pod_specs(k8s).items():
+    for name, _spec in _pod_specs(k8s).items():
         if name.startswith("spotlane-") and name != "spotlane-migrate":
             labels = next(d for d in k8s if d.get("metadata", {}).get("name") == name and d["kind"] in ("Deployment", "Job"))[
                 "spec"]["template"]["metadata"]["labels"]

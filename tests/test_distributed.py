@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from pipeline.db import session_scope
-from pipeline.producer import JobRequest, submit
-from pipeline.router import route_job
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
+from pipeline.store.db import session_scope
 from schemas.records import RunShard
 from schemas.tables import Shard
 from tests.conftest import spotlane, stop_process, write_prompts

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from pipeline.cli import EXAMPLE_PROMPTS
+from pipeline.cli.app import EXAMPLE_PROMPTS
 from tests.conftest import spotlane, write_prompts
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from workers.engine import Request
-from workers.hf_engine import HFEngine, load_engine
+from workers.engines.base import Request
+from workers.engines.hf import HFEngine, load_engine
 
 PROMPTS = [
     "Summarize the ticket.",
@@ -92,7 +92,7 @@ def _minilm() -> Path:
 
 
 def test_embeddings_put_paraphrases_closer_than_unrelated_sentences() -> None:
-    from workers.hf_embedder import HFEmbedder
+    from workers.engines.hf_embed import HFEmbedder
 
     embedder = HFEmbedder(str(_minilm()), device="cpu")
     texts = [
@@ -125,7 +125,7 @@ def test_an_embedding_row_without_content_fails_alone(monkeypatch: pytest.Monkey
     """Review L5: one message with content null failed the whole embed shard."""
     import torch
 
-    from workers.hf_embedder import HFEmbedder
+    from workers.engines.hf_embed import HFEmbedder
 
     embedder = HFEmbedder(str(_minilm()), device="cpu")
     requests = [Request(messages=[{"role": "user", "content": "a paid invoice"}]),

@@ -19,13 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, text
 
-from pipeline import api, identity, transitions
-from pipeline.db import db_now, session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.producer import JobRequest, submit
-from pipeline.reaper import reap
-from pipeline.router import route_job
-from pipeline.storage import filesystem, write_parquet
+from pipeline import api
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job
+from pipeline.storage.objects import filesystem, write_parquet
+from pipeline.store import identity, transitions
+from pipeline.store.db import db_now, session_scope
+from pipeline.tasks.finalize import finalize_job
+from pipeline.tasks.reaper import reap
 from schemas.records import RunShard
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Checkpoint, ShardAttempt

@@ -15,17 +15,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import api, finalizer, leases, transitions
-from pipeline.db import session_scope
-from pipeline.finalizer import finalize_job, finalize_lease
-from pipeline.producer import JobRequest, submit
-from pipeline.reaper import reap
-from pipeline.retry import _replace_rows, merge_retry, retry_errors
-from pipeline.storage import filesystem, sha256_of
+from pipeline import api
+from pipeline.jobs.retry import _replace_rows, merge_retry, retry_errors
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.storage.objects import filesystem, sha256_of
+from pipeline.store import leases, transitions
+from pipeline.store.db import session_scope
+from pipeline.tasks import finalize as finalizer
+from pipeline.tasks.finalize import finalize_job, finalize_lease
+from pipeline.tasks.reaper import reap
 from schemas.status import JobStatus
 from tests.conftest import write_prompts
 from tests.jobs import job_row, model_folder, run_queued, stub_runtime
-from workers.stub_engine import FAIL_MARKER
+from workers.engines.stub import FAIL_MARKER
 
 
 def _read_all(runtime, job_id: str) -> pa.Table:  # type: ignore[no-untyped-def]

@@ -149,10 +149,10 @@ def test_exports_write_the_format_asked_for_and_errors_alone(tmp_path: Path) -> 
 
 def test_a_cancelled_jobs_finished_rows_can_be_exported(tmp_path: Path, spotlane_home: Path) -> None:
     """Finding 20: a cancelled job's kept rows could not be read."""
-    from pipeline import transitions
-    from pipeline.db import session_scope
-    from pipeline.router import route_job
+    from pipeline.routing.router import route_job
     from pipeline.runtime import Runtime
+    from pipeline.store import transitions
+    from pipeline.store.db import session_scope
     from workers.runner import ShardRunner
 
     submitted = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 40)), "--model", model_folder(tmp_path),
@@ -246,7 +246,7 @@ def test_an_unwritable_home_is_named(tmp_path: Path) -> None:
 
 def test_rows_a_request_cannot_be_made_of_become_error_rows_that_count_no_tokens(tmp_path: Path) -> None:
     """Findings 18 and 22: whitespace prompts ran, null content was sent as 'None', roles were not checked."""
-    from workers.chunks import prepare
+    from workers.engines.chunks import prepare
 
     chat = pa.table({"id": ["a", "b", "c", "d", "e"], "messages": pa.array([
         [{"role": "user", "content": "fine"}], [{"role": "user", "content": None}], [],

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from pipeline.inputs import inspect_input, read_rows
+from pipeline.storage.inputs import inspect_input, read_rows
 from schemas.arrow import MESSAGE_TYPE
 from schemas.errors import InputError
 from tests.conftest import spotlane, write_prompts
@@ -165,7 +165,7 @@ def test_a_row_model_that_cannot_load_fails_its_rows_not_the_shard(tmp_path: Pat
     """Review M5: one unloadable row model failed the shard, then the job."""
     from pipeline.runtime import Runtime
     from schemas.inference import Request
-    from workers.engines import GpuEngines
+    from workers.engines.factory import GpuEngines
 
     settings = Runtime.open().settings.worker
     engine = GpuEngines(str(tiny_model), settings)
@@ -186,7 +186,7 @@ def test_a_row_model_that_cannot_load_fails_its_rows_not_the_shard(tmp_path: Pat
 )
 def test_credentials_in_an_input_url_are_refused_and_never_echoed(url: str) -> None:
     """Review L2: they were stored in jobs.input_url and the manifest, and shown by status."""
-    from pipeline.inputs import refuse_credentials
+    from pipeline.storage.inputs import refuse_credentials
 
     with pytest.raises(InputError, match="credentials|signature or token") as refused:
         refuse_credentials(url)
@@ -196,7 +196,7 @@ def test_credentials_in_an_input_url_are_refused_and_never_echoed(url: str) -> N
 
 def test_a_worker_reads_a_shard_of_huge_prompts_a_few_rows_at_a_time(tmp_path: Path) -> None:
     """Review L7: 4,096-row read batches of 50 kB prompts took 620 MB to read 256 rows."""
-    from pipeline.inputs import BATCH_BYTES, iter_rows, open_parquet
+    from pipeline.storage.inputs import BATCH_BYTES, iter_rows, open_parquet
 
     path = write_prompts(tmp_path / "big.parquet", 2000, prompt=[("word " * 10_000) + str(i) for i in range(2000)])
 

@@ -20,14 +20,15 @@ import pytest
 from fsspec.core import url_to_fs
 from sqlalchemy import select, update
 
-from pipeline import api, lifecycle
-from pipeline.control import resume
-from pipeline.db import session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.producer import JobRequest, submit
-from pipeline.router import route_job
+from pipeline import api
+from pipeline.jobs.control import resume
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.storage import MANIFEST, sha256_of
+from pipeline.storage import lifecycle
+from pipeline.storage.objects import MANIFEST, sha256_of
+from pipeline.store.db import session_scope
+from pipeline.tasks.finalize import finalize_job
 from schemas.errors import StoreError
 from schemas.records import RunShard
 from schemas.status import ActionStatus, JobStatus
@@ -38,7 +39,7 @@ from workers.runner import ShardRunner
 
 
 def _runtime(store_url: str, root: str, **storage: Any) -> Runtime:
-    from pipeline import db
+    from pipeline.store import db
 
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
@@ -306,7 +307,7 @@ def test_storage_sweep_command_dry_run_then_sweep(tmp_path: Path, tiny_model: Pa
 
 
 def test_one_sweep_at_a_time(store_url: str, tmp_path: Path, tiny_model: Path) -> None:
-    from pipeline import leases
+    from pipeline.store import leases
 
     runtime = _runtime(store_url, (tmp_path / "tiers").as_uri())
     job_id = _finished_job(runtime, tmp_path, tiny_model, rows=4)
@@ -403,7 +404,7 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
 ) -> None:
     """Review M7: the move's switch still matched (same URL string): the job pointed at the
     old, partial results in cold, and the sweep purged the resumed job's checkpoints."""
-    from pipeline import transitions
+    from pipeline.store import transitions
     from schemas.status import AttemptOutcome, ShardStatus
     from tests.jobs import model_folder, run_queued, shards, stub_runtime
 

@@ -20,7 +20,7 @@ def test_every_name_in_all_is_exported(package: str) -> None:
 
 def test_the_control_plane_never_imports_torch_or_transformers() -> None:
     code = (
-        "import sys, pipeline, pipeline.cli, pipeline.router, pipeline.finalizer, pipeline.reaper, pipeline.celery_app;"
+        "import sys, pipeline, pipeline.cli.app, pipeline.routing.router, pipeline.tasks.finalize, pipeline.tasks.reaper, pipeline.tasks.app;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
 

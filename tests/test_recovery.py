@@ -18,13 +18,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 import workers.runner as runner_module
-from pipeline import leases, transitions
-from pipeline.db import session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.producer import JobRequest, submit
-from pipeline.reaper import reap
-from pipeline.router import route_job, route_lease
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job, route_lease
 from pipeline.runtime import Runtime
+from pipeline.store import leases, transitions
+from pipeline.store.db import session_scope
+from pipeline.tasks.finalize import finalize_job
+from pipeline.tasks.reaper import reap
 from schemas.errors import TransientError
 from schemas.records import RouteJob, RunShard
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
@@ -95,7 +95,7 @@ def test_routing_queues_the_first_shard_after_reading_only_its_rows(
     store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """M14: route_job profiled (and tokenized) every row before queueing anything."""
-    import pipeline.router as router
+    import pipeline.routing.router as router
 
     runtime, sent = stub_runtime(store_url)
     job_id = _job(runtime, tmp_path, rows=500, rows_per_shard=10)
@@ -117,7 +117,7 @@ def test_routing_queues_the_first_shard_after_reading_only_its_rows(
 
 def test_a_submit_whose_broker_is_down_still_records_one_job_the_reaper_routes(tmp_path: Path) -> None:
     """M8: the send raised after the commit; a scheduled run retried it into a second job."""
-    from pipeline.schedules import run_schedule
+    from pipeline.tasks.scheduler import run_schedule
 
     runtime = Runtime.open(broker={"url": "redis://127.0.0.1:9/0"}, worker=FAST, schedules=[{
         "name": "nightly", "cron": "0 2 * * *", "input": str(write_prompts(tmp_path / "in.parquet", 4)),

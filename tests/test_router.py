@@ -11,13 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, text
 
-from pipeline import db, learning, transitions
-from pipeline.db import session_scope
-from pipeline.planning import costs, plan, set_budget
-from pipeline.pricing import PREFILL_WEIGHT, Quote
-from pipeline.producer import JobRequest, submit
-from pipeline.router import choose, route_job
+from pipeline.jobs.control import set_budget
+from pipeline.jobs.costs import costs
+from pipeline.jobs.plan import plan
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing import observations as learning
+from pipeline.routing.pricing import PREFILL_WEIGHT, Quote
+from pipeline.routing.router import choose, route_job
 from pipeline.runtime import Runtime
+from pipeline.store import db, transitions
+from pipeline.store.db import session_scope
 from schemas.backends import input_token_bound
 from schemas.base import utcnow
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus

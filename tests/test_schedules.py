@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, text
 
-from pipeline import schedules
-from pipeline.db import session_scope
-from pipeline.producer import JobRequest, submit
+from pipeline.jobs.submit import JobRequest, submit
 from pipeline.runtime import Runtime
+from pipeline.store.db import session_scope
+from pipeline.tasks import scheduler as schedules
 from schemas.errors import ConfigError, InputError
 from schemas.schedules import Schedule
 from schemas.settings import load_settings
@@ -118,7 +118,7 @@ def _partition(root: Path, day: str, files: int = 2, rows: int = 3) -> None:
 
 
 def _rt(store_url: str, tmp_path: Path, tiny_model: Path, **overrides: Any) -> Runtime:
-    from pipeline import db
+    from pipeline.store import db
 
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
@@ -290,7 +290,7 @@ def test_a_manual_run_for_a_later_date_does_not_silence_the_days_before(
 def test_one_schedules_failure_is_recorded_and_does_not_hold_up_the_others(
     runtime: Runtime, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import producer
+    from pipeline.jobs import submit as producer
 
     url = str(runtime.engine.url)
     entry = {"cron": "0 2 * * *", "timezone": BERLIN, "model": str(tiny_model),

@@ -78,7 +78,7 @@ def test_markup_in_a_name_or_an_error_is_printed_as_text(tmp_path: Path, spotlan
 def test_an_export_never_lands_in_the_jobs_own_storage_and_appears_whole(tmp_path: Path, spotlane_home: Path) -> None:
     """Review L12: --to opened the target before reading and could overwrite the job's own part."""
     from pipeline import api
-    from pipeline.producer import JobRequest, submit
+    from pipeline.jobs.submit import JobRequest, submit
     from tests.jobs import model_folder, run_queued, stub_runtime
 
     runtime, _ = stub_runtime(f"sqlite:///{spotlane_home / 'spotlane.db'}")

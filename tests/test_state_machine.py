@@ -3,7 +3,7 @@
 Claims (some for stale backends or attempts), heartbeats, reservations and fenced
 commits (some by workers that lost their lease), lease expiries, hand-backs,
 reroutes, failures, cancel, resume, budget raises, routing and finalizing are
-driven in any order against a real store, through ``pipeline.transitions`` and
+driven in any order against a real store, through ``pipeline.store.transitions`` and
 the real router and finalizer. After every step:
 
 - no input row is committed twice, and each shard's committed rows are contiguous
@@ -25,18 +25,25 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlalchemy import func, select
 
-from pipeline import api, transitions
-from pipeline.control import cancel, resume
-from pipeline.db import session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.planning import set_budget
-from pipeline.producer import JobRequest, submit
-from pipeline.router import route_job
+from pipeline import api
+from pipeline.jobs.control import cancel, resume, set_budget
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.storage import filesystem, write_parquet
+from pipeline.storage.objects import filesystem, write_parquet
+from pipeline.store import transitions
+from pipeline.store.db import session_scope
+from pipeline.tasks.finalize import finalize_job
 from schemas.errors import LeaseLost, StoreError
 from schemas.status import JOB_MOVES, SHARD_MOVES, AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Checkpoint, CostLedgerEntry, Job, Shard

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import Storage, filesystem, open_new, read_json, sha256_of, write_json, write_parquet
+from pipeline.storage.objects import Storage, filesystem, open_new, read_json, sha256_of, write_json, write_parquet
 from schemas.settings import StorageSettings
 
 

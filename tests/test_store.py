@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select, text, update
 
-from pipeline import db, transitions
-from pipeline.db import session_scope
-from pipeline.producer import JobRequest, submit
-from pipeline.reaper import reap
+from pipeline.jobs.submit import JobRequest, submit
 from pipeline.runtime import Runtime
+from pipeline.store import db, transitions
+from pipeline.store.db import session_scope
+from pipeline.tasks.reaper import reap
 from schemas.base import utcnow
 from schemas.errors import LeaseLost
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
@@ -27,7 +27,7 @@ def _job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 10, per
 
 
 def _queue_all(runtime: Runtime, job_id: str) -> list[int]:
-    from pipeline.router import route_job
+    from pipeline.routing.router import route_job
 
     route_job(runtime, job_id)
     with session_scope(runtime.engine) as session:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from pipeline import identity, transitions
-from pipeline.db import db_now, session_scope
-from pipeline.finalizer import finalize_job
-from pipeline.router import route_job
+from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
+from pipeline.store import identity, transitions
+from pipeline.store.db import db_now, session_scope
+from pipeline.tasks.finalize import finalize_job
 from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard

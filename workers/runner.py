@@ -38,14 +38,16 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from pipeline import learning, metrics, transitions
-from pipeline.db import session_scope
-from pipeline.estimate import profile_requests
-from pipeline.identity import owner_id
-from pipeline.inputs import check_identity, iter_rows, open_parquet
-from pipeline.pricing import worst_case_usd
+from pipeline import metrics
+from pipeline.routing import observations as learning
+from pipeline.routing.estimate import profile_requests
+from pipeline.routing.pricing import worst_case_usd
 from pipeline.runtime import Runtime
-from pipeline.storage import write_parquet
+from pipeline.storage.inputs import check_identity, iter_rows, open_parquet
+from pipeline.storage.objects import write_parquet
+from pipeline.store import transitions
+from pipeline.store.db import session_scope
+from pipeline.store.identity import owner_id
 from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
 from schemas.errors import (
@@ -60,10 +62,10 @@ from schemas.errors import (
 from schemas.records import RunShard
 from schemas.status import AttemptOutcome, ShardStatus
 from schemas.tables import Job, Shard, ShardAttempt
-from workers.chunks import Chunk, build_output, merge, prepare, rechunk
 from workers.drain import StopFlag
-from workers.engine import Completion, Request, stream
-from workers.engines import engine_for
+from workers.engines.base import Completion, Request, stream
+from workers.engines.chunks import Chunk, build_output, merge, prepare, rechunk
+from workers.engines.factory import engine_for
 
 __all__ = ["ShardRunner", "worker_id"]
 

@@ -1,0 +1,125 @@
+"""The Typer app of ``spotlane``, its global options, and the argument types commands share.
+
+Commands live in sibling modules by what they are about (``run``, ``status``,
+``control``, ``ops``); ``pipeline.cli`` imports them all, which registers them here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pipeline import api
+from pipeline.runtime import Runtime
+from schemas.deadline import parse_deadline
+from schemas.errors import InputError
+
+__all__ = ["app", "config_app", "console", "db_app", "err"]
+
+app = typer.Typer(
+    name="spotlane",
+    help="Run large offline LLM jobs: Parquet of prompts in, Parquet of answers out.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The job store (SQL).", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+EXAMPLE_PROMPTS = Path(__file__).parents[1] / "examples" / "prompts.parquet"
+EXAMPLE_ANSWERS = Path(__file__).parents[1] / "examples" / "answers.json"
+
+_STATE: dict[str, Any] = {"config": None, "debug": False}
+
+
+def _version() -> str:
+    try:
+        return package_version("spotlane")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Settings file (TOML). Default: ./spotlane.toml or $SPOTLANE_CONFIG.")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or set SPOTLANE_DEBUG=1).")] = False,
+    show_version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _STATE["config"] = config
+    _STATE["debug"] = debug or _STATE["debug"]
+    if show_version:
+        console.print(f"spotlane {_version()}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
+
+
+def _runtime(*, writes: bool = True) -> Runtime:
+    """The runtime; a read-only command does not create a job store that is not there."""
+    return Runtime.open(_STATE["config"], create=writes)
+
+
+def _job(runtime: Runtime, ref: str) -> str:
+    return api.resolve_job(runtime, ref)
+
+
+class Task(str, Enum):
+    generate = "generate"
+    embed = "embed"
+
+
+InputArg = Annotated[
+    str,
+    typer.Argument(metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL)."),
+]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id, a unique prefix of one, or 'latest'.")]
+ModelOpt = Annotated[
+    list[str],
+    typer.Option("--model", "-m", help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins)."),
+]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default max new tokens per row.")]
+TempOpt = Annotated[float | None, typer.Option("--temperature", help="Default sampling temperature, 0 to 5 (0: greedy).")]
+ShardOpt = Annotated[int | None, typer.Option("--rows-per-shard", help="Rows per shard.")]
+BudgetOpt = Annotated[float | None, typer.Option("--budget", help="Hard budget in USD: provider-billed spend never exceeds it.")]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option("--deadline", help="Finish by: ISO time (2026-11-26T07:00+01:00), HH:MM (next, local) or +DURATION (+90m, +6h)."),
+]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")]
+TaskOpt = Annotated[Task, typer.Option("--task", help="generate (completions) or embed (sentence embeddings).")]
+
+
+def _deadline(text: str | None) -> datetime | None:
+    """``--deadline``, in ``schemas.deadline``'s grammar; a time in the past is refused."""
+    try:
+        at = parse_deadline(text or "")
+    except ValueError as exc:
+        raise InputError(f"--deadline: {exc}") from None
+    if at is not None and at <= datetime.now(UTC):
+        raise InputError(f"--deadline {text!r} is in the past ({at:%Y-%m-%d %H:%M} UTC)")
+    return at
+
+
+def _tags(items: list[str] | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--tag {item!r} is not key=value")
+        tags[key] = value
+    return tags

@@ -1,0 +1,43 @@
+"""Spend reports from the cost ledger: charged USD and tokens, grouped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from pipeline.runtime import Runtime
+from pipeline.store.db import session_scope
+from schemas.errors import InputError
+from schemas.status import LedgerKind
+from schemas.tables import CostLedgerEntry, Job
+
+__all__ = ["costs"]
+
+
+def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -> list[dict[str, Any]]:
+    """Charged USD and tokens grouped ``by`` backend, day, job or tag (``key=value``)."""
+    if by not in ("backend", "day", "job", "tag"):
+        raise InputError(f"--by must be backend, day, job or tag, not {by!r}")
+    query = select(CostLedgerEntry, Job.tags).join(Job, Job.id == CostLedgerEntry.job_id).where(
+        CostLedgerEntry.kind == LedgerKind.CHARGE
+    )
+    if job_id:
+        query = query.where(CostLedgerEntry.job_id == job_id)
+    groups: dict[str, dict[str, Any]] = {}
+    with session_scope(runtime.engine) as session:
+        for entry, tags in session.execute(query):
+            if by == "backend":
+                keys = [entry.backend]
+            elif by == "day":
+                keys = [entry.created_at.date().isoformat()]
+            elif by == "job":
+                keys = [entry.job_id]
+            else:
+                keys = [f"{k}={v}" for k, v in sorted((tags or {}).items())] or ["(untagged)"]
+            for key in keys:
+                line = groups.setdefault(key, {by: key, "cost_usd": 0.0, "input_tokens": 0, "output_tokens": 0})
+                line["cost_usd"] += entry.amount_usd
+                line["input_tokens"] += entry.input_tokens
+                line["output_tokens"] += entry.output_tokens
+    return sorted(groups.values(), key=lambda line: -line["cost_usd"])

@@ -1,0 +1,118 @@
+"""A dry run of routing: what a job would cost, where it would run, when it would end.
+
+``plan`` prices every shard of an input file as the router would, assigning them
+in order with the same ``choose`` and a running backlog, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline.jobs.models import resolve_model
+from pipeline.jobs.submit import plan_shards
+from pipeline.routing.estimate import profile_rows
+from pipeline.routing.router import choose, quotes_for
+from pipeline.runtime import Runtime
+from pipeline.storage.inputs import expand_input, inspect_input, stitch_inputs
+from pipeline.store.db import session_scope
+from schemas.base import utcnow
+from schemas.errors import InputError
+from schemas.tables import Job
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass
+class Plan:
+    rows: int
+    shards: int
+    cost_usd: float = 0.0
+    #: What the budget would hold at most: every row's max_tokens, a byte-bound prompt.
+    worst_case_usd: float = 0.0
+    finish: datetime | None = None
+    blocked: int = 0
+    by_backend: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(
+    runtime: Runtime,
+    input_url: str,
+    models: list[str],
+    *,
+    budget_usd: float | None = None,
+    deadline: datetime | None = None,
+    max_tokens: int | None = None,
+    rows_per_shard: int | None = None,
+    tags: dict[str, Any] | None = None,
+) -> Plan:
+    """What routing would do with ``input_url`` now, without writing anything.
+
+    Models resolve as ``submit`` resolves them (a mistyped folder is refused); several
+    files (a glob, a folder) are priced as the one input ``submit`` would stitch.
+    """
+    settings = runtime.settings
+    api_models = {m for p in settings.api_providers for m in p.models}
+    models = [m if m in api_models else resolve_model(m) for m in models]
+    files = expand_input(input_url)
+    with tempfile.TemporaryDirectory(dir=settings.home) as scratch:
+        url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
+        return _plan(runtime, url, models, budget_usd=budget_usd, deadline=deadline, max_tokens=max_tokens,
+                     rows_per_shard=rows_per_shard, tags=tags)
+
+
+def _plan(
+    runtime: Runtime,
+    url: str,
+    models: list[str],
+    *,
+    budget_usd: float | None,
+    deadline: datetime | None,
+    max_tokens: int | None,
+    rows_per_shard: int | None,
+    tags: dict[str, Any] | None,
+) -> Plan:
+    settings = runtime.settings
+    info = inspect_input(url)
+    per_shard = rows_per_shard or settings.jobs.rows_per_shard
+    job = Job(id="plan", model=models[0], models=models, input_url=info.url, input_kind=info.kind,
+              max_tokens=max_tokens or settings.jobs.max_tokens, temperature=0.0, tags=tags or {},
+              rows_total=info.rows, rows_per_shard=per_shard, shard_count=0, carried_columns=[])
+    ranges = plan_shards(info.rows, per_shard)
+    result = Plan(rows=info.rows, shards=len(ranges))
+    now = utcnow()
+    backlog: dict[str, float] = defaultdict(float)
+    with session_scope(runtime.engine) as session:
+        for start, end in ranges:
+            profile = profile_rows(info.url, start, end, info.kind, job.max_tokens, job.model)
+            quotes = quotes_for(session, settings, job, profile, [], now)
+            if not quotes:
+                raise InputError(f"no backend serves model {models[0]!r} (see gpu_pools and api_providers)")
+            choice = choose(quotes, committed_usd=result.cost_usd, budget_usd=budget_usd,
+                            backlog_seconds=backlog, now=now, deadline=deadline)
+            if choice.quote is None:
+                result.blocked += 1
+                continue
+            q = choice.quote
+            backlog[q.backend] += q.seconds
+            result.cost_usd += q.cost_usd
+            result.worst_case_usd += q.reserve_usd
+            line = result.by_backend.setdefault(q.backend, {"shards": 0, "rows": 0, "cost_usd": 0.0,
+                                                           "kind": q.kind, "capacity": q.capacity})
+            line["shards"] += 1
+            line["rows"] += end - start
+            line["cost_usd"] += q.cost_usd
+            if choice.note:
+                note = choice.note.split(";")[0] if budget_usd is not None else "the deadline cannot be met"
+                if note not in result.notes:
+                    result.notes.append(note)
+    for name, line in result.by_backend.items():
+        line["finish"] = now + timedelta(seconds=backlog[name] / line["capacity"])
+    if result.by_backend:
+        result.finish = max(line["finish"] for line in result.by_backend.values())
+    return result

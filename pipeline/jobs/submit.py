@@ -1,0 +1,276 @@
+"""Submitting a job: validate the input, plan shards, record the job, enqueue routing.
+
+The job row and all its shard rows are written in one transaction, and only then
+is the routing task sent; a bad input raises ``InputError`` before anything is
+written or enqueued. If the broker is unreachable after the commit, the submit
+still succeeds (a retried submit would make a second job): the job waits as
+``pending`` and the reaper routes it later. The input's size and ETag (or mtime)
+are recorded, so a worker can tell when the file changed after submit.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
+
+from pipeline.jobs.models import resolve_model
+from pipeline.runtime import Runtime
+from pipeline.storage.inputs import (
+    InputInfo,
+    canonical_url,
+    expand_input,
+    input_identity,
+    inspect_input,
+    iter_rows,
+    open_parquet,
+    refuse_credentials,
+    source_of_row,
+    stitch_inputs,
+)
+from pipeline.storage.objects import copy_file, filesystem, list_files, remove_tree
+from pipeline.store.db import session_scope
+from schemas.base import utcnow
+from schemas.errors import InputError
+from schemas.settings import Settings
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Job, Shard
+
+__all__ = ["JobRequest", "new_job_id", "plan_shards", "submit"]
+
+#: Rough characters per token, for estimates when no tokenizer is at hand.
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    input_url: str
+    #: The model, or several acceptable models (the router picks per shard, cheapest first).
+    model: str | list[str]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    rows_per_shard: int | None = None
+    budget_usd: float | None = None
+    deadline: datetime | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    #: "generate" (completions) or "embed" (pooled sentence embeddings).
+    task: str = "generate"
+    #: Chosen by the caller to make a retried submit idempotent (scheduled runs);
+    #: a job with this id already existing is then not an error.
+    job_id: str | None = None
+    #: A ``retry-errors`` job: the job whose error rows this one re-runs.
+    retry_of: str | None = None
+
+
+def new_job_id() -> str:
+    """Sortable by creation time, unique without coordination: ``20261125-173059-3fa9c1``."""
+    return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def plan_shards(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, end)`` covering ``rows`` rows."""
+    return [(s, min(s + rows_per_shard, rows)) for s in range(0, rows, rows_per_shard)]
+
+
+def _estimate_prompt_tokens(info: InputInfo) -> float:
+    """Prompt tokens per row from the column's uncompressed size in the footer."""
+    meta = open_parquet(info.url).metadata
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    total = 0
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for i, name in enumerate(names):
+            if name.split(".")[0] == info.kind:
+                total += group.column(i).total_uncompressed_size
+    return total / max(info.rows, 1) / CHARS_PER_TOKEN
+
+
+def _exists(runtime: Runtime, job_id: str) -> bool:
+    with session_scope(runtime.engine) as session:
+        return session.get(Job, job_id) is not None
+
+
+def _stitched_folder(runtime: Runtime, job_id: str) -> str:
+    return f"{runtime.storage.job_url(job_id, 'hot')}/input/"
+
+
+def _local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
+    """Validate the input and pin it: a local file is copied (streamed) into the job's hot
+    folder, several files (a glob or a folder) are stitched into one there, so the job
+    never depends on a file its submitter may change, move or keep on another machine;
+    an object-store file is read in place, pinned by its size and ETag. Errors name the
+    source file and row, and nothing of a refused input is kept."""
+    files = expand_input(url)
+    if len(files) == 1 and not _local(files[0]):
+        return inspect_input(files[0])
+    # A name of its own per attempt: two submitters of one scheduled run never write
+    # (or clean up) the same file; the job row records the one that won.
+    target = f"{_stitched_folder(runtime, job_id)}input-{secrets.token_hex(4)}.parquet"
+    try:
+        if len(files) == 1:
+            info = inspect_input(files[0])  # refuse a bad file before copying it
+            before = input_identity(files[0])
+            copy_file(files[0], target, runtime.storage.storage_class("hot"))
+            if input_identity(files[0]) != before:
+                raise InputError("the file changed while it was being submitted; submit it again", file=files[0])
+            return replace(info, url=target)
+        stitch_inputs(files, target, runtime.storage.storage_class("hot"))
+        return inspect_input(target)
+    except InputError as exc:
+        if len(files) == 1:
+            _discard(runtime, job_id, target)
+            raise
+        try:  # name the source file and its row while the stitched copy still exists
+            where = source_of_row(target, exc.row) if exc.row is not None else None
+            message = str(exc).split(": ", 1)[-1]
+            first = re.search(r"first at row (\d+)", message)
+            if first and (origin := source_of_row(target, int(first.group(1)))):
+                message = message.replace(first.group(0), f"first in {origin[0]} at row {origin[1]}")
+        finally:
+            _discard(runtime, job_id, target)
+        if where is None:
+            raise
+        raise InputError(message, file=where[0], column=exc.column, row=where[1]) from None
+    except BaseException:
+        _discard(runtime, job_id, target)
+        raise
+
+
+def _discard(runtime: Runtime, job_id: str, target: str) -> None:
+    """Remove a copy of a refused (or lost) input, and the job's hot folder if that leaves it empty."""
+    fs, path = filesystem(target)
+    if fs.exists(path):
+        fs.rm(path)
+    if not _exists(runtime, job_id) and not list(list_files(runtime.storage.job_url(job_id, "hot"))):
+        remove_tree(runtime.storage.job_url(job_id, "hot"))
+
+
+def _check_row_models(settings: Settings, info: InputInfo, models: list[str]) -> None:
+    """A row's own ``model`` must be one of the job's, or one a backend names outright.
+
+    Never an arbitrary folder or hub id a ``*`` pool would load because a data row
+    says so: each would be loaded (and kept) by every worker that meets it.
+    """
+    named = {m for b in settings.backends for m in b.models if m != "*"}
+    for name in info.row_models:
+        if name not in models and name not in named:
+            where = _first_row_with(info.url, name)
+            raise InputError(
+                f"model {name!r} is neither one of the job's models ({', '.join(models)}) nor one a backend "
+                "lists in gpu_pools or api_providers", file=info.url, column="model", row=where,
+            )
+
+
+def _first_row_with(url: str, model: str) -> int | None:
+    import pyarrow.compute as pc
+
+    offset = 0
+    for batch in iter_rows(url, 0, open_parquet(url).metadata.num_rows, ["model"]):
+        hits = pc.equal(batch.column("model"), model)
+        if pc.any(hits).as_py():
+            return offset + int(pc.index(hits, True).as_py())
+        offset += batch.num_rows
+    return None
+
+
+def submit(runtime: Runtime, request: JobRequest) -> str:
+    """Create the job and its shards, enqueue routing, and return the job id."""
+    settings = runtime.settings
+    if request.task not in ("generate", "embed"):
+        raise InputError(f"--task must be generate or embed, not {request.task!r}")
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise InputError("--max-tokens must be at least 1")
+    if request.temperature is not None and not 0.0 <= request.temperature <= 5.0:
+        raise InputError(f"--temperature must be a number in [0, 5], not {request.temperature}")
+    if request.rows_per_shard is not None and request.rows_per_shard < 1:
+        raise InputError("--rows-per-shard must be at least 1")
+    if request.budget_usd is not None and not request.budget_usd >= 0:
+        raise InputError(f"--budget must be a number of USD, not negative (got {request.budget_usd})")
+    refuse_credentials(request.input_url)
+    names = [request.model] if isinstance(request.model, str) else list(request.model)
+    if not names:
+        raise InputError("name at least one model")
+    api_models = {m for p in settings.api_providers for m in p.models}
+    # A model only an API provider serves is a name, not a folder or a hub id to check.
+    models = [m if m in api_models else resolve_model(m) for m in names]
+    model = models[0]
+    job_id = request.job_id or new_job_id()
+    if request.job_id and _exists(runtime, job_id):
+        return job_id
+    info = _inspect(runtime, request.input_url, job_id)
+    _check_row_models(settings, info, models)
+    identity = input_identity(info.url)
+    rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
+    ranges = plan_shards(info.rows, rows_per_shard)
+    now = utcnow()
+    try:
+        with session_scope(runtime.engine) as session:
+            session.add(
+                Job(
+                    id=job_id,
+                    status=JobStatus.PENDING,
+                    task=request.task,
+                    model=model,
+                    models=models,
+                    input_url=info.url,
+                    source_url=canonical_url(request.input_url),
+                    input_identity=identity,
+                    retry_of=request.retry_of,
+                    input_kind=info.kind,
+                    carried_columns=list(info.carried_columns),
+                    max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
+                    temperature=(
+                        settings.jobs.temperature if request.temperature is None else request.temperature
+                    ),
+                    rows_total=info.rows,
+                    rows_per_shard=rows_per_shard,
+                    shard_count=len(ranges),
+                    est_prompt_tokens=_estimate_prompt_tokens(info),
+                    budget_usd=request.budget_usd,
+                    deadline=request.deadline,
+                    tags=dict(request.tags),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()
+            session.execute(
+                insert(Shard),
+                [
+                    {
+                        "job_id": job_id,
+                        "shard_index": i,
+                        "row_start": start,
+                        "row_end": end,
+                        "status": ShardStatus.PENDING,
+                        "rows_done": 0,
+                        "rows_failed": 0,
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "cost_usd": 0.0,
+                        "attempts": 0,
+                        "updated_at": now,
+                    }
+                    for i, (start, end) in enumerate(ranges)
+                ],
+            )
+    except IntegrityError:
+        if not request.job_id:
+            raise
+        if info.url.startswith(_stitched_folder(runtime, job_id)):  # our copy lost the race: remove it
+            fs, path = filesystem(info.url)
+            fs.rm(path)
+        return job_id  # the same scheduled run, submitted twice at once: one job
+    # A broker that fails now is not the submit's failure: the job is recorded, and
+    # the reaper routes a pending job whose message was lost.
+    runtime.send_route(job_id)
+    return job_id

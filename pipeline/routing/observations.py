@@ -1,0 +1,136 @@
+"""What the router learns from what happens: per backend and model moving averages.
+
+Workers report each committed checkpoint (throughput, latency, errors, tokens per
+character, how much of ``max_tokens`` rows use) and each shard's end (done,
+preempted, lost, failed). Each figure is an exponentially weighted moving average
+computed inside one UPDATE, so concurrent reports never lose each other. A backend
+that fails ``cooldown_failures`` shards in a row is cooled down for
+``cooldown_seconds``: the router skips it while another backend can do the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas.backends import RoutingSettings
+from schemas.base import utcnow
+from schemas.tables import BackendStats
+
+__all__ = ["Observed", "observed", "record_checkpoint", "record_shard_end"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    tokens_per_second: float | None
+    latency_seconds: float | None
+    error_rate: float
+    preemption_rate: float | None
+    chars_per_token: float | None
+    output_fill: float | None
+    cooldown_until: datetime | None
+    samples: int
+
+    def cooling(self, now: datetime) -> bool:
+        return self.cooldown_until is not None and self.cooldown_until > now
+
+
+def observed(session: Session, backend: str, model: str) -> Observed | None:
+    row = session.get(BackendStats, (backend, model))
+    if row is None:
+        return None
+    return Observed(
+        row.tokens_per_second, row.latency_seconds, row.error_rate, row.preemption_rate,
+        row.chars_per_token, row.output_fill, row.cooldown_until, row.samples,
+    )
+
+
+def _ensure(session: Session, backend: str, model: str) -> None:
+    if session.get(BackendStats, (backend, model)) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.execute(
+                insert(BackendStats).values(
+                    backend=backend, model=model, error_rate=0.0, samples=0,
+                    consecutive_failures=0, updated_at=utcnow(),
+                )
+            )
+    except IntegrityError:
+        pass  # another worker inserted it first
+
+
+def _ewma(column: Any, value: float | None, alpha: float) -> Any:
+    if value is None:
+        return column
+    return case((column.is_(None), value), else_=column * (1 - alpha) + value * alpha)
+
+
+def record_checkpoint(
+    session: Session,
+    backend: str,
+    model: str,
+    routing: RoutingSettings,
+    *,
+    rows: int,
+    rows_failed: int,
+    prompt_chars: int,
+    input_tokens: int,
+    output_tokens: int,
+    max_tokens: int,
+    seconds: float,
+    requests_latency: float | None = None,
+) -> None:
+    """Fold one committed checkpoint into the backend's averages."""
+    if rows <= 0:
+        return
+    _ensure(session, backend, model)
+    a = routing.ewma_alpha
+    ok = rows - rows_failed
+    values: dict[str, Any] = {
+        "error_rate": BackendStats.error_rate * (1 - a) + (rows_failed / rows) * a,
+        "samples": BackendStats.samples + 1,
+        "updated_at": utcnow(),
+    }
+    if seconds > 0 and output_tokens > 0:
+        values["tokens_per_second"] = _ewma(BackendStats.tokens_per_second, output_tokens / seconds, a)
+    if requests_latency is not None:
+        values["latency_seconds"] = _ewma(BackendStats.latency_seconds, requests_latency, a)
+    if input_tokens > 0 and prompt_chars > 0 and ok > 0:
+        values["chars_per_token"] = _ewma(BackendStats.chars_per_token, prompt_chars / input_tokens, a)
+    if max_tokens > 0 and ok > 0:
+        values["output_fill"] = _ewma(BackendStats.output_fill, min(1.0, output_tokens / max_tokens), a)
+    session.execute(
+        update(BackendStats).where(BackendStats.backend == backend, BackendStats.model == model).values(**values)
+    )
+
+
+def record_shard_end(session: Session, backend: str, model: str, outcome: str, routing: RoutingSettings) -> None:
+    """Fold a shard run's outcome in: preemption rate, failures in a row, cooldown."""
+    _ensure(session, backend, model)
+    a = routing.ewma_alpha
+    interrupted = 1.0 if outcome in ("preempted", "lost") else 0.0
+    where = (BackendStats.backend == backend, BackendStats.model == model)
+    values: dict[str, Any] = {
+        "preemption_rate": _ewma(BackendStats.preemption_rate, interrupted, a),
+        "updated_at": utcnow(),
+    }
+    if outcome == "failed":
+        values["consecutive_failures"] = BackendStats.consecutive_failures + 1
+    elif outcome == "done":
+        values["consecutive_failures"] = 0
+        values["cooldown_until"] = None
+    session.execute(update(BackendStats).where(*where).values(**values))
+    if outcome == "failed":
+        failures = session.execute(select(BackendStats.consecutive_failures).where(*where)).scalar_one()
+        if failures >= routing.cooldown_failures:
+            session.execute(
+                update(BackendStats)
+                .where(*where)
+                .values(cooldown_until=utcnow() + timedelta(seconds=routing.cooldown_seconds))
+            )

@@ -1,0 +1,101 @@
+"""Pricing a shard on a backend: estimated cost, time, and how many run at once.
+
+GPU pool: time = (output tokens + prefill share of input tokens) / tokens per
+second of one worker; cost = that time at the pool's hourly spot price, plus the
+expected redo after a preemption (half a checkpoint interval on average, priced as
+half a shard at the preemption rate). ``capacity`` is the pool's ``max_workers``.
+
+API provider: cost = tokens at the provider's per-million prices; time = rows at
+the sustainable request rate (the tightest of concurrency / latency, rpm, tpm);
+``capacity`` 1, since the rate already counts concurrency.
+
+Observed figures (``pipeline.routing.observations``) replace the configured priors.
+
+Each quote carries an estimate and bounds. ``cost_usd`` is the estimate (learnt
+characters per token and output fill): what ``plan`` shows and what routing
+compares. ``reserve_usd`` is the worst case the backend can bill for the shard:
+every row's ``max_tokens``, and an input no tokenizer can exceed
+(``ShardProfile.input_bound``); ``row_reserve_usd`` the worst case of its
+costliest row. The budget holds worst cases chunk by chunk (``pipeline.store.ledger``):
+a provider's bill for a chunk cannot exceed what was reserved for it (the API
+engine charges no more than each request's bound); a GPU pool's is time and can,
+by at most one chunk, which the next chunk's reservation accounts for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.routing.estimate import ShardProfile
+from pipeline.routing.observations import Observed
+from schemas.backends import ApiProvider, GpuPool, RoutingSettings
+
+__all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "worst_case_usd"]
+
+#: A prompt token costs a GPU about this fraction of a generated token (prefill is batched).
+PREFILL_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class Quote:
+    backend: str
+    kind: str
+    queue: str
+    model: str
+    cost_usd: float
+    #: Seconds of one worker (GPU) or of the provider's sustainable rate (API).
+    seconds: float
+    capacity: int
+    input_tokens: int
+    output_tokens: int
+    #: The worst case the backend can bill for the whole shard.
+    reserve_usd: float = 0.0
+    #: The worst case of the shard's costliest row: what starting it needs at least.
+    row_reserve_usd: float = 0.0
+
+
+def quote(
+    backend: GpuPool | ApiProvider,
+    model: str,
+    profile: ShardProfile,
+    stats: Observed | None,
+    routing: RoutingSettings,
+) -> Quote | None:
+    """The price of ``profile`` on ``backend``; None if the backend refuses the rows."""
+    chars_per_token = (stats.chars_per_token if stats and stats.chars_per_token else None) or routing.chars_per_token
+    fill = stats.output_fill if stats and stats.output_fill is not None else 1.0
+    tokens_in = profile.input_tokens(chars_per_token)
+    tokens_out = profile.output_tokens(fill)
+    if backend.max_prompt_tokens is not None:
+        longest = profile.longest_prompt_chars / chars_per_token
+        if longest > backend.max_prompt_tokens:
+            return None
+    if isinstance(backend, GpuPool):
+        tps = (stats.tokens_per_second if stats and stats.tokens_per_second else None) or backend.tokens_per_second
+        preemption = stats.preemption_rate if stats and stats.preemption_rate is not None else backend.preemption_rate
+        seconds = max(0.0, (tokens_out + PREFILL_WEIGHT * tokens_in) / tps)
+        cost = seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption)
+        return Quote(backend.name, "gpu", backend.queue, model, cost, seconds * (1.0 + 0.5 * preemption),
+                     backend.max_workers, tokens_in, tokens_out, reserve_usd=worst_case_usd(backend, profile, stats),
+                     row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats))
+    latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
+    per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
+    rate = backend.requests_per_second(per_request, latency)
+    return Quote(backend.name, "api", backend.queue, model, max(0.0, api_cost(backend, tokens_in, tokens_out)),
+                 profile.rows / rate, 1, tokens_in, tokens_out,
+                 reserve_usd=worst_case_usd(backend, profile), row_reserve_usd=worst_case_usd(backend, profile.worst_row()))
+
+
+def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:
+    return input_tokens / 1e6 * provider.input_usd_per_1m + output_tokens / 1e6 * provider.output_usd_per_1m
+
+
+def worst_case_usd(backend: GpuPool | ApiProvider, profile: ShardProfile, stats: Observed | None = None) -> float:
+    """The most ``backend`` can bill for ``profile``'s rows (see the module docstring)."""
+    if isinstance(backend, ApiProvider):
+        # The provider's tokenizer is not ours to know: bound by bytes.
+        return max(0.0, api_cost(backend, profile.input_bound(exact_tokenizer=False), profile.max_tokens))
+    tps = (stats.tokens_per_second if stats and stats.tokens_per_second else None) or backend.tokens_per_second
+    preemption = stats.preemption_rate if stats and stats.preemption_rate is not None else backend.preemption_rate
+    seconds = (profile.max_tokens + PREFILL_WEIGHT * profile.input_bound(exact_tokenizer=True)) / tps
+    return max(0.0, seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption))

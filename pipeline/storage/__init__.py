@@ -1,0 +1,1 @@
+"""Object storage: the tiers, input files, and the lifecycle of results."""

@@ -1,0 +1,423 @@
+"""Reading the input Parquet file: validation at submit time, row ranges at run time.
+
+Both stream: validation reads the footer, then only the ``id`` column in batches
+(8 bytes of hash per row to find duplicates); a worker reads just its shard's rows.
+Memory is bounded by a batch or a shard, never by the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage.objects import filesystem, write_options
+from schemas.arrow import (
+    CARRIED_KNOWN,
+    OPTIONAL_INPUT_TYPES,
+    OUTPUT_NAMES,
+    REQUEST_COLUMNS,
+    is_string,
+)
+from schemas.errors import InputChanged, InputError
+
+__all__ = [
+    "InputInfo",
+    "canonical_url",
+    "check_identity",
+    "expand_input",
+    "input_identity",
+    "inspect_input",
+    "batch_rows",
+    "iter_rows",
+    "open_parquet",
+    "read_rows",
+    "refuse_credentials",
+    "stitch_inputs",
+]
+
+_ID_BATCH = 1 << 16
+#: Distinct per-row ``model`` names an input may use (each is loaded by workers).
+MAX_ROW_MODELS = 32
+#: Query parameters that make a URL a credential (presigned S3, GCS, Azure SAS, tokens).
+_SECRET_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                  "x-goog-credential", "sig", "signature", "token", "access_token", "password", "secret"}
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    url: str
+    rows: int
+    #: "prompt" or "messages"
+    kind: str
+    carried_columns: tuple[str, ...]
+    #: Request columns present in the file, beyond id and the prompt column.
+    request_columns: tuple[str, ...]
+    schema: pa.Schema
+    #: Distinct models named in the ``model`` column (rows that override the job's).
+    row_models: tuple[str, ...] = ()
+
+
+def open_parquet(url: str) -> pq.ParquetFile:
+    fs, path = filesystem(url)
+    try:
+        if not fs.exists(path):
+            raise InputError("file does not exist", file=url, missing=True)
+        if fs.isdir(path):
+            raise InputError("is a folder; give one Parquet file", file=url)
+        handle = fs.open(path, "rb")
+        return pq.ParquetFile(handle, buffer_size=1 << 20)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", file=url) from exc
+
+
+def _check_messages_type(t: pa.DataType) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    item = t.value_type
+    if not pa.types.is_struct(item):
+        return False
+    names = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    return {"role", "content"} <= names.keys() and all(
+        is_string(names[k]) for k in ("role", "content")
+    )
+
+
+def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    names = schema.names
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise InputError("column appears more than once", file=url, column=duplicated[0])
+    if "id" not in names:
+        raise InputError("required column is missing", file=url, column="id")
+    if not is_string(schema.field("id").type):
+        raise InputError(
+            f"must be a string, not {schema.field('id').type} (cast it, e.g. df['id'] = df['id'].astype(str))",
+            file=url, column="id",
+        )
+    has_prompt, has_messages = "prompt" in names, "messages" in names
+    if has_prompt and has_messages:
+        raise InputError("give either a 'prompt' or a 'messages' column, not both", file=url)
+    if not (has_prompt or has_messages):
+        raise InputError(
+            "required column is missing (or give 'messages')", file=url, column="prompt"
+        )
+    kind = "prompt" if has_prompt else "messages"
+    field_type = schema.field(kind).type
+    if kind == "prompt" and not is_string(field_type):
+        raise InputError(f"must be a string, not {field_type}", file=url, column="prompt")
+    if kind == "messages" and not _check_messages_type(field_type):
+        raise InputError(
+            f"must be a list of {{role: string, content: string}}, not {field_type}",
+            file=url,
+            column="messages",
+        )
+    for column, (check, what) in OPTIONAL_INPUT_TYPES.items():
+        if column in names and not check(schema.field(column).type):
+            raise InputError(
+                f"must be {what}, not {schema.field(column).type}", file=url, column=column
+            )
+    carried = tuple(n for n in names if n not in REQUEST_COLUMNS or n in CARRIED_KNOWN)
+    clash = [n for n in carried if n in OUTPUT_NAMES]
+    if clash:
+        raise InputError(
+            f"is also the name of an output column ({', '.join(sorted(OUTPUT_NAMES))}); rename it",
+            file=url, column=clash[0],
+        )
+    requests = tuple(n for n in names if n in REQUEST_COLUMNS and n not in ("id", kind))
+    return kind, carried, requests
+
+
+def _first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def _check_values(url: str, pf: pq.ParquetFile, requests: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse per-row limits a request cannot have, naming the row; return the row models."""
+    columns = [c for c in ("max_tokens", "temperature", "model") if c in requests]
+    if not columns:
+        return ()
+    import pyarrow.compute as pc
+
+    models: dict[str, int] = {}
+    offset = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=_ID_BATCH):
+        if "max_tokens" in columns:
+            bad = pc.fill_null(pc.less(batch.column("max_tokens"), 1), False)
+            if pc.any(bad).as_py():
+                row = _first(bad)
+                raise InputError(f"max_tokens {batch.column('max_tokens')[row].as_py()} is below 1",
+                                 file=url, column="max_tokens", row=offset + row)
+        if "temperature" in columns:
+            values = batch.column("temperature").cast(pa.float64())
+            bad = pc.fill_null(pc.invert(pc.and_(pc.greater_equal(values, 0.0), pc.less_equal(values, 5.0))), False)
+            if pc.any(bad).as_py():
+                row = _first(bad)
+                raise InputError(f"temperature {values[row].as_py()} is not a number in [0, 5]",
+                                 file=url, column="temperature", row=offset + row)
+        if "model" in columns:
+            for i, name in enumerate(batch.column("model").to_pylist()):
+                if name is not None and name not in models:
+                    if len(models) >= MAX_ROW_MODELS:
+                        raise InputError(f"more than {MAX_ROW_MODELS} distinct models", file=url, column="model",
+                                         row=offset + i)
+                    models[name] = offset + i
+        offset += batch.num_rows
+    return tuple(models)
+
+
+def refuse_credentials(url: str) -> None:
+    """Credentials in an input URL would be stored in SQL, the manifest and ``status``."""
+    if "://" not in url:
+        return
+    parts = urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        password = None
+    if password is not None or (parts.username and parts.scheme in ("http", "https")):
+        raise InputError("the URL carries credentials; give them through the environment "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3), never in the URL", file=_redact(url))
+    secret = sorted(k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS)
+    if secret:
+        raise InputError(f"the URL carries a signature or token ({secret[0]}=...); presigned URLs expire and would be "
+                         "stored with the job: give the object's own URL and credentials through the environment",
+                         file=_redact(url))
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""), query=""))
+
+
+def input_identity(url: str) -> dict[str, Any]:
+    """What pins the input: its size, and its ETag, generation or mtime where the store has one."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    found: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    for key in ("ETag", "etag", "generation", "version_id", "VersionId"):
+        if info.get(key):
+            found[key.lower()] = str(info[key])
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if mtime is not None and not any(k in found for k in ("etag", "generation")):
+        found["mtime"] = mtime.isoformat() if hasattr(mtime, "isoformat") else float(mtime)
+    return found
+
+
+def check_identity(url: str, recorded: dict[str, Any] | None) -> None:
+    """Raise ``InputChanged`` if ``url`` is not the file recorded at submit."""
+    if not recorded:
+        return
+    try:
+        now = input_identity(url)
+    except FileNotFoundError:
+        raise InputChanged(f"the input {url} is gone since the job was submitted; submit it again") from None
+    changed = sorted(k for k, v in recorded.items() if now.get(k) != v)
+    if changed:
+        raise InputChanged(
+            f"the input {url} changed since the job was submitted ({', '.join(f'{k}: {recorded[k]} -> {now.get(k)}' for k in changed)}); "
+            "its rows are no longer the ones validated: submit it again"
+        )
+
+
+def _hashes(ids: pa.Array) -> np.ndarray:
+    return np.fromiter((hash(v) for v in ids.to_pylist()), dtype=np.int64, count=len(ids))
+
+
+def _check_ids(url: str, pf: pq.ParquetFile) -> None:
+    """Refuse null or duplicate ids, naming the row; memory: 8 bytes per row."""
+    chunks: list[np.ndarray] = []
+    offset = 0
+    for batch in pf.iter_batches(columns=["id"], batch_size=_ID_BATCH):
+        ids = batch.column(0)
+        if ids.null_count:
+            first = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError("id is null", file=url, column="id", row=offset + first)
+        chunks.append(_hashes(ids))
+        offset += len(ids)
+    if not chunks:
+        return
+    hashes = np.concatenate(chunks)
+    del chunks
+    hashes.sort()
+    suspects = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    del hashes
+    if not suspects:
+        return
+    # Second pass over the few ids whose hash collides: find a real duplicate.
+    seen: dict[str, int] = {}
+    offset = 0
+    for batch in pf.iter_batches(columns=["id"], batch_size=_ID_BATCH):
+        values = batch.column(0).to_pylist()
+        for i, h in enumerate(_hashes(batch.column(0)).tolist()):
+            if h in suspects:
+                value = values[i]
+                if value in seen:
+                    raise InputError(
+                        f"duplicate id {value!r} (first at row {seen[value]})",
+                        file=url,
+                        column="id",
+                        row=offset + i,
+                    )
+                seen[value] = offset + i
+        offset += len(values)
+
+
+def canonical_url(url: str) -> str:
+    """An absolute form of ``url`` that any process on any working folder can open."""
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_input(url: str) -> list[str]:
+    """The Parquet files ``url`` names: itself, every match of a glob, or every
+    ``*.parquet`` in a folder (sorted by name). Raises ``InputError`` if none."""
+    url = canonical_url(url)
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    prefix = "" if protocol in ("", "file://") else protocol
+    if _GLOB_CHARS & set(path):
+        fs.invalidate_cache()
+        matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        if not matches:
+            raise InputError("no file matches this pattern", file=url, missing=True)
+        return [f"{prefix}{m}" if prefix else m for m in matches]
+    if fs.exists(path) and fs.isdir(path):
+        matches = sorted(p for p in fs.glob(f"{path.rstrip('/')}/*.parquet"))
+        if not matches:
+            raise InputError("folder holds no *.parquet file", file=url, missing=True)
+        return [f"{prefix}{m}" if prefix else m for m in matches]
+    return [url]
+
+
+def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
+    """Stream several input files into one Parquet file at ``target``; return ``target``.
+
+    Every file must have the first file's columns and types (an error names the
+    file and column otherwise). Memory: one record batch. The file's metadata
+    lists the sources under ``spotlane.sources``.
+    """
+    first = open_parquet(urls[0])
+    schema = first.schema_arrow
+    for url in urls[1:]:
+        other = open_parquet(url).schema_arrow
+        for f in schema:
+            if f.name not in other.names:
+                raise InputError(f"column missing here but present in {urls[0]}", file=url, column=f.name)
+            if not other.field(f.name).type.equals(f.type):
+                raise InputError(f"is {other.field(f.name).type} here but {f.type} in {urls[0]}", file=url, column=f.name)
+        extra = [n for n in other.names if n not in schema.names]
+        if extra:
+            raise InputError(f"column not in {urls[0]}", file=url, column=extra[0])
+    schema = schema.with_metadata({**(schema.metadata or {}), b"spotlane.sources": json.dumps(urls).encode()})
+    fs, path = filesystem(target)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb", **write_options(storage_class)) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for url in urls:
+            source = open_parquet(url)
+            for batch in source.iter_batches(batch_size=batch_rows(source, most=_ID_BATCH)):
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.select(schema.names).columns, schema=schema))
+    return target
+
+
+def source_of_row(url: str, row: int) -> tuple[str, int] | None:
+    """For a stitched input: (source file, row within it) of ``row``; None otherwise."""
+    meta = open_parquet(url).schema_arrow.metadata or {}
+    if b"spotlane.sources" not in meta:
+        return None
+    for source in json.loads(meta[b"spotlane.sources"]):
+        rows = open_parquet(source).metadata.num_rows
+        if row < rows:
+            return source, row
+        row -= rows
+    return None
+
+
+def inspect_input(url: str) -> InputInfo:
+    """Validate the input file's schema and ids without loading it; raise ``InputError``."""
+    url = canonical_url(url)
+    pf = open_parquet(url)
+    try:
+        schema = pf.schema_arrow
+    except pa.ArrowException as exc:
+        raise InputError(f"unreadable schema ({exc})", file=url) from exc
+    rows = pf.metadata.num_rows
+    kind, carried, requests = _check_schema(url, schema)
+    if rows == 0:
+        raise InputError("file has no rows", file=url)
+    try:
+        _check_ids(url, pf)
+        row_models = _check_values(url, pf, requests)
+    except pa.ArrowException as exc:
+        raise InputError(f"could not read the file's columns ({exc})", file=url) from exc
+    return InputInfo(url, rows, kind, carried, requests, schema, row_models)
+
+
+#: Bytes of (uncompressed) rows one read batch aims at: memory follows row size, not row count.
+BATCH_BYTES = 32 << 20
+
+
+def batch_rows(pf: pq.ParquetFile, columns: list[str] | None = None, most: int = 4096) -> int:
+    """Rows per read batch so that a batch of ``columns`` holds about ``BATCH_BYTES``."""
+    meta = pf.metadata
+    if not meta.num_rows or not meta.num_row_groups:
+        return most
+    names = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+    wanted = set(columns or names)
+    size = sum(
+        meta.row_group(rg).column(i).total_uncompressed_size
+        for rg in range(meta.num_row_groups) for i, name in enumerate(names) if name in wanted
+    )
+    per_row = max(1.0, size / meta.num_rows)
+    return int(max(1, min(most, BATCH_BYTES // per_row)))
+
+
+def iter_rows(
+    url: str, start: int, end: int, columns: list[str], batch_size: int | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream rows ``[start, end)`` of ``url`` as record batches of ``columns``
+    (``batch_size`` rows at most; by default as many as fit ``BATCH_BYTES``)."""
+    pf = open_parquet(url)
+    batch_size = batch_rows(pf, columns, batch_size or 4096)
+    meta = pf.metadata
+    first = 0
+    for rg in range(meta.num_row_groups):
+        rg_rows = meta.row_group(rg).num_rows
+        rg_start, rg_end = first, first + rg_rows
+        first = rg_end
+        if rg_end <= start or rg_start >= end:
+            continue
+        pos = rg_start
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=columns):
+            b_start, b_end = pos, pos + len(batch)
+            pos = b_end
+            if b_end <= start:
+                continue
+            if b_start >= end:
+                break
+            lo, hi = max(start, b_start) - b_start, min(end, b_end) - b_start
+            yield batch.slice(lo, hi - lo)
+
+
+def read_rows(url: str, start: int, end: int, columns: list[str]) -> pa.Table:
+    """Rows ``[start, end)`` of ``url`` as one table (a shard's worth at most)."""
+    batches = list(iter_rows(url, start, end, columns))
+    if not batches:
+        schema = open_parquet(url).schema_arrow
+        return pa.Table.from_batches([], schema=pa.schema([schema.field(c) for c in columns]))
+    return pa.Table.from_batches(batches)

@@ -1,0 +1,129 @@
+"""Connections to the job store, and its migrations.
+
+One engine per database URL per process. SQLite (the embedded default) is put in
+WAL mode with a busy timeout, so a CLI reading status and a worker committing
+checkpoints from another process do not trip over each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+from schemas.base import utcnow
+from schemas.errors import ConfigError, StoreError
+from schemas.settings import mask_url
+
+__all__ = ["current_revision", "db_now", "engine_for", "head_revision", "session_scope", "upgrade"]
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+@lru_cache(maxsize=16)
+def _engine(url: str, pid: int, pool_size: int) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database.url {mask_url(url)!r} is not a database URL", setting="database.url") from exc
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        # psycopg 3 is what we install; the bare scheme would ask for psycopg2.
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(url, pool_size=pool_size, pool_pre_ping=True)
+
+
+def engine_for(url: str, pool_size: int = 5) -> Engine:
+    """The process's engine for ``url`` (a new one after a fork)."""
+    return _engine(url, os.getpid(), pool_size)
+
+
+@lru_cache(maxsize=16)
+def _sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = _sessions(engine)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: what leases, heartbeats and the reaper all measure by.
+
+    Workers and reapers on different machines would otherwise compare each
+    other's clocks. PostgreSQL answers ``clock_timestamp()``; SQLite lives on
+    this machine's disk, so every process using it shares this machine's clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        value: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+        return value
+    return utcnow()
+
+
+def _alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option(
+        "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    )
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the Alembic migrations up to ``revision`` (idempotent)."""
+    cfg = _alembic_config(engine)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"could not migrate the job store at {mask_url(str(engine.url))}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
+        ) from exc

@@ -1,0 +1,173 @@
+"""The cost ledger's moves: reserve (router, top-ups), charge per checkpoint, release.
+
+Reserved + spent for a job is ``sum(amount_usd)`` over its rows. Reservations are
+worst cases (``pipeline.routing.pricing``: every row's ``max_tokens``, and an input bound
+that holds for any tokenizer), and each belongs to a shard and one of its
+attempts:
+
+- the router holds a shard's first chunk's worth, under the job lock, only if
+  the budget has room for at least its costliest row; it belongs to the shard's
+  *pool* (``attempt`` NULL), which the next claim takes over;
+- before each chunk is sent, the worker makes its attempt's reservation cover the
+  worst case of everything it has in flight, topping it up under the job lock if
+  the budget allows (``reserve_chunk``); if not, it sends as many rows as still
+  fit, then stops;
+- each committed checkpoint charges its actual cost and releases as much of its
+  attempt's reservation; what is left is released when the attempt ends, or
+  given back to the pool when the shard is handed back to the same backend.
+
+An attempt whose lease was lost (a frozen worker, a partition) may still be billed
+for the chunk it had in flight: its reservation stays held until the job ends, so
+the next owner cannot spend it twice. So ``spent + reserved <= budget`` holds after
+every transaction. Callers pass a session; their transaction commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
+
+from schemas.status import LedgerKind
+from schemas.tables import CostLedgerEntry
+
+__all__ = [
+    "Charge", "charge", "committed_usd", "fits", "headroom", "release", "release_all", "reserve", "reserve_chunk",
+    "reserved_usd", "spent_usd", "transfer",
+]
+
+#: Float slack in budget comparisons (a millionth of a cent).
+EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Work to charge: who did it, what it cost."""
+
+    job_id: str
+    shard_id: int
+    backend: str
+    cost_usd: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: The attempt that did the work (its reservation pays for it).
+    attempt: int | None = None
+
+
+def committed_usd(session: Session, job_id: str) -> float:
+    """Spent plus still-reserved USD of a job."""
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
+    ).scalar_one())
+
+
+def spent_usd(session: Session, job_id: str) -> float:
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+            CostLedgerEntry.job_id == job_id, CostLedgerEntry.kind == LedgerKind.CHARGE
+        )
+    ).scalar_one())
+
+
+def _holder(attempt: int | None) -> ColumnElement[bool]:
+    return CostLedgerEntry.attempt.is_(None) if attempt is None else CostLedgerEntry.attempt == attempt
+
+
+def reserved_usd(session: Session, shard_id: int, attempt: int | None = None) -> float:
+    """What the shard's ``attempt`` holds (``None``: the shard's pool, not yet claimed)."""
+    return float(session.execute(
+        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+            CostLedgerEntry.shard_id == shard_id,
+            CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
+            _holder(attempt),
+        )
+    ).scalar_one())
+
+
+def fits(committed: float, amount: float, budget_usd: float | None) -> bool:
+    return budget_usd is None or committed + amount <= budget_usd + EPSILON
+
+
+def reserve(session: Session, job_id: str, shard_id: int, backend: str, amount_usd: float, now: datetime,
+            input_tokens: int = 0, output_tokens: int = 0, attempt: int | None = None) -> None:
+    """Hold ``amount_usd`` (never negative) for a shard's ``attempt`` (or its pool); the
+    caller holds the job lock and checked the budget."""
+    session.add(CostLedgerEntry(
+        job_id=job_id, shard_id=shard_id, backend=backend, kind=LedgerKind.RESERVE, amount_usd=max(0.0, amount_usd),
+        input_tokens=input_tokens, output_tokens=output_tokens, attempt=attempt, created_at=now,
+    ))
+
+
+def _give_back(session: Session, job_id: str, shard_id: int, backend: str | None, amount: float, now: datetime,
+               attempt: int | None) -> None:
+    session.add(CostLedgerEntry(job_id=job_id, shard_id=shard_id, backend=backend or "-", kind=LedgerKind.RELEASE,
+                                amount_usd=-amount, attempt=attempt, created_at=now))
+
+
+def headroom(session: Session, job_id: str, shard_id: int, attempt: int, budget_usd: float | None) -> float:
+    """The most the attempt may hold in all: what it holds now plus what the budget has left."""
+    if budget_usd is None:
+        return float("inf")
+    return reserved_usd(session, shard_id, attempt) + budget_usd - committed_usd(session, job_id)
+
+
+def reserve_chunk(session: Session, job_id: str, shard_id: int, attempt: int, backend: str, need_usd: float,
+                  budget_usd: float | None, now: datetime) -> tuple[bool, float]:
+    """Make the attempt's reservation cover ``need_usd`` (the worst case of its work in flight).
+
+    The caller holds the job lock. Tops the reservation up if the budget allows and
+    returns (True, headroom); returns (False, headroom) with nothing written if it
+    does not, the headroom being the most ``need_usd`` could have been (negative if
+    the budget was lowered below what the job has spent and holds).
+    """
+    room = headroom(session, job_id, shard_id, attempt, budget_usd)
+    if need_usd > room + EPSILON:
+        return False, room
+    top_up = max(0.0, need_usd - reserved_usd(session, shard_id, attempt))
+    if top_up > EPSILON:
+        reserve(session, job_id, shard_id, backend, top_up, now, attempt=attempt)
+    return True, room
+
+
+def charge(session: Session, work: Charge, now: datetime) -> None:
+    """Charge work's actual cost, and give back as much of its attempt's reservation."""
+    session.add(CostLedgerEntry(
+        job_id=work.job_id, shard_id=work.shard_id, backend=work.backend, kind=LedgerKind.CHARGE,
+        amount_usd=work.cost_usd, input_tokens=work.input_tokens, output_tokens=work.output_tokens,
+        attempt=work.attempt, created_at=now,
+    ))
+    give_back = min(reserved_usd(session, work.shard_id, work.attempt), work.cost_usd)
+    if give_back > 0:
+        _give_back(session, work.job_id, work.shard_id, work.backend, give_back, now, work.attempt)
+
+
+def release(session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime,
+            attempt: int | None = None) -> None:
+    """Give back whatever the attempt (or the pool) still holds (a negative remainder too)."""
+    reserved = reserved_usd(session, shard_id, attempt)
+    if abs(reserved) > EPSILON:
+        _give_back(session, job_id, shard_id, backend, reserved, now, attempt)
+
+
+def transfer(session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime,
+             source: int | None, target: int | None) -> None:
+    """Move what ``source`` holds to ``target`` (pool -> a new claim; a handed-back attempt -> pool)."""
+    amount = reserved_usd(session, shard_id, source)
+    if abs(amount) > EPSILON:
+        _give_back(session, job_id, shard_id, backend, amount, now, source)
+        reserve(session, job_id, shard_id, backend or "-", amount, now, attempt=target)
+
+
+def release_all(session: Session, job_id: str, now: datetime, *, keep: set[tuple[int, int]] | None = None) -> None:
+    """Give back every reservation of the job (the job ends), except those of ``keep``
+    ((shard id, attempt) of attempts still running)."""
+    held = session.execute(
+        select(CostLedgerEntry.shard_id, CostLedgerEntry.attempt, func.sum(CostLedgerEntry.amount_usd))
+        .where(CostLedgerEntry.job_id == job_id, CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)))
+        .group_by(CostLedgerEntry.shard_id, CostLedgerEntry.attempt)
+    ).all()
+    for shard_id, attempt, amount in held:
+        if shard_id is not None and abs(float(amount)) > EPSILON and (shard_id, attempt) not in (keep or set()):
+            _give_back(session, job_id, shard_id, None, float(amount), now, attempt)

@@ -1,0 +1,372 @@
+"""Finishing a job: committed parts -> verified, compacted results + manifest in the warm tier.
+
+One finalizer per job at a time: it holds the lease ``finalize:<job>`` (renewed as
+it writes) before it moves the job to ``finalizing``; another starts only once
+that lease has run out (the reaper sees to it). It writes into a folder no one
+has seen (``results-<token>``: temporary names, the manifest last) and switches
+the job to it with one UPDATE guarded by its own lease, so a reader sees the old
+results or the new ones, never half of them; a finalizer that lost its lease
+switches nothing and removes its folder.
+
+Only parts with a committed ``checkpoints`` row are read, in input order, and each
+is checked before it is copied: its row count against the checkpoint's, its ids
+against the input's ids for that range, its error rows against the checkpoint's,
+and the parts of a shard against each other (contiguous from the shard's first
+row; all of them for a done shard). The manifest counts the rows actually
+written. Any mismatch fails the job loudly; it is never ``succeeded``.
+
+Parts are streamed into files of at most ``RESULT_FILE_ROWS`` rows, in row groups
+of ``ROW_GROUP_ROWS`` rows; memory is bounded by one row group. Final status:
+``succeeded``, ``succeeded_with_errors`` (some rows have an ``error``) or
+``failed`` (a shard failed: the rows that were done are still in the results).
+
+A ``retry-errors`` job's rows are merged into its parent's next result version
+only after its own results were switched (``pipeline.jobs.retry.merge_retry``); a
+merge that did not complete is finished by a later ``finalize_job`` for the same
+job, which the reaper sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sqlalchemy import select
+
+from pipeline.runtime import Runtime
+from pipeline.storage.inputs import iter_rows
+from pipeline.storage.objects import MANIFEST, filesystem, open_new, remove_tree, write_json
+from pipeline.store import leases, transitions
+from pipeline.store.db import session_scope
+from pipeline.store.identity import owner_id
+from schemas.arrow import output_schema
+from schemas.base import utcnow
+from schemas.errors import StoreError
+from schemas.status import JobStatus, ShardStatus
+from schemas.tables import Checkpoint, Job, Shard
+
+__all__ = ["MANIFEST", "RESULT_FILE_ROWS", "ROW_GROUP_ROWS", "ResultWriter", "finalize_job", "finalize_lease"]
+
+log = logging.getLogger(__name__)
+
+#: Rows per result file: large enough for fast scans, small enough to split work.
+RESULT_FILE_ROWS = 1_000_000
+#: Rows per row group in a result file (parts are buffered up to this).
+ROW_GROUP_ROWS = 128 * 1024
+
+
+def finalize_lease(job_id: str) -> str:
+    return f"finalize:{job_id}"
+
+
+class ResultWriter:
+    """Streams tables into new ``part-<n>.parquet`` files of bounded rows, in large row groups.
+
+    Each file appears whole (``storage.open_new``) and is checksummed as it is
+    written. ``close`` returns the manifest's ``files`` entries.
+    """
+
+    def __init__(self, folder: str, schema: pa.Schema, storage_class: str = "") -> None:
+        self.folder = folder.rstrip("/")
+        self.storage_class = storage_class
+        self.schema = schema
+        self.files: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._sink: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def _open(self) -> None:
+        name = f"part-{len(self.files):05d}.parquet"
+        self._file = open_new(f"{self.folder}/{name}", self.storage_class)
+        self._sink = self._file.__enter__()
+        self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
+        self.files.append({"name": name, "rows": 0})
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None or self._rows + self._buffered >= RESULT_FILE_ROWS:
+                self._close_current()
+                self._open()
+            take = min(table.num_rows, RESULT_FILE_ROWS - self._rows - self._buffered)
+            self._buffer.append(table.slice(0, take))
+            self._buffered += take
+            table = table.slice(take)
+            if self._buffered >= ROW_GROUP_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffered:
+            return
+        assert self._writer is not None
+        self._writer.write_table(pa.concat_tables(self._buffer), row_group_size=ROW_GROUP_ROWS)
+        self._rows += self._buffered
+        self.files[-1]["rows"] += self._buffered
+        self._buffer, self._buffered = [], 0
+
+    def _close_current(self) -> None:
+        if self._writer is None:
+            return
+        self._flush()
+        self._writer.close()
+        self._file.__exit__(None, None, None)
+        self.files[-1]["bytes"] = self._sink.size
+        self.files[-1]["sha256"] = self._sink.digest.hexdigest()
+        self._writer = self._file = self._sink = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._writer is None and not self.files:
+            self._open()  # an empty job still gets one (empty) file with the schema
+        self._close_current()
+        return self.files
+
+    def abort(self) -> None:
+        """Drop the file being written (it never appears)."""
+        if self._file is not None:
+            self._file.__exit__(StoreError, StoreError("aborted"), None)
+            self._writer = self._file = self._sink = None
+
+
+class _InputIds:
+    """The input's ids, read forward once (the id column only), to check each part against."""
+
+    def __init__(self, url: str, rows: int) -> None:
+        self._batches: Iterator[pa.RecordBatch] = iter_rows(url, 0, rows, ["id"], batch_size=65536)
+        #: Ids of input rows [_start, _start + len(_held)).
+        self._held: pa.Array = pa.array([], pa.string())
+        self._start = 0
+
+    def take(self, first: int, count: int) -> pa.Array:
+        """Ids of input rows ``[first, first + count)`` (fewer at the input's end);
+        ``first`` never goes backwards."""
+        if first < self._start:
+            raise StoreError(f"checkpoints are out of order at input row {first}")
+        drop = min(first - self._start, len(self._held))
+        self._held, self._start = self._held.slice(drop), self._start + drop
+        while self._start + len(self._held) < first + count:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            ids = batch.column(0).cast(pa.string())
+            skip = min(first - self._start, len(ids))  # rows of failed shards no part covers
+            self._held, self._start = pa.concat_arrays([self._held, ids.slice(skip)]), self._start + skip
+        return self._held.slice(0, count)
+
+
+def _check_part(part: Any, table: pa.Table, ids: _InputIds) -> None:
+    """The part holds exactly the checkpoint's rows of the input, with its error count."""
+    where = f"shard {part.shard_index}, checkpoint at input row {part.first_row} (attempt {part.attempt}, {part.url})"
+    if table.num_rows != part.row_count:
+        raise StoreError(f"{where}: the part has {table.num_rows} rows, its checkpoint says {part.row_count}")
+    expected = ids.take(part.first_row, part.row_count)
+    got = table.column("id").combine_chunks().cast(pa.string())
+    if len(expected) != part.row_count or not got.equals(expected):
+        first_bad = next((i for i in range(min(len(got), len(expected))) if got[i] != expected[i]), len(expected))
+        raise StoreError(
+            f"{where}: ids do not match the input at row {part.first_row + first_bad} "
+            f"(part: {got[first_bad] if first_bad < len(got) else 'none'}, "
+            f"input: {expected[first_bad] if first_bad < len(expected) else 'none'})"
+        )
+    failed = int(pc.sum(pc.is_valid(table.column("error"))).as_py() or 0)
+    if failed != part.rows_failed:
+        raise StoreError(f"{where}: the part has {failed} error rows, its checkpoint says {part.rows_failed}")
+
+
+def _check_coverage(parts: Sequence[Any], shards: dict[int, Any]) -> None:
+    """Each shard's parts run contiguously from its first row; a done shard's cover it all."""
+    reached: dict[int, int] = {}
+    for part in parts:
+        shard = shards[part.shard_id]
+        at = reached.get(part.shard_id, shard.row_start)
+        if part.first_row != at:
+            raise StoreError(f"shard {shard.shard_index}: a checkpoint starts at input row {part.first_row}, "
+                             f"the one before it ends at {at}")
+        reached[part.shard_id] = at + part.row_count
+    for shard in shards.values():
+        end = reached.get(shard.id, shard.row_start)
+        if shard.status is ShardStatus.DONE and end != shard.row_end:
+            raise StoreError(f"shard {shard.shard_index} is done but its checkpoints cover input rows "
+                             f"{shard.row_start}-{end}, not {shard.row_start}-{shard.row_end}")
+
+
+def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
+    """Write the results of a job whose shards are all final; return its new status.
+
+    ``None`` when there is nothing to do: shards still open, another finalizer
+    holds the job, or the job is already final (a finished retry job's pending
+    merge is then completed).
+    """
+    owner = owner_id()
+    lease = finalize_lease(job_id)
+    seconds = runtime.settings.worker.finalize_grace_seconds
+    if not leases.take(runtime.engine, lease, owner, seconds):
+        return None
+    try:
+        with session_scope(runtime.engine) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return None
+            if job.status.is_final:  # a duplicate message, or a retry job whose merge is still to do
+                pending_merge = job.retry_of is not None and job.merged_at is None and job.result_url is not None
+            elif not transitions.job_shards_final(session, job_id) or not transitions.start_finalizing(session, job_id):
+                return None
+        if job.status.is_final:
+            if pending_merge:
+                _merge(runtime, job_id)
+            return None
+        status = _finalize(runtime, job_id, owner, lease)
+    finally:
+        leases.release(runtime.engine, lease, owner)
+    if status is not None and status is not JobStatus.FAILED:
+        _merge(runtime, job_id)
+    return status
+
+
+def _merge(runtime: Runtime, job_id: str) -> None:
+    from pipeline.jobs.retry import merge_retry
+
+    try:
+        merged = merge_retry(runtime, job_id)  # a retry-errors job: the parent's next version
+    except Exception:  # recorded by merged_at staying NULL: the reaper sends it again
+        log.exception("merging retry job %s into its parent failed; it will be tried again", job_id)
+        return
+    if merged:
+        log.info("retry job %s merged into %s", job_id, merged)
+
+
+def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatus | None:
+    seconds = runtime.settings.worker.finalize_grace_seconds
+    last_renewal = time.monotonic()
+
+    def renew() -> None:
+        nonlocal last_renewal
+        if time.monotonic() - last_renewal < seconds / 4:
+            return
+        if not leases.renew(runtime.engine, lease, owner, seconds):
+            raise _LostLease(f"the finalizer of job {job_id} lost its lease (stalled past {seconds:.0f} s)")
+        last_renewal = time.monotonic()
+
+    with session_scope(runtime.engine) as session:
+        parts = session.execute(
+            select(Checkpoint.shard_id, Checkpoint.url, Checkpoint.first_row, Checkpoint.row_count,
+                   Checkpoint.rows_failed, Checkpoint.attempt, Shard.shard_index)
+            .join(Shard, Shard.id == Checkpoint.shard_id)
+            .where(Shard.job_id == job_id)
+            .order_by(Shard.shard_index, Checkpoint.first_row)
+        ).all()
+        shards = {s.id: s for s in session.execute(
+            select(Shard.id, Shard.shard_index, Shard.row_start, Shard.row_end, Shard.status, Shard.error)
+            .where(Shard.job_id == job_id).order_by(Shard.shard_index)
+        ).all()}
+        job = session.get(Job, job_id)
+        assert job is not None
+        model, input_url, rows_total, input_identity = job.model, job.input_url, job.rows_total, job.input_identity
+    folder = runtime.storage.new_results_url(job_id)
+    try:
+        rows, rows_failed, files, schema = _write_results(runtime, folder, parts, shards, input_url, rows_total, renew)
+        renew()
+        manifest = {
+            "job_id": job_id,
+            "model": model,
+            "input_url": input_url,
+            "input_identity": input_identity,
+            "created_at": utcnow().isoformat(),
+            "rows": rows,
+            "rows_ok": rows - rows_failed,
+            "rows_failed": rows_failed,
+            "rows_missing": rows_total - rows,
+            "files": files,
+            "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
+            "arrow_schema": schema.to_string(show_schema_metadata=False),
+        }
+        write_json(manifest, f"{folder}/{MANIFEST}", runtime.storage.storage_class("warm"))
+    except _LostLease as exc:
+        log.warning("%s; its folder %s is removed", exc, folder)
+        _remove(folder)
+        return None
+    except Exception as exc:
+        log.exception("finalizing job %s failed", job_id)
+        _remove(folder)
+        with session_scope(runtime.engine) as session:
+            transitions.finish_job(session, job_id, JobStatus.FAILED, (leases.held_by(session, lease, owner),),
+                                   error=f"writing results failed: {exc.__class__.__name__}: {exc}")
+        return JobStatus.FAILED
+    failed_shards = [s for s in shards.values() if s.status is ShardStatus.FAILED]
+    if failed_shards:
+        status = JobStatus.FAILED
+        error: str | None = (
+            f"{len(failed_shards)} shard(s) failed; first, shard {failed_shards[0].shard_index}: "
+            f"{failed_shards[0].error}"
+        )
+    else:
+        status = JobStatus.SUCCEEDED_WITH_ERRORS if rows_failed else JobStatus.SUCCEEDED
+        error = None
+    with session_scope(runtime.engine) as session:
+        switched = transitions.finish_job(
+            session, job_id, status, (leases.held_by(session, lease, owner),),
+            result_url=folder, result_tier="warm", rows_ok=rows - rows_failed, rows_failed=rows_failed, error=error,
+        )
+    if not switched:
+        log.warning("finalizer of job %s lost its lease before switching; %s is removed", job_id, folder)
+        _remove(folder)
+        return None
+    log.info("job %s finished: %s, %d rows (%d failed) -> %s", job_id, status.value, rows, rows_failed, folder)
+    return status
+
+
+class _LostLease(Exception):
+    pass
+
+
+def _remove(folder: str) -> None:
+    try:
+        remove_tree(folder)
+    except Exception:  # the lifecycle's retention removes what is left
+        log.warning("could not remove %s", folder, exc_info=True)
+
+
+def _write_results(
+    runtime: Runtime, folder: str, parts: Sequence[Any], shards: dict[int, Any], input_url: str, rows_total: int,
+    renew: Callable[[], None],
+) -> tuple[int, int, list[dict[str, Any]], pa.Schema]:
+    """Verify and copy every part into ``folder``; (rows, error rows, files, schema) as written."""
+    _check_coverage(parts, shards)
+    ids = _InputIds(input_url, rows_total)
+    schema: pa.Schema | None = None
+    writer: ResultWriter | None = None
+    rows = rows_failed = 0
+    try:
+        for part in parts:
+            renew()
+            fs, path = filesystem(part.url)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            _check_part(part, table, ids)
+            if writer is None:
+                schema = table.schema
+                writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
+            table = table.cast(schema)
+            rows += table.num_rows
+            rows_failed += part.rows_failed
+            writer.write(table)
+        if writer is None:
+            schema = output_schema()
+            writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
+        files = writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    assert schema is not None
+    written = sum(int(f["rows"]) for f in files)
+    if written != rows:
+        raise StoreError(f"wrote {written} rows but read {rows} from the parts")
+    return rows, rows_failed, files, schema

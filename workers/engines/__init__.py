@@ -1,0 +1,1 @@
+"""Inference engines: one interface (``base``), one module per implementation, built by ``factory``."""

@@ -1,0 +1,175 @@
+"""Turning input rows into requests, and completions into output rows.
+
+Pure data plumbing between the Parquet file and an engine; no I/O and no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
+from workers.engines.base import Completion, Request
+
+__all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
+
+
+def rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``size`` rows (the last may be shorter)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        while len(batch):
+            take = min(size - count, len(batch))
+            pending.append(batch.slice(0, take))
+            count += take
+            batch = batch.slice(take)
+            if count == size:
+                yield pa.Table.from_batches(pending)
+                pending, count = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+@dataclass
+class Chunk:
+    """One checkpoint's rows, their requests, and why the others cannot run."""
+
+    first_row: int
+    table: pa.Table
+    requests: list[Request | None]
+    problems: list[str | None]
+
+    @property
+    def runnable(self) -> list[Request]:
+        return [r for r in self.requests if r is not None]
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(
+            len(r.prompt or "") + sum(len(m.get("content") or "") for m in (r.messages or []))
+            for r in self.runnable
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        return sum(r.max_tokens for r in self.runnable)
+
+
+def prepare(
+    table: pa.Table,
+    first_row: int,
+    *,
+    kind: str,
+    default_max_tokens: int,
+    default_temperature: float,
+    serves: Any,
+) -> Chunk:
+    """Requests for each row, or ``None`` with a reason for rows that cannot run.
+
+    ``serves(model) -> bool`` says whether the backend can run a row's own model.
+    """
+    absent = [None] * table.num_rows
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    requests: list[Request | None] = []
+    problems: list[str | None] = []
+    for i in range(table.num_rows):
+        max_tokens = columns.get("max_tokens", absent)[i]
+        temperature = columns.get("temperature", absent)[i]
+        model = columns.get("model", absent)[i]
+        body = columns[kind][i]
+        problem = None
+        if body is None:
+            problem = f"{kind} is null"
+        elif (bad := _bad_request(kind, body)) is not None:
+            problem = bad
+        elif max_tokens is not None and max_tokens < 1:
+            problem = f"max_tokens {max_tokens} is below 1"
+        elif temperature is not None and not 0 <= temperature <= 5:
+            problem = f"temperature {temperature} is outside [0, 5]"
+        elif model is not None and not serves(model):
+            problem = f"the backend running this shard does not serve model {model!r}"
+        problems.append(problem)
+        if problem:
+            requests.append(None)
+            continue
+        requests.append(
+            Request(
+                prompt=body if kind == "prompt" else None,
+                messages=body if kind == "messages" else None,
+                max_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,
+                temperature=float(temperature) if temperature is not None else default_temperature,
+                model=model,
+            )
+        )
+    return Chunk(first_row, table, requests, problems)
+
+
+#: Chat roles a request may carry (OpenAI's; templates refuse others, or worse, accept them).
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _bad_request(kind: str, body: Any) -> str | None:
+    """Why a row's prompt or messages cannot be sent, or None."""
+    if kind == "prompt":
+        return "prompt is empty" if not str(body).strip() else None
+    if not body:
+        return "messages is empty"
+    for n, message in enumerate(body):
+        if message.get("content") is None:
+            return f"message {n} has no content"
+        if message.get("role") not in ROLES:
+            return f"message {n} has role {message.get('role')!r} (use {', '.join(ROLES)})"
+    if not any(str(m.get("content")).strip() for m in body):
+        return "every message is empty"
+    return None
+
+
+def merge(chunk: Chunk, generated: Sequence[Completion]) -> list[Completion]:
+    """Completions for every row of ``chunk``: generated ones, error rows for the rest."""
+    produced = iter(generated)
+    return [
+        next(produced) if request is not None else Completion.failed(problem or "invalid row")
+        for request, problem in zip(chunk.requests, chunk.problems, strict=True)
+    ]
+
+
+def build_output(
+    chunk: Chunk,
+    completions: Sequence[Completion],
+    *,
+    backend: str,
+    model: str,
+    attempt: int,
+    usd_per_second: float,
+    carried: Sequence[str],
+    embed: bool = False,
+) -> tuple[pa.Table, float]:
+    """The output table of a chunk, and its total cost."""
+    n = chunk.table.num_rows
+    row_models = chunk.table.column("model").to_pylist() if "model" in chunk.table.column_names else [None] * n
+    costs = [c.cost_usd if c.cost_usd is not None else c.compute_seconds * usd_per_second for c in completions]
+    rows: dict[str, list[Any]] = {
+        "id": chunk.table.column("id").to_pylist(),
+        "output": [c.output for c in completions],
+        "finish_reason": [c.finish_reason for c in completions],
+        "input_tokens": [c.input_tokens for c in completions],
+        "output_tokens": [c.output_tokens for c in completions],
+        "backend": [backend] * n,
+        "model": [m or model for m in row_models],
+        "cost_usd": costs,
+        "latency_ms": [c.latency_ms for c in completions],
+        "attempt": [attempt] * n,
+        "error": [c.error for c in completions],
+    }
+    kept = chunk.table.select(list(carried)) if carried else None
+    schema = output_schema(kept.schema if kept is not None else None, embed=embed)
+    arrays = [pa.array(rows[f.name], type=f.type) for f in OUTPUT_FIELDS]
+    if embed:
+        arrays.append(pa.array([c.embedding for c in completions], type=EMBEDDING_TYPE))
+    if kept is not None:
+        arrays.extend(c.combine_chunks() for c in kept.columns)
+    return pa.Table.from_arrays(arrays, schema=schema), float(sum(costs))

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pipeline.api import (
         EXPORT_FORMATS,
         JobReport,
+        JobSpec,
         Plan,
         ResultsInfo,
         RunReport,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "EXPORT_FORMATS", "JobReport", "Plan", "ResultsInfo", "RunReport", "Runtime", "Stopped", "SweepReport",
+    "EXPORT_FORMATS", "JobReport", "JobSpec", "Plan", "ResultsInfo", "RunReport", "Runtime", "Stopped", "SweepReport",
     "cancel", "check_export_target", "costs", "export_results", "job_events", "job_status", "list_jobs",
     "list_schedules", "live_workers", "plan", "resolve_job", "results", "resume", "retry_errors", "run_schedule",
     "set_budget", "submit", "sweep", "upgrade_store", "wait",

@@ -13,7 +13,6 @@ calls nothing else. ``workers.run`` works a job in this process.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pipeline.jobs import submit as _submit
@@ -36,11 +35,12 @@ from pipeline.runtime import Runtime
 from pipeline.storage.lifecycle import SweepReport, sweep
 from pipeline.store import db, presence
 from pipeline.tasks.scheduler import RunReport, list_schedules, run_schedule
+from schemas.jobspec import JobSpec
 from schemas.settings import load_settings
 
 __all__ = [
     # Jobs
-    "submit", "plan", "Plan", "cancel", "resume", "set_budget", "Stopped", "retry_errors",
+    "JobSpec", "submit", "plan", "Plan", "cancel", "resume", "set_budget", "Stopped", "retry_errors",
     # Reading
     "job_status", "JobReport", "list_jobs", "resolve_job", "job_events", "wait", "costs",
     # Results
@@ -51,34 +51,13 @@ __all__ = [
 ]
 
 
-def submit(
-    runtime: Runtime,
-    input_url: str,
-    model: str | list[str],
-    *,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    rows_per_shard: int | None = None,
-    budget_usd: float | None = None,
-    deadline: datetime | None = None,
-    tags: dict[str, Any] | None = None,
-    task: str = "generate",
-) -> str:
-    """Validate ``input_url``, create the job and enqueue it; return the job id."""
-    return _submit.submit(
-        runtime,
-        _submit.JobRequest(
-            input_url=input_url,
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            rows_per_shard=rows_per_shard,
-            budget_usd=budget_usd,
-            deadline=deadline,
-            tags=tags or {},
-            task=task,
-        ),
-    )
+def submit(runtime: Runtime, input_url: str, model: str | list[str], **options: Any) -> str:
+    """Validate ``input_url``, create the job and enqueue it; return the job id.
+
+    ``options`` are ``schemas.jobspec.JobSpec``'s fields: task, max_tokens,
+    temperature, rows_per_shard, budget_usd, deadline (a UTC datetime), tags.
+    """
+    return _submit.submit(runtime, _submit.JobRequest(input_url, model, **options))
 
 
 def live_workers(runtime: Runtime, queue: str | None = None) -> int:

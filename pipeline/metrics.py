@@ -19,6 +19,7 @@ __all__ = [
     "STORAGE_ACTIONS",
     "STORAGE_BYTES",
     "TOKENS",
+    "observe_checkpoint",
     "serve",
 ]
 
@@ -56,3 +57,14 @@ def serve(port: int, address: str = "127.0.0.1") -> None:
     if port and port not in _SERVING:
         start_http_server(port, addr=address)
         _SERVING.add(port)
+
+
+def observe_checkpoint(backend: str, rows: int, rows_failed: int, input_tokens: int, output_tokens: int,
+                       cost_usd: float, seconds: float) -> None:
+    """Count one committed checkpoint."""
+    ROWS.labels(backend, "ok").inc(rows - rows_failed)
+    ROWS.labels(backend, "error").inc(rows_failed)
+    TOKENS.labels(backend, "input").inc(input_tokens)
+    TOKENS.labels(backend, "output").inc(output_tokens)
+    COST_USD.labels(backend).inc(cost_usd)
+    CHECKPOINT_SECONDS.labels(backend).observe(seconds)

@@ -22,7 +22,8 @@ from pipeline.storage.objects import Storage
 from pipeline.store import db
 from schemas.errors import NotFound, StoreError
 from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
-from schemas.settings import Settings, load_settings, mask_url
+from schemas.secrets import mask_url
+from schemas.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from celery import Celery

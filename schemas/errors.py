@@ -13,13 +13,12 @@ as one line (``--debug`` shows the traceback).
     │   ├── NotFound         no job / shard with that id
     │   ├── IllegalMove      a state change the table of moves forbids (a bug)
     │   └── TransientError   storage or the database failed for now; try again
-    ├── RoutingError         no backend can take a shard
     └── WorkerError          a worker could not run a shard
         ├── LeaseLost        another worker owns the shard now
         ├── InputChanged     the input file is not the one validated at submit
         └── ProviderError    an API provider failed a whole chunk beyond retries
 
-Messages never contain secrets: settings are rendered through ``mask_secrets``.
+Messages never contain secrets: URLs are rendered through ``schemas.secrets.mask_url``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ __all__ = [
     "ModelError",
     "NotFound",
     "ProviderError",
-    "RoutingError",
     "SpotlaneError",
     "StoreError",
     "TransientError",
@@ -116,10 +114,6 @@ class IllegalMove(StoreError):
 class TransientError(StoreError):
     """Object storage or the job store failed in a way that may pass (a 5xx, a dropped
     connection, a full disk); the work is handed back, not failed."""
-
-
-class RoutingError(SpotlaneError):
-    """No configured backend can take a shard."""
 
 
 class WorkerError(SpotlaneError):

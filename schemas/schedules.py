@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from schemas.backends import Section
 from schemas.deadline import check_deadline, parse_deadline
+from schemas.jobspec import JobOptions
 
 __all__ = ["Schedule"]
 
@@ -29,8 +30,9 @@ __all__ = ["Schedule"]
 _FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_]+(?::[^{}]*)?)\}")
 
 
-class Schedule(Section):
-    """One scheduled job."""
+class Schedule(Section, JobOptions):
+    """One scheduled job: when, on what input, and the job's options (``JobOptions``:
+    model, task, max_tokens, temperature, rows_per_shard, budget_usd, tags)."""
 
     name: str
     #: Five-field cron expression, e.g. ``"0 2 * * *"`` (02:00 every day).
@@ -41,16 +43,9 @@ class Schedule(Section):
     #: ``{yesterday:%Y-%m-%d}`` and ``{name}``; a glob or a folder takes every
     #: Parquet file it matches.
     input: str
-    model: str | list[str]
-    budget_usd: float | None = Field(default=None, ge=0)
     #: ``"07:00"``: the first 07:00 (local) after the run fires; ``"+6h"``: six
     #: hours after it fires. Empty: no deadline.
     deadline: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
-    task: Literal["generate", "embed"] = "generate"
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=5)
-    rows_per_shard: int | None = Field(default=None, ge=1)
     #: No file matches the input: ``skip`` records a skipped run, ``fail`` a failed one.
     on_missing: Literal["skip", "fail"] = "skip"
     #: Runs missed while the scheduler was down: ``latest`` submits only the most
@@ -108,9 +103,9 @@ class Schedule(Section):
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
-    @property
-    def models(self) -> list[str]:
-        return [self.model] if isinstance(self.model, str) else list(self.model)
+    def job_options(self) -> dict[str, Any]:
+        """This schedule's ``JobOptions`` as keywords, for each run's job."""
+        return {name: getattr(self, name) for name in JobOptions.model_fields}
 
     def local(self, moment: datetime) -> datetime:
         return moment.astimezone(self.zone)

@@ -13,17 +13,14 @@ when ``load_settings`` is called, never at import time.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-import re
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -31,13 +28,13 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from schemas.backends import ApiProvider, GpuPool, RoutingSettings, default_pools
 from schemas.backends import Section as _Section
+from schemas.environment import ENV_PREFIX, config_path, known_env_names, warn_unknown_env
 from schemas.errors import ConfigError
 from schemas.schedules import Schedule
+from schemas.secrets import mask_url
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -53,9 +50,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "WorkerSettings",
-    "get_settings",
     "load_settings",
-    "mask_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,13 +59,6 @@ log = logging.getLogger(__name__)
 DEFAULT_HOME = ".spotlane"
 #: Config file looked for in the working folder when none is named.
 DEFAULT_CONFIG_FILE = "spotlane.toml"
-ENV_PREFIX = "SPOTLANE_"
-#: Environment variables that are not settings keys but are ours all the same:
-#: the config file and home, the compose image, and the test suite's own.
-_EXTRA_ENV = {"SPOTLANE_CONFIG", "SPOTLANE_HOME", "SPOTLANE_IMAGE"}
-_EXTRA_ENV_PREFIXES = ("SPOTLANE_TEST_",)
-
-
 class DatabaseSettings(_Section):
     """The job store. Default: ``sqlite:///<home>/spotlane.db``."""
 
@@ -358,86 +346,13 @@ class Settings(BaseSettings):
         return data
 
 
-#: Query parameters whose values are secrets (libpq's ``?password=``, tokens, signatures).
-_SECRET_QUERY = {"password", "sslpassword", "passwd", "secret", "token", "access_token", "api_key", "apikey",
-                 "x-amz-signature", "x-amz-credential", "x-amz-security-token", "sig", "signature"}
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password (``user:***@``) and secret query parameters masked.
-
-    Parsed the way SQLAlchemy parses a database URL, so a password holding ``/``,
-    ``#`` or ``?`` unencoded (which SQLAlchemy and libpq accept) is masked whole.
-    """
-    if not url:
-        return url
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        # Not a URL SQLAlchemy reads: mask whatever sits between "//user:" and the last "@".
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
-    secrets = {k: "***" for k in parsed.query if k.lower() in _SECRET_QUERY}
-    if secrets:
-        parsed = parsed.update_query_dict(secrets)
-    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
-
-
-def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
-    names: set[str] = set()
-    for field_name, field in model.model_fields.items():
-        name = f"{prefix}{field_name.upper()}"
-        names.add(name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= _known_env_names(annotation, f"{name}__")
-    return names
-
-
 class _KnownEnv(EnvSettingsSource):
     """The environment, ``SPOTLANE_*`` settings keys only: a variable that is not one (a
     typo, a tool's own) is never read as a setting; ``load_settings`` warns about it."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        known = {name.lower() for name in _known_env_names(Settings, ENV_PREFIX)}
+        known = {name.lower() for name in known_env_names(Settings, ENV_PREFIX)}
         return {k: v for k, v in super()._load_env_vars().items() if not k.startswith(ENV_PREFIX.lower()) or k in known}
-
-
-#: Unknown ``SPOTLANE_*`` variables already warned about in this process.
-_WARNED: set[str] = set()
-
-
-def _check_env(environ: Mapping[str, str]) -> None:
-    """Warn once about each ``SPOTLANE_*`` variable that is not a setting, naming the
-    setting it most likely meant to be; it is ignored (it must not break every command)."""
-    known = _known_env_names(Settings, ENV_PREFIX)
-    for key in sorted(environ):
-        upper = key.upper()
-        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in _EXTRA_ENV
-                or upper.startswith(_EXTRA_ENV_PREFIXES) or upper in _WARNED):
-            continue
-        _WARNED.add(upper)
-        bare = {name[len(ENV_PREFIX):]: name for name in known}
-        near = difflib.get_close_matches(upper[len(ENV_PREFIX):], sorted(bare), n=1, cutoff=0.75)
-        hint = f"; did you mean {bare[near[0]]}?" if near else ""
-        log.warning("ignoring environment variable %s: it is not a spotlane setting%s", key, hint)
-
-
-def _config_path(config: str | Path | None, environ: Mapping[str, str]) -> Path | None:
-    if config is not None:
-        path = Path(config).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist", setting="--config")
-        return path
-    if environ.get("SPOTLANE_CONFIG"):
-        path = Path(environ["SPOTLANE_CONFIG"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} (from SPOTLANE_CONFIG) does not exist",
-                setting="SPOTLANE_CONFIG",
-            )
-        return path
-    path = Path.cwd() / DEFAULT_CONFIG_FILE
-    return path if path.is_file() else None
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -454,8 +369,8 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     Raises ``ConfigError`` naming the key at fault.
     """
     environ = os.environ
-    _check_env(environ)
-    path = _config_path(config, environ)
+    warn_unknown_env(environ, known_env_names(Settings, ENV_PREFIX))
+    path = config_path(config, environ, DEFAULT_CONFIG_FILE)
     source = f" (in {path})" if path else ""
     cls: type[Settings] = Settings
     if path is not None:
@@ -473,9 +388,3 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         ) from None
     except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-
-
-@lru_cache(maxsize=8)
-def get_settings(config: str | None = None) -> Settings:
-    """``load_settings`` once per process and config path."""
-    return load_settings(config)

@@ -23,7 +23,7 @@ from pipeline.jobs.control import cancel, set_budget
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.store import transitions
+from pipeline.store import claims, transitions
 from pipeline.store.db import session_scope
 from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
@@ -196,7 +196,7 @@ def test_cancel_racing_claims_never_releases_a_running_shards_reservation(postgr
         def claim(shard_id: int) -> None:
             barrier.wait()
             with session_scope(runtime.engine) as session:
-                transitions.claim_shard(session, shard_id, f"w:{shard_id}:t", 60, "local")
+                claims.claim_shard(session, shard_id, f"w:{shard_id}:t", 60, "local")
 
         def stop() -> None:
             barrier.wait()

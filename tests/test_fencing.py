@@ -23,7 +23,7 @@ from pipeline import api
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.storage.objects import filesystem, write_parquet
-from pipeline.store import identity, transitions
+from pipeline.store import claims, identity, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.tasks.finalize import finalize_job
 from pipeline.tasks.reaper import reap
@@ -134,8 +134,8 @@ def test_a_stale_message_for_another_backend_or_attempt_claims_nothing(store_url
     (first,) = sent.of("spotlane.run_shard")
     assert isinstance(first, RunShard) and first.backend == "a" and first.attempt == 0
     with session_scope(runtime.engine) as session:  # pool a fails the shard; the router moves it to b
-        claim = transitions.claim_shard(session, first.shard_id, "w:1:t", 60, "a", 0)
-        assert claim is not None and transitions.reroute_shard(session, claim, "pool a is broken")
+        claim = claims.claim_shard(session, first.shard_id, "w:1:t", 60, "a", 0)
+        assert claim is not None and claims.reroute_shard(session, claim, "pool a is broken")
     route_job(runtime, job_id)
     assert shards(runtime, job_id)[0].backend == "b"
 
@@ -163,7 +163,7 @@ def test_a_live_worker_elsewhere_with_the_same_host_name_keeps_its_shard(store_u
     gone_here = f"{host}:4194000:{tag}"  # this kernel and namespace: PID 4194000 does not exist
     shard = shards(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        assert transitions.claim_shard(session, shard.id, elsewhere, 600, "local") is not None
+        assert claims.claim_shard(session, shard.id, elsewhere, 600, "local") is not None
 
     assert reap(runtime).expired == 0
     assert shards(runtime, job_id)[0].status is ShardStatus.RUNNING
@@ -187,8 +187,8 @@ def test_leases_are_judged_by_the_database_clock_not_the_workers(
     for module in (schemas.base, transitions):
         monkeypatch.setattr(module, "utcnow", slow, raising=False)
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shard.id, "w:1:t", 60, "local")
-        assert claim is not None and transitions.heartbeat(session, claim, 60)
+        claim = claims.claim_shard(session, shard.id, "w:1:t", 60, "local")
+        assert claim is not None and claims.heartbeat(session, claim, 60)
     monkeypatch.undo()
 
     assert reap(runtime).expired == 0

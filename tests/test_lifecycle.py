@@ -25,8 +25,9 @@ from pipeline.jobs.control import resume
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.storage import lifecycle
+from pipeline.storage import lifecycle, moving
 from pipeline.storage.objects import MANIFEST, sha256_of
+from pipeline.store import claims
 from pipeline.store.db import session_scope
 from pipeline.tasks.finalize import finalize_job
 from schemas.errors import StoreError
@@ -214,7 +215,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     warm = _results(runtime, job_id)
 
     # 1. Dies after copying the first file: SQL still points at the intact warm copy.
-    real_copy = lifecycle.copy_file
+    real_copy = moving.copy_file
     copies: list[str] = []
 
     def copy_then_die(source: str, target: str, storage_class: str = "") -> tuple[int, str]:
@@ -224,7 +225,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
             raise Crash()
         return result
 
-    monkeypatch.setattr(lifecycle, "copy_file", copy_then_die)
+    monkeypatch.setattr(moving, "copy_file", copy_then_die)
     with pytest.raises(Crash):
         lifecycle.sweep(runtime, now=later)
     assert _actions(runtime, job_id)[-1] == ("move_to_cold", "started")
@@ -233,13 +234,14 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     assert api.export_results(runtime, job_id, str(tmp_path / "during.parquet")) == 24
 
     # 2. The next sweep finishes it, then dies after switching SQL, before deleting warm.
-    monkeypatch.setattr(lifecycle, "copy_file", real_copy)
+    monkeypatch.setattr(moving, "copy_file", real_copy)
     real_remove = lifecycle.remove_tree
 
     def die_before_delete(url: str) -> None:
         raise Crash()
 
     monkeypatch.setattr(lifecycle, "remove_tree", die_before_delete)
+    monkeypatch.setattr(moving, "remove_tree", die_before_delete)
     with pytest.raises(Crash):
         lifecycle.sweep(runtime, now=later)
     cold = _in_cold(runtime, warm)
@@ -248,6 +250,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
 
     # 3. A normal sweep deletes the warm copy and closes the action: one move, done.
     monkeypatch.setattr(lifecycle, "remove_tree", real_remove)
+    monkeypatch.setattr(moving, "remove_tree", real_remove)
     report = lifecycle.sweep(runtime, now=later)
     assert ("move_to_cold", "done") in [(a.action, a.status) for a in report.actions]
     assert not _exists(runtime.storage.job_url(job_id, "warm"))
@@ -348,7 +351,7 @@ def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_f
     job_id = _finished_job(runtime, tmp_path, tiny_model, rows=5)
     warm_job = Path(url_to_fs(runtime.storage.job_url(job_id, "warm"))[1])
     moved = Path(url_to_fs(_results(runtime, job_id))[1])
-    real = lifecycle._copy_verified
+    real = lifecycle.copy_verified
 
     def copy_then_a_retry_lands(*args: Any) -> tuple[int, int]:
         copied = real(*args)
@@ -356,7 +359,7 @@ def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_f
         (warm_job / "results-v2" / "part-00000.parquet").write_bytes(b"written after the copy listed the folder")
         return copied
 
-    monkeypatch.setattr(lifecycle, "_copy_verified", copy_then_a_retry_lands)
+    monkeypatch.setattr(lifecycle, "copy_verified", copy_then_a_retry_lands)
     lifecycle.sweep(runtime, now=_job(runtime, job_id).finished_at + timedelta(days=31))  # type: ignore[operator]
     assert _job(runtime, job_id).result_tier == "cold"
     assert moved.parent == warm_job and not moved.exists()
@@ -404,7 +407,6 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
 ) -> None:
     """Review M7: the move's switch still matched (same URL string): the job pointed at the
     old, partial results in cold, and the sweep purged the resumed job's checkpoints."""
-    from pipeline.store import transitions
     from schemas.status import AttemptOutcome, ShardStatus
     from tests.jobs import model_folder, run_queued, shards, stub_runtime
 
@@ -417,16 +419,16 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
     runner = ShardRunner(runtime)
     runner.run(RunShard(job_id=job_id, shard_id=first.id, backend="local", attempt=0))
     with session_scope(runtime.engine) as session:  # the second shard fails: the job finishes failed, 10 rows
-        claim = transitions.claim_shard(session, second.id, "w:1:t", 60, "local")
+        claim = claims.claim_shard(session, second.id, "w:1:t", 60, "local")
         assert claim is not None
-        transitions.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED, error="boom")
+        claims.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED, error="boom")
     assert finalize_job(runtime, job_id) is JobStatus.FAILED
     failed_at = _job(runtime, job_id).finished_at
     assert failed_at is not None
     with session_scope(runtime.engine) as session:  # it failed 40 days ago: due to move and to purge
         session.execute(update(Job).where(Job.id == job_id).values(finished_at=failed_at - timedelta(days=40)))
     old = _job(runtime, job_id)
-    real = lifecycle._copy_verified
+    real = lifecycle.copy_verified
 
     def copy_while_the_job_is_resumed(*args: Any) -> dict[str, int]:
         copied = real(*args)
@@ -434,9 +436,9 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
         assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED  # finalized again, 20 rows
         return copied
 
-    monkeypatch.setattr(lifecycle, "_copy_verified", copy_while_the_job_is_resumed)
+    monkeypatch.setattr(lifecycle, "copy_verified", copy_while_the_job_is_resumed)
     report = lifecycle.sweep(runtime)
-    monkeypatch.setattr(lifecycle, "_copy_verified", real)
+    monkeypatch.setattr(lifecycle, "copy_verified", real)
 
     moves = [a for a in report.actions if a.action == "move_to_cold"]
     assert [a.status for a in moves] == ["failed"] and "changed during the move" in (moves[0].error or "")

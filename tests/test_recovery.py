@@ -21,7 +21,7 @@ import workers.runner as runner_module
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job, route_lease
 from pipeline.runtime import Runtime
-from pipeline.store import leases, transitions
+from pipeline.store import claims, leases, transitions
 from pipeline.store.db import session_scope
 from pipeline.tasks.finalize import finalize_job
 from pipeline.tasks.reaper import reap
@@ -54,8 +54,8 @@ def test_a_rerouted_shard_whose_route_message_was_lost_is_routed_by_the_reaper(s
     route_job(runtime, job_id)
     first = shards(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, first.id, "w:1:t", 60, "local")
-        assert claim is not None and transitions.reroute_shard(session, claim, "the pool broke")
+        claim = claims.claim_shard(session, first.id, "w:1:t", 60, "local")
+        assert claim is not None and claims.reroute_shard(session, claim, "the pool broke")
     sent.clear()  # ... and its route_job message never arrived
 
     time.sleep(0.2)
@@ -77,9 +77,9 @@ def test_a_hand_back_that_died_half_way_is_completed_by_the_reaper(store_url: st
     route_job(runtime, job_id)
     (shard,) = shards(runtime, job_id)
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shard.id, "w:1:t", 60, "local")
+        claim = claims.claim_shard(session, shard.id, "w:1:t", 60, "local")
         assert claim is not None
-        assert transitions.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=AttemptOutcome.PREEMPTED)
+        assert claims.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=AttemptOutcome.PREEMPTED)
     sent.clear()
 
     time.sleep(0.2)
@@ -219,7 +219,7 @@ def test_a_storage_or_database_blip_at_a_checkpoint_is_retried(
     runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 5})
     job_id = _job(runtime, tmp_path, rows=20, rows_per_shard=20)
     route_job(runtime, job_id)
-    real_write, real_commit = runner_module.write_parquet, transitions.commit_checkpoint
+    real_write, real_commit = runner_module.write_parquet, claims.commit_checkpoint
     faults = {"write": 1, "commit": 1}
 
     def full_disk_once(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -235,7 +235,7 @@ def test_a_storage_or_database_blip_at_a_checkpoint_is_retried(
         return real_commit(*args, **kwargs)
 
     monkeypatch.setattr(runner_module, "write_parquet", full_disk_once)
-    monkeypatch.setattr(transitions, "commit_checkpoint", dropped_connection_once)
+    monkeypatch.setattr(claims, "commit_checkpoint", dropped_connection_once)
 
     assert _run(runtime, shards(runtime, job_id)[0].id) is ShardStatus.DONE
     assert faults == {"write": 0, "commit": 0}

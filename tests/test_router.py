@@ -19,10 +19,11 @@ from pipeline.routing import observations as learning
 from pipeline.routing.pricing import PREFILL_WEIGHT, Quote
 from pipeline.routing.router import choose, route_job
 from pipeline.runtime import Runtime
-from pipeline.store import db, transitions
+from pipeline.store import claims, db
 from pipeline.store.db import session_scope
 from schemas.backends import input_token_bound
 from schemas.base import utcnow
+from schemas.jobspec import JobSpec
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Job, Shard
 from tests.conftest import write_prompts
@@ -144,12 +145,12 @@ def test_shards_whose_worst_case_does_not_fit_yet_wait_for_running_ones_to_give_
 
     # The first shard runs and costs $0.05: the rest of its reservation comes back.
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shards[0].id, "w:1:t", 60, "slow")
+        claim = claims.claim_shard(session, shards[0].id, "w:1:t", 60, "slow")
         assert claim is not None
-        transitions.commit_checkpoint(session, claim, transitions.CheckpointStats(
+        claims.commit_checkpoint(session, claim, claims.CheckpointStats(
             first_row=0, row_count=10, rows_failed=0, input_tokens=100, output_tokens=500, cost_usd=0.05,
             url="file:///nowhere"), 60)
-        assert transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+        assert claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
     route_job(runtime, job_id)
 
     assert [s.status for s in _shards(runtime, job_id)].count(ShardStatus.QUEUED) == 3 + 1
@@ -231,7 +232,8 @@ def test_plan_prices_without_writing_and_costs_report_the_ledger(store_url: str,
     runtime = _runtime(store_url)
     path = write_prompts(tmp_path / "in.parquet", 200)
 
-    result = plan(runtime, str(path), ["tiny"], deadline=utcnow() + timedelta(minutes=10), max_tokens=100, rows_per_shard=10)
+    result = plan(runtime, str(path), JobSpec(model=["tiny"], deadline=utcnow() + timedelta(minutes=10), max_tokens=100,
+                                                rows_per_shard=10))
 
     assert result.by_backend["slow"]["shards"] == 5 and result.by_backend["api"]["shards"] == 15
     assert result.cost_usd == pytest.approx(5 * 0.1 + 15 * 0.2, rel=0.05)
@@ -263,14 +265,14 @@ def test_a_router_and_claiming_workers_racing_on_postgres_never_deadlock(postgre
                     if shard.status is not ShardStatus.QUEUED:
                         continue
                     with session_scope(runtime.engine) as session:
-                        claim = transitions.claim_shard(session, shard.id, f"w:{n}:t", 60, shard.backend or "")
+                        claim = claims.claim_shard(session, shard.id, f"w:{n}:t", 60, shard.backend or "")
                     if claim is None:
                         continue
                     with session_scope(runtime.engine) as session:
-                        transitions.commit_checkpoint(session, claim, transitions.CheckpointStats(
+                        claims.commit_checkpoint(session, claim, claims.CheckpointStats(
                             claim.row_start, 10, 0, 1, 1, 0.001, "file:///nowhere"), 60)
                     with session_scope(runtime.engine) as session:
-                        transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+                        claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
                 if all(s.status is ShardStatus.DONE for s in _shards(runtime, job_id)):
                     return
         except BaseException as exc:  # noqa: BLE001

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ConfigError
-from schemas.settings import load_settings, mask_url
+from schemas.secrets import mask_url
+from schemas.settings import load_settings
 from tests.conftest import spotlane, write_prompts
 
 

@@ -41,7 +41,7 @@ from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import filesystem, write_parquet
-from pipeline.store import transitions
+from pipeline.store import claims, transitions
 from pipeline.store.db import session_scope
 from pipeline.tasks.finalize import finalize_job
 from schemas.errors import LeaseLost, StoreError
@@ -76,7 +76,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             self.job_id = submit(runtime, JobRequest(str(path), model_folder(folder), rows_per_shard=PER_SHARD,
                                                      max_tokens=8, budget_usd=budget))
             self.budget = budget
-            self.claims: dict[str, transitions.Claim] = {}
+            self.claims: dict[str, claims.Claim] = {}
             self.next_row: dict[str, int] = {}
             #: Chunks sent but not landed: (first row, rows, cost), by worker.
             self.flying: dict[str, tuple[int, int, float]] = {}
@@ -119,7 +119,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             self.workers += 1
             worker = f"w:{self.workers}:t"
             with session_scope(runtime.engine) as session:
-                claim = transitions.claim_shard(session, shard.id, worker, 60, backend, attempt)
+                claim = claims.claim_shard(session, shard.id, worker, 60, backend, attempt)
             seen["claim tried"] += 1
             if claim is not None:
                 assert stale == "no", "a message for another backend or attempt claimed the shard"
@@ -161,7 +161,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             self.workers += 1
             taker = f"w:{self.workers}:t"
             with session_scope(runtime.engine) as session:
-                new = transitions.claim_shard(session, claim.shard_id, taker, 60, record.backend, record.attempt)
+                new = claims.claim_shard(session, claim.shard_id, taker, 60, record.backend, record.attempt)
             if new is not None:
                 self.claims[taker], self.next_row[taker] = new, new.row_start + new.rows_done
                 for _ in range(others_commit):
@@ -181,7 +181,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     return
             if worker in self.claims:
                 with session_scope(runtime.engine) as session:
-                    transitions.end_shard(session, self.claims.pop(worker), ShardStatus.DONE,
+                    claims.end_shard(session, self.claims.pop(worker), ShardStatus.DONE,
                                           outcome=AttemptOutcome.DONE)
 
         def _send(self, worker: str, rows: int, cost: float) -> bool:
@@ -191,10 +191,10 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             if rows <= 0:
                 return False
             with session_scope(runtime.engine) as session:
-                verdict, _ = transitions.reserve_chunk(session, claim, cost)
-            if verdict is not transitions.ChunkVerdict.GO:
+                verdict, _ = claims.reserve_chunk(session, claim, cost)
+            if verdict is not claims.ChunkVerdict.GO:
                 seen[f"chunk {verdict.value}"] += 1
-                if verdict is not transitions.ChunkVerdict.NO_BUDGET:
+                if verdict is not claims.ChunkVerdict.NO_BUDGET:
                     del self.claims[worker]
                 return False
             self.flying[worker] = (first, rows, cost)
@@ -207,13 +207,13 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             url = runtime.storage.part_url(claim.job_id, claim.shard_index, first, claim.attempt)
             write_parquet(pa.table({"id": self.ids[first:first + rows], "error": pa.array([None] * rows, pa.string())}),
                           url)
-            stats = transitions.CheckpointStats(first, rows, 0, rows, rows, cost, url)
+            stats = claims.CheckpointStats(first, rows, 0, rows, rows, cost, url)
             try:
                 with session_scope(runtime.engine) as session:
-                    transitions.commit_checkpoint(session, claim, stats, 60)
+                    claims.commit_checkpoint(session, claim, stats, 60)
             except LeaseLost:
                 with session_scope(runtime.engine) as session:
-                    transitions.charge_lost_work(session, claim, stats)
+                    claims.charge_lost_work(session, claim, stats)
                 seen["stale commit refused"] += 1
                 del self.claims[worker]
                 return False
@@ -226,7 +226,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
         def heartbeat(self, data: st.DataObject) -> None:
             worker = data.draw(st.sampled_from(sorted(self.claims)))
             with session_scope(runtime.engine) as session:
-                if not transitions.heartbeat(session, self.claims[worker], 60) and worker not in self.flying:
+                if not claims.heartbeat(session, self.claims[worker], 60) and worker not in self.flying:
                     del self.claims[worker]  # it stops; a worker with a chunk in flight still lands it
 
         @precondition(lambda self: self.claims)
@@ -240,17 +240,17 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             claim = self.claims.pop(worker)
             with session_scope(runtime.engine) as session:
                 if how == "done" and self.next_row[worker] == claim.row_end:
-                    transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+                    claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
                 elif how == "failed":
-                    transitions.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED)
+                    claims.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED)
                 elif how == "handed back":
-                    if transitions.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=AttemptOutcome.PREEMPTED):
+                    if claims.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=AttemptOutcome.PREEMPTED):
                         transitions.queue_shard(session, claim.shard_id, expected=(ShardStatus.PREEMPTED,),
                                                 backend=claim.backend, queue=f"gpu.{claim.backend}")
                 elif how == "rerouted":
-                    transitions.reroute_shard(session, claim, "the backend broke")
+                    claims.reroute_shard(session, claim, "the backend broke")
                 elif how == "cancelled stop":
-                    transitions.end_shard(session, claim, ShardStatus.PENDING, outcome=AttemptOutcome.PREEMPTED)
+                    claims.end_shard(session, claim, ShardStatus.PENDING, outcome=AttemptOutcome.PREEMPTED)
 
         @precondition(lambda self: ShardStatus.RUNNING in self.seen[1].values())
         @rule(index=st.integers(0, ROWS // PER_SHARD - 1))
@@ -325,7 +325,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     self.workers += 1
                     worker = f"w:{self.workers}:t"
                     with session_scope(runtime.engine) as session:
-                        claim = transitions.claim_shard(session, shard.id, worker, 60, shard.backend or "", shard.attempts)
+                        claim = claims.claim_shard(session, shard.id, worker, 60, shard.backend or "", shard.attempts)
                     if claim is None:
                         continue
                     self.every_move_is_in_the_table()
@@ -336,7 +336,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     if worker in self.claims:
                         done = self.next_row[worker] == claim.row_end
                         with session_scope(runtime.engine) as session:
-                            transitions.end_shard(session, self.claims.pop(worker),
+                            claims.end_shard(session, self.claims.pop(worker),
                                                   ShardStatus.DONE if done else ShardStatus.PENDING,
                                                   outcome=AttemptOutcome.DONE if done else AttemptOutcome.PARKED)
                         self.every_move_is_in_the_table()

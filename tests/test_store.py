@@ -11,7 +11,7 @@ from sqlalchemy import inspect, select, text, update
 
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.runtime import Runtime
-from pipeline.store import db, transitions
+from pipeline.store import claims, db
 from pipeline.store.db import session_scope
 from pipeline.tasks.reaper import reap
 from schemas.base import utcnow
@@ -34,8 +34,8 @@ def _queue_all(runtime: Runtime, job_id: str) -> list[int]:
         return list(session.execute(select(Shard.id).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars())
 
 
-def _stats(claim: transitions.Claim, first: int, count: int) -> transitions.CheckpointStats:
-    return transitions.CheckpointStats(first, count, 0, 10, 20, 0.0, f"file:///parts/{first}")
+def _stats(claim: claims.Claim, first: int, count: int) -> claims.CheckpointStats:
+    return claims.CheckpointStats(first, count, 0, 10, 20, 0.0, f"file:///parts/{first}")
 
 
 def test_migrations_create_every_table_and_the_progress_view(runtime: Runtime) -> None:
@@ -80,7 +80,7 @@ def test_only_one_of_many_concurrent_claims_wins(runtime: Runtime, tmp_path: Pat
     def claim(n: int) -> None:
         barrier.wait()
         with session_scope(runtime.engine) as session:
-            if transitions.claim_shard(session, shard_id, f"w{n}", 60, "local"):
+            if claims.claim_shard(session, shard_id, f"w{n}", 60, "local"):
                 winners.append(f"w{n}")
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
@@ -100,18 +100,18 @@ def test_a_checkpoint_commits_only_for_the_lease_holder_and_in_order(runtime: Ru
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shard_id, "owner", 60, "local")
+        claim = claims.claim_shard(session, shard_id, "owner", 60, "local")
     assert claim is not None
-    intruder = transitions.Claim(**{**claim.__dict__, "worker_id": "intruder"})
+    intruder = claims.Claim(**{**claim.__dict__, "worker_id": "intruder"})
 
     with session_scope(runtime.engine) as session:
-        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)
+        claims.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)
     with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
-        transitions.commit_checkpoint(session, intruder, _stats(claim, 2, 2), 60)
+        claims.commit_checkpoint(session, intruder, _stats(claim, 2, 2), 60)
     with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
-        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)  # the same part again
+        claims.commit_checkpoint(session, claim, _stats(claim, 0, 2), 60)  # the same part again
     with pytest.raises(LeaseLost), session_scope(runtime.engine) as session:
-        transitions.commit_checkpoint(session, claim, _stats(claim, 3, 2), 60)  # a gap
+        claims.commit_checkpoint(session, claim, _stats(claim, 3, 2), 60)  # a gap
 
     with session_scope(runtime.engine) as session:
         shard = session.get(Shard, shard_id)
@@ -126,9 +126,9 @@ def test_the_reaper_requeues_an_expired_lease_and_records_the_attempt_as_lost(
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
+        claim = claims.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
         assert claim is not None
-        transitions.commit_checkpoint(session, claim, _stats(claim, 0, 3), 60)
+        claims.commit_checkpoint(session, claim, _stats(claim, 0, 3), 60)
     with session_scope(runtime.engine) as session:
         session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
@@ -141,7 +141,7 @@ def test_the_reaper_requeues_an_expired_lease_and_records_the_attempt_as_lost(
     assert shard is not None and shard.status is ShardStatus.QUEUED and shard.rows_done == 3
     assert attempt.outcome is AttemptOutcome.LOST
     with session_scope(runtime.engine) as session:  # and the next claim resumes from the checkpoint
-        again = transitions.claim_shard(session, shard_id, "next", 60, "local")
+        again = claims.claim_shard(session, shard_id, "next", 60, "local")
     assert again is not None and again.rows_done == 3 and again.attempt == 2
 
 
@@ -149,7 +149,7 @@ def test_a_live_lease_is_left_alone_by_the_reaper(runtime: Runtime, tmp_path: Pa
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        assert transitions.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
+        assert claims.claim_shard(session, shard_id, "otherhost:1:abc", 60, "local")
 
     assert reap(runtime).expired == 0
     with session_scope(runtime.engine) as session:
@@ -160,13 +160,13 @@ def test_ending_a_shard_charges_the_ledger(runtime: Runtime, tmp_path: Path, tin
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
-        claim = transitions.claim_shard(session, shard_id, "w", 60, "local")
+        claim = claims.claim_shard(session, shard_id, "w", 60, "local")
         assert claim is not None
-        transitions.commit_checkpoint(
-            session, claim, transitions.CheckpointStats(0, 5, 1, 50, 70, 0.25, "file:///p"), 60
+        claims.commit_checkpoint(
+            session, claim, claims.CheckpointStats(0, 5, 1, 50, 70, 0.25, "file:///p"), 60
         )
     with session_scope(runtime.engine) as session:
-        assert transitions.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+        assert claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
 
     with runtime.engine.connect() as conn:
         charged = conn.execute(

@@ -1,7 +1,7 @@
 """The drain flag: set when a worker must hand its shard back and stop.
 
 Set by a warm shutdown (SIGTERM, Ctrl-C) and read by the shard runner between
-checkpoints. Later, spot-notice probes set it too.
+checkpoints; a spot-interruption notice (``workers.spot_notice``) sets it too.
 """
 
 from __future__ import annotations

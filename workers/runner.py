@@ -29,14 +29,10 @@ the router, which blocks it and pauses the job if nothing else of the job runs.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-
-from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from pipeline import metrics
 from pipeline.routing import observations as learning
@@ -45,8 +41,8 @@ from pipeline.routing.pricing import worst_case_usd
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import check_identity, iter_rows, open_parquet
 from pipeline.storage.objects import write_parquet
-from pipeline.store import transitions
-from pipeline.store.db import session_scope
+from pipeline.store import claims, transitions
+from pipeline.store.db import is_transient, session_scope
 from pipeline.store.identity import owner_id
 from schemas.backends import ApiProvider, GpuPool
 from schemas.base import utcnow
@@ -61,79 +57,16 @@ from schemas.errors import (
 )
 from schemas.records import RunShard
 from schemas.status import AttemptOutcome, ShardStatus
-from schemas.tables import Job, Shard, ShardAttempt
+from schemas.tables import Job, Shard
 from workers.drain import StopFlag
 from workers.engines.base import Completion, Request, stream
 from workers.engines.chunks import Chunk, build_output, merge, prepare, rechunk
 from workers.engines.factory import engine_for
+from workers.heartbeat import Heartbeat
 
-__all__ = ["ShardRunner", "worker_id"]
+__all__ = ["ShardRunner"]
 
 log = logging.getLogger(__name__)
-
-#: Kept for callers of the old name: a new owner string for this process.
-worker_id = owner_id
-
-
-class _Heartbeat(threading.Thread):
-    """Renews the lease while the shard makes progress; hands it back if the engine hangs."""
-
-    def __init__(self, runtime: Runtime, claim: transitions.Claim, on_hang: Callable[[], None]) -> None:
-        super().__init__(daemon=True, name=f"heartbeat-{claim.shard_id}")
-        self.runtime, self.claim, self.on_hang = runtime, claim, on_hang
-        self.stopped = threading.Event()
-        self.lost = threading.Event()
-        self.hung = threading.Event()
-        self._progress = time.monotonic()
-        #: Seconds without progress that mean a hung engine (None: not watched yet).
-        self.hang_after: float | None = None
-
-    def progress(self, hang_after: float | None = None) -> None:
-        """A chunk was committed (or the model loaded): the engine is alive."""
-        self._progress = time.monotonic()
-        if hang_after is not None:
-            self.hang_after = hang_after
-
-    def run(self) -> None:
-        settings = self.runtime.settings.worker
-        while not self.stopped.wait(settings.heartbeat_seconds):
-            if self.hang_after is not None and time.monotonic() - self._progress > self.hang_after:
-                log.error("shard %s of job %s made no progress for %.0f s: the engine is hung; handing it back",
-                          self.claim.shard_index, self.claim.job_id, time.monotonic() - self._progress)
-                self.hung.set()
-                self.lost.set()
-                self.on_hang()
-                return
-            try:
-                with session_scope(self.runtime.engine) as session:
-                    if not transitions.heartbeat(session, self.claim, settings.lease_seconds):
-                        self.lost.set()
-                        return
-            except Exception:  # a database blip: try again next beat
-                log.warning("heartbeat for shard %s failed", self.claim.shard_id, exc_info=True)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        if self is not threading.current_thread():
-            self.join(timeout=5)
-
-
-def _observe(backend: str, stats: transitions.CheckpointStats, seconds: float) -> None:
-    metrics.ROWS.labels(backend, "ok").inc(stats.row_count - stats.rows_failed)
-    metrics.ROWS.labels(backend, "error").inc(stats.rows_failed)
-    metrics.TOKENS.labels(backend, "input").inc(stats.input_tokens)
-    metrics.TOKENS.labels(backend, "output").inc(stats.output_tokens)
-    metrics.COST_USD.labels(backend).inc(stats.cost_usd)
-    metrics.CHECKPOINT_SECONDS.labels(backend).observe(seconds)
-
-
-def _transient(exc: BaseException) -> bool:
-    """A fault that may pass: storage I/O, a dropped or locked database connection."""
-    if isinstance(exc, TransientError):
-        return True
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def _rows_within(costs: Sequence[float], room: float) -> int:
@@ -179,7 +112,7 @@ class ShardRunner:
             log.warning("a task for backend %r, which this worker's config does not have: skipped", task.backend)
             return None
         with session_scope(self.runtime.engine) as session:
-            claim = transitions.claim_shard(
+            claim = claims.claim_shard(
                 session, task.shard_id, self.worker_id, settings.worker.lease_seconds, task.backend, task.attempt
             )
             job = session.get(Job, task.job_id)
@@ -197,7 +130,7 @@ class ShardRunner:
         )
         if claim.queued_at is not None:
             metrics.QUEUE_WAIT_SECONDS.labels(claim.backend).observe((utcnow() - claim.queued_at).total_seconds())
-        beat = _Heartbeat(self.runtime, claim, lambda: self._hung(claim, model))
+        beat = Heartbeat(self.runtime, claim, lambda: self._hung(claim, model))
         beat.start()
         per_chunk = est_seconds / max(rows, 1) * settings.worker.checkpoint_rows
         hang_after = max(settings.worker.hang_min_seconds, settings.worker.hang_factor * per_chunk * 2)
@@ -217,7 +150,7 @@ class ShardRunner:
         except SpotlaneError as exc:
             status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED, str(exc))
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 log.warning("shard %s of job %s: %s; handing it back", claim.shard_index, claim.job_id, exc)
                 status = self._hand_back(claim, model, f"transient fault: {exc.__class__.__name__}", learn=False)
             else:
@@ -234,8 +167,8 @@ class ShardRunner:
 
     # -- the shard's chunks ----------------------------------------------------------
 
-    def _chunks(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider,
-                beat: _Heartbeat, pending: deque[tuple[Chunk, float]], feed: _Feed) -> Iterator[list[Request]]:
+    def _chunks(self, claim: claims.Claim, job: Job, backend: GpuPool | ApiProvider,
+                beat: Heartbeat, pending: deque[tuple[Chunk, float]], feed: _Feed) -> Iterator[list[Request]]:
         """Requests chunk by chunk; stops feeding on a drain request, a lost lease, a
         cancelled job, or a budget that cannot cover the next chunk."""
         names = open_parquet(job.input_url).schema_arrow.names
@@ -262,12 +195,12 @@ class ShardRunner:
                                  for r in chunk.requests]
                     in_flight = sum(w for _, w in pending)
                     with session_scope(self.runtime.engine) as session:
-                        verdict, room = transitions.reserve_chunk(session, claim, in_flight + sum(row_worst))
+                        verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
                     fit = _rows_within(row_worst, room - in_flight)
-                    if verdict is not transitions.ChunkVerdict.NO_BUDGET or not 0 < fit < part.num_rows:
+                    if verdict is not claims.ChunkVerdict.NO_BUDGET or not 0 < fit < part.num_rows:
                         break
                     part = part.slice(0, fit)  # send the rows the budget still covers; the rest stop the shard
-                if verdict is not transitions.ChunkVerdict.GO:
+                if verdict is not claims.ChunkVerdict.GO:
                     feed.stopped = verdict.value
                     return
                 pending.append((chunk, sum(row_worst)))
@@ -281,8 +214,8 @@ class ShardRunner:
         with session_scope(self.runtime.engine) as session:
             return learning.observed(session, backend, model)
 
-    def _run_claimed(self, claim: transitions.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
-                     beat: _Heartbeat, hang_after: float) -> ShardStatus | None:
+    def _run_claimed(self, claim: claims.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
+                     beat: Heartbeat, hang_after: float) -> ShardStatus | None:
         settings = self.runtime.settings
         check_identity(job.input_url, job.input_identity)
         engine = engine_for(backend, model, settings.worker, job.task)
@@ -300,7 +233,7 @@ class ShardRunner:
             table, cost = build_output(chunk, completions, backend=claim.backend, model=model, attempt=claim.attempt,
                                        usd_per_second=usd_per_second, carried=job.carried_columns,
                                        embed=job.task == "embed")
-            stats = transitions.CheckpointStats(
+            stats = claims.CheckpointStats(
                 first_row=chunk.first_row,
                 row_count=table.num_rows,
                 rows_failed=sum(1 for c in completions if c.error is not None),
@@ -312,7 +245,8 @@ class ShardRunner:
             self._persist(claim, table, stats, beat)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
-            _observe(claim.backend, stats, seconds)
+            metrics.observe_checkpoint(claim.backend, stats.row_count, stats.rows_failed, stats.input_tokens,
+                                       stats.output_tokens, stats.cost_usd, seconds)
             self._learn(claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider))
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
@@ -322,21 +256,21 @@ class ShardRunner:
         if feed.exhausted:
             raise InputChanged(f"the input {job.input_url} ends at row {feed.fed_to}, but shard {claim.shard_index} "
                                f"covers rows up to {claim.row_end}: it changed since the job was submitted")
-        if feed.stopped == transitions.ChunkVerdict.CANCELLED.value:
+        if feed.stopped == claims.ChunkVerdict.CANCELLED.value:
             log.info("job %s cancelled: shard %s stops at row %d", claim.job_id, claim.shard_index, done_to)
             return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PREEMPTED, "job cancelled", learn=False)
-        if feed.stopped == transitions.ChunkVerdict.NO_BUDGET.value:
+        if feed.stopped == claims.ChunkVerdict.NO_BUDGET.value:
             log.warning("job %s: the budget cannot cover the next chunk of shard %s; parked at row %d",
                         claim.job_id, claim.shard_index, done_to)
             return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PARKED,
                              "parked: the budget cannot cover its next chunk", learn=False)
-        if feed.stopped == transitions.ChunkVerdict.LOST.value:
+        if feed.stopped == claims.ChunkVerdict.LOST.value:
             raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
         log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
         return self._hand_back(claim, model, None)
 
-    def _persist(self, claim: transitions.Claim, table: object, stats: transitions.CheckpointStats,
-                 beat: _Heartbeat) -> None:
+    def _persist(self, claim: claims.Claim, table: object, stats: claims.CheckpointStats,
+                 beat: Heartbeat) -> None:
         """Write the part and commit its checkpoint, retrying transient faults for a while."""
         settings = self.runtime.settings.worker
         deadline = time.monotonic() + settings.transient_retry_seconds
@@ -348,13 +282,13 @@ class ShardRunner:
                     write_parquet(table, stats.url, self.runtime.storage.storage_class("hot"))
                     written = True
                 with session_scope(self.runtime.engine) as session:
-                    transitions.commit_checkpoint(session, claim, stats, settings.lease_seconds)
+                    claims.commit_checkpoint(session, claim, stats, settings.lease_seconds)
                 return
             except LeaseLost:
                 self._charge_lost(claim, stats)
                 raise
             except Exception as exc:
-                if not _transient(exc):
+                if not is_transient(exc):
                     raise
                 if beat.lost.is_set():
                     raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost while "
@@ -368,15 +302,15 @@ class ShardRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _charge_lost(self, claim: transitions.Claim, stats: transitions.CheckpointStats) -> None:
+    def _charge_lost(self, claim: claims.Claim, stats: claims.CheckpointStats) -> None:
         try:
             with session_scope(self.runtime.engine) as session:
-                transitions.charge_lost_work(session, claim, stats)
+                claims.charge_lost_work(session, claim, stats)
         except Exception:  # the ledger is not worth failing over; the work is lost either way
             log.warning("could not charge the lost chunk of shard %s", claim.shard_index, exc_info=True)
 
     def _learn(self, backend: str, model: str, chunk: Chunk, completions: Sequence[Completion],
-               stats: transitions.CheckpointStats, seconds: float, is_api: bool) -> None:
+               stats: claims.CheckpointStats, seconds: float, is_api: bool) -> None:
         ok = [c for c in completions if c.error is None]
         try:
             with session_scope(self.runtime.engine) as session:
@@ -392,58 +326,47 @@ class ShardRunner:
 
     # -- ending a shard ----------------------------------------------------------------
 
-    def _end(self, claim: transitions.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
+    def _end(self, claim: claims.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
              error: str | None = None, *, learn: bool = True) -> ShardStatus | None:
         try:
             with session_scope(self.runtime.engine) as session:
-                if not transitions.end_shard(session, claim, new, outcome=outcome, error=error):
+                if not claims.end_shard(session, claim, new, outcome=outcome, error=error):
                     return None
                 if learn:
                     learning.record_shard_end(session, claim.backend, model, outcome.value,
                                               self.runtime.settings.routing)
         except Exception as exc:
-            if not _transient(exc):
+            if not is_transient(exc):
                 raise
             log.warning("could not end shard %s (%s); its lease runs out and the reaper queues it again",
                         claim.shard_index, exc.__class__.__name__)
             return None
         return new
 
-    def _reroute(self, claim: transitions.Claim, model: str, error: str) -> ShardStatus | None:
+    def _reroute(self, claim: claims.Claim, model: str, error: str) -> ShardStatus | None:
         """The backend failed the shard: back to the router, never to this backend again."""
         with session_scope(self.runtime.engine) as session:
-            if not transitions.reroute_shard(session, claim, error):
+            if not claims.reroute_shard(session, claim, error):
                 return None
             learning.record_shard_end(session, claim.backend, model, "failed", self.runtime.settings.routing)
         return ShardStatus.PENDING
 
-    def _hand_back(self, claim: transitions.Claim, model: str, error: str | None, *, learn: bool = True,
+    def _hand_back(self, claim: claims.Claim, model: str, error: str | None, *, learn: bool = True,
                    outcome: AttemptOutcome = AttemptOutcome.PREEMPTED) -> ShardStatus | None:
         """running -> preempted -> queued on the same backend (one transaction), and send it
         again; a shard preempted ``routing.max_preemptions`` times goes back to the router."""
         settings = self.runtime.settings
         try:
             with session_scope(self.runtime.engine) as session:
-                if not transitions.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=outcome, error=error):
+                ended, record = claims.hand_back(session, claim, outcome=outcome, error=error,
+                                                 max_preemptions=settings.routing.max_preemptions,
+                                                 queue=settings.backend(claim.backend).queue)
+                if not ended:
                     return None
                 if learn:
                     learning.record_shard_end(session, claim.backend, model, outcome.value, settings.routing)
-                preempted = session.execute(
-                    select(func.count()).select_from(ShardAttempt).where(
-                        ShardAttempt.shard_id == claim.shard_id,
-                        ShardAttempt.outcome.in_((AttemptOutcome.PREEMPTED, AttemptOutcome.LOST)),
-                    )
-                ).scalar_one()
-                if preempted >= settings.routing.max_preemptions:
-                    transitions.back_to_router(session, claim.shard_id)
-                    log.info("shard %s preempted %d times: back to the router", claim.shard_index, preempted)
-                    record = None
-                else:
-                    transitions.queue_shard(session, claim.shard_id, expected=(ShardStatus.PREEMPTED,),
-                                            backend=claim.backend, queue=settings.backend(claim.backend).queue)
-                    record = transitions.run_record(session, claim.shard_id)
         except Exception as exc:
-            if not _transient(exc):
+            if not is_transient(exc):
                 raise
             log.warning("could not hand shard %s back (%s); its lease runs out and the reaper queues it again",
                         claim.shard_index, exc.__class__.__name__)
@@ -454,7 +377,7 @@ class ShardRunner:
         self.runtime.send_run(record)
         return ShardStatus.QUEUED
 
-    def _hung(self, claim: transitions.Claim, model: str) -> None:
+    def _hung(self, claim: claims.Claim, model: str) -> None:
         """From the heartbeat thread: the engine is hung. Hand the shard back (the
         stuck chunk, if it ever returns, fails its fenced commit) and let the process go."""
         try:
@@ -470,10 +393,7 @@ class ShardRunner:
         a parked shard)? Route (the router blocks them if the job is paused)."""
         with session_scope(self.runtime.engine) as session:
             done = transitions.job_shards_final(session, job_id)
-            waiting = not done and session.execute(
-                select(func.count()).select_from(Shard).where(Shard.job_id == job_id,
-                                                              Shard.status == ShardStatus.PENDING)
-            ).scalar_one() > 0
+            waiting = not done and transitions.shards_waiting_for_router(session, job_id)
         if done:
             self.runtime.send_finalize(job_id)
         elif waiting:

@@ -20,6 +20,7 @@ from pipeline import api
 from pipeline.runtime import Runtime
 from schemas.deadline import parse_deadline
 from schemas.errors import InputError
+from schemas.jobspec import JobSpec
 
 __all__ = ["app", "config_app", "console", "db_app", "err"]
 
@@ -123,3 +124,11 @@ def _tags(items: list[str] | None) -> dict[str, str]:
             raise InputError(f"--tag {item!r} is not key=value")
         tags[key] = value
     return tags
+
+
+def job_spec(model: list[str], *, max_tokens: int | None = None, temperature: float | None = None,
+             rows_per_shard: int | None = None, budget: float | None = None, deadline: str | None = None,
+             tag: list[str] | None = None, task: Task = Task.generate) -> JobSpec:
+    """The job options of a command line, as the one ``JobSpec`` (refused naming the option)."""
+    return JobSpec(model=model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
+                   budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag), task=task.value)

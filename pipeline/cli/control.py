@@ -23,13 +23,12 @@ from pipeline.cli.app import (
     ModelOpt,
     ShardOpt,
     TagOpt,
-    _deadline,
     _job,
     _runtime,
-    _tags,
     app,
     console,
     err,
+    job_spec,
 )
 from pipeline.runtime import Runtime
 
@@ -63,10 +62,9 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Price a job on every backend and show the assignment, cost and finish time; runs nothing."""
-    make_plan = api.plan
-
-    result = make_plan(_runtime(), input_url, model, budget_usd=budget, deadline=_deadline(deadline),
-                       max_tokens=max_tokens, rows_per_shard=rows_per_shard, tags=_tags(tag))
+    spec = job_spec(model, max_tokens=max_tokens, rows_per_shard=rows_per_shard, budget=budget, deadline=deadline,
+                    tag=tag)
+    result = api.plan(_runtime(), input_url, spec)
     if as_json:
         console.print_json(json.dumps(result.__dict__, default=str))
         return
@@ -90,11 +88,9 @@ def budget(
     usd: Annotated[float, typer.Argument(metavar="USD", help="The job's new budget in USD.")],
 ) -> None:
     """Set a job's budget; a job paused for money resumes."""
-    set_budget = api.set_budget
-
     runtime = _runtime()
     job_id = _job(runtime, job_id)
-    status = set_budget(runtime, job_id, usd)
+    status = api.set_budget(runtime, job_id, usd)
     console.print(f"job {job_id}: budget ${usd:.4f}, {status}")
     if status == "running":
         _say_if_nobody_works(runtime, job_id)
@@ -107,10 +103,8 @@ def costs(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Spend from the cost ledger, grouped."""
-    report = api.costs
-
     runtime = _runtime(writes=False)
-    lines = report(runtime, job_id=_job(runtime, job) if job else None, by=by.value)
+    lines = api.costs(runtime, job_id=_job(runtime, job) if job else None, by=by.value)
     if as_json:
         console.print_json(json.dumps(lines))
         return
@@ -124,11 +118,9 @@ def costs(
 @app.command()
 def cancel(job_id: JobArg) -> None:
     """Stop a job: no more routing, running shards stop at their next checkpoint."""
-    stop = api.cancel
-
     runtime = _runtime()
     job_id = _job(runtime, job_id)
-    result = stop(runtime, job_id)
+    result = api.cancel(runtime, job_id)
     console.print(f"job {job_id} cancelled; {result.rows_kept:,} of {result.rows_total:,} rows are finished and kept "
                   f"so far (a running shard still commits the chunk in hand); `spotlane resume {job_id}` continues "
                   "with the rest")
@@ -137,11 +129,9 @@ def cancel(job_id: JobArg) -> None:
 @app.command()
 def resume(job_id: JobArg) -> None:
     """Continue a cancelled, failed or paused job, redoing only unfinished rows."""
-    go = api.resume
-
     runtime = _runtime()
     job_id = _job(runtime, job_id)
-    result = go(runtime, job_id)
+    result = api.resume(runtime, job_id)
     console.print(f"job {job_id} resumed: {result.rows_total - result.rows_kept:,} rows to go "
                   f"({result.rows_kept:,} already done)")
     _say_if_nobody_works(runtime, job_id)
@@ -150,11 +140,9 @@ def resume(job_id: JobArg) -> None:
 @app.command("retry-errors")
 def retry_errors(job_id: JobArg) -> None:
     """Re-run only the rows whose output has an error; a new result version replaces them."""
-    retry = api.retry_errors
-
     runtime = _runtime()
     job_id = _job(runtime, job_id)
-    child, rows = retry(runtime, job_id)
+    child, rows = api.retry_errors(runtime, job_id)
     console.print(f"retrying {rows} row(s) of job {job_id} as job {child}; when it finishes, "
                   f"`spotlane results {job_id}` points at the new version")
     console.print(child)

@@ -45,9 +45,7 @@ def storage_sweep(
     The scheduler runs this every storage.sweep_interval_seconds; an interrupted
     sweep is completed by the next one. Exit status 1 if an action failed.
     """
-    sweep = api.sweep
-
-    report = sweep(_runtime(), dry_run=dry_run, retry_failed=retry_failed)
+    report = api.sweep(_runtime(), dry_run=dry_run, retry_failed=retry_failed)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif report.locked:
@@ -83,9 +81,7 @@ def schedules_list(
     """List schedules with their next and last run and the last run's job status."""
     if ctx.invoked_subcommand is not None:
         return
-    list_schedules = api.list_schedules
-
-    rows = list_schedules(_runtime())
+    rows = api.list_schedules(_runtime())
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -112,15 +108,13 @@ def schedules_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trigger one run of schedule NAME by hand (at most once per date, like the scheduler)."""
-    run_schedule = api.run_schedule
-
     day = None
     if on:
         try:
             day = date.fromisoformat(on)
         except ValueError:
             raise InputError(f"--date {on!r} is not a date: use YYYY-MM-DD") from None
-    report = run_schedule(_runtime(), name, day)
+    report = api.run_schedule(_runtime(), name, day)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif not report.new:

@@ -33,13 +33,12 @@ from pipeline.cli.app import (
     Task,
     TaskOpt,
     TempOpt,
-    _deadline,
     _job,
     _runtime,
-    _tags,
     app,
     console,
     err,
+    job_spec,
 )
 from pipeline.cli.render import progress_bar, summary_line
 from pipeline.runtime import Runtime
@@ -125,11 +124,9 @@ def run(
     else:
         if input_url is None or not model:
             raise typer.BadParameter("give INPUT and --model (or --job JOB to work an existing job)")
-        job_id = api.submit(
-            runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
-            rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
-            task=task.value,
-        )
+        spec = job_spec(model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
+                        budget=budget, deadline=deadline, tag=tag, task=task)
+        job_id = api.submit(runtime, input_url, **spec.options())
     log_path = runtime.settings.home / "logs" / f"run-{job_id}.log"
     err.print(f"job [bold]{job_id}[/bold] {'continued' if job else 'submitted'} (log: {escape(str(log_path))})")
     stop = StopFlag()
@@ -211,12 +208,9 @@ def submit(
     task: TaskOpt = Task.generate,
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
-    runtime = _runtime()
-    job_id = api.submit(
-        runtime, input_url, model, max_tokens=max_tokens, temperature=temperature,
-        rows_per_shard=rows_per_shard, budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag),
-        task=task.value,
-    )
+    spec = job_spec(model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
+                    budget=budget, deadline=deadline, tag=tag, task=task)
+    job_id = api.submit(_runtime(), input_url, **spec.options())
     console.print(job_id)
 
 

@@ -18,10 +18,12 @@ from pipeline.jobs.submit import plan_shards
 from pipeline.routing.estimate import profile_rows
 from pipeline.routing.router import choose, quotes_for
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import expand_input, inspect_input, stitch_inputs
+from pipeline.storage.input_files import expand_input, stitch_inputs
+from pipeline.storage.inputs import inspect_input
 from pipeline.store.db import session_scope
 from schemas.base import utcnow
 from schemas.errors import InputError
+from schemas.jobspec import JobSpec
 from schemas.tables import Job
 
 __all__ = ["Plan", "plan"]
@@ -40,17 +42,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(
-    runtime: Runtime,
-    input_url: str,
-    models: list[str],
-    *,
-    budget_usd: float | None = None,
-    deadline: datetime | None = None,
-    max_tokens: int | None = None,
-    rows_per_shard: int | None = None,
-    tags: dict[str, Any] | None = None,
-) -> Plan:
+def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
     """What routing would do with ``input_url`` now, without writing anything.
 
     Models resolve as ``submit`` resolves them (a mistyped folder is refused); several
@@ -58,12 +50,12 @@ def plan(
     """
     settings = runtime.settings
     api_models = {m for p in settings.api_providers for m in p.models}
-    models = [m if m in api_models else resolve_model(m) for m in models]
+    models = [m if m in api_models else resolve_model(m) for m in spec.models]
     files = expand_input(input_url)
     with tempfile.TemporaryDirectory(dir=settings.home) as scratch:
         url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
-        return _plan(runtime, url, models, budget_usd=budget_usd, deadline=deadline, max_tokens=max_tokens,
-                     rows_per_shard=rows_per_shard, tags=tags)
+        return _plan(runtime, url, models, budget_usd=spec.budget_usd, deadline=spec.deadline,
+                     max_tokens=spec.max_tokens, rows_per_shard=spec.rows_per_shard, tags=spec.tags)
 
 
 def _plan(

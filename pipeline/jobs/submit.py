@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import insert
@@ -21,22 +20,21 @@ from sqlalchemy.exc import IntegrityError
 
 from pipeline.jobs.models import resolve_model
 from pipeline.runtime import Runtime
+from pipeline.storage.input_files import expand_input, source_of_row, stitch_inputs
 from pipeline.storage.inputs import (
     InputInfo,
     canonical_url,
-    expand_input,
     input_identity,
     inspect_input,
     iter_rows,
     open_parquet,
     refuse_credentials,
-    source_of_row,
-    stitch_inputs,
 )
 from pipeline.storage.objects import copy_file, filesystem, list_files, remove_tree
 from pipeline.store.db import session_scope
 from schemas.base import utcnow
 from schemas.errors import InputError
+from schemas.jobspec import JobSpec
 from schemas.settings import Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
@@ -47,24 +45,18 @@ __all__ = ["JobRequest", "new_job_id", "plan_shards", "submit"]
 CHARS_PER_TOKEN = 4.0
 
 
-@dataclass(frozen=True)
-class JobRequest:
+class JobRequest(JobSpec):
+    """A ``JobSpec`` and the input it runs on: ``JobRequest("prompts.parquet", "./model", max_tokens=64)``."""
+
     input_url: str
-    #: The model, or several acceptable models (the router picks per shard, cheapest first).
-    model: str | list[str]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    rows_per_shard: int | None = None
-    budget_usd: float | None = None
-    deadline: datetime | None = None
-    tags: dict[str, Any] = field(default_factory=dict)
-    #: "generate" (completions) or "embed" (pooled sentence embeddings).
-    task: str = "generate"
     #: Chosen by the caller to make a retried submit idempotent (scheduled runs);
     #: a job with this id already existing is then not an error.
     job_id: str | None = None
     #: A ``retry-errors`` job: the job whose error rows this one re-runs.
     retry_of: str | None = None
+
+    def __init__(self, input_url: str, model: str | list[str], **options: Any) -> None:
+        super().__init__(input_url=input_url, model=model, **options)
 
 
 def new_job_id() -> str:
@@ -185,20 +177,8 @@ def _first_row_with(url: str, model: str) -> int | None:
 def submit(runtime: Runtime, request: JobRequest) -> str:
     """Create the job and its shards, enqueue routing, and return the job id."""
     settings = runtime.settings
-    if request.task not in ("generate", "embed"):
-        raise InputError(f"--task must be generate or embed, not {request.task!r}")
-    if request.max_tokens is not None and request.max_tokens < 1:
-        raise InputError("--max-tokens must be at least 1")
-    if request.temperature is not None and not 0.0 <= request.temperature <= 5.0:
-        raise InputError(f"--temperature must be a number in [0, 5], not {request.temperature}")
-    if request.rows_per_shard is not None and request.rows_per_shard < 1:
-        raise InputError("--rows-per-shard must be at least 1")
-    if request.budget_usd is not None and not request.budget_usd >= 0:
-        raise InputError(f"--budget must be a number of USD, not negative (got {request.budget_usd})")
     refuse_credentials(request.input_url)
-    names = [request.model] if isinstance(request.model, str) else list(request.model)
-    if not names:
-        raise InputError("name at least one model")
+    names = request.models
     api_models = {m for p in settings.api_providers for m in p.models}
     # A model only an API provider serves is a name, not a folder or a hub id to check.
     models = [m if m in api_models else resolve_model(m) for m in names]

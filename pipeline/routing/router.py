@@ -52,7 +52,7 @@ from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
 
 __all__ = [
-    "Choice", "candidates", "choose", "committed_usd", "plan_on_time", "quotes_for", "route_job", "route_lease",
+    "Choice", "candidates", "choose", "plan_on_time", "quotes_for", "route_job", "route_lease",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def plan_on_time(
     return cheapest_on_time(quotes, room)
 
 
-def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], now: datetime,
+def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str],
                cooling: set[str]) -> list[tuple[GpuPool | ApiProvider, str]]:
     """(backend, model) pairs allowed for this shard, rules and exclusions applied."""
     models = job.models or [job.model]
@@ -143,17 +143,11 @@ def quotes_for(session: Session, settings: Settings, job: Job, profile: ShardPro
             if seen is not None and seen.cooling(now):
                 cooling.add(backend.name)
     found: list[Quote] = []
-    for backend, model in candidates(settings, job, profile, excluded, now, cooling):
+    for backend, model in candidates(settings, job, profile, excluded, cooling):
         priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing)
         if priced is not None:
             found.append(priced)
     return found
-
-
-def committed_usd(runtime: Runtime, job_id: str) -> float:
-    """Spent plus still-reserved USD of a job, from the ledger."""
-    with session_scope(runtime.engine) as session:
-        return ledger.committed_usd(session, job_id)
 
 
 def _backlog(session: Session) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Object storage: three tiers of fsspec URLs and the layout inside them.
 
-Layout (ARCHITECTURE "Storage tiers")::
+Layout (the README's "Storage tiers and their lifecycle")::
 
     <hot>/jobs/<job_id>/shards/<shard_index>/part-<first_row>-a<attempt>-<token>.parquet   checkpoints
     <warm>/jobs/<job_id>/results-<token>/part-<n>.parquet + _manifest.json              results

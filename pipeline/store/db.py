@@ -21,15 +21,15 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from schemas.base import utcnow
-from schemas.errors import ConfigError, StoreError
-from schemas.settings import mask_url
+from schemas.errors import ConfigError, StoreError, TransientError
+from schemas.secrets import mask_url
 
-__all__ = ["current_revision", "db_now", "engine_for", "head_revision", "session_scope", "upgrade"]
+__all__ = ["current_revision", "db_now", "engine_for", "head_revision", "is_transient", "session_scope", "upgrade"]
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -127,3 +127,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         raise StoreError(
             f"could not migrate the job store at {mask_url(str(engine.url))}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
         ) from exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault that may pass: storage I/O, a dropped or locked database connection."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -149,12 +149,9 @@ def _submit(runtime: Runtime, schedule: Schedule, run: ScheduleRun) -> None:
     """Submit the run's job under its pre-chosen id, and record the outcome."""
     assert run.job_id is not None
     fire = run.fire_at
-    request = producer.JobRequest(
-        input_url=run.input_url, model=schedule.models, max_tokens=schedule.max_tokens,
-        temperature=schedule.temperature, rows_per_shard=schedule.rows_per_shard,
-        budget_usd=schedule.budget_usd, deadline=schedule.deadline_at(fire), task=schedule.task,
-        tags={**schedule.tags, "schedule": schedule.name, "run_date": run.run_date}, job_id=run.job_id,
-    )
+    options = schedule.job_options()
+    options["tags"] = {**schedule.tags, "schedule": schedule.name, "run_date": run.run_date}
+    request = producer.JobRequest(run.input_url, deadline=schedule.deadline_at(fire), job_id=run.job_id, **options)
     try:
         producer.submit(runtime, request)
     except InputError as exc:

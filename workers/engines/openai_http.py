@@ -11,7 +11,8 @@ hands the shard back to the router.
 
 The transport is aiohttp rather than httpx: measured here against the same local
 server, httpx's connection pool topped out near 100 requests/s at 64-256
-concurrent requests (CPU-bound), aiohttp served 1,000-2,900 (see the issue note).
+concurrent requests (CPU-bound), aiohttp served 1,000-2,900 (measured once, by hand,
+when the transport was chosen; ``benchmarks/api_throughput.py`` measures this engine).
 
 The event loop runs in a thread of its own, so chunks overlap: while the runner
 writes and commits one checkpoint, the next chunk's requests are already in

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.api import (
         EXPORT_FORMATS,
+        JobEvent,
         JobReport,
         JobSpec,
+        JobSummary,
         Plan,
         ResultsInfo,
         RunReport,
         Runtime,
+        ScheduleStatus,
         Stopped,
         SweepReport,
         cancel,
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "EXPORT_FORMATS", "JobReport", "JobSpec", "Plan", "ResultsInfo", "RunReport", "Runtime", "Stopped", "SweepReport",
+    "EXPORT_FORMATS", "JobEvent", "JobReport", "JobSpec", "JobSummary", "Plan", "ResultsInfo", "RunReport", "Runtime", "ScheduleStatus", "Stopped", "SweepReport",
     "cancel", "check_export_target", "costs", "export_results", "job_events", "job_status", "list_jobs",
     "list_schedules", "live_workers", "plan", "resolve_job", "results", "resume", "retry_errors", "run_schedule",
     "set_budget", "submit", "sweep", "upgrade_store", "wait",

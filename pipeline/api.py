@@ -21,7 +21,9 @@ from pipeline.jobs.costs import costs
 from pipeline.jobs.export import EXPORT_FORMATS, check_export_target, export_results
 from pipeline.jobs.plan import Plan, plan
 from pipeline.jobs.queries import (
+    JobEvent,
     JobReport,
+    JobSummary,
     ResultsInfo,
     job_events,
     job_status,
@@ -34,19 +36,19 @@ from pipeline.jobs.retry import retry_errors
 from pipeline.runtime import Runtime
 from pipeline.storage.lifecycle import SweepReport, sweep
 from pipeline.store import db, presence
-from pipeline.tasks.scheduler import RunReport, list_schedules, run_schedule
+from pipeline.tasks.scheduler import RunReport, ScheduleStatus, list_schedules, run_schedule
 from schemas.jobspec import JobSpec
-from schemas.settings import load_settings
+from schemas.settings import load_settings as _load_settings
 
 __all__ = [
     # Jobs
     "JobSpec", "submit", "plan", "Plan", "cancel", "resume", "set_budget", "Stopped", "retry_errors",
     # Reading
-    "job_status", "JobReport", "list_jobs", "resolve_job", "job_events", "wait", "costs",
+    "job_status", "JobReport", "list_jobs", "JobSummary", "JobEvent", "resolve_job", "job_events", "wait", "costs",
     # Results
     "results", "ResultsInfo", "export_results", "check_export_target", "EXPORT_FORMATS",
     # Operations
-    "sweep", "SweepReport", "list_schedules", "run_schedule", "RunReport", "live_workers", "upgrade_store",
+    "sweep", "SweepReport", "list_schedules", "ScheduleStatus", "run_schedule", "RunReport", "live_workers", "upgrade_store",
     "Runtime",
 ]
 
@@ -68,7 +70,7 @@ def live_workers(runtime: Runtime, queue: str | None = None) -> int:
 
 def upgrade_store(config: str | None = None, revision: str = "head") -> str | None:
     """Apply the job store's migrations up to ``revision``; return the store's revision after."""
-    settings = load_settings(config)
+    settings = _load_settings(config)
     engine = db.engine_for(settings.database.url)
     db.upgrade(engine, revision)
     return db.current_revision(engine)

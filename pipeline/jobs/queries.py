@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import select, text
 
@@ -16,7 +16,27 @@ from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard, ShardAttempt
 
-__all__ = ["JobReport", "ResultsInfo", "job_events", "job_status", "list_jobs", "resolve_job", "results", "wait"]
+__all__ = ["JobEvent", "JobReport", "JobSummary", "ResultsInfo", "job_events", "job_status", "list_jobs", "resolve_job", "results", "wait"]
+
+
+class JobSummary(TypedDict):
+    """One line of ``list_jobs`` (times are ISO 8601, UTC)."""
+
+    job_id: str
+    status: str
+    model: str
+    rows: int
+    rows_failed: int
+    created_at: str | None
+    finished_at: str | None
+    result_url: str | None
+
+
+class JobEvent(TypedDict):
+    """One line of a job's history (``job_events``)."""
+
+    at: str
+    what: str
 
 
 def resolve_job(runtime: Runtime, ref: str) -> str:
@@ -149,24 +169,24 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
         )
 
 
-def list_jobs(runtime: Runtime, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
-    """The newest jobs first, one dict per job."""
+def list_jobs(runtime: Runtime, limit: int = 20, status: str | None = None) -> list[JobSummary]:
+    """The newest jobs first."""
     with session_scope(runtime.engine) as session:
         query = select(Job).order_by(Job.created_at.desc()).limit(limit)
         if status:
             query = query.where(Job.status == JobStatus(status))
         jobs = session.execute(query).scalars().all()
         return [
-            {
-                "job_id": job.id,
-                "status": job.status.value,
-                "model": job.model,
-                "rows": job.rows_total,
-                "rows_failed": job.rows_failed,
-                "created_at": _iso(job.created_at),
-                "finished_at": _iso(job.finished_at),
-                "result_url": job.result_url,
-            }
+            JobSummary(
+                job_id=job.id,
+                status=job.status.value,
+                model=job.model,
+                rows=job.rows_total,
+                rows_failed=job.rows_failed,
+                created_at=_iso(job.created_at),
+                finished_at=_iso(job.finished_at),
+                result_url=job.result_url,
+            )
             for job in jobs
         ]
 
@@ -203,7 +223,7 @@ def results(runtime: Runtime, job_id: str) -> ResultsInfo:
 
 
 #: What an export can be, by the target's extension.
-def job_events(runtime: Runtime, job_id: str) -> list[dict[str, Any]]:
+def job_events(runtime: Runtime, job_id: str) -> list[JobEvent]:
     """The job's history, oldest first: submitted, each attempt's start and end, finished."""
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
@@ -228,4 +248,4 @@ def job_events(runtime: Runtime, job_id: str) -> list[dict[str, Any]]:
                                              + (f"; {job.error}" if job.error else "")))
         elif job.error:
             events.append((job.updated_at, f"{job.status.value}: {job.error}"))
-    return [{"at": at.isoformat(), "what": what} for at, what in sorted(events, key=lambda e: e[0])]
+    return [JobEvent(at=at.isoformat(), what=what) for at, what in sorted(events, key=lambda e: e[0])]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -37,7 +37,7 @@ from schemas.schedules import Schedule
 from schemas.status import RunStatus
 from schemas.tables import Job, ScheduleRecord, ScheduleRun
 
-__all__ = ["RunReport", "list_schedules", "run_schedule", "tick"]
+__all__ = ["RunReport", "ScheduleStatus", "list_schedules", "run_schedule", "tick"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,22 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class ScheduleStatus(TypedDict):
+    """One schedule in ``list_schedules``: its next fire time and its last run (local ISO times)."""
+
+    name: str
+    cron: str
+    timezone: str
+    enabled: bool
+    next_run: str | None
+    last_run: str | None
+    last_run_date: str | None
+    last_run_status: str | None
+    last_job_id: str | None
+    last_job_status: str | None
+    last_message: str | None
 
 
 def _report(run: ScheduleRun, new: bool) -> RunReport:
@@ -276,10 +292,10 @@ def run_schedule(runtime: Runtime, name: str, on: date | None = None) -> RunRepo
     return _report(existing, bool(retried))
 
 
-def list_schedules(runtime: Runtime, now: datetime | None = None) -> list[dict[str, Any]]:
+def list_schedules(runtime: Runtime, now: datetime | None = None) -> list[ScheduleStatus]:
     """Each configured schedule with its next fire time and its last run (and that run's job)."""
     now = now or utcnow()
-    rows: list[dict[str, Any]] = []
+    rows: list[ScheduleStatus] = []
     with session_scope(runtime.engine) as session:
         for schedule in runtime.settings.schedules:
             last = session.execute(
@@ -289,17 +305,17 @@ def list_schedules(runtime: Runtime, now: datetime | None = None) -> list[dict[s
                 .order_by(ScheduleRun.fire_at.desc()).limit(1)
             ).first()
             run, job_status = (last[0], last[1]) if last else (None, None)
-            rows.append({
-                "name": schedule.name,
-                "cron": schedule.cron,
-                "timezone": schedule.timezone,
-                "enabled": schedule.enabled,
-                "next_run": schedule.local(schedule.next_fire(now)).isoformat() if schedule.enabled else None,
-                "last_run": schedule.local(run.fire_at).isoformat() if run else None,
-                "last_run_date": run.run_date if run else None,
-                "last_run_status": run.status.value if run else None,
-                "last_job_id": run.job_id if run else None,
-                "last_job_status": job_status.value if job_status is not None else None,
-                "last_message": run.message if run else None,
-            })
+            rows.append(ScheduleStatus(
+                name=schedule.name,
+                cron=schedule.cron,
+                timezone=schedule.timezone,
+                enabled=schedule.enabled,
+                next_run=schedule.local(schedule.next_fire(now)).isoformat() if schedule.enabled else None,
+                last_run=schedule.local(run.fire_at).isoformat() if run else None,
+                last_run_date=run.run_date if run else None,
+                last_run_status=run.status.value if run else None,
+                last_job_id=run.job_id if run else None,
+                last_job_status=job_status.value if job_status is not None else None,
+                last_message=run.message if run else None,
+            ))
     return rows

@@ -4,7 +4,7 @@ The baseline re-implements the approach of openai-cookbook's
 ``api_request_parallel_processor.py``: one asyncio loop, aiohttp with its default
 connection pool, request and token capacity counters refilled per minute, a fixed
 15 s pause after a rate-limit error, and up to 5 attempts per request. Both run
-against the same local OpenAI-compatible server (``tests/openai_server.py``), one
+against the same local OpenAI-compatible server (``tests/support/openai_server.py``), one
 after the other, in three regimes:
 
 1. 50 ms latency, generous limits;
@@ -28,7 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.backends import ApiProvider  # noqa: E402
-from tests.openai_server import FakeOpenAI  # noqa: E402
+from tests.support.openai_server import FakeOpenAI  # noqa: E402
 from workers.engines.base import Request  # noqa: E402
 from workers.engines.openai_http import APIEngine  # noqa: E402
 

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import write_prompts  # noqa: E402
-from tests.openai_server import FakeOpenAI  # noqa: E402
+from tests.support import write_prompts  # noqa: E402
+from tests.support.openai_server import FakeOpenAI  # noqa: E402
 
 
 def _time(tree: Path, config: Path, data: Path, home: Path) -> tuple[float, float]:

@@ -14,15 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from pipeline.runtime import Runtime
+from tests.support import free_port
 from workers.demo_model import build_tiny_model
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -96,12 +94,6 @@ def redis_url() -> Iterator[str]:
         client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API on loopback (moto's server mode), for the whole session.
@@ -109,7 +101,7 @@ def s3_endpoint() -> Iterator[str]:
     Credentials and the endpoint reach s3fs the standard AWS way, through the
     environment, which child processes inherit.
     """
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -183,36 +175,3 @@ def runtime(store_url: str) -> Runtime:
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))  # the embedded store migrates itself
     return Runtime.open(database={"url": store_url})
-
-
-def write_prompts(path: Path, rows: int, *, row_group_size: int | None = None, **extra: Any) -> Path:
-    """A valid input file of ``rows`` prompts, plus any extra columns given."""
-    columns: dict[str, Any] = {
-        "id": [f"row-{i:05d}" for i in range(rows)],
-        "prompt": [f"Summarize the support ticket number {i} about a billing error." for i in range(rows)],
-    }
-    columns.update(extra)
-    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
-    return path
-
-
-def stop_process(process: subprocess.Popen[bytes], grace: float = 30) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds: no test leaves a worker behind."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def spotlane(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the real ``spotlane`` CLI in a child process."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )

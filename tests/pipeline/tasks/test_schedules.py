@@ -8,9 +8,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from schemas.schedules import Schedule
 from schemas.settings import load_settings
 from schemas.status import RunStatus
 from schemas.tables import Job, ScheduleRun
-from tests.conftest import spotlane, stop_process, write_prompts
+from tests.support import race, spotlane, stop_process, write_prompts
 
 BERLIN = "Europe/Berlin"
 
@@ -144,19 +144,7 @@ def _jobs(runtime: Runtime) -> dict[str, Job]:
 
 def _ticking_at_once(runtime: Runtime, beats: int, now: datetime) -> list[list[schedules.RunReport]]:
     """``beats`` schedulers calling ``tick`` at the same moment, on threads."""
-    reports: list[list[schedules.RunReport]] = []
-    barrier = threading.Barrier(beats)
-
-    def beat() -> None:
-        barrier.wait()
-        reports.append(schedules.tick(runtime, now=now))
-
-    threads = [threading.Thread(target=beat) for _ in range(beats)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return reports
+    return race(*[partial(schedules.tick, runtime, now=now)] * beats)
 
 
 def test_a_tick_submits_each_due_run_once_with_its_date_deadline_and_tags(

@@ -14,7 +14,7 @@ import pytest
 from schemas.errors import ConfigError
 from schemas.secrets import mask_url
 from schemas.settings import load_settings
-from tests.conftest import spotlane, write_prompts
+from tests.support import spotlane, write_prompts
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_markup_in_a_name_or_an_error_is_printed_as_text(tmp_path: Path, spotlan
     """Review L3: an input URL or an error holding '[/b]' crashed `spotlane status` and the error printer."""
     from sqlalchemy import create_engine, text
 
-    from tests.jobs import model_folder
+    from tests.support.jobs import model_folder
 
     folder = tmp_path / "in[x"
     folder.mkdir()
@@ -80,7 +80,7 @@ def test_an_export_never_lands_in_the_jobs_own_storage_and_appears_whole(tmp_pat
     """Review L12: --to opened the target before reading and could overwrite the job's own part."""
     from pipeline import api
     from pipeline.jobs.submit import JobRequest, submit
-    from tests.jobs import model_folder, run_queued, stub_runtime
+    from tests.support.jobs import model_folder, run_queued, stub_runtime
 
     runtime, _ = stub_runtime(f"sqlite:///{spotlane_home / 'spotlane.db'}")
     job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 5)), model_folder(tmp_path)))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -22,7 +21,7 @@ from pipeline.runtime import Runtime
 from pipeline.store.db import session_scope
 from schemas.records import RunShard
 from schemas.tables import Shard
-from tests.conftest import spotlane, stop_process, write_prompts
+from tests.support import PrivateRedis, race, spotlane, stop_process, write_prompts
 from workers.runner import ShardRunner
 
 pytestmark = [pytest.mark.postgres]
@@ -61,18 +60,7 @@ def test_the_same_task_delivered_twice_at_once_runs_once(
         shard = session.query(Shard).filter_by(job_id=job_id).one()
     task = RunShard(job_id=job_id, shard_id=shard.id, backend="local")
     runners = [ShardRunner(runtime, wid=f"worker-{n}") for n in range(2)]
-    outcomes: list[object] = []
-    barrier = threading.Barrier(2)
-
-    def deliver(runner: ShardRunner) -> None:
-        barrier.wait()
-        outcomes.append(runner.run(task))
-
-    threads = [threading.Thread(target=deliver, args=(r,)) for r in runners]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes: list[object] = race(*(partial(r.run, task) for r in runners))
 
     assert sorted(str(o) for o in outcomes) == sorted(["None", "ShardStatus.DONE"])
     with runtime.engine.connect() as conn:
@@ -137,50 +125,11 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
     assert table.column("team").to_pylist() == ["a", "b", "c"] * 40
 
 
-class _PrivateRedis:
-    """A redis-server of the test's own, so it can be killed and restarted."""
-
-    def __init__(self, folder: Path) -> None:
-        from tests.conftest import _free_port
-
-        self.folder, self.port = folder, _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server binary not installed")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "private redis did not start"
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.mark.slow
 def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
     postgres_url: str, tmp_path: Path, tiny_model: Path
 ) -> None:
-    server = _PrivateRedis(tmp_path)
+    server = PrivateRedis(tmp_path)
     server.start()
     env = {
         "SPOTLANE_DATABASE__URL": postgres_url,

@@ -25,8 +25,8 @@ from pipeline.tasks import finalize as finalizer
 from pipeline.tasks.finalize import finalize_job, finalize_lease
 from pipeline.tasks.reaper import reap
 from schemas.status import JobStatus
-from tests.conftest import write_prompts
-from tests.jobs import job_row, model_folder, run_queued, stub_runtime
+from tests.support import write_prompts
+from tests.support.jobs import job_row, model_folder, run_queued, stub_runtime
 from workers.engines.stub import FAIL_MARKER
 
 

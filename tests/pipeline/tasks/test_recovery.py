@@ -29,8 +29,8 @@ from schemas.errors import TransientError
 from schemas.records import RouteJob, RunShard
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import BackendStats, ShardAttempt
-from tests.conftest import write_prompts
-from tests.jobs import job_row, model_folder, run_queued, shards, stub_runtime
+from tests.support import write_prompts
+from tests.support.jobs import job_row, model_folder, run_queued, shards, stub_runtime
 from workers.runner import ShardRunner
 
 FAST = {"requeue_after_seconds": 0.1}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import spotlane, stop_process, write_prompts
+from tests.support import spotlane, stop_process, write_prompts
 from workers.drain import StopFlag
 from workers.spot_notice import SpotNoticeProbe, notice_in
 

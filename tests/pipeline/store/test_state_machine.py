@@ -47,8 +47,8 @@ from pipeline.tasks.finalize import finalize_job
 from schemas.errors import LeaseLost, StoreError
 from schemas.status import JOB_MOVES, SHARD_MOVES, AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Checkpoint, CostLedgerEntry, Job, Shard
-from tests.conftest import write_prompts
-from tests.jobs import model_folder, stub_runtime
+from tests.support import write_prompts
+from tests.support.jobs import model_folder, stub_runtime
 
 ROWS, PER_SHARD = 12, 4
 #: SPOTLANE_TEST_LONG=1 runs many more sequences (minutes, not seconds).

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 from pipeline.storage.inputs import inspect_input, iter_rows
 from schemas.arrow import MESSAGE_TYPE
 from schemas.errors import InputError
-from tests.conftest import spotlane, write_prompts
+from tests.support import spotlane, write_prompts
 
 
 def test_a_valid_file_is_described_by_its_footer(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_a_column_named_like_an_output_column_is_refused_before_any_work(tmp_pat
 
 def test_a_row_model_that_is_neither_the_jobs_nor_a_named_one_is_refused_at_submit(tmp_path: Path) -> None:
     """Review M5: any folder or hub id an input row named was loaded by '*' pools."""
-    from tests.jobs import model_folder
+    from tests.support.jobs import model_folder
 
     model = model_folder(tmp_path)
     path = write_prompts(tmp_path / "in.parquet", 4, model=[None, model, "/etc/secret-model", None])

@@ -10,7 +10,7 @@ import pytest
 
 from schemas.backends import ApiProvider, input_token_bound
 from schemas.errors import ProviderError
-from tests.openai_server import FakeOpenAI
+from tests.support.openai_server import FakeOpenAI
 from workers.engines.base import Request
 from workers.engines.openai_http import RETRY_AFTER_CAP, APIEngine, retry_after
 

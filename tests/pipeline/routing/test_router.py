@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from schemas.base import utcnow
 from schemas.jobspec import JobSpec
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Job, Shard
-from tests.conftest import write_prompts
+from tests.support import race, write_prompts
 
 POOLS = [{"name": "slow", "price_per_hour": 3.6, "tokens_per_second": 10, "max_workers": 1}]
 PROVIDERS = [
@@ -170,22 +171,12 @@ def _committed(runtime: Runtime, job_id: str) -> float:
 def test_concurrent_routers_never_commit_more_than_the_budget(postgres_url: str, tmp_path: Path) -> None:
     runtime = _runtime(postgres_url)
     job_id = _job(runtime, tmp_path, budget_usd=0.75)
-    barrier = threading.Barrier(4)
     errors: list[BaseException] = []
     queued_by: list[int] = []
-
-    def router() -> None:
-        barrier.wait()
-        try:
-            queued_by.append(route_job(runtime, job_id))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=router) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        queued_by = race(*[partial(route_job, runtime, job_id)] * 4)
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
 
     assert errors == []
     with runtime.engine.connect() as conn:

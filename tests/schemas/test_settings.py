@@ -6,7 +6,7 @@ import pytest
 
 from schemas.errors import ConfigError
 from schemas.settings import load_settings
-from tests.conftest import spotlane
+from tests.support import spotlane
 
 
 def test_with_no_config_everything_lives_in_the_home_folder(spotlane_home: Path) -> None:

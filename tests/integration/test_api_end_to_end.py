@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from tests.conftest import spotlane, write_prompts
-from tests.openai_server import FakeOpenAI
+from tests.support import spotlane, write_prompts
+from tests.support.openai_server import FakeOpenAI
 
 pytestmark = pytest.mark.slow
 

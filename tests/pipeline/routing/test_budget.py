@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,8 @@ from pipeline.store.db import session_scope
 from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry
-from tests import openai_server
-from tests.conftest import spotlane, write_prompts
-from tests.jobs import job_row, model_folder, shards, stub_runtime
+from tests.support import openai_server, race, spotlane, write_prompts
+from tests.support.jobs import job_row, model_folder, shards, stub_runtime
 from workers.runner import ShardRunner
 
 CJK = "請幫我總結這張關於帳單錯誤的支援工單並提出解決方案" * 4  # 100 characters, 300 UTF-8 bytes
@@ -191,23 +191,12 @@ def test_cancel_racing_claims_never_releases_a_running_shards_reservation(postgr
         job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / f"in{attempt}.parquet", 40)),
                                             model_folder(tmp_path), rows_per_shard=5, budget_usd=100.0))
         route_job(runtime, job_id)
-        barrier = threading.Barrier(9)
 
         def claim(shard_id: int) -> None:
-            barrier.wait()
             with session_scope(runtime.engine) as session:
                 claims.claim_shard(session, shard_id, f"w:{shard_id}:t", 60, "local")
 
-        def stop() -> None:
-            barrier.wait()
-            cancel(runtime, job_id)
-
-        threads = [threading.Thread(target=claim, args=(s.id,)) for s in shards(runtime, job_id)]
-        threads.append(threading.Thread(target=stop))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        race(*(partial(claim, s.id) for s in shards(runtime, job_id)), partial(cancel, runtime, job_id))
         with session_scope(runtime.engine) as session:
             for shard in shards(runtime, job_id):
                 held = session.execute(select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(

@@ -34,8 +34,8 @@ from schemas.errors import StoreError
 from schemas.records import RunShard
 from schemas.status import ActionStatus, JobStatus
 from schemas.tables import Job, Shard, StorageAction
-from tests.conftest import spotlane, write_prompts
-from tests.jobs import job_row
+from tests.support import spotlane, write_prompts
+from tests.support.jobs import job_row
 from workers.runner import ShardRunner
 
 
@@ -408,7 +408,7 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
     """Review M7: the move's switch still matched (same URL string): the job pointed at the
     old, partial results in cold, and the sweep purged the resumed job's checkpoints."""
     from schemas.status import AttemptOutcome, ShardStatus
-    from tests.jobs import model_folder, run_queued, shards, stub_runtime
+    from tests.support.jobs import model_folder, run_queued, shards, stub_runtime
 
     runtime, _ = stub_runtime(store_url, storage={t: (tmp_path / "tiers" / t).as_uri() for t in ("hot", "warm", "cold")},
                               worker={"checkpoint_rows": 5})

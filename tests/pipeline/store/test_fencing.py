@@ -30,8 +30,8 @@ from pipeline.tasks.reaper import reap
 from schemas.records import RunShard
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Checkpoint, ShardAttempt
-from tests.conftest import stop_process, write_prompts
-from tests.jobs import job_row, model_folder, run_queued, shards, stub_runtime, worker_process
+from tests.support import stop_process, write_prompts
+from tests.support.jobs import job_row, model_folder, run_queued, shards, stub_runtime, worker_process
 from workers.runner import ShardRunner
 
 

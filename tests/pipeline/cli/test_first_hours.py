@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from tests.conftest import spotlane, write_prompts
-from tests.jobs import model_folder
+from tests.support import spotlane, write_prompts
+from tests.support.jobs import model_folder
 
 STUB = {"SPOTLANE_WORKER__ENGINE": "stub", "SPOTLANE_WORKER__STUB_SECONDS_PER_ROW": "0.01"}
 

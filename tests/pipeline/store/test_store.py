@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from schemas.base import utcnow
 from schemas.errors import LeaseLost
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Checkpoint, Job, Shard, ShardAttempt
-from tests.conftest import write_prompts
+from tests.support import race, write_prompts
 
 
 def _job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 10, per_shard: int = 5) -> str:
@@ -74,20 +74,12 @@ def test_submit_writes_the_job_and_its_shards_as_row_ranges(runtime: Runtime, tm
 def test_only_one_of_many_concurrent_claims_wins(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
-    winners: list[str] = []
-    barrier = threading.Barrier(6)
 
-    def claim(n: int) -> None:
-        barrier.wait()
+    def claim(n: int) -> str | None:
         with session_scope(runtime.engine) as session:
-            if claims.claim_shard(session, shard_id, f"w{n}", 60, "local"):
-                winners.append(f"w{n}")
+            return f"w{n}" if claims.claim_shard(session, shard_id, f"w{n}", 60, "local") else None
 
-    threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    winners = [w for w in race(*(partial(claim, n) for n in range(6))) if w]
 
     assert len(winners) == 1
     with session_scope(runtime.engine) as session:

@@ -35,9 +35,8 @@ import pytest
 import redis as redis_client
 from sqlalchemy import create_engine, text
 
-from tests.conftest import spotlane, stop_process, write_prompts
-from tests.jobs import model_folder
-from tests.test_distributed import _PrivateRedis
+from tests.support import PrivateRedis, spotlane, stop_process, write_prompts
+from tests.support.jobs import model_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -53,7 +52,7 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
     postgres_url: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     rng = random.Random(20261126)
-    broker = _PrivateRedis(tmp_path)
+    broker = PrivateRedis(tmp_path)
     broker.start()
     env = {
         "SPOTLANE_DATABASE__URL": postgres_url,

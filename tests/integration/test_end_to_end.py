@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from pipeline.cli.app import EXAMPLE_PROMPTS
-from tests.conftest import spotlane, write_prompts
+from tests.support import spotlane, write_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""The deployment files: docker-compose.yml and infra/."""

@@ -1,0 +1,1 @@
+"""Whole jobs across real processes and services: end to end, distributed, chaos."""

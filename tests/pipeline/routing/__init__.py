@@ -1,0 +1,1 @@
+"""Routing and money: the router, pricing, budgets."""

@@ -1,0 +1,1 @@
+"""Object storage, inputs and the lifecycle."""

@@ -1,0 +1,1 @@
+"""The job store: claims, state moves, fencing, the state machine."""

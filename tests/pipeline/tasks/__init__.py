@@ -1,0 +1,1 @@
+"""What the control queue runs: finalizing, the reaper, schedules, the broker."""

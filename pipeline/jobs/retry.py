@@ -22,6 +22,7 @@ from pipeline.storage.inputs import iter_rows, open_parquet
 from pipeline.storage.objects import MANIFEST, filesystem, read_manifest, remove_tree, write_json, write_parquet
 from pipeline.store import leases
 from pipeline.store.db import db_now, session_scope
+from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
 from pipeline.tasks.finalize import ResultWriter
 from schemas.base import utcnow
@@ -133,13 +134,13 @@ def _merge(runtime: Runtime, child_id: str, parent_id: str, version: int, child_
                     "previous_version_url": old_url, "created_at": utcnow().isoformat()},
                    f"{new_url}/{MANIFEST}", runtime.storage.storage_class("warm"))
         with session_scope(runtime.engine) as session:
-            switched = session.execute(
+            switched = matched(session.execute(
                 update(Job)
                 .where(Job.id == parent_id, Job.result_url == old_url, Job.results_deleted_at.is_(None),
                        leases.held_by(session, lease, owner))
                 .values(result_url=new_url, result_tier="warm", rows_ok=rows - rows_failed, rows_failed=rows_failed,
                         tags={**tags, "result_version": version}, updated_at=db_now(session))
-            ).rowcount  # type: ignore[attr-defined]
+            ))
             if switched:
                 session.execute(update(Job).where(Job.id == child_id).values(merged_at=db_now(session)))
     except BaseException:

@@ -19,6 +19,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.jobs.models import resolve_model
+from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN
 from pipeline.runtime import Runtime
 from pipeline.storage.input_files import expand_input, source_of_row, stitch_inputs
 from pipeline.storage.inputs import (
@@ -41,8 +42,6 @@ from schemas.tables import Job, Shard
 
 __all__ = ["JobRequest", "new_job_id", "plan_shards", "submit"]
 
-#: Rough characters per token, for estimates when no tokenizer is at hand.
-CHARS_PER_TOKEN = 4.0
 
 
 class JobRequest(JobSpec):
@@ -79,7 +78,7 @@ def _estimate_prompt_tokens(info: InputInfo) -> float:
         for i, name in enumerate(names):
             if name.split(".")[0] == info.kind:
                 total += group.column(i).total_uncompressed_size
-    return total / max(info.rows, 1) / CHARS_PER_TOKEN
+    return total / max(info.rows, 1) / FOOTER_CHARS_PER_TOKEN
 
 
 def _exists(runtime: Runtime, job_id: str) -> bool:

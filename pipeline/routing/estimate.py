@@ -27,7 +27,14 @@ from pipeline.storage.inputs import iter_rows, open_parquet
 from schemas.backends import input_token_bound
 from schemas.inference import Request
 
-__all__ = ["ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
+__all__ = [
+    "FOOTER_CHARS_PER_TOKEN","ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
+
+
+#: Characters per token between the input's footer (column bytes) and ``Job.est_prompt_tokens``:
+#: fixed, so a stored estimate turns back into characters exactly. Routing's own rate is
+#: ``routing.chars_per_token``, replaced by a tokenizer or by what was observed.
+FOOTER_CHARS_PER_TOKEN = 4.0
 
 
 @dataclass

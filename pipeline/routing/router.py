@@ -39,7 +39,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.routing import observations as learning
-from pipeline.routing.estimate import ShardProfile, profile_rows
+from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, profile_rows
 from pipeline.routing.pricing import Quote, quote
 from pipeline.routing.solver import cheapest_on_time
 from pipeline.runtime import Runtime
@@ -57,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Characters per token of the footer-only estimate (``Job.est_prompt_tokens`` used 4).
-CHARS_PER_TOKEN = 4.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +283,7 @@ def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes
 
 def _rough_profile(job: Job, rows: int) -> ShardProfile:
     """A shard's profile from the file's footer alone, for the deadline plan (no rows read)."""
-    chars = int(job.est_prompt_tokens * CHARS_PER_TOKEN * rows)
+    chars = int(job.est_prompt_tokens * FOOTER_CHARS_PER_TOKEN * rows)
     return ShardProfile(rows=rows, prompt_chars=chars, max_tokens=job.max_tokens * rows, prompt_bytes=chars,
                         messages=rows, longest_prompt_chars=chars // max(rows, 1))
 

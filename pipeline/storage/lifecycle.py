@@ -43,6 +43,7 @@ from pipeline.storage.objects import (
 )
 from pipeline.store import leases
 from pipeline.store.db import session_scope
+from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
 from schemas.base import utcnow
 from schemas.errors import StoreError
@@ -111,12 +112,12 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         with session_scope(runtime.engine) as session:
             # Guarded on the very results copied: a resume and a new finalization (a
             # new folder, a new finish time) or a retry's merge meanwhile switch nothing.
-            switched = session.execute(
+            switched = matched(session.execute(
                 update(Job)
                 .where(Job.id == action.job_id, Job.result_url == result_url, Job.status.in_(_FINAL),
                        Job.finished_at == finished_at)
                 .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
-            ).rowcount  # type: ignore[attr-defined]
+            ))
         if switched != 1:
             raise StoreError(f"job {action.job_id}'s results changed during the move; the next sweep tries again")
         log.info("job %s: results moved to %s (%d files)", action.job_id, moved_url, len(copied))
@@ -251,7 +252,7 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
             marks["checkpoints_purged_at"] = now
         else:
             guard.append(Job.result_tier == "warm")
-        if session.execute(update(Job).where(*guard).values(**marks)).rowcount != 1:  # type: ignore[attr-defined]
+        if matched(session.execute(update(Job).where(*guard).values(**marks))) != 1:
             return None
         action = StorageAction(job_id=job_id, action=kind, status=ActionStatus.STARTED, source_url=source,
                                target_url=target, files=0, bytes=0, started_at=now)

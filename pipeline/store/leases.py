@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipeline.store.db import db_now, session_scope
+from pipeline.store.guards import matched
 from schemas.tables import Lease
 
 __all__ = ["held", "held_by", "release", "renew", "take"]
@@ -25,10 +26,10 @@ def take(engine: Engine, name: str, owner: str, seconds: float) -> bool:
     """Hold ``name`` for ``seconds`` if nobody else does; True if ``owner`` holds it now."""
     with session_scope(engine) as session:
         now = db_now(session)
-        taken = session.execute(
+        taken = matched(session.execute(
             update(Lease).where(Lease.name == name, or_(Lease.expires_at < now, Lease.owner == owner))
             .values(owner=owner, expires_at=now + timedelta(seconds=seconds))
-        ).rowcount  # type: ignore[attr-defined]
+        ))
         if taken:
             return True
         if session.get(Lease, name) is not None:
@@ -44,10 +45,10 @@ def take(engine: Engine, name: str, owner: str, seconds: float) -> bool:
 def renew(engine: Engine, name: str, owner: str, seconds: float) -> bool:
     """Extend ``owner``'s hold; False if it was lost (expired and taken by another)."""
     with session_scope(engine) as session:
-        return bool(session.execute(
+        return bool(matched(session.execute(
             update(Lease).where(Lease.name == name, Lease.owner == owner)
             .values(expires_at=db_now(session) + timedelta(seconds=seconds))
-        ).rowcount)  # type: ignore[attr-defined]
+        )))
 
 
 def release(engine: Engine, name: str, owner: str) -> None:

@@ -31,6 +31,7 @@ from pipeline import metrics
 from pipeline.jobs import submit as producer
 from pipeline.runtime import Runtime
 from pipeline.store.db import session_scope
+from pipeline.store.guards import matched
 from schemas.base import utcnow
 from schemas.errors import ConfigError, InputError, SpotlaneError
 from schemas.schedules import Schedule
@@ -239,10 +240,10 @@ def _tick_one(runtime: Runtime, schedule: Schedule, record: ScheduleRecord, now:
             session.expunge(run)
     for run in stale:  # its submitter died: claim it, then submit under the same job id
         with session_scope(runtime.engine) as session:
-            claimed = session.execute(
+            claimed = matched(session.execute(
                 update(ScheduleRun).where(ScheduleRun.id == run.id, ScheduleRun.status == RunStatus.SUBMITTING,
                                           ScheduleRun.updated_at == run.updated_at).values(updated_at=now)
-            ).rowcount  # type: ignore[attr-defined]
+            ))
         if claimed:
             _submit(runtime, schedule, run)
             reports.append(_report(run, False))
@@ -276,13 +277,13 @@ def run_schedule(runtime: Runtime, name: str, on: date | None = None) -> RunRepo
         _submit(runtime, schedule, run)
         return _report(run, True)
     with session_scope(runtime.engine) as session:
-        retried = session.execute(
+        retried = matched(session.execute(
             update(ScheduleRun)
             .where(ScheduleRun.schedule == name, ScheduleRun.fire_at == fire,
                    ScheduleRun.status.in_((RunStatus.SKIPPED, RunStatus.FAILED)))
             .values(status=RunStatus.SUBMITTING, job_id=producer.new_job_id(), trigger="manual",
                     input_url=schedule.input_url(fire), message=None, updated_at=utcnow())
-        ).rowcount  # type: ignore[attr-defined]
+        ))
         existing = session.execute(
             select(ScheduleRun).where(ScheduleRun.schedule == name, ScheduleRun.fire_at == fire)
         ).scalar_one()

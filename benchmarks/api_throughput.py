@@ -46,8 +46,11 @@ class Outcome:
 
 
 def _body(i: int, max_tokens: int) -> dict[str, object]:
-    return {"model": "remote", "messages": [{"role": "user", "content": f"summarize ticket {i} about a refund"}],
-            "max_tokens": max_tokens}
+    return {
+        "model": "remote",
+        "messages": [{"role": "user", "content": f"summarize ticket {i} about a refund"}],
+        "max_tokens": max_tokens,
+    }
 
 
 async def cookbook_baseline(url: str, n: int, max_rpm: float, max_tpm: float, max_tokens: int = 16) -> tuple[int, int]:
@@ -65,6 +68,7 @@ async def cookbook_baseline(url: str, n: int, max_rpm: float, max_tpm: float, ma
     done = asyncio.Event()
 
     async with aiohttp.ClientSession() as session:
+
         async def call(index: int, attempts_left: int) -> None:
             nonlocal in_progress, ok, failed, last_rate_limit_error
             try:
@@ -120,11 +124,12 @@ def run_baseline(server: FakeOpenAI, n: int, rpm: float, tpm: float) -> Outcome:
 
 
 def run_spotlane(server: FakeOpenAI, n: int, *, rpm: int | None, concurrency: int) -> Outcome:
-    provider = ApiProvider(name="bench", base_url=server.url, models={"m": "remote"}, rpm=rpm,
-                           max_concurrency=concurrency, max_retries=5)
+    provider = ApiProvider(
+        name="bench", base_url=server.url, models={"m": "remote"}, rpm=rpm, max_concurrency=concurrency, max_retries=5
+    )
     engine = APIEngine(provider, "m")
     requests = [Request(prompt=f"summarize ticket {i} about a refund", max_tokens=16) for i in range(n)]
-    chunks = [requests[i:i + 256] for i in range(0, n, 256)]
+    chunks = [requests[i : i + 256] for i in range(0, n, 256)]
     before = server.rejected_429
     started = time.perf_counter()
     results = [c for chunk in engine.stream(chunks, lookahead=2) for c in chunk]
@@ -138,8 +143,10 @@ def report(title: str, base: Outcome, ours: Outcome, limit_rps: float | None = N
     print(f"\n== {title} ==")
     for name, o in (("cookbook baseline", base), ("spotlane", ours)):
         share = f", {o.rps / limit_rps:5.1%} of the limit" if limit_rps else ""
-        print(f"{name:18s}: {o.rps:8.1f} req/s ({o.ok} ok, {o.failed} failed, {o.server_429} x 429 from the server, "
-              f"{o.seconds:.1f} s{share})")
+        print(
+            f"{name:18s}: {o.rps:8.1f} req/s ({o.ok} ok, {o.failed} failed, {o.server_429} x 429 from the server, "
+            f"{o.seconds:.1f} s{share})"
+        )
     print(f"ratio spotlane/baseline: {ours.rps / base.rps:.2f}x")
 
 
@@ -165,8 +172,12 @@ def main() -> None:
     with FakeOpenAI(latency=0.05, rpm=limit) as server:
         base = run_baseline(server, args.limited_requests, rpm=limit, tpm=1e9)
         ours = run_spotlane(server, args.limited_requests, rpm=limit, concurrency=128)
-        report(f"3. server limit {limit} rpm ({limit / 60:.0f}/s) enforced with 429, {args.limited_requests} requests",
-               base, ours, limit_rps=limit / 60)
+        report(
+            f"3. server limit {limit} rpm ({limit / 60:.0f}/s) enforced with 429, {args.limited_requests} requests",
+            base,
+            ours,
+            limit_rps=limit / 60,
+        )
 
 
 if __name__ == "__main__":

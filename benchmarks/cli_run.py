@@ -30,9 +30,25 @@ from tests.support.openai_server import FakeOpenAI  # noqa: E402
 def _time(tree: Path, config: Path, data: Path, home: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "SPOTLANE_HOME": str(home), "BENCH_KEY": "sk-bench"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(config), "run", str(data),
-                           "--model", "chat-small", "--max-tokens", "8"],
-                          cwd=tree, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "--config",
+            str(config),
+            "run",
+            str(data),
+            "--model",
+            "chat-small",
+            "--max-tokens",
+            "8",
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     total = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{tree}: exit {done.returncode}\n{done.stderr[-2000:]}")
@@ -52,7 +68,8 @@ def main() -> None:
         config.write_text(
             "gpu_pools = []\n"
             f'[[api_providers]]\nname = "bench"\nbase_url = "{server.url}"\napi_key_env = "BENCH_KEY"\n'
-            'input_usd_per_1m = 0.5\noutput_usd_per_1m = 1.5\n[api_providers.models]\n"chat-small" = "remote"\n')
+            'input_usd_per_1m = 0.5\noutput_usd_per_1m = 1.5\n[api_providers.models]\n"chat-small" = "remote"\n'
+        )
         figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "spotlane": []}
         for n in range(args.repeat):
             for arm, tree in (("baseline", args.baseline.resolve()), ("spotlane", ROOT)):

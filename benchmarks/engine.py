@@ -86,8 +86,9 @@ def arm_pipeline(model: Any, tok: Any, rows: list[tuple[str, int]]) -> float:
 def arm_continuous(model: Any, tok: Any, rows: list[tuple[str, int]]) -> float:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max(n for _, n in rows), do_sample=False, eos_token_id=-1,
-                              pad_token_id=tok.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max(n for _, n in rows), do_sample=False, eos_token_id=-1, pad_token_id=tok.pad_token_id
+    )
     manager = model.init_continuous_batching(generation_config=config)
     manager.start()
     started = time.perf_counter()
@@ -127,19 +128,37 @@ def arm_end_to_end(path: Path, rows: list[tuple[str, int]], work: Path) -> float
 
     work.mkdir(parents=True, exist_ok=True)
     home = work / "home"
-    env = {**os.environ, "SPOTLANE_HOME": str(home), "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(len(rows)),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "SPOTLANE_HOME": str(home),
+        "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(len(rows)),
+        "PYTHONPATH": str(ROOT),
+    }
     cli = [sys.executable, "-m", "pipeline.cli"]
     jobs = []
     for name, part in (("warm", rows[:2]), ("rows", rows)):
         data = work / f"{name}.parquet"
-        pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(part))], "prompt": [p for p, _ in part],
-                                 "max_tokens": pa.array([n for _, n in part], pa.int32())}), data)
-        submitted = subprocess.run([*cli, "submit", str(data), "--model", str(path), "--rows-per-shard", str(len(part))],
-                                   env=env, check=True, capture_output=True, text=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"r{i}" for i in range(len(part))],
+                    "prompt": [p for p, _ in part],
+                    "max_tokens": pa.array([n for _, n in part], pa.int32()),
+                }
+            ),
+            data,
+        )
+        submitted = subprocess.run(
+            [*cli, "submit", str(data), "--model", str(path), "--rows-per-shard", str(len(part))],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         jobs.append(submitted.stdout.strip())
-    worker = subprocess.Popen([*cli, "worker", "--loglevel", "WARNING"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [*cli, "worker", "--loglevel", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     store = sa.create_engine(f"sqlite:///{home / 'spotlane.db'}")
     try:
         while True:
@@ -152,9 +171,13 @@ def arm_end_to_end(path: Path, rows: list[tuple[str, int]], work: Path) -> float
         worker.terminate()
         worker.wait(60)
     with store.connect() as conn:
-        started, done = conn.execute(sa.text(
-            "select a.started_at, a.ended_at from shard_attempts a join shards s on s.id = a.shard_id "
-            "where s.job_id = :j"), {"j": jobs[1]}).one()
+        started, done = conn.execute(
+            sa.text(
+                "select a.started_at, a.ended_at from shard_attempts a join shards s on s.id = a.shard_id "
+                "where s.job_id = :j"
+            ),
+            {"j": jobs[1]},
+        ).one()
     from datetime import datetime
 
     return (datetime.fromisoformat(str(done)) - datetime.fromisoformat(str(started))).total_seconds()
@@ -180,8 +203,13 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.1f}M parameters, {device}, {dtype}, torch threads {torch.get_num_threads()}")
-    names = {"a": "naive generate", "b": "pipeline(batch=16)", "c": "transformers continuous",
-             "d": "spotlane engine", "e": "spotlane run (e2e)"}
+    names = {
+        "a": "naive generate",
+        "b": "pipeline(batch=16)",
+        "c": "transformers continuous",
+        "d": "spotlane engine",
+        "e": "spotlane run (e2e)",
+    }
     for kind in ("fixed", "skewed"):
         rows = workload(kind, args.rows, args.fixed_tokens)
         useful = sum(n for _, n in rows)

@@ -82,16 +82,23 @@ def _start_s3() -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
             time.sleep(0.1)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+    )
     import fsspec
 
     fsspec.filesystem("s3").mkdir("bench")
@@ -126,10 +133,23 @@ def main() -> None:
             assert _write_results(folder, args.files, args.rows_per_file) == size
             ended = utcnow() - timedelta(days=365)
             with session_scope(runtime.engine) as session:
-                session.add(Job(id=job_id, status=JobStatus.SUCCEEDED, model="m", input_url="x", input_kind="prompt",
-                                max_tokens=1, rows_total=args.files * args.rows_per_file, rows_per_shard=1,
-                                shard_count=0, result_url=folder, result_tier="warm", finished_at=ended,
-                                checkpoints_purged_at=ended))
+                session.add(
+                    Job(
+                        id=job_id,
+                        status=JobStatus.SUCCEEDED,
+                        model="m",
+                        input_url="x",
+                        input_kind="prompt",
+                        max_tokens=1,
+                        rows_total=args.files * args.rows_per_file,
+                        rows_per_shard=1,
+                        shard_count=0,
+                        result_url=folder,
+                        result_tier="warm",
+                        finished_at=ended,
+                        checkpoints_purged_at=ended,
+                    )
+                )
             started = time.perf_counter()
             report = sweep(runtime)
             ours = time.perf_counter() - started

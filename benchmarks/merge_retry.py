@@ -68,32 +68,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n = args.rows
         parent, child = f"{tmp}/parent.parquet", f"{tmp}/child.parquet"
-        pq.write_table(pa.table({
-            "id": [f"row-{i:08d}" for i in range(n)],
-            "output": [f"an answer of some length for row {i}" for i in range(n)],
-            "error": pa.array([None] * n, pa.string()),
-            "cost_usd": pa.array([0.001] * n),
-            "team": [["a", "b", "c"][i % 3] for i in range(n)],
-        }), parent)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"row-{i:08d}" for i in range(n)],
+                    "output": [f"an answer of some length for row {i}" for i in range(n)],
+                    "error": pa.array([None] * n, pa.string()),
+                    "cost_usd": pa.array([0.001] * n),
+                    "team": [["a", "b", "c"][i % 3] for i in range(n)],
+                }
+            ),
+            parent,
+        )
         step = max(1, n // args.retried)
         picked = list(range(0, n, step))[: args.retried]
-        pq.write_table(pa.table({
-            "id": [f"row-{i:08d}" for i in picked], "output": ["retried"] * len(picked),
-            "error": pa.array([None] * len(picked), pa.string()), "cost_usd": pa.array([0.002] * len(picked)),
-            "team": ["z"] * len(picked),
-        }), child)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"row-{i:08d}" for i in picked],
+                    "output": ["retried"] * len(picked),
+                    "error": pa.array([None] * len(picked), pa.string()),
+                    "cost_usd": pa.array([0.002] * len(picked)),
+                    "team": ["z"] * len(picked),
+                }
+            ),
+            child,
+        )
         figures = {}
         for arm in ("baseline", "spotlane"):
-            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--parent", parent, "--child", child],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--arm", arm, "--parent", parent, "--child", child],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             figures[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     b, s = figures["baseline"], figures["spotlane"]
     print(f"merge {args.retried} retried rows into a {args.rows:,}-row result file")
-    print(f"  baseline (one-row slices): {b['seconds']:7.2f} s, peak RSS +{b['rss_growth_mib']:8.1f} MiB "
-          f"({b['rss_growth_mib'] * 1024 / args.rows:.1f} KiB per row)")
+    print(
+        f"  baseline (one-row slices): {b['seconds']:7.2f} s, peak RSS +{b['rss_growth_mib']:8.1f} MiB "
+        f"({b['rss_growth_mib'] * 1024 / args.rows:.1f} KiB per row)"
+    )
     print(f"  spotlane (index_in + take): {s['seconds']:7.2f} s, peak RSS +{s['rss_growth_mib']:8.1f} MiB")
-    print(f"  ratio: {b['seconds'] / max(s['seconds'], 1e-9):.0f}x faster, "
-          f"{b['rss_growth_mib'] / max(s['rss_growth_mib'], 0.1):.0f}x less memory")
+    print(
+        f"  ratio: {b['seconds'] / max(s['seconds'], 1e-9):.0f}x faster, "
+        f"{b['rss_growth_mib'] / max(s['rss_growth_mib'], 0.1):.0f}x less memory"
+    )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,36 @@ from schemas.base import utcnow  # noqa: E402
 BACKENDS: list[GpuPool | ApiProvider] = [
     GpuPool(name="a10g-spot", price_per_hour=0.45, tokens_per_second=900, max_workers=4, preemption_rate=0.10),
     GpuPool(name="h100-spot", price_per_hour=2.50, tokens_per_second=6000, max_workers=2, preemption_rate=0.05),
-    ApiProvider(name="cheap-api", base_url="http://x/v1", models={"m": "m"}, input_usd_per_1m=0.15,
-                output_usd_per_1m=0.60, rpm=500, max_concurrency=32, latency_seconds=4.0),
-    ApiProvider(name="mid-api", base_url="http://x/v1", models={"m": "m"}, input_usd_per_1m=0.50,
-                output_usd_per_1m=1.50, rpm=3000, max_concurrency=128, latency_seconds=2.0),
-    ApiProvider(name="fast-api", base_url="http://x/v1", models={"m": "m"}, input_usd_per_1m=2.50,
-                output_usd_per_1m=10.0, rpm=10000, max_concurrency=512, latency_seconds=1.0),
+    ApiProvider(
+        name="cheap-api",
+        base_url="http://x/v1",
+        models={"m": "m"},
+        input_usd_per_1m=0.15,
+        output_usd_per_1m=0.60,
+        rpm=500,
+        max_concurrency=32,
+        latency_seconds=4.0,
+    ),
+    ApiProvider(
+        name="mid-api",
+        base_url="http://x/v1",
+        models={"m": "m"},
+        input_usd_per_1m=0.50,
+        output_usd_per_1m=1.50,
+        rpm=3000,
+        max_concurrency=128,
+        latency_seconds=2.0,
+    ),
+    ApiProvider(
+        name="fast-api",
+        base_url="http://x/v1",
+        models={"m": "m"},
+        input_usd_per_1m=2.50,
+        output_usd_per_1m=10.0,
+        rpm=10000,
+        max_concurrency=512,
+        latency_seconds=1.0,
+    ),
 ]
 
 
@@ -52,8 +76,14 @@ def make_mix(rng: random.Random, shards: int) -> list[ShardProfile]:
     for _ in range(shards):
         rows = rng.choice([100, 250, 500, 1000, 2000])
         max_tokens = rng.choice([64, 256, 512])
-        profiles.append(ShardProfile(rows=rows, prompt_chars=rows * rng.randint(200, 3000), max_tokens=rows * max_tokens,
-                                     longest_prompt_chars=3000))
+        profiles.append(
+            ShardProfile(
+                rows=rows,
+                prompt_chars=rows * rng.randint(200, 3000),
+                max_tokens=rows * max_tokens,
+                longest_prompt_chars=3000,
+            )
+        )
     return profiles
 
 
@@ -67,8 +97,7 @@ def spotlane_plan(quotes: list[list[Quote]], horizon: float, *, greedy: bool = F
         if planned:
             total += planned[index].cost_usd
             continue
-        choice = choose(row, committed_usd=total, budget_usd=None, backlog_seconds=backlog, now=now,
-                        deadline=deadline)
+        choice = choose(row, committed_usd=total, budget_usd=None, backlog_seconds=backlog, now=now, deadline=deadline)
         assert choice.quote is not None
         q = choice.quote
         backlog[q.backend] = backlog.get(q.backend, 0.0) + q.seconds
@@ -90,14 +119,18 @@ def optimal(quotes: list[list[Quote]], horizon: float) -> float | None:
             cost[i * m + j], seconds[i * m + j] = q.cost_usd, q.seconds
     assign = np.zeros((n, n * m))
     for i in range(n):
-        assign[i, i * m:(i + 1) * m] = 1
+        assign[i, i * m : (i + 1) * m] = 1
     capacity = np.zeros((m, n * m))
     limits = np.zeros(m)
     for j, backend in enumerate(BACKENDS):
         capacity[j, j::m] = seconds[j::m]
         limits[j] = horizon * (backend.max_workers if isinstance(backend, GpuPool) else 1)
-    result = milp(cost, integrality=np.ones(n * m), bounds=Bounds(0, 1),
-                  constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(capacity, 0, limits)])
+    result = milp(
+        cost,
+        integrality=np.ones(n * m),
+        bounds=Bounds(0, 1),
+        constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(capacity, 0, limits)],
+    )
     return float(result.fun) if result.success else None
 
 
@@ -119,7 +152,9 @@ def main() -> None:
     args = parser.parse_args()
     routing = RoutingSettings()
     rng = random.Random(7)
-    print(f"{'mix':>3} {'deadline':>9} {'optimal $':>10} {'spotlane $':>10} {'ratio':>6} {'greedy $':>9} {'ratio':>6} {'1-API $':>9} {'ratio':>6} late")
+    print(
+        f"{'mix':>3} {'deadline':>9} {'optimal $':>10} {'spotlane $':>10} {'ratio':>6} {'greedy $':>9} {'ratio':>6} {'1-API $':>9} {'ratio':>6} late"
+    )
     ratios, api_ratios, greedy_ratios = [], [], []
     for mix in range(args.mixes):
         profiles = make_mix(rng, args.shards)
@@ -138,11 +173,17 @@ def main() -> None:
             ratios.append(ours / best)
             if not api_late:
                 api_ratios.append(api / best)
-            print(f"{mix:>3} {label:>9} {best:>10.2f} {ours:>10.2f} {ours / best:>6.3f} {greedy:>9.2f} {greedy / best:>6.3f} {api:>9.2f} {api / best:>6.2f} {'spotlane' if late else ''}{' greedy' if greedy_late else ''}{' 1-API' if api_late else ''}")
+            print(
+                f"{mix:>3} {label:>9} {best:>10.2f} {ours:>10.2f} {ours / best:>6.3f} {greedy:>9.2f} {greedy / best:>6.3f} {api:>9.2f} {api / best:>6.2f} {'spotlane' if late else ''}{' greedy' if greedy_late else ''}{' 1-API' if api_late else ''}"
+            )
     print(f"\nspotlane / optimal : mean {np.mean(ratios):.3f}, worst {max(ratios):.3f} over {len(ratios)} cases")
-    print(f"greedy / optimal   : mean {np.mean(greedy_ratios):.3f}, worst {max(greedy_ratios):.3f} (shard by shard, no plan)")
-    print(f"single API / optimal: mean {np.mean(api_ratios):.2f}, best {min(api_ratios):.2f} "
-          f"over the {len(api_ratios)} cases where one API alone meets the deadline")
+    print(
+        f"greedy / optimal   : mean {np.mean(greedy_ratios):.3f}, worst {max(greedy_ratios):.3f} (shard by shard, no plan)"
+    )
+    print(
+        f"single API / optimal: mean {np.mean(api_ratios):.2f}, best {min(api_ratios):.2f} "
+        f"over the {len(api_ratios)} cases where one API alone meets the deadline"
+    )
 
 
 if __name__ == "__main__":

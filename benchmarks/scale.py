@@ -40,9 +40,14 @@ def make_input(path: Path, rows: int, row_group: int = 100_000) -> None:
         for start in range(0, rows, 1_000_000):
             n = min(1_000_000, rows - start)
             ids = [f"req-{i:09d}" for i in range(start, start + n)]
-            prompts = [f"Summarize support ticket {i}: the customer reports a billing error on invoice {i % 9973}." for i in range(start, start + n)]
+            prompts = [
+                f"Summarize support ticket {i}: the customer reports a billing error on invoice {i % 9973}."
+                for i in range(start, start + n)
+            ]
             teams = ["finance", "support", "growth", "infra"] * (n // 4) + ["finance"] * (n % 4)
-            writer.write_table(pa.table({"id": ids, "prompt": prompts, "team": teams}, schema=schema), row_group_size=row_group)
+            writer.write_table(
+                pa.table({"id": ids, "prompt": prompts, "team": teams}, schema=schema), row_group_size=row_group
+            )
 
 
 _HWM_WRAPPER = """
@@ -70,7 +75,9 @@ def peak_rss_of(args: list[str], env: dict[str, str]) -> tuple[float, float, str
     """
     with tempfile.NamedTemporaryFile("r", suffix=".hwm") as hwm:
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _HWM_WRAPPER, hwm.name, *args], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _HWM_WRAPPER, hwm.name, *args], env=env, capture_output=True, text=True
+        )
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
@@ -130,12 +137,25 @@ def main() -> None:
     if not big.exists():
         t0 = time.perf_counter()
         make_input(big, args.rows)
-        print(f"generated {args.rows:,} rows ({big.stat().st_size / 2**20:.0f} MiB on disk) in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"generated {args.rows:,} rows ({big.stat().st_size / 2**20:.0f} MiB on disk) in {time.perf_counter() - t0:.1f}s"
+        )
 
     # 1. submit vs load-it-all
     base_wall, base_rss, _ = peak_rss_of(["-c", BASELINE_LOAD, str(big)], env)
     ours_wall, ours_rss, out = peak_rss_of(
-        [*cli_args, "submit", str(big), "--model", str(model), "--max-tokens", "1", "--rows-per-shard", str(args.rows_per_shard)], env
+        [
+            *cli_args,
+            "submit",
+            str(big),
+            "--model",
+            str(model),
+            "--max-tokens",
+            "1",
+            "--rows-per-shard",
+            str(args.rows_per_shard),
+        ],
+        env,
     )
     job_id = out.strip().splitlines()[-1]
     print("\n== submit: validate + plan + record", f"{args.rows:,} rows ==")
@@ -147,13 +167,17 @@ def main() -> None:
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"sqlite:///{work / 'home' / 'spotlane.db'}")
-    worker = subprocess.Popen([*cli, "worker", "--loglevel", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [*cli, "worker", "--loglevel", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     samples: list[tuple[int, float]] = []
     t0 = time.perf_counter()
     last = 0
     while last < args.watch_shards and worker.poll() is None:
         with engine.connect() as conn:
-            done = conn.execute(sa.text("select count(*) from shards where job_id = :j and status = 'done'"), {"j": job_id}).scalar_one()
+            done = conn.execute(
+                sa.text("select count(*) from shards where job_id = :j and status = 'done'"), {"j": job_id}
+            ).scalar_one()
         if done > last:
             samples.append((done, rss_mib(worker.pid)))
             last = done
@@ -165,20 +189,31 @@ def main() -> None:
     for done, rss in samples[:: max(1, len(samples) // 10)]:
         print(f"after shard {done:4d}: {rss:7.0f} MiB")
     first = next(r for d, r in samples if d >= min(3, samples[-1][0]))
-    print(f"growth from shard 3 to shard {samples[-1][0]}: {samples[-1][1] - first:+.0f} MiB "
-          f"({samples[-1][0] * args.rows_per_shard / elapsed:,.0f} rows/s incl. model load)")
+    print(
+        f"growth from shard 3 to shard {samples[-1][0]}: {samples[-1][1] - first:+.0f} MiB "
+        f"({samples[-1][0] * args.rows_per_shard / elapsed:,.0f} rows/s incl. model load)"
+    )
 
     # 3. pipeline vs engine alone
     small = work / "small.parquet"
     make_input(small, args.pipeline_rows, row_group=10_000)
-    base = subprocess.run([sys.executable, "-c", BASELINE_ENGINE, str(small), str(model), str(args.max_tokens)],
-                          env=env, capture_output=True, text=True, check=True)
+    base = subprocess.run(
+        [sys.executable, "-c", BASELINE_ENGINE, str(small), str(model), str(args.max_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     engine_s = float(base.stdout.strip().splitlines()[-1])
     # A home of its own: the big job's remaining shards must not queue ahead of this one.
     env_run = {**env, "SPOTLANE_HOME": str(work / "home-run")}
     started_run = time.perf_counter()
-    subprocess.run([*cli, "run", str(small), "--model", str(model), "--max-tokens", str(args.max_tokens)],
-                   env=env_run, check=True, capture_output=True)
+    subprocess.run(
+        [*cli, "run", str(small), "--model", str(model), "--max-tokens", str(args.max_tokens)],
+        env=env_run,
+        check=True,
+        capture_output=True,
+    )
     run_wall = time.perf_counter() - started_run
     engine = sa.create_engine(f"sqlite:///{work / 'home-run' / 'spotlane.db'}")
     with engine.connect() as conn:
@@ -191,7 +226,9 @@ def main() -> None:
     n = args.pipeline_rows
     print(f"\n== rows/s, {n} rows, max_tokens {args.max_tokens}, tiny model ==")
     print(f"engine alone (in process, no I/O)              : {n / engine_s:8.1f} rows/s ({engine_s:.2f} s)")
-    print(f"spotlane run, steady state (checkpoint 1..last): {steady_rows / steady:8.1f} rows/s ({steady_rows} rows in {steady:.2f} s)")
+    print(
+        f"spotlane run, steady state (checkpoint 1..last): {steady_rows / steady:8.1f} rows/s ({steady_rows} rows in {steady:.2f} s)"
+    )
     print(f"spotlane run, wall incl. start-up and finalize : {n / run_wall:8.1f} rows/s ({run_wall:.1f} s)")
     print(f"ratio pipeline steady state / engine alone     : {(steady_rows / steady) / (n / engine_s):.2f}")
     if args.workdir is None:

@@ -42,13 +42,40 @@ from schemas.settings import load_settings as _load_settings
 
 __all__ = [
     # Jobs
-    "JobSpec", "submit", "plan", "Plan", "cancel", "resume", "set_budget", "Stopped", "retry_errors",
+    "JobSpec",
+    "submit",
+    "plan",
+    "Plan",
+    "cancel",
+    "resume",
+    "set_budget",
+    "Stopped",
+    "retry_errors",
     # Reading
-    "job_status", "JobReport", "list_jobs", "JobSummary", "JobEvent", "resolve_job", "job_events", "wait", "costs",
+    "job_status",
+    "JobReport",
+    "list_jobs",
+    "JobSummary",
+    "JobEvent",
+    "resolve_job",
+    "job_events",
+    "wait",
+    "costs",
     # Results
-    "results", "ResultsInfo", "export_results", "check_export_target", "EXPORT_FORMATS",
+    "results",
+    "ResultsInfo",
+    "export_results",
+    "check_export_target",
+    "EXPORT_FORMATS",
     # Operations
-    "sweep", "SweepReport", "list_schedules", "ScheduleStatus", "run_schedule", "RunReport", "live_workers", "upgrade_store",
+    "sweep",
+    "SweepReport",
+    "list_schedules",
+    "ScheduleStatus",
+    "run_schedule",
+    "RunReport",
+    "live_workers",
+    "upgrade_store",
     "Runtime",
 ]
 

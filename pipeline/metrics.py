@@ -24,7 +24,9 @@ __all__ = [
 ]
 
 ROWS = Counter("spotlane_rows", "Rows answered, by backend and outcome (ok or error).", ["backend", "outcome"])
-TOKENS = Counter("spotlane_tokens", "Tokens processed, by backend and direction (input or output).", ["backend", "direction"])
+TOKENS = Counter(
+    "spotlane_tokens", "Tokens processed, by backend and direction (input or output).", ["backend", "direction"]
+)
 COST_USD = Counter("spotlane_cost_usd", "Cost charged, USD, by backend.", ["backend"])
 SHARDS = Counter("spotlane_shards", "Shard runs ended, by backend and outcome.", ["backend", "outcome"])
 CHECKPOINT_SECONDS = Histogram(
@@ -45,7 +47,8 @@ STORAGE_ACTIONS = Counter(
 )
 STORAGE_BYTES = Counter("spotlane_storage_bytes", "Bytes moved or deleted by the lifecycle, by action.", ["action"])
 SCHEDULE_RUNS = Counter(
-    "spotlane_schedule_runs", "Scheduled runs recorded, by schedule and status (submitted, skipped, failed).",
+    "spotlane_schedule_runs",
+    "Scheduled runs recorded, by schedule and status (submitted, skipped, failed).",
     ["schedule", "status"],
 )
 
@@ -59,8 +62,9 @@ def serve(port: int, address: str = "127.0.0.1") -> None:
         _SERVING.add(port)
 
 
-def observe_checkpoint(backend: str, rows: int, rows_failed: int, input_tokens: int, output_tokens: int,
-                       cost_usd: float, seconds: float) -> None:
+def observe_checkpoint(
+    backend: str, rows: int, rows_failed: int, input_tokens: int, output_tokens: int, cost_usd: float, seconds: float
+) -> None:
     """Count one committed checkpoint."""
     ROWS.labels(backend, "ok").inc(rows - rows_failed)
     ROWS.labels(backend, "error").inc(rows_failed)

@@ -70,12 +70,16 @@ class Runtime:
                         db.upgrade(self.engine)
                 return
         except PermissionError as exc:
-            raise StoreError(f"the spotlane home {home} is not writable ({exc.strerror}); "
-                             "set SPOTLANE_HOME to a folder you can write") from exc
+            raise StoreError(
+                f"the spotlane home {home} is not writable ({exc.strerror}); "
+                "set SPOTLANE_HOME to a folder you can write"
+            ) from exc
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES):
-                raise StoreError(f"the spotlane home {home} is not writable ({exc.strerror}); "
-                                 "set SPOTLANE_HOME to a folder you can write") from exc
+                raise StoreError(
+                    f"the spotlane home {home} is not writable ({exc.strerror}); "
+                    "set SPOTLANE_HOME to a folder you can write"
+                ) from exc
             raise
         current, head = db.current_revision(self.engine), db.head_revision()
         if current != head:
@@ -121,8 +125,14 @@ class Runtime:
         try:
             self.send(name, record, queue)
         except Exception as exc:  # kombu/redis errors of every kind: the reaper resends
-            log.warning("could not send %s (%s) to queue %s: %s: %s; the reaper will send it again",
-                        name, record, queue, exc.__class__.__name__, exc)
+            log.warning(
+                "could not send %s (%s) to queue %s: %s: %s; the reaper will send it again",
+                name,
+                record,
+                queue,
+                exc.__class__.__name__,
+                exc,
+            )
             return False
         return True
 

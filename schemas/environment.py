@@ -44,12 +44,17 @@ def warn_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
     setting it most likely meant to be; it is ignored (it must not break every command)."""
     for key in sorted(environ):
         upper = key.upper()
-        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in _EXTRA_ENV
-                or upper.startswith(_EXTRA_ENV_PREFIXES) or upper in _WARNED):
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in known
+            or upper in _EXTRA_ENV
+            or upper.startswith(_EXTRA_ENV_PREFIXES)
+            or upper in _WARNED
+        ):
             continue
         _WARNED.add(upper)
-        bare = {name[len(ENV_PREFIX):]: name for name in known}
-        near = difflib.get_close_matches(upper[len(ENV_PREFIX):], sorted(bare), n=1, cutoff=0.75)
+        bare = {name[len(ENV_PREFIX) :]: name for name in known}
+        near = difflib.get_close_matches(upper[len(ENV_PREFIX) :], sorted(bare), n=1, cutoff=0.75)
         hint = f"; did you mean {bare[near[0]]}?" if near else ""
         log.warning("ignoring environment variable %s: it is not a spotlane setting%s", key, hint)
 

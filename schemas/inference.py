@@ -14,8 +14,16 @@ __all__ = ["PERMANENT_ROW_ERRORS", "Completion", "Request", "is_permanent"]
 #: How error rows that no retry can change begin: the row itself is at fault (its
 #: prompt, its limits, its model), not the engine or the provider of the day.
 PERMANENT_ROW_ERRORS = (
-    "prompt is null", "messages is null", "prompt is empty", "messages is empty", "every message is empty",
-    "message ", "max_tokens ", "temperature ", "prompt too long", "the backend running this shard does not serve",
+    "prompt is null",
+    "messages is null",
+    "prompt is empty",
+    "messages is empty",
+    "every message is empty",
+    "message ",
+    "max_tokens ",
+    "temperature ",
+    "prompt too long",
+    "the backend running this shard does not serve",
 )
 
 

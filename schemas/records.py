@@ -13,7 +13,18 @@ from typing import Any, ClassVar, Self
 
 from schemas.errors import WorkerError
 
-__all__ = ["FINALIZE_JOB", "REAP", "ROUTE_JOB", "RUN_SHARD", "SCHEDULES_TICK", "STORAGE_SWEEP", "FinalizeJob", "RouteJob", "RunShard", "TaskRecord"]
+__all__ = [
+    "FINALIZE_JOB",
+    "REAP",
+    "ROUTE_JOB",
+    "RUN_SHARD",
+    "SCHEDULES_TICK",
+    "STORAGE_SWEEP",
+    "FinalizeJob",
+    "RouteJob",
+    "RunShard",
+    "TaskRecord",
+]
 
 #: Task names: what a record is sent as, and what a worker registers.
 ROUTE_JOB = "spotlane.route_job"
@@ -36,10 +47,7 @@ class TaskRecord:
     def decode(cls, data: dict[str, Any]) -> Self:
         version = data.get("v")
         if version != cls.VERSION:
-            raise WorkerError(
-                f"{cls.__name__} payload version {version!r} is not {cls.VERSION}: "
-                "upgrade this worker"
-            )
+            raise WorkerError(f"{cls.__name__} payload version {version!r} is not {cls.VERSION}: upgrade this worker")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

@@ -25,7 +25,6 @@ from schemas.jobspec import JobOptions
 __all__ = ["Schedule"]
 
 
-
 #: A template field (``{date:%Y-%m-%d}``), or an escaped brace.
 _FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_]+(?::[^{}]*)?)\}")
 

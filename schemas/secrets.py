@@ -11,8 +11,21 @@ __all__ = ["mask_url"]
 
 
 #: Query parameters whose values are secrets (libpq's ``?password=``, tokens, signatures).
-_SECRET_QUERY = {"password", "sslpassword", "passwd", "secret", "token", "access_token", "api_key", "apikey",
-                 "x-amz-signature", "x-amz-credential", "x-amz-security-token", "sig", "signature"}
+_SECRET_QUERY = {
+    "password",
+    "sslpassword",
+    "passwd",
+    "secret",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "sig",
+    "signature",
+}
 
 
 def mask_url(url: str) -> str:

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 DEFAULT_HOME = ".spotlane"
 #: Config file looked for in the working folder when none is named.
 DEFAULT_CONFIG_FILE = "spotlane.toml"
+
+
 class DatabaseSettings(_Section):
     """The job store. Default: ``sqlite:///<home>/spotlane.db``."""
 
@@ -79,7 +81,12 @@ class BrokerSettings(_Section):
 
 #: S3 storage classes whose objects can be read without a restore request.
 READABLE_STORAGE_CLASSES = (
-    "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "REDUCED_REDUNDANCY",
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
 )
 
 

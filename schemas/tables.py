@@ -172,9 +172,7 @@ class ShardAttempt(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str] = mapped_column(String(128))
     backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    outcome: Mapped[AttemptOutcome] = mapped_column(
-        _state(AttemptOutcome), default=AttemptOutcome.RUNNING
-    )
+    outcome: Mapped[AttemptOutcome] = mapped_column(_state(AttemptOutcome), default=AttemptOutcome.RUNNING)
     #: Shard-relative row the attempt resumed from.
     resumed_from: Mapped[int] = mapped_column(Integer, default=0)
     rows_processed: Mapped[int] = mapped_column(Integer, default=0)
@@ -213,9 +211,7 @@ class CostLedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    shard_id: Mapped[int | None] = mapped_column(
-        ForeignKey("shards.id", ondelete="CASCADE"), nullable=True
-    )
+    shard_id: Mapped[int | None] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), nullable=True)
     backend: Mapped[str] = mapped_column(String(64))
     kind: Mapped[LedgerKind] = mapped_column(_state(LedgerKind))
     amount_usd: Mapped[float] = mapped_column(Float)

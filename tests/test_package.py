@@ -44,8 +44,10 @@ def test_the_python_api_exports_exactly_its_public_names() -> None:
     from pipeline import api
 
     public = sorted(
-        name for name, value in vars(api).items()
-        if not name.startswith("_") and not inspect.ismodule(value)
+        name
+        for name, value in vars(api).items()
+        if not name.startswith("_")
+        and not inspect.ismodule(value)
         and (getattr(value, "__module__", "").startswith(("pipeline.", "schemas.")) or name.isupper())
     )
 
@@ -59,9 +61,19 @@ def test_every_command_of_the_cli_has_its_operation_in_the_python_api() -> None:
     from pipeline.cli import app
 
     operations = {
-        "run": "submit", "submit": "submit", "status": "job_status", "wait": "wait", "logs": "job_events",
-        "jobs": "list_jobs", "results": "export_results", "plan": "plan", "budget": "set_budget", "costs": "costs",
-        "cancel": "cancel", "resume": "resume", "retry-errors": "retry_errors",
+        "run": "submit",
+        "submit": "submit",
+        "status": "job_status",
+        "wait": "wait",
+        "logs": "job_events",
+        "jobs": "list_jobs",
+        "results": "export_results",
+        "plan": "plan",
+        "budget": "set_budget",
+        "costs": "costs",
+        "cancel": "cancel",
+        "resume": "resume",
+        "retry-errors": "retry_errors",
     }
     commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
 
@@ -82,9 +94,18 @@ def test_the_readme_configuration_lists_every_setting_with_its_default() -> None
     from schemas.schedules import Schedule
     from schemas.settings import Settings
 
-    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)]
+    blocks = [
+        tomllib.loads(b)
+        for b in re.findall(r"```toml\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+    ]
     config = next(b for b in blocks if "control_queue" in b)
-    depends_on_the_machine = {("database", "url"), ("broker", "url"), ("storage", "hot"), ("storage", "warm"), ("storage", "cold")}
+    depends_on_the_machine = {
+        ("database", "url"),
+        ("broker", "url"),
+        ("storage", "hot"),
+        ("storage", "warm"),
+        ("storage", "cold"),
+    }
     problems = []
     for name, field in Settings.model_fields.items():
         section = field.annotation
@@ -94,7 +115,11 @@ def test_the_readme_configuration_lists_every_setting_with_its_default() -> None
         for key, option in section.model_fields.items():
             if key not in written:
                 problems.append(f"[{name}] {key} is missing")
-            elif (name, key) not in depends_on_the_machine and option.default_factory is None and written[key] != option.default:
+            elif (
+                (name, key) not in depends_on_the_machine
+                and option.default_factory is None
+                and written[key] != option.default
+            ):
                 problems.append(f"[{name}] {key} = {written[key]!r}, but the default is {option.default!r}")
         problems += [f"[{name}] {key} is not a setting" for key in written if key not in section.model_fields]
     for model, key in ((GpuPool, "gpu_pools"), (ApiProvider, "api_providers"), (Schedule, "schedules")):

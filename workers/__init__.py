@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
-def run(runtime: Runtime, input_url: str | None = None, model: str | list[str] | None = None, *,
-        job_id: str | None = None, **request: Any) -> JobReport:
+def run(
+    runtime: Runtime,
+    input_url: str | None = None,
+    model: str | list[str] | None = None,
+    *,
+    job_id: str | None = None,
+    **request: Any,
+) -> JobReport:
     """Submit a job (or take ``job_id``), work it in this process until it ends, and return its report.
 
     ``request`` takes ``pipeline.api.submit``'s keywords (max_tokens, budget_usd, ...).

@@ -40,8 +40,12 @@ class Heartbeat(threading.Thread):
         settings = self.runtime.settings.worker
         while not self.stopped.wait(settings.heartbeat_seconds):
             if self.hang_after is not None and time.monotonic() - self._progress > self.hang_after:
-                log.error("shard %s of job %s made no progress for %.0f s: the engine is hung; handing it back",
-                          self.claim.shard_index, self.claim.job_id, time.monotonic() - self._progress)
+                log.error(
+                    "shard %s of job %s made no progress for %.0f s: the engine is hung; handing it back",
+                    self.claim.shard_index,
+                    self.claim.job_id,
+                    time.monotonic() - self._progress,
+                )
                 self.hung.set()
                 self.lost.set()
                 self.on_hang()

@@ -83,10 +83,14 @@ class InlineRun:
             job = session.get(Job, self.job_id)
             if job is None or job.status.is_final:
                 return True
-            busy = session.execute(select(Shard.id).where(
-                Shard.job_id == self.job_id,
-                Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING, ShardStatus.PREEMPTED)),
-            ).limit(1)).first()
+            busy = session.execute(
+                select(Shard.id)
+                .where(
+                    Shard.job_id == self.job_id,
+                    Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING, ShardStatus.PREEMPTED)),
+                )
+                .limit(1)
+            ).first()
             return job.status is JobStatus.PAUSED and busy is None
 
     def _recover(self) -> None:
@@ -96,8 +100,9 @@ class InlineRun:
         with session_scope(self._runtime.engine) as session:
             now = db_now(session)
             shards = session.execute(
-                select(Shard.id, Shard.status, Shard.lease_owner, Shard.lease_expires_at)
-                .where(Shard.job_id == self.job_id)
+                select(Shard.id, Shard.status, Shard.lease_owner, Shard.lease_expires_at).where(
+                    Shard.job_id == self.job_id
+                )
             ).all()
         for shard_id, status, owner, expires in shards:
             if status is ShardStatus.RUNNING and owner != self._runner.worker_id:
@@ -107,9 +112,12 @@ class InlineRun:
                         transitions.expire_lease(session, shard_id, owner_dead=gone)
         statuses = {status for _, status, _, _ in shards}
         with session_scope(self._runtime.engine) as session:
-            queued = [transitions.run_record(session, sid)
-                      for sid, in session.execute(select(Shard.id).where(
-                          Shard.job_id == self.job_id, Shard.status == ShardStatus.QUEUED))]
+            queued = [
+                transitions.run_record(session, sid)
+                for (sid,) in session.execute(
+                    select(Shard.id).where(Shard.job_id == self.job_id, Shard.status == ShardStatus.QUEUED)
+                )
+            ]
         self._inbox.extend((RUN_SHARD, record) for record in queued)
         if ShardStatus.PENDING in statuses:
             self._inbox.append((ROUTE_JOB, RouteJob(job_id=self.job_id)))

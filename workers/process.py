@@ -69,7 +69,9 @@ class Presence(threading.Thread):
             pass
 
 
-def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: str = "INFO", reaper: bool = True) -> int:
+def run_worker(
+    runtime: Runtime, queues: list[str] | None = None, *, loglevel: str = "INFO", reaper: bool = True
+) -> int:
     """Consume ``queues`` (default: every queue) until shut down; return the exit code."""
     settings = runtime.settings
     state = WorkerState(shutdown_grace=settings.worker.shutdown_grace_seconds)
@@ -84,8 +86,12 @@ def run_worker(runtime: Runtime, queues: list[str] | None = None, *, loglevel: s
     probe = None
     if settings.worker.spot_notice_url:
         # After the drain, stop the worker too: the instance is going away.
-        probe = SpotNoticeProbe(settings.worker.spot_notice_url, settings.worker.spot_notice_interval_seconds,
-                                state.stop, on_notice=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        probe = SpotNoticeProbe(
+            settings.worker.spot_notice_url,
+            settings.worker.spot_notice_interval_seconds,
+            state.stop,
+            on_notice=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        )
         probe.start()
     worker = runtime.celery.Worker(
         queues=consumed,

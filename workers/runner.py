@@ -96,8 +96,13 @@ class ShardRunner:
     not come back.
     """
 
-    def __init__(self, runtime: Runtime, stop: StopFlag | None = None, wid: str | None = None,
-                 on_hung: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        stop: StopFlag | None = None,
+        wid: str | None = None,
+        on_hung: Callable[[], None] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.stop = stop if stop is not None else StopFlag()
         self.worker_id = wid or owner_id()
@@ -120,12 +125,19 @@ class ShardRunner:
             model = (shard.model if shard is not None else None) or (job.model if job else "")
             est_seconds, rows = (shard.est_seconds, shard.rows_total) if shard is not None else (0.0, 1)
         if claim is None or job is None:
-            log.info("shard %s is not claimable (already taken, finished, or sent for another backend or attempt)",
-                     task.shard_id)
+            log.info(
+                "shard %s is not claimable (already taken, finished, or sent for another backend or attempt)",
+                task.shard_id,
+            )
             return None
         log.info(
             "shard %s of job %s (rows %d-%d) attempt %d on %s, resuming at row %d",
-            claim.shard_index, claim.job_id, claim.row_start, claim.row_end, claim.attempt, claim.backend,
+            claim.shard_index,
+            claim.job_id,
+            claim.row_start,
+            claim.row_end,
+            claim.attempt,
+            claim.backend,
             claim.row_start + claim.rows_done,
         )
         if claim.queued_at is not None:
@@ -155,8 +167,9 @@ class ShardRunner:
                 status = self._hand_back(claim, model, f"transient fault: {exc.__class__.__name__}", learn=False)
             else:
                 log.exception("shard %s failed", claim.shard_id)
-                status = self._end(claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED,
-                                   f"{exc.__class__.__name__}: {exc}")
+                status = self._end(
+                    claim, model, ShardStatus.FAILED, AttemptOutcome.FAILED, f"{exc.__class__.__name__}: {exc}"
+                )
         finally:
             beat.stop()
         if status is not None:
@@ -167,8 +180,15 @@ class ShardRunner:
 
     # -- the shard's chunks ----------------------------------------------------------
 
-    def _chunks(self, claim: claims.Claim, job: Job, backend: GpuPool | ApiProvider,
-                beat: Heartbeat, pending: deque[tuple[Chunk, float]], feed: _Feed) -> Iterator[list[Request]]:
+    def _chunks(
+        self,
+        claim: claims.Claim,
+        job: Job,
+        backend: GpuPool | ApiProvider,
+        beat: Heartbeat,
+        pending: deque[tuple[Chunk, float]],
+        feed: _Feed,
+    ) -> Iterator[list[Request]]:
         """Requests chunk by chunk; stops feeding on a drain request, a lost lease, a
         cancelled job, or a budget that cannot cover the next chunk."""
         names = open_parquet(job.input_url).schema_arrow.names
@@ -189,10 +209,18 @@ class ShardRunner:
                     return
                 part = rows
                 while True:
-                    chunk = prepare(part, first_row, kind=job.input_kind, default_max_tokens=job.max_tokens,
-                                    default_temperature=job.temperature, serves=lambda m: backend.serves_row(m, models))
-                    row_worst = [0.0 if r is None else worst_case_usd(backend, profile_requests([r]), stats)
-                                 for r in chunk.requests]
+                    chunk = prepare(
+                        part,
+                        first_row,
+                        kind=job.input_kind,
+                        default_max_tokens=job.max_tokens,
+                        default_temperature=job.temperature,
+                        serves=lambda m: backend.serves_row(m, models),
+                    )
+                    row_worst = [
+                        0.0 if r is None else worst_case_usd(backend, profile_requests([r]), stats)
+                        for r in chunk.requests
+                    ]
                     in_flight = sum(w for _, w in pending)
                     with session_scope(self.runtime.engine) as session:
                         verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
@@ -214,8 +242,15 @@ class ShardRunner:
         with session_scope(self.runtime.engine) as session:
             return learning.observed(session, backend, model)
 
-    def _run_claimed(self, claim: claims.Claim, job: Job, backend: GpuPool | ApiProvider, model: str,
-                     beat: Heartbeat, hang_after: float) -> ShardStatus | None:
+    def _run_claimed(
+        self,
+        claim: claims.Claim,
+        job: Job,
+        backend: GpuPool | ApiProvider,
+        model: str,
+        beat: Heartbeat,
+        hang_after: float,
+    ) -> ShardStatus | None:
         settings = self.runtime.settings
         check_identity(job.input_url, job.input_identity)
         engine = engine_for(backend, model, settings.worker, job.task)
@@ -227,12 +262,24 @@ class ShardRunner:
         started = time.perf_counter()
         for generated in stream(engine, self._chunks(claim, job, backend, beat, pending, feed)):
             chunk, _ = pending.popleft()
-            log.info("generated rows %d-%d of shard %s (job %s)", chunk.first_row, chunk.first_row + chunk.table.num_rows,
-                     claim.shard_index, claim.job_id)
+            log.info(
+                "generated rows %d-%d of shard %s (job %s)",
+                chunk.first_row,
+                chunk.first_row + chunk.table.num_rows,
+                claim.shard_index,
+                claim.job_id,
+            )
             completions = merge(chunk, generated)
-            table, cost = build_output(chunk, completions, backend=claim.backend, model=model, attempt=claim.attempt,
-                                       usd_per_second=usd_per_second, carried=job.carried_columns,
-                                       embed=job.task == "embed")
+            table, cost = build_output(
+                chunk,
+                completions,
+                backend=claim.backend,
+                model=model,
+                attempt=claim.attempt,
+                usd_per_second=usd_per_second,
+                carried=job.carried_columns,
+                embed=job.task == "embed",
+            )
             stats = claims.CheckpointStats(
                 first_row=chunk.first_row,
                 row_count=table.num_rows,
@@ -245,8 +292,15 @@ class ShardRunner:
             self._persist(claim, table, stats, beat)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
-            metrics.observe_checkpoint(claim.backend, stats.row_count, stats.rows_failed, stats.input_tokens,
-                                       stats.output_tokens, stats.cost_usd, seconds)
+            metrics.observe_checkpoint(
+                claim.backend,
+                stats.row_count,
+                stats.rows_failed,
+                stats.input_tokens,
+                stats.output_tokens,
+                stats.cost_usd,
+                seconds,
+            )
             self._learn(claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider))
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
@@ -254,23 +308,34 @@ class ShardRunner:
         if done_to >= claim.row_end:
             return self._end(claim, model, ShardStatus.DONE, AttemptOutcome.DONE)
         if feed.exhausted:
-            raise InputChanged(f"the input {job.input_url} ends at row {feed.fed_to}, but shard {claim.shard_index} "
-                               f"covers rows up to {claim.row_end}: it changed since the job was submitted")
+            raise InputChanged(
+                f"the input {job.input_url} ends at row {feed.fed_to}, but shard {claim.shard_index} "
+                f"covers rows up to {claim.row_end}: it changed since the job was submitted"
+            )
         if feed.stopped == claims.ChunkVerdict.CANCELLED.value:
             log.info("job %s cancelled: shard %s stops at row %d", claim.job_id, claim.shard_index, done_to)
             return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PREEMPTED, "job cancelled", learn=False)
         if feed.stopped == claims.ChunkVerdict.NO_BUDGET.value:
-            log.warning("job %s: the budget cannot cover the next chunk of shard %s; parked at row %d",
-                        claim.job_id, claim.shard_index, done_to)
-            return self._end(claim, model, ShardStatus.PENDING, AttemptOutcome.PARKED,
-                             "parked: the budget cannot cover its next chunk", learn=False)
+            log.warning(
+                "job %s: the budget cannot cover the next chunk of shard %s; parked at row %d",
+                claim.job_id,
+                claim.shard_index,
+                done_to,
+            )
+            return self._end(
+                claim,
+                model,
+                ShardStatus.PENDING,
+                AttemptOutcome.PARKED,
+                "parked: the budget cannot cover its next chunk",
+                learn=False,
+            )
         if feed.stopped == claims.ChunkVerdict.LOST.value:
             raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
         log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
         return self._hand_back(claim, model, None)
 
-    def _persist(self, claim: claims.Claim, table: object, stats: claims.CheckpointStats,
-                 beat: Heartbeat) -> None:
+    def _persist(self, claim: claims.Claim, table: object, stats: claims.CheckpointStats, beat: Heartbeat) -> None:
         """Write the part and commit its checkpoint, retrying transient faults for a while."""
         settings = self.runtime.settings.worker
         deadline = time.monotonic() + settings.transient_retry_seconds
@@ -291,14 +356,22 @@ class ShardRunner:
                 if not is_transient(exc):
                     raise
                 if beat.lost.is_set():
-                    raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost while "
-                                    f"retrying a checkpoint") from exc
+                    raise LeaseLost(
+                        f"shard {claim.shard_index} of job {claim.job_id}: lease lost while retrying a checkpoint"
+                    ) from exc
                 if time.monotonic() + delay > deadline:
-                    raise TransientError(f"checkpoint at row {stats.first_row} still failing after "
-                                         f"{settings.transient_retry_seconds:.0f} s: {exc.__class__.__name__}: "
-                                         f"{str(exc)[:200]}") from exc
-                log.warning("checkpoint at row %d of shard %s failed (%s); retrying in %.1f s",
-                            stats.first_row, claim.shard_index, exc.__class__.__name__, delay)
+                    raise TransientError(
+                        f"checkpoint at row {stats.first_row} still failing after "
+                        f"{settings.transient_retry_seconds:.0f} s: {exc.__class__.__name__}: "
+                        f"{str(exc)[:200]}"
+                    ) from exc
+                log.warning(
+                    "checkpoint at row %d of shard %s failed (%s); retrying in %.1f s",
+                    stats.first_row,
+                    claim.shard_index,
+                    exc.__class__.__name__,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -309,16 +382,31 @@ class ShardRunner:
         except Exception:  # the ledger is not worth failing over; the work is lost either way
             log.warning("could not charge the lost chunk of shard %s", claim.shard_index, exc_info=True)
 
-    def _learn(self, backend: str, model: str, chunk: Chunk, completions: Sequence[Completion],
-               stats: claims.CheckpointStats, seconds: float, is_api: bool) -> None:
+    def _learn(
+        self,
+        backend: str,
+        model: str,
+        chunk: Chunk,
+        completions: Sequence[Completion],
+        stats: claims.CheckpointStats,
+        seconds: float,
+        is_api: bool,
+    ) -> None:
         ok = [c for c in completions if c.error is None]
         try:
             with session_scope(self.runtime.engine) as session:
                 learning.record_checkpoint(
-                    session, backend, model, self.runtime.settings.routing,
-                    rows=stats.row_count, rows_failed=stats.rows_failed, prompt_chars=chunk.prompt_chars,
-                    input_tokens=sum(c.input_tokens for c in ok), output_tokens=sum(c.output_tokens for c in ok),
-                    max_tokens=chunk.max_tokens, seconds=0.0 if is_api else seconds,
+                    session,
+                    backend,
+                    model,
+                    self.runtime.settings.routing,
+                    rows=stats.row_count,
+                    rows_failed=stats.rows_failed,
+                    prompt_chars=chunk.prompt_chars,
+                    input_tokens=sum(c.input_tokens for c in ok),
+                    output_tokens=sum(c.output_tokens for c in ok),
+                    max_tokens=chunk.max_tokens,
+                    seconds=0.0 if is_api else seconds,
                     requests_latency=(sum(c.latency_ms for c in ok) / len(ok) / 1000.0) if (is_api and ok) else None,
                 )
         except Exception:  # learning is advisory; never fail a shard over it
@@ -326,20 +414,32 @@ class ShardRunner:
 
     # -- ending a shard ----------------------------------------------------------------
 
-    def _end(self, claim: claims.Claim, model: str, new: ShardStatus, outcome: AttemptOutcome,
-             error: str | None = None, *, learn: bool = True) -> ShardStatus | None:
+    def _end(
+        self,
+        claim: claims.Claim,
+        model: str,
+        new: ShardStatus,
+        outcome: AttemptOutcome,
+        error: str | None = None,
+        *,
+        learn: bool = True,
+    ) -> ShardStatus | None:
         try:
             with session_scope(self.runtime.engine) as session:
                 if not claims.end_shard(session, claim, new, outcome=outcome, error=error):
                     return None
                 if learn:
-                    learning.record_shard_end(session, claim.backend, model, outcome.value,
-                                              self.runtime.settings.routing)
+                    learning.record_shard_end(
+                        session, claim.backend, model, outcome.value, self.runtime.settings.routing
+                    )
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            log.warning("could not end shard %s (%s); its lease runs out and the reaper queues it again",
-                        claim.shard_index, exc.__class__.__name__)
+            log.warning(
+                "could not end shard %s (%s); its lease runs out and the reaper queues it again",
+                claim.shard_index,
+                exc.__class__.__name__,
+            )
             return None
         return new
 
@@ -351,16 +451,28 @@ class ShardRunner:
             learning.record_shard_end(session, claim.backend, model, "failed", self.runtime.settings.routing)
         return ShardStatus.PENDING
 
-    def _hand_back(self, claim: claims.Claim, model: str, error: str | None, *, learn: bool = True,
-                   outcome: AttemptOutcome = AttemptOutcome.PREEMPTED) -> ShardStatus | None:
+    def _hand_back(
+        self,
+        claim: claims.Claim,
+        model: str,
+        error: str | None,
+        *,
+        learn: bool = True,
+        outcome: AttemptOutcome = AttemptOutcome.PREEMPTED,
+    ) -> ShardStatus | None:
         """running -> preempted -> queued on the same backend (one transaction), and send it
         again; a shard preempted ``routing.max_preemptions`` times goes back to the router."""
         settings = self.runtime.settings
         try:
             with session_scope(self.runtime.engine) as session:
-                ended, record = claims.hand_back(session, claim, outcome=outcome, error=error,
-                                                 max_preemptions=settings.routing.max_preemptions,
-                                                 queue=settings.backend(claim.backend).queue)
+                ended, record = claims.hand_back(
+                    session,
+                    claim,
+                    outcome=outcome,
+                    error=error,
+                    max_preemptions=settings.routing.max_preemptions,
+                    queue=settings.backend(claim.backend).queue,
+                )
                 if not ended:
                     return None
                 if learn:
@@ -368,8 +480,11 @@ class ShardRunner:
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            log.warning("could not hand shard %s back (%s); its lease runs out and the reaper queues it again",
-                        claim.shard_index, exc.__class__.__name__)
+            log.warning(
+                "could not hand shard %s back (%s); its lease runs out and the reaper queues it again",
+                claim.shard_index,
+                exc.__class__.__name__,
+            )
             return None
         if record is None:
             self.runtime.send_route(claim.job_id)
@@ -381,8 +496,9 @@ class ShardRunner:
         """From the heartbeat thread: the engine is hung. Hand the shard back (the
         stuck chunk, if it ever returns, fails its fenced commit) and let the process go."""
         try:
-            self._hand_back(claim, model, "engine hung: no progress past its deadline", learn=True,
-                            outcome=AttemptOutcome.LOST)
+            self._hand_back(
+                claim, model, "engine hung: no progress past its deadline", learn=True, outcome=AttemptOutcome.LOST
+            )
         except Exception:
             log.exception("could not hand back the hung shard %s; its lease runs out", claim.shard_index)
         if self.on_hung is not None:

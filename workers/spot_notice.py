@@ -78,8 +78,9 @@ class SpotNoticeProbe(threading.Thread):
     def _session_token(self) -> str | None:
         if self._token is not None and time.monotonic() - self._token_at < TOKEN_TTL / 2:
             return self._token
-        request = urllib.request.Request(self._token_url, method="PUT",
-                                         headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL)})
+        request = urllib.request.Request(
+            self._token_url, method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL)}
+        )
         try:
             with self._opener.open(request, timeout=2) as response:  # noqa: S310 (http only, checked above)
                 self._token, self._token_at = response.read().decode().strip(), time.monotonic()
@@ -101,8 +102,10 @@ class SpotNoticeProbe(threading.Thread):
             if exc.code == 401:
                 self._token = None  # expired: ask for a new one next time
             if exc.code != 404:
-                self._warn_once(str(exc.code), f"{self.url} answered HTTP {exc.code}; no notice can be seen "
-                                               "until it answers 200 or 404")
+                self._warn_once(
+                    str(exc.code),
+                    f"{self.url} answered HTTP {exc.code}; no notice can be seen until it answers 200 or 404",
+                )
             return notice_in(exc.code, b"")
         except (urllib.error.URLError, OSError, TimeoutError):
             return None  # metadata service unreachable: no news is no notice

@@ -18,6 +18,7 @@ from rich.markup import escape
 # Importing the command modules registers their commands on the app, in this order in --help.
 # isort: off
 from pipeline.cli import run, status, control, ops  # noqa: F401
+
 # isort: on
 from pipeline.cli.app import _STATE, app, err
 from schemas.errors import SpotlaneError
@@ -75,6 +76,8 @@ def main() -> None:
     except Exception as exc:  # the unexpected
         if _STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc.__class__.__name__}: {escape(str(exc))} (run with --debug for the traceback)")
+        err.print(
+            f"[red]error:[/red] {exc.__class__.__name__}: {escape(str(exc))} (run with --debug for the traceback)"
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -55,7 +55,8 @@ def _version() -> str:
 def _root(
     ctx: typer.Context,
     config: Annotated[
-        str | None, typer.Option("--config", "-c", help="Settings file (TOML). Default: ./spotlane.toml or $SPOTLANE_CONFIG.")
+        str | None,
+        typer.Option("--config", "-c", help="Settings file (TOML). Default: ./spotlane.toml or $SPOTLANE_CONFIG."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or set SPOTLANE_DEBUG=1).")] = False,
     show_version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
@@ -91,17 +92,29 @@ InputArg = Annotated[
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id, a unique prefix of one, or 'latest'.")]
 ModelOpt = Annotated[
     list[str],
-    typer.Option("--model", "-m", help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins)."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins).",
+    ),
 ]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default max new tokens per row.")]
-TempOpt = Annotated[float | None, typer.Option("--temperature", help="Default sampling temperature, 0 to 5 (0: greedy).")]
+TempOpt = Annotated[
+    float | None, typer.Option("--temperature", help="Default sampling temperature, 0 to 5 (0: greedy).")
+]
 ShardOpt = Annotated[int | None, typer.Option("--rows-per-shard", help="Rows per shard.")]
-BudgetOpt = Annotated[float | None, typer.Option("--budget", help="Hard budget in USD: provider-billed spend never exceeds it.")]
+BudgetOpt = Annotated[
+    float | None, typer.Option("--budget", help="Hard budget in USD: provider-billed spend never exceeds it.")
+]
 DeadlineOpt = Annotated[
     str | None,
-    typer.Option("--deadline", help="Finish by: ISO time (2026-11-26T07:00+01:00), HH:MM (next, local) or +DURATION (+90m, +6h)."),
+    typer.Option(
+        "--deadline", help="Finish by: ISO time (2026-11-26T07:00+01:00), HH:MM (next, local) or +DURATION (+90m, +6h)."
+    ),
 ]
-TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")]
+TagOpt = Annotated[
+    list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")
+]
 TaskOpt = Annotated[Task, typer.Option("--task", help="generate (completions) or embed (sentence embeddings).")]
 
 
@@ -126,9 +139,25 @@ def _tags(items: list[str] | None) -> dict[str, str]:
     return tags
 
 
-def job_spec(model: list[str], *, max_tokens: int | None = None, temperature: float | None = None,
-             rows_per_shard: int | None = None, budget: float | None = None, deadline: str | None = None,
-             tag: list[str] | None = None, task: Task = Task.generate) -> JobSpec:
+def job_spec(
+    model: list[str],
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    rows_per_shard: int | None = None,
+    budget: float | None = None,
+    deadline: str | None = None,
+    tag: list[str] | None = None,
+    task: Task = Task.generate,
+) -> JobSpec:
     """The job options of a command line, as the one ``JobSpec`` (refused naming the option)."""
-    return JobSpec(model=model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
-                   budget_usd=budget, deadline=_deadline(deadline), tags=_tags(tag), task=task.value)
+    return JobSpec(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        rows_per_shard=rows_per_shard,
+        budget_usd=budget,
+        deadline=_deadline(deadline),
+        tags=_tags(tag),
+        task=task.value,
+    )

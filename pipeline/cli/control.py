@@ -46,8 +46,11 @@ def _say_if_nobody_works(runtime: Runtime, job_id: str) -> None:
     """Commands that only enqueue work: say when no worker consumes the queues it goes to."""
     settings = runtime.settings
     if api.live_workers(runtime, settings.control_queue) == 0:
-        err.print(f"note: no worker consumes the {settings.control_queue!r} queue now; start one with "
-                  f"`spotlane worker`, or work this job here with `spotlane run --job {job_id}`", highlight=False)
+        err.print(
+            f"note: no worker consumes the {settings.control_queue!r} queue now; start one with "
+            f"`spotlane worker`, or work this job here with `spotlane run --job {job_id}`",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -62,20 +65,30 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Price a job on every backend and show the assignment, cost and finish time; runs nothing."""
-    spec = job_spec(model, max_tokens=max_tokens, rows_per_shard=rows_per_shard, budget=budget, deadline=deadline,
-                    tag=tag)
+    spec = job_spec(
+        model, max_tokens=max_tokens, rows_per_shard=rows_per_shard, budget=budget, deadline=deadline, tag=tag
+    )
     result = api.plan(_runtime(), input_url, spec)
     if as_json:
         console.print_json(json.dumps(result.__dict__, default=str))
         return
     table = Table("backend", "kind", "shards", "rows", "est. cost", "est. finish (UTC)", box=None)
     for name, line in sorted(result.by_backend.items()):
-        table.add_row(escape(name), line["kind"], str(line["shards"]), f"{line['rows']:,}", f"${line['cost_usd']:.4f}",
-                      f"{line['finish']:%Y-%m-%d %H:%M:%S}")
+        table.add_row(
+            escape(name),
+            line["kind"],
+            str(line["shards"]),
+            f"{line['rows']:,}",
+            f"${line['cost_usd']:.4f}",
+            f"{line['finish']:%Y-%m-%d %H:%M:%S}",
+        )
     console.print(table)
-    console.print(f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f} "
-                  f"(worst case ${result.worst_case_usd:.4f}), done about {result.finish:%Y-%m-%d %H:%M} UTC"
-                  if result.finish else "nothing can run")
+    console.print(
+        f"total: {result.rows:,} rows in {result.shards} shards, est. ${result.cost_usd:.4f} "
+        f"(worst case ${result.worst_case_usd:.4f}), done about {result.finish:%Y-%m-%d %H:%M} UTC"
+        if result.finish
+        else "nothing can run"
+    )
     if result.blocked:
         console.print(f"[yellow]{result.blocked} shard(s) would wait: the budget does not cover them[/yellow]")
     for note in result.notes:
@@ -110,8 +123,12 @@ def costs(
         return
     table = Table(by.value, "cost", "input tokens", "output tokens", box=None)
     for line in lines:
-        table.add_row(escape(str(line[by.value])), f"${line['cost_usd']:.4f}", f"{line['input_tokens']:,}",
-                      f"{line['output_tokens']:,}")
+        table.add_row(
+            escape(str(line[by.value])),
+            f"${line['cost_usd']:.4f}",
+            f"{line['input_tokens']:,}",
+            f"{line['output_tokens']:,}",
+        )
     console.print(table)
 
 
@@ -121,9 +138,11 @@ def cancel(job_id: JobArg) -> None:
     runtime = _runtime()
     job_id = _job(runtime, job_id)
     result = api.cancel(runtime, job_id)
-    console.print(f"job {job_id} cancelled; {result.rows_kept:,} of {result.rows_total:,} rows are finished and kept "
-                  f"so far (a running shard still commits the chunk in hand); `spotlane resume {job_id}` continues "
-                  "with the rest")
+    console.print(
+        f"job {job_id} cancelled; {result.rows_kept:,} of {result.rows_total:,} rows are finished and kept "
+        f"so far (a running shard still commits the chunk in hand); `spotlane resume {job_id}` continues "
+        "with the rest"
+    )
 
 
 @app.command()
@@ -132,8 +151,9 @@ def resume(job_id: JobArg) -> None:
     runtime = _runtime()
     job_id = _job(runtime, job_id)
     result = api.resume(runtime, job_id)
-    console.print(f"job {job_id} resumed: {result.rows_total - result.rows_kept:,} rows to go "
-                  f"({result.rows_kept:,} already done)")
+    console.print(
+        f"job {job_id} resumed: {result.rows_total - result.rows_kept:,} rows to go ({result.rows_kept:,} already done)"
+    )
     _say_if_nobody_works(runtime, job_id)
 
 
@@ -143,7 +163,9 @@ def retry_errors(job_id: JobArg) -> None:
     runtime = _runtime()
     job_id = _job(runtime, job_id)
     child, rows = api.retry_errors(runtime, job_id)
-    console.print(f"retrying {rows} row(s) of job {job_id} as job {child}; when it finishes, "
-                  f"`spotlane results {job_id}` points at the new version")
+    console.print(
+        f"retrying {rows} row(s) of job {job_id} as job {child}; when it finishes, "
+        f"`spotlane results {job_id}` points at the new version"
+    )
     console.print(child)
     _say_if_nobody_works(runtime, child)

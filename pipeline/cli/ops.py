@@ -20,7 +20,9 @@ from schemas.settings import load_settings
 __all__: list[str] = []
 
 storage_app = typer.Typer(help="Object storage tiers and their lifecycle.", no_args_is_help=True)
-schedules_app = typer.Typer(help="Scheduled runs: the config's schedules, their last and next runs.", invoke_without_command=True)
+schedules_app = typer.Typer(
+    help="Scheduled runs: the config's schedules, their last and next runs.", invoke_without_command=True
+)
 app.add_typer(storage_app, name="storage")
 app.add_typer(schedules_app, name="schedules")
 
@@ -37,7 +39,9 @@ def _size(n: int) -> str:
 @storage_app.command("sweep")
 def storage_sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what a sweep would do; change nothing.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also retry actions that failed too often.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Also retry actions that failed too often.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Move old results warm -> cold, delete old checkpoints and expired results.
@@ -55,15 +59,21 @@ def storage_sweep(
     else:
         for a in report.actions:
             where = f"{a.source_url} -> {a.target_url}" if a.target_url else a.source_url
-            console.print(f"{a.status:<10} {a.action:<17} job {a.job_id}  {a.files} files, {_size(a.bytes)}  {where}",
-                          highlight=False, markup=False)
+            console.print(
+                f"{a.status:<10} {a.action:<17} job {a.job_id}  {a.files} files, {_size(a.bytes)}  {where}",
+                highlight=False,
+                markup=False,
+            )
         if report.deferred:
             console.print(f"{report.deferred} more left for the next sweep (storage.sweep_max_seconds)")
         for a in report.failed:
             console.print(f"[red]failed[/red] {a.action} of job {a.job_id}: {escape(a.error or '')}", highlight=False)
     if report.given_up and not as_json:
-        console.print(f"{report.given_up} failed action(s) are no longer retried; see "
-                      "`select * from storage_actions where status = 'failed'`, then --retry-failed", markup=False)
+        console.print(
+            f"{report.given_up} failed action(s) are no longer retried; see "
+            "`select * from storage_actions where status = 'failed'`, then --retry-failed",
+            markup=False,
+        )
     if report.failed:
         raise typer.Exit(1)
 
@@ -89,22 +99,31 @@ def schedules_list(
         console.print("no schedules configured (add [[schedules]] to the config)", markup=False)
         return
     for row in rows:
-        console.print(f"{row['name']}  {row['cron']} ({row['timezone']})" + ("" if row["enabled"] else "  disabled"),
-                      highlight=False, markup=False)
+        console.print(
+            f"{row['name']}  {row['cron']} ({row['timezone']})" + ("" if row["enabled"] else "  disabled"),
+            highlight=False,
+            markup=False,
+        )
         if row["enabled"]:
             console.print(f"  next run  {_local(row['next_run'])}", highlight=False, markup=False)
         if row["last_run"] is None:
             console.print("  last run  never", highlight=False, markup=False)
             continue
         job = f"  job {row['last_job_id']} ({row['last_job_status']})" if row["last_job_id"] else ""
-        console.print(f"  last run  {_local(row['last_run'])}  {row['last_run_status']}{job}", highlight=False, markup=False)
+        console.print(
+            f"  last run  {_local(row['last_run'])}  {row['last_run_status']}{job}", highlight=False, markup=False
+        )
         if row["last_message"]:
             console.print(f"            {row['last_message']}", highlight=False, markup=False)
+
 
 @schedules_app.command("run")
 def schedules_run(
     name: Annotated[str, typer.Argument(metavar="NAME")],
-    on: Annotated[str | None, typer.Option("--date", help="The run's date, YYYY-MM-DD, in the schedule's time zone (default: today there).")] = None,
+    on: Annotated[
+        str | None,
+        typer.Option("--date", help="The run's date, YYYY-MM-DD, in the schedule's time zone (default: today there)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trigger one run of schedule NAME by hand (at most once per date, like the scheduler)."""
@@ -118,8 +137,11 @@ def schedules_run(
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     elif not report.new:
-        console.print(f"schedule {name}, run {report.run_date}: already {report.status}"
-                      + (f" as job {report.job_id}" if report.job_id else "") + "; nothing submitted")
+        console.print(
+            f"schedule {name}, run {report.run_date}: already {report.status}"
+            + (f" as job {report.job_id}" if report.job_id else "")
+            + "; nothing submitted"
+        )
     elif report.status == "submitted":
         console.print(f"schedule {name}, run {report.run_date}: submitted job {report.job_id} ({report.input_url})")
     else:

@@ -53,10 +53,14 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     head.add_column(overflow="fold")  # ids and URLs wrap, never cut: they are what people copy
     head.add_row("job", report.job_id)
     head.add_row("status", report.status)
-    head.add_row("model", escape(Path(report.model).name if "/" in report.model and Path(report.model).exists()
-                                 else report.model))
+    head.add_row(
+        "model",
+        escape(Path(report.model).name if "/" in report.model and Path(report.model).exists() else report.model),
+    )
     head.add_row("input", escape(report.input_url))
-    head.add_row("rows", f"{report.rows_done}/{report.rows_total} done ({report.percent_done:.1f}%), {report.rows_failed} failed")
+    head.add_row(
+        "rows", f"{report.rows_done}/{report.rows_total} done ({report.percent_done:.1f}%), {report.rows_failed} failed"
+    )
     head.add_row(
         "shards",
         f"{report.shards_done} done, {report.shards_running} running, {report.shards_waiting} waiting, "
@@ -71,8 +75,12 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     shards = Table("shard", "status", "rows done", "failed", "backend", "attempts", box=None)
     for shard in report.shards[:max_shards]:
         shards.add_row(
-            str(shard["shard"]), shard["status"], f"{shard['rows_done']}/{shard['rows']}",
-            str(shard["rows_failed"]), escape(shard["backend"] or "-"), str(shard["attempts"]),
+            str(shard["shard"]),
+            shard["status"],
+            f"{shard['rows_done']}/{shard['rows']}",
+            str(shard["rows_failed"]),
+            escape(shard["backend"] or "-"),
+            str(shard["attempts"]),
         )
     parts: list[Table] = [head, shards]
     if len(report.shards) > max_shards:

@@ -89,11 +89,21 @@ def _log_to(path: Path) -> Iterator[None]:
 
 @app.command()
 def run(
-    input_url: Annotated[str | None, typer.Argument(
-        metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL).")] = None,
-    model: Annotated[list[str] | None, typer.Option(
-        "--model", "-m", help="Hugging Face model id, local model folder, or a provider's model name; "
-                              "repeat to accept several (cheapest per shard wins).")] = None,
+    input_url: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL)."
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hugging Face model id, local model folder, or a provider's model name; "
+            "repeat to accept several (cheapest per shard wins).",
+        ),
+    ] = None,
     max_tokens: MaxTokensOpt = None,
     temperature: TempOpt = None,
     rows_per_shard: ShardOpt = None,
@@ -101,8 +111,13 @@ def run(
     deadline: DeadlineOpt = None,
     tag: TagOpt = None,
     task: TaskOpt = Task.generate,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Also export the results to this file (.parquet, .csv or .jsonl).")] = None,
-    job: Annotated[str | None, typer.Option("--job", help="Work an existing job here instead (resumed if it was stopped).")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Also export the results to this file (.parquet, .csv or .jsonl)."),
+    ] = None,
+    job: Annotated[
+        str | None, typer.Option("--job", help="Work an existing job here instead (resumed if it was stopped).")
+    ] = None,
 ) -> None:
     """Submit a job and work it in this process, with a progress bar, until it ends.
 
@@ -124,8 +139,16 @@ def run(
     else:
         if input_url is None or not model:
             raise typer.BadParameter("give INPUT and --model (or --job JOB to work an existing job)")
-        spec = job_spec(model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
-                        budget=budget, deadline=deadline, tag=tag, task=task)
+        spec = job_spec(
+            model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            rows_per_shard=rows_per_shard,
+            budget=budget,
+            deadline=deadline,
+            tag=tag,
+            task=task,
+        )
         job_id = api.submit(runtime, input_url, **spec.options())
     log_path = runtime.settings.home / "logs" / f"run-{job_id}.log"
     err.print(f"job [bold]{job_id}[/bold] {'continued' if job else 'submitted'} (log: {escape(str(log_path))})")
@@ -176,8 +199,10 @@ def _stop_run(runtime: Runtime, job_id: str, stop: Any, thread: threading.Thread
     if report.is_final and report.status != "cancelled":
         err.print(f"stopped: job {job_id} had already ended ({report.status})")
     else:
-        err.print(f"stopped: {kept:,} of {report.rows_total:,} rows kept; `spotlane resume {job_id}` continues "
-                  f"(with `spotlane worker`), or `spotlane run --job {job_id}` here")
+        err.print(
+            f"stopped: {kept:,} of {report.rows_total:,} rows kept; `spotlane resume {job_id}` continues "
+            f"(with `spotlane worker`), or `spotlane run --job {job_id}` here"
+        )
     raise typer.Exit(128 + signum)
 
 
@@ -208,15 +233,25 @@ def submit(
     task: TaskOpt = Task.generate,
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
-    spec = job_spec(model, max_tokens=max_tokens, temperature=temperature, rows_per_shard=rows_per_shard,
-                    budget=budget, deadline=deadline, tag=tag, task=task)
+    spec = job_spec(
+        model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        rows_per_shard=rows_per_shard,
+        budget=budget,
+        deadline=deadline,
+        tag=tag,
+        task=task,
+    )
     job_id = api.submit(_runtime(), input_url, **spec.options())
     console.print(job_id)
 
 
 @app.command()
 def worker(
-    queues: Annotated[list[str] | None, typer.Option("--queues", "-Q", help="Queues to consume (repeat). Default: all.")] = None,
+    queues: Annotated[
+        list[str] | None, typer.Option("--queues", "-Q", help="Queues to consume (repeat). Default: all.")
+    ] = None,
     loglevel: Annotated[str, typer.Option("--loglevel", help="Celery log level.")] = "INFO",
     reaper: Annotated[bool, typer.Option("--reaper/--no-reaper", help="Also re-queue work of dead workers.")] = True,
 ) -> None:
@@ -240,7 +275,9 @@ def scheduler(
 
 @app.command()
 def example(
-    folder: Annotated[Path, typer.Argument(help="Where to write prompts.parquet and tiny-model/.")] = Path("spotlane-example"),
+    folder: Annotated[Path, typer.Argument(help="Where to write prompts.parquet and tiny-model/.")] = Path(
+        "spotlane-example"
+    ),
 ) -> None:
     """Write the example prompts file and build a small local model to run it with.
 

@@ -42,7 +42,9 @@ def status(
 @app.command()
 def wait(
     job_id: JobArg,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds (exit 3).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Give up after this many seconds (exit 3).")
+    ] = None,
 ) -> None:
     """Wait for a job to end; exit 0 if it succeeded, 1 if not, 3 on timeout."""
     runtime = _runtime(writes=False)
@@ -52,8 +54,10 @@ def wait(
     except TimeoutError as exc:
         err.print(f"error: {escape(str(exc))}")
         raise typer.Exit(3) from None
-    console.print(f"job {job_id} {report.status}: {report.rows_done - report.rows_failed:,} rows ok, "
-                  f"{report.rows_failed:,} failed, of {report.rows_total:,}")
+    console.print(
+        f"job {job_id} {report.status}: {report.rows_done - report.rows_failed:,} rows ok, "
+        f"{report.rows_failed:,} failed, of {report.rows_total:,}"
+    )
     raise typer.Exit(0 if report.status in ("succeeded", "succeeded_with_errors") else 1)
 
 
@@ -96,8 +100,14 @@ def jobs(
     table.add_column("model", overflow="fold")
     table.add_column("created", no_wrap=True)
     for row in rows:
-        table.add_row(row["job_id"], row["status"], str(row["rows"]), str(row["rows_failed"]),
-                      escape(Path(row["model"]).name), (row["created_at"] or "")[:16].replace("T", " "))
+        table.add_row(
+            row["job_id"],
+            row["status"],
+            str(row["rows"]),
+            str(row["rows_failed"]),
+            escape(Path(row["model"]).name),
+            (row["created_at"] or "")[:16].replace("T", " "),
+        )
     if not rows:
         console.print(f"no jobs in {runtime.store_name}", highlight=False, markup=False)
         return
@@ -107,7 +117,9 @@ def jobs(
 @app.command()
 def results(
     job_id: JobArg,
-    to: Annotated[str | None, typer.Option("--to", help="Export the results to one file: .parquet, .csv or .jsonl.")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Export the results to one file: .parquet, .csv or .jsonl.")
+    ] = None,
     errors: Annotated[bool, typer.Option("--errors", help="Only the rows that came back with an error.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
 ) -> None:

@@ -34,9 +34,11 @@ class Stopped:
 
 
 def _rows_done(session: object, job_id: str) -> int:
-    return int(session.execute(  # type: ignore[attr-defined]
-        select(func.coalesce(func.sum(Shard.rows_done), 0)).where(Shard.job_id == job_id)
-    ).scalar_one())
+    return int(
+        session.execute(  # type: ignore[attr-defined]
+            select(func.coalesce(func.sum(Shard.rows_done), 0)).where(Shard.job_id == job_id)
+        ).scalar_one()
+    )
 
 
 def cancel(runtime: Runtime, job_id: str, *, reason: str = "cancelled by hand") -> Stopped:

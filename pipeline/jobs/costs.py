@@ -19,8 +19,10 @@ def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -
     """Charged USD and tokens grouped ``by`` backend, day, job or tag (``key=value``)."""
     if by not in ("backend", "day", "job", "tag"):
         raise InputError(f"--by must be backend, day, job or tag, not {by!r}")
-    query = select(CostLedgerEntry, Job.tags).join(Job, Job.id == CostLedgerEntry.job_id).where(
-        CostLedgerEntry.kind == LedgerKind.CHARGE
+    query = (
+        select(CostLedgerEntry, Job.tags)
+        .join(Job, Job.id == CostLedgerEntry.job_id)
+        .where(CostLedgerEntry.kind == LedgerKind.CHARGE)
     )
     if job_id:
         query = query.where(CostLedgerEntry.job_id == job_id)

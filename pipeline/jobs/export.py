@@ -60,10 +60,14 @@ def _export_sources(runtime: Runtime, job_id: str) -> list[str]:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
         stopped = job.result_url is None and job.status in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED)
         if stopped and job.checkpoints_purged_at is None:
-            return list(session.execute(
-                select(Checkpoint.url).join(Shard, Shard.id == Checkpoint.shard_id)
-                .where(Shard.job_id == job_id).order_by(Shard.shard_index, Checkpoint.first_row)
-            ).scalars())
+            return list(
+                session.execute(
+                    select(Checkpoint.url)
+                    .join(Shard, Shard.id == Checkpoint.shard_id)
+                    .where(Shard.job_id == job_id)
+                    .order_by(Shard.shard_index, Checkpoint.first_row)
+                ).scalars()
+            )
     return results(runtime, job_id).files
 
 
@@ -111,8 +115,7 @@ class _RowWriter:
                 self._writer = pq.ParquetWriter(self.sink, batch.schema, compression="zstd")
             self._writer.write_batch(batch)
         elif self.fmt == "csv":
-            flat = pa.RecordBatch.from_arrays(
-                [_as_text(column) for column in batch.columns], names=batch.schema.names)
+            flat = pa.RecordBatch.from_arrays([_as_text(column) for column in batch.columns], names=batch.schema.names)
             if self._writer is None:
                 self._writer = pacsv.CSVWriter(self.sink, flat.schema)
             self._writer.write_batch(flat)
@@ -138,5 +141,3 @@ def _within(target: str, root: str) -> bool:
 
     target, root = plain(target), plain(root)
     return target == root or target.startswith(root + "/")
-
-

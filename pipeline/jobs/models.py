@@ -91,8 +91,9 @@ def _ask_the_hub(name: str, hint: str) -> str:
     try:
         HfApi().model_info(name, timeout=HUB_TIMEOUT)
     except RepositoryNotFoundError:
-        raise ModelError(f"model {name!r} is neither a local folder nor a model on the Hugging Face hub{hint}",
-                         model=name) from None
+        raise ModelError(
+            f"model {name!r} is neither a local folder nor a model on the Hugging Face hub{hint}", model=name
+        ) from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):  # gated or private: a token on the workers may open it

@@ -54,8 +54,16 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
     files = expand_input(input_url)
     with tempfile.TemporaryDirectory(dir=settings.home) as scratch:
         url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
-        return _plan(runtime, url, models, budget_usd=spec.budget_usd, deadline=spec.deadline,
-                     max_tokens=spec.max_tokens, rows_per_shard=spec.rows_per_shard, tags=spec.tags)
+        return _plan(
+            runtime,
+            url,
+            models,
+            budget_usd=spec.budget_usd,
+            deadline=spec.deadline,
+            max_tokens=spec.max_tokens,
+            rows_per_shard=spec.rows_per_shard,
+            tags=spec.tags,
+        )
 
 
 def _plan(
@@ -72,9 +80,20 @@ def _plan(
     settings = runtime.settings
     info = inspect_input(url)
     per_shard = rows_per_shard or settings.jobs.rows_per_shard
-    job = Job(id="plan", model=models[0], models=models, input_url=info.url, input_kind=info.kind,
-              max_tokens=max_tokens or settings.jobs.max_tokens, temperature=0.0, tags=tags or {},
-              rows_total=info.rows, rows_per_shard=per_shard, shard_count=0, carried_columns=[])
+    job = Job(
+        id="plan",
+        model=models[0],
+        models=models,
+        input_url=info.url,
+        input_kind=info.kind,
+        max_tokens=max_tokens or settings.jobs.max_tokens,
+        temperature=0.0,
+        tags=tags or {},
+        rows_total=info.rows,
+        rows_per_shard=per_shard,
+        shard_count=0,
+        carried_columns=[],
+    )
     ranges = plan_shards(info.rows, per_shard)
     result = Plan(rows=info.rows, shards=len(ranges))
     now = utcnow()
@@ -85,8 +104,14 @@ def _plan(
             quotes = quotes_for(session, settings, job, profile, [], now)
             if not quotes:
                 raise InputError(f"no backend serves model {models[0]!r} (see gpu_pools and api_providers)")
-            choice = choose(quotes, committed_usd=result.cost_usd, budget_usd=budget_usd,
-                            backlog_seconds=backlog, now=now, deadline=deadline)
+            choice = choose(
+                quotes,
+                committed_usd=result.cost_usd,
+                budget_usd=budget_usd,
+                backlog_seconds=backlog,
+                now=now,
+                deadline=deadline,
+            )
             if choice.quote is None:
                 result.blocked += 1
                 continue
@@ -94,8 +119,9 @@ def _plan(
             backlog[q.backend] += q.seconds
             result.cost_usd += q.cost_usd
             result.worst_case_usd += q.reserve_usd
-            line = result.by_backend.setdefault(q.backend, {"shards": 0, "rows": 0, "cost_usd": 0.0,
-                                                           "kind": q.kind, "capacity": q.capacity})
+            line = result.by_backend.setdefault(
+                q.backend, {"shards": 0, "rows": 0, "cost_usd": 0.0, "kind": q.kind, "capacity": q.capacity}
+            )
             line["shards"] += 1
             line["rows"] += end - start
             line["cost_usd"] += q.cost_usd

@@ -16,7 +16,18 @@ from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard, ShardAttempt
 
-__all__ = ["JobEvent", "JobReport", "JobSummary", "ResultsInfo", "job_events", "job_status", "list_jobs", "resolve_job", "results", "wait"]
+__all__ = [
+    "JobEvent",
+    "JobReport",
+    "JobSummary",
+    "ResultsInfo",
+    "job_events",
+    "job_status",
+    "list_jobs",
+    "resolve_job",
+    "results",
+    "wait",
+]
 
 
 class JobSummary(TypedDict):
@@ -50,15 +61,21 @@ def resolve_job(runtime: Runtime, ref: str) -> str:
             return str(found)
         if session.get(Job, ref) is not None:
             return ref
-        matches = session.execute(
-            select(Job.id).where(Job.id.startswith(ref, autoescape=True)).order_by(Job.id).limit(6)
-        ).scalars().all() if ref else []
+        matches = (
+            session.execute(select(Job.id).where(Job.id.startswith(ref, autoescape=True)).order_by(Job.id).limit(6))
+            .scalars()
+            .all()
+            if ref
+            else []
+        )
     if len(matches) == 1:
         return str(matches[0])
     if not matches:
         raise NotFound(f"no job {ref!r} in {runtime.store_name} (see `spotlane jobs`)")
     shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-    raise NotFound(f"{ref!r} names {'more than 5' if len(matches) > 5 else len(matches)} jobs ({shown}); give more of the id")
+    raise NotFound(
+        f"{ref!r} names {'more than 5' if len(matches) > 5 else len(matches)} jobs ({shown}); give more of the id"
+    )
 
 
 def wait(runtime: Runtime, job_id: str, *, timeout: float | None = None, poll_seconds: float = 1.0) -> JobReport:
@@ -123,9 +140,11 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
-        progress = session.execute(
-            text(f"SELECT * FROM {JOB_PROGRESS_VIEW} WHERE job_id = :id"), {"id": job_id}
-        ).mappings().one()
+        progress = (
+            session.execute(text(f"SELECT * FROM {JOB_PROGRESS_VIEW} WHERE job_id = :id"), {"id": job_id})
+            .mappings()
+            .one()
+        )
         shards: list[dict[str, Any]] = []
         if with_shards:
             for shard in session.execute(
@@ -229,23 +248,45 @@ def job_events(runtime: Runtime, job_id: str) -> list[JobEvent]:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
-        events: list[tuple[datetime, str]] = [(job.created_at, (
-            f"submitted: {job.rows_total:,} rows of {job.source_url or job.input_url} in {job.shard_count} shard(s), "
-            f"model {job.model}" + (f", budget ${job.budget_usd:.4f}" if job.budget_usd is not None else "")))]
+        events: list[tuple[datetime, str]] = [
+            (
+                job.created_at,
+                (
+                    f"submitted: {job.rows_total:,} rows of {job.source_url or job.input_url} in {job.shard_count} shard(s), "
+                    f"model {job.model}" + (f", budget ${job.budget_usd:.4f}" if job.budget_usd is not None else "")
+                ),
+            )
+        ]
         attempts = session.execute(
-            select(ShardAttempt, Shard.shard_index).join(Shard, Shard.id == ShardAttempt.shard_id)
-            .where(Shard.job_id == job_id).order_by(ShardAttempt.started_at)
+            select(ShardAttempt, Shard.shard_index)
+            .join(Shard, Shard.id == ShardAttempt.shard_id)
+            .where(Shard.job_id == job_id)
+            .order_by(ShardAttempt.started_at)
         ).all()
         for attempt, index in attempts:
-            events.append((attempt.started_at, f"shard {index} attempt {attempt.attempt} started on {attempt.backend} "
-                                               f"by {attempt.worker_id}, from row {attempt.resumed_from}"))
+            events.append(
+                (
+                    attempt.started_at,
+                    f"shard {index} attempt {attempt.attempt} started on {attempt.backend} "
+                    f"by {attempt.worker_id}, from row {attempt.resumed_from}",
+                )
+            )
             if attempt.ended_at is not None:
-                events.append((attempt.ended_at, f"shard {index} attempt {attempt.attempt} {attempt.outcome.value}: "
-                                                 f"{attempt.rows_processed:,} rows"
-                                                 + (f"; {attempt.error}" if attempt.error else "")))
+                events.append(
+                    (
+                        attempt.ended_at,
+                        f"shard {index} attempt {attempt.attempt} {attempt.outcome.value}: "
+                        f"{attempt.rows_processed:,} rows" + (f"; {attempt.error}" if attempt.error else ""),
+                    )
+                )
         if job.finished_at is not None:
-            events.append((job.finished_at, f"{job.status.value}: {job.rows_ok:,} rows ok, {job.rows_failed:,} failed"
-                                             + (f"; {job.error}" if job.error else "")))
+            events.append(
+                (
+                    job.finished_at,
+                    f"{job.status.value}: {job.rows_ok:,} rows ok, {job.rows_failed:,} failed"
+                    + (f"; {job.error}" if job.error else ""),
+                )
+            )
         elif job.error:
             events.append((job.updated_at, f"{job.status.value}: {job.error}"))
     return [JobEvent(at=at.isoformat(), what=what) for at, what in sorted(events, key=lambda e: e[0])]

@@ -51,8 +51,10 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
             (permanent if is_permanent(error) else failed).append(row_id)
     if not failed:
         if permanent:
-            raise StoreError(f"job {job_id}'s {len(permanent)} error row(s) failed for reasons a retry cannot change "
-                             "(the row's prompt, limits or model; see `spotlane results JOB --errors --to errors.csv`)")
+            raise StoreError(
+                f"job {job_id}'s {len(permanent)} error row(s) failed for reasons a retry cannot change "
+                "(the row's prompt, limits or model; see `spotlane results JOB --errors --to errors.csv`)"
+            )
         raise StoreError(f"job {job_id} has no rows with an error; nothing to retry")
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
@@ -62,16 +64,29 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
         temperature, task, tags = job.temperature, job.task, dict(job.tags or {})
     wanted = pa.array(failed)
     source = open_parquet(input_url)
-    pieces = [b.filter(pc.is_in(b.column("id"), value_set=wanted))
-              for b in iter_rows(input_url, 0, source.metadata.num_rows, source.schema_arrow.names)]
+    pieces = [
+        b.filter(pc.is_in(b.column("id"), value_set=wanted))
+        for b in iter_rows(input_url, 0, source.metadata.num_rows, source.schema_arrow.names)
+    ]
     subset = pa.Table.from_batches([p for p in pieces if len(p)])
     retry_input = f"{runtime.storage.job_url(job_id, 'hot')}/retries/v{version}/input.parquet"
     write_parquet(subset, retry_input, runtime.storage.storage_class("hot"))
-    child = producer.submit(runtime, producer.JobRequest(
-        input_url=retry_input, model=models, max_tokens=max_tokens or None, temperature=temperature, task=task,
-        tags={**{k: v for k, v in tags.items() if k != "result_version"}, "retry_of": job_id, "result_version": version},
-        retry_of=job_id,
-    ))
+    child = producer.submit(
+        runtime,
+        producer.JobRequest(
+            input_url=retry_input,
+            model=models,
+            max_tokens=max_tokens or None,
+            temperature=temperature,
+            task=task,
+            tags={
+                **{k: v for k, v in tags.items() if k != "result_version"},
+                "retry_of": job_id,
+                "result_version": version,
+            },
+            retry_of=job_id,
+        ),
+    )
     return child, subset.num_rows
 
 
@@ -90,7 +105,11 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
         child = session.get(Job, child_id)
         if child is None or not child.result_url or child.retry_of is None or child.merged_at is not None:
             return None
-        parent_id, version, child_url = child.retry_of, int((child.tags or {}).get("result_version", 2)), child.result_url
+        parent_id, version, child_url = (
+            child.retry_of,
+            int((child.tags or {}).get("result_version", 2)),
+            child.result_url,
+        )
     owner, lease = owner_id(), f"merge:{parent_id}"
     if not leases.take(runtime.engine, lease, owner, MERGE_LEASE_SECONDS):
         return None
@@ -104,8 +123,9 @@ def merge_retry(runtime: Runtime, child_id: str) -> str | None:
 MERGE_LEASE_SECONDS = 600.0
 
 
-def _merge(runtime: Runtime, child_id: str, parent_id: str, version: int, child_url: str, owner: str,
-           lease: str) -> str | None:
+def _merge(
+    runtime: Runtime, child_id: str, parent_id: str, version: int, child_url: str, owner: str, lease: str
+) -> str | None:
     with session_scope(runtime.engine) as session:
         parent = session.get(Job, parent_id)
         if parent is None or parent.result_url is None or parent.results_deleted_at is not None:
@@ -129,18 +149,41 @@ def _merge(runtime: Runtime, child_id: str, parent_id: str, version: int, child_
             writer.write(table)
         assert writer is not None
         files = writer.close()
-        write_json({**old_manifest, "files": files, "rows": rows, "rows_ok": rows - rows_failed,
-                    "rows_failed": rows_failed, "version": version, "retry_job_id": child_id,
-                    "previous_version_url": old_url, "created_at": utcnow().isoformat()},
-                   f"{new_url}/{MANIFEST}", runtime.storage.storage_class("warm"))
+        write_json(
+            {
+                **old_manifest,
+                "files": files,
+                "rows": rows,
+                "rows_ok": rows - rows_failed,
+                "rows_failed": rows_failed,
+                "version": version,
+                "retry_job_id": child_id,
+                "previous_version_url": old_url,
+                "created_at": utcnow().isoformat(),
+            },
+            f"{new_url}/{MANIFEST}",
+            runtime.storage.storage_class("warm"),
+        )
         with session_scope(runtime.engine) as session:
-            switched = matched(session.execute(
-                update(Job)
-                .where(Job.id == parent_id, Job.result_url == old_url, Job.results_deleted_at.is_(None),
-                       leases.held_by(session, lease, owner))
-                .values(result_url=new_url, result_tier="warm", rows_ok=rows - rows_failed, rows_failed=rows_failed,
-                        tags={**tags, "result_version": version}, updated_at=db_now(session))
-            ))
+            switched = matched(
+                session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == parent_id,
+                        Job.result_url == old_url,
+                        Job.results_deleted_at.is_(None),
+                        leases.held_by(session, lease, owner),
+                    )
+                    .values(
+                        result_url=new_url,
+                        result_tier="warm",
+                        rows_ok=rows - rows_failed,
+                        rows_failed=rows_failed,
+                        tags={**tags, "result_version": version},
+                        updated_at=db_now(session),
+                    )
+                )
+            )
             if switched:
                 session.execute(update(Job).where(Job.id == child_id).values(merged_at=db_now(session)))
     except BaseException:

@@ -43,7 +43,6 @@ from schemas.tables import Job, Shard
 __all__ = ["JobRequest", "new_job_id", "plan_shards", "submit"]
 
 
-
 class JobRequest(JobSpec):
     """A ``JobSpec`` and the input it runs on: ``JobRequest("prompts.parquet", "./model", max_tokens=64)``."""
 
@@ -157,7 +156,10 @@ def _check_row_models(settings: Settings, info: InputInfo, models: list[str]) ->
             where = _first_row_with(info.url, name)
             raise InputError(
                 f"model {name!r} is neither one of the job's models ({', '.join(models)}) nor one a backend "
-                "lists in gpu_pools or api_providers", file=info.url, column="model", row=where,
+                "lists in gpu_pools or api_providers",
+                file=info.url,
+                column="model",
+                row=where,
             )
 
 
@@ -207,9 +209,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     input_kind=info.kind,
                     carried_columns=list(info.carried_columns),
                     max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
-                    temperature=(
-                        settings.jobs.temperature if request.temperature is None else request.temperature
-                    ),
+                    temperature=(settings.jobs.temperature if request.temperature is None else request.temperature),
                     rows_total=info.rows,
                     rows_per_shard=rows_per_shard,
                     shard_count=len(ranges),

@@ -27,8 +27,7 @@ from pipeline.storage.inputs import iter_rows, open_parquet
 from schemas.backends import input_token_bound
 from schemas.inference import Request
 
-__all__ = [
-    "FOOTER_CHARS_PER_TOKEN","ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
+__all__ = ["FOOTER_CHARS_PER_TOKEN", "ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
 
 
 #: Characters per token between the input's footer (column bytes) and ``Job.est_prompt_tokens``:
@@ -59,8 +58,13 @@ class ShardProfile:
 
     def worst_row(self) -> ShardProfile:
         """A one-row profile no row of these exceeds (what starting one row needs)."""
-        return ShardProfile(rows=1, prompt_bytes=self.largest_row_bytes, messages=max(1, self.largest_row_messages),
-                            max_tokens=self.largest_max_tokens, longest_prompt_chars=self.longest_prompt_chars)
+        return ShardProfile(
+            rows=1,
+            prompt_bytes=self.largest_row_bytes,
+            messages=max(1, self.largest_row_messages),
+            max_tokens=self.largest_max_tokens,
+            longest_prompt_chars=self.longest_prompt_chars,
+        )
 
     def input_tokens(self, chars_per_token: float) -> int:
         if self.prompt_tokens is not None:

@@ -45,8 +45,14 @@ def observed(session: Session, backend: str, model: str) -> Observed | None:
     if row is None:
         return None
     return Observed(
-        row.tokens_per_second, row.latency_seconds, row.error_rate, row.preemption_rate,
-        row.chars_per_token, row.output_fill, row.cooldown_until, row.samples,
+        row.tokens_per_second,
+        row.latency_seconds,
+        row.error_rate,
+        row.preemption_rate,
+        row.chars_per_token,
+        row.output_fill,
+        row.cooldown_until,
+        row.samples,
     )
 
 
@@ -57,8 +63,12 @@ def _ensure(session: Session, backend: str, model: str) -> None:
         with session.begin_nested():
             session.execute(
                 insert(BackendStats).values(
-                    backend=backend, model=model, error_rate=0.0, samples=0,
-                    consecutive_failures=0, updated_at=utcnow(),
+                    backend=backend,
+                    model=model,
+                    error_rate=0.0,
+                    samples=0,
+                    consecutive_failures=0,
+                    updated_at=utcnow(),
                 )
             )
     except IntegrityError:

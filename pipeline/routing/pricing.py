@@ -75,15 +75,35 @@ def quote(
         preemption = stats.preemption_rate if stats and stats.preemption_rate is not None else backend.preemption_rate
         seconds = max(0.0, (tokens_out + PREFILL_WEIGHT * tokens_in) / tps)
         cost = seconds / 3600.0 * backend.price_per_hour * (1.0 + 0.5 * preemption)
-        return Quote(backend.name, "gpu", backend.queue, model, cost, seconds * (1.0 + 0.5 * preemption),
-                     backend.max_workers, tokens_in, tokens_out, reserve_usd=worst_case_usd(backend, profile, stats),
-                     row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats))
+        return Quote(
+            backend.name,
+            "gpu",
+            backend.queue,
+            model,
+            cost,
+            seconds * (1.0 + 0.5 * preemption),
+            backend.max_workers,
+            tokens_in,
+            tokens_out,
+            reserve_usd=worst_case_usd(backend, profile, stats),
+            row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats),
+        )
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
     rate = backend.requests_per_second(per_request, latency)
-    return Quote(backend.name, "api", backend.queue, model, max(0.0, api_cost(backend, tokens_in, tokens_out)),
-                 profile.rows / rate, 1, tokens_in, tokens_out,
-                 reserve_usd=worst_case_usd(backend, profile), row_reserve_usd=worst_case_usd(backend, profile.worst_row()))
+    return Quote(
+        backend.name,
+        "api",
+        backend.queue,
+        model,
+        max(0.0, api_cost(backend, tokens_in, tokens_out)),
+        profile.rows / rate,
+        1,
+        tokens_in,
+        tokens_out,
+        reserve_usd=worst_case_usd(backend, profile),
+        row_reserve_usd=worst_case_usd(backend, profile.worst_row()),
+    )
 
 
 def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:

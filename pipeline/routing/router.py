@@ -52,11 +52,16 @@ from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
 
 __all__ = [
-    "Choice", "candidates", "choose", "plan_on_time", "quotes_for", "route_job", "route_lease",
+    "Choice",
+    "candidates",
+    "choose",
+    "plan_on_time",
+    "quotes_for",
+    "route_job",
+    "route_lease",
 ]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,10 @@ def choose(
         return Choice(min(on_time, key=lambda q: (q.cost_usd, q.seconds)))
     best = min(affordable, key=finish)
     within = " within the budget" if budget_usd is not None else ""
-    return Choice(best, f"the deadline cannot be met{within}; fastest backend{within}, done about "
-                        f"{finish(best):%Y-%m-%d %H:%M} UTC")
+    return Choice(
+        best,
+        f"the deadline cannot be met{within}; fastest backend{within}, done about {finish(best):%Y-%m-%d %H:%M} UTC",
+    )
 
 
 def plan_on_time(
@@ -107,8 +114,9 @@ def plan_on_time(
     return cheapest_on_time(quotes, room)
 
 
-def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str],
-               cooling: set[str]) -> list[tuple[GpuPool | ApiProvider, str]]:
+def candidates(
+    settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], cooling: set[str]
+) -> list[tuple[GpuPool | ApiProvider, str]]:
     """(backend, model) pairs allowed for this shard, rules and exclusions applied."""
     models = job.models or [job.model]
     allowed: set[str] | None = None
@@ -130,8 +138,9 @@ def candidates(settings: Settings, job: Job, profile: ShardProfile, excluded: It
     return warm or pairs
 
 
-def quotes_for(session: Session, settings: Settings, job: Job, profile: ShardProfile,
-               excluded: Iterable[str], now: datetime) -> list[Quote]:
+def quotes_for(
+    session: Session, settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], now: datetime
+) -> list[Quote]:
     stats = {}
     cooling: set[str] = set()
     for backend in settings.backends:
@@ -221,21 +230,43 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
             if preferred and ledger.fits(committed, preferred[0].row_reserve_usd, job.budget_usd):
                 choice = Choice(preferred[0])
             else:
-                choice = choose(quotes, committed_usd=committed, budget_usd=job.budget_usd,
-                                backlog_seconds=_backlog(session), now=now, deadline=job.deadline)
+                choice = choose(
+                    quotes,
+                    committed_usd=committed,
+                    budget_usd=job.budget_usd,
+                    backlog_seconds=_backlog(session),
+                    now=now,
+                    deadline=job.deadline,
+                )
             if choice.quote is None:
                 _wait_or_pause(session, job, shard_id, index, quotes)
                 return queued
             best = choice.quote
             if not transitions.queue_shard(
-                session, shard_id, expected=(ShardStatus.PENDING,), backend=best.backend, queue=best.queue,
-                model=best.model, est_input_tokens=best.input_tokens, est_output_tokens=best.output_tokens,
-                est_cost_usd=best.cost_usd, est_seconds=best.seconds, route_note=choice.note,
+                session,
+                shard_id,
+                expected=(ShardStatus.PENDING,),
+                backend=best.backend,
+                queue=best.queue,
+                model=best.model,
+                est_input_tokens=best.input_tokens,
+                est_output_tokens=best.output_tokens,
+                est_cost_usd=best.cost_usd,
+                est_seconds=best.seconds,
+                route_note=choice.note,
             ):
                 continue
             room = float("inf") if job.budget_usd is None else job.budget_usd - committed
-            ledger.reserve(session, job_id, shard_id, best.backend, _advance(best, profile.rows, settings, room), now,
-                           best.input_tokens, best.output_tokens)
+            ledger.reserve(
+                session,
+                job_id,
+                shard_id,
+                best.backend,
+                _advance(best, profile.rows, settings, room),
+                now,
+                best.input_tokens,
+                best.output_tokens,
+            )
             transitions.set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.PENDING,))
             record = transitions.run_record(session, shard_id)
         # Sent after the commit: a worker never sees a task its shard row does not back.
@@ -268,24 +299,38 @@ def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes
         select(func.count()).select_from(Shard).where(Shard.job_id == job.id, Shard.status.in_(_IN_FLIGHT))
     ).scalar_one()
     if in_flight:
-        session.execute(update(Shard).where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING).values(
-            route_note=f"waiting for budget: its costliest row's worst case (${cheapest:.4f}) does not fit "
-                       "until running shards finish",
-            updated_at=db_now(session)))
+        session.execute(
+            update(Shard)
+            .where(Shard.id == shard_id, Shard.status == ShardStatus.PENDING)
+            .values(
+                route_note=f"waiting for budget: its costliest row's worst case (${cheapest:.4f}) does not fit "
+                "until running shards finish",
+                updated_at=db_now(session),
+            )
+        )
         return
     transitions.block_pending(session, job.id)
     transitions.set_job_status(
-        session, job.id, JobStatus.PAUSED, expected=(JobStatus.PENDING, JobStatus.RUNNING),
+        session,
+        job.id,
+        JobStatus.PAUSED,
+        expected=(JobStatus.PENDING, JobStatus.RUNNING),
         error=f"paused: what is left of the budget (${job.budget_usd or 0:.4f}) cannot cover shard {index}'s "
-              f"costliest row (worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
+        f"costliest row (worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
     )
 
 
 def _rough_profile(job: Job, rows: int) -> ShardProfile:
     """A shard's profile from the file's footer alone, for the deadline plan (no rows read)."""
     chars = int(job.est_prompt_tokens * FOOTER_CHARS_PER_TOKEN * rows)
-    return ShardProfile(rows=rows, prompt_chars=chars, max_tokens=job.max_tokens * rows, prompt_bytes=chars,
-                        messages=rows, longest_prompt_chars=chars // max(rows, 1))
+    return ShardProfile(
+        rows=rows,
+        prompt_chars=chars,
+        max_tokens=job.max_tokens * rows,
+        prompt_bytes=chars,
+        messages=rows,
+        longest_prompt_chars=chars // max(rows, 1),
+    )
 
 
 def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any]) -> dict[int, tuple[str, str]]:
@@ -300,8 +345,10 @@ def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any]) -> dict[int, tup
         if job is None or job.deadline is None:
             return {}
         now = db_now(session)
-        rows = [quotes_for(session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now)
-                for _, _, start, end, excluded in shards]
+        rows = [
+            quotes_for(session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now)
+            for _, _, start, end, excluded in shards
+        ]
         assignment = plan_on_time(rows, _backlog(session), now, job.deadline)
     if assignment is None:
         return {}

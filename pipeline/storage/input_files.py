@@ -56,14 +56,19 @@ def stitch_inputs(urls: list[str], target: str, storage_class: str = "") -> str:
             if f.name not in other.names:
                 raise InputError(f"column missing here but present in {urls[0]}", file=url, column=f.name)
             if not other.field(f.name).type.equals(f.type):
-                raise InputError(f"is {other.field(f.name).type} here but {f.type} in {urls[0]}", file=url, column=f.name)
+                raise InputError(
+                    f"is {other.field(f.name).type} here but {f.type} in {urls[0]}", file=url, column=f.name
+                )
         extra = [n for n in other.names if n not in schema.names]
         if extra:
             raise InputError(f"column not in {urls[0]}", file=url, column=extra[0])
     schema = schema.with_metadata({**(schema.metadata or {}), b"spotlane.sources": json.dumps(urls).encode()})
     fs, path = filesystem(target)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb", **write_options(storage_class)) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+    with (
+        fs.open(path, "wb", **write_options(storage_class)) as sink,
+        pq.ParquetWriter(sink, schema, compression="zstd") as writer,
+    ):
         for url in urls:
             source = open_parquet(url)
             for batch in source.iter_batches(batch_size=batch_rows(source, most=_ID_BATCH)):

@@ -43,8 +43,19 @@ _ID_BATCH = 1 << 16
 #: Distinct per-row ``model`` names an input may use (each is loaded by workers).
 MAX_ROW_MODELS = 32
 #: Query parameters that make a URL a credential (presigned S3, GCS, Azure SAS, tokens).
-_SECRET_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                  "x-goog-credential", "sig", "signature", "token", "access_token", "password", "secret"}
+_SECRET_PARAMS = {
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "sig",
+    "signature",
+    "token",
+    "access_token",
+    "password",
+    "secret",
+}
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,7 @@ def _check_messages_type(t: pa.DataType) -> bool:
     if not pa.types.is_struct(item):
         return False
     names = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
-    return {"role", "content"} <= names.keys() and all(
-        is_string(names[k]) for k in ("role", "content")
-    )
+    return {"role", "content"} <= names.keys() and all(is_string(names[k]) for k in ("role", "content"))
 
 
 def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -98,15 +107,14 @@ def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tu
     if not is_string(schema.field("id").type):
         raise InputError(
             f"must be a string, not {schema.field('id').type} (cast it, e.g. df['id'] = df['id'].astype(str))",
-            file=url, column="id",
+            file=url,
+            column="id",
         )
     has_prompt, has_messages = "prompt" in names, "messages" in names
     if has_prompt and has_messages:
         raise InputError("give either a 'prompt' or a 'messages' column, not both", file=url)
     if not (has_prompt or has_messages):
-        raise InputError(
-            "required column is missing (or give 'messages')", file=url, column="prompt"
-        )
+        raise InputError("required column is missing (or give 'messages')", file=url, column="prompt")
     kind = "prompt" if has_prompt else "messages"
     field_type = schema.field(kind).type
     if kind == "prompt" and not is_string(field_type):
@@ -119,15 +127,14 @@ def _check_schema(url: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], tu
         )
     for column, (check, what) in OPTIONAL_INPUT_TYPES.items():
         if column in names and not check(schema.field(column).type):
-            raise InputError(
-                f"must be {what}, not {schema.field(column).type}", file=url, column=column
-            )
+            raise InputError(f"must be {what}, not {schema.field(column).type}", file=url, column=column)
     carried = tuple(n for n in names if n not in REQUEST_COLUMNS or n in CARRIED_KNOWN)
     clash = [n for n in carried if n in OUTPUT_NAMES]
     if clash:
         raise InputError(
             f"is also the name of an output column ({', '.join(sorted(OUTPUT_NAMES))}); rename it",
-            file=url, column=clash[0],
+            file=url,
+            column=clash[0],
         )
     requests = tuple(n for n in names if n in REQUEST_COLUMNS and n not in ("id", kind))
     return kind, carried, requests
@@ -151,21 +158,30 @@ def _check_values(url: str, pf: pq.ParquetFile, requests: tuple[str, ...]) -> tu
             bad = pc.fill_null(pc.less(batch.column("max_tokens"), 1), False)
             if pc.any(bad).as_py():
                 row = _first(bad)
-                raise InputError(f"max_tokens {batch.column('max_tokens')[row].as_py()} is below 1",
-                                 file=url, column="max_tokens", row=offset + row)
+                raise InputError(
+                    f"max_tokens {batch.column('max_tokens')[row].as_py()} is below 1",
+                    file=url,
+                    column="max_tokens",
+                    row=offset + row,
+                )
         if "temperature" in columns:
             values = batch.column("temperature").cast(pa.float64())
             bad = pc.fill_null(pc.invert(pc.and_(pc.greater_equal(values, 0.0), pc.less_equal(values, 5.0))), False)
             if pc.any(bad).as_py():
                 row = _first(bad)
-                raise InputError(f"temperature {values[row].as_py()} is not a number in [0, 5]",
-                                 file=url, column="temperature", row=offset + row)
+                raise InputError(
+                    f"temperature {values[row].as_py()} is not a number in [0, 5]",
+                    file=url,
+                    column="temperature",
+                    row=offset + row,
+                )
         if "model" in columns:
             for i, name in enumerate(batch.column("model").to_pylist()):
                 if name is not None and name not in models:
                     if len(models) >= MAX_ROW_MODELS:
-                        raise InputError(f"more than {MAX_ROW_MODELS} distinct models", file=url, column="model",
-                                         row=offset + i)
+                        raise InputError(
+                            f"more than {MAX_ROW_MODELS} distinct models", file=url, column="model", row=offset + i
+                        )
                     models[name] = offset + i
         offset += batch.num_rows
     return tuple(models)
@@ -181,13 +197,18 @@ def refuse_credentials(url: str) -> None:
     except ValueError:
         password = None
     if password is not None or (parts.username and parts.scheme in ("http", "https")):
-        raise InputError("the URL carries credentials; give them through the environment "
-                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3), never in the URL", file=_redact(url))
+        raise InputError(
+            "the URL carries credentials; give them through the environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3), never in the URL",
+            file=_redact(url),
+        )
     secret = sorted(k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS)
     if secret:
-        raise InputError(f"the URL carries a signature or token ({secret[0]}=...); presigned URLs expire and would be "
-                         "stored with the job: give the object's own URL and credentials through the environment",
-                         file=_redact(url))
+        raise InputError(
+            f"the URL carries a signature or token ({secret[0]}=...); presigned URLs expire and would be "
+            "stored with the job: give the object's own URL and credentials through the environment",
+            file=_redact(url),
+        )
 
 
 def _redact(url: str) -> str:
@@ -310,7 +331,9 @@ def batch_rows(pf: pq.ParquetFile, columns: list[str] | None = None, most: int =
     wanted = set(columns or names)
     size = sum(
         meta.row_group(rg).column(i).total_uncompressed_size
-        for rg in range(meta.num_row_groups) for i, name in enumerate(names) if name in wanted
+        for rg in range(meta.num_row_groups)
+        for i, name in enumerate(names)
+        if name in wanted
     )
     per_row = max(1.0, size / meta.num_rows)
     return int(max(1, min(most, BATCH_BYTES // per_row)))

@@ -87,8 +87,14 @@ class SweepReport:
         return [a for a in self.actions if a.status == ActionStatus.FAILED.value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "now": self.now, "deferred": self.deferred, "locked": self.locked,
-                "given_up": self.given_up, "actions": [asdict(a) for a in self.actions]}
+        return {
+            "dry_run": self.dry_run,
+            "now": self.now,
+            "deferred": self.deferred,
+            "locked": self.locked,
+            "given_up": self.given_up,
+            "actions": [asdict(a) for a in self.actions],
+        }
 
 
 # -- the three actions -----------------------------------------------------------------
@@ -101,7 +107,9 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         if job is None or job.results_deleted_at is not None:
             return 0, 0  # deleted meanwhile: nothing to move
         result_url, finished_at = job.result_url or "", job.finished_at
-        recent = finished_at is None or finished_at >= _cutoff(runtime, StorageActionKind.MOVE_TO_COLD, action.started_at)
+        recent = finished_at is None or finished_at >= _cutoff(
+            runtime, StorageActionKind.MOVE_TO_COLD, action.started_at
+        )
         if not job.status.is_final or (recent and result_url.startswith(source + "/")):
             # Resumed (and perhaps finished again) since the action started: its new
             # results are not due yet; a later sweep moves them when they are.
@@ -112,12 +120,18 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         with session_scope(runtime.engine) as session:
             # Guarded on the very results copied: a resume and a new finalization (a
             # new folder, a new finish time) or a retry's merge meanwhile switch nothing.
-            switched = matched(session.execute(
-                update(Job)
-                .where(Job.id == action.job_id, Job.result_url == result_url, Job.status.in_(_FINAL),
-                       Job.finished_at == finished_at)
-                .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
-            ))
+            switched = matched(
+                session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == action.job_id,
+                        Job.result_url == result_url,
+                        Job.status.in_(_FINAL),
+                        Job.finished_at == finished_at,
+                    )
+                    .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
+                )
+            )
         if switched != 1:
             raise StoreError(f"job {action.job_id}'s results changed during the move; the next sweep tries again")
         log.info("job %s: results moved to %s (%d files)", action.job_id, moved_url, len(copied))
@@ -162,7 +176,9 @@ def _execute(runtime: Runtime, action_id: int, heartbeat: Callable[[], None]) ->
         action = session.get(StorageAction, action_id)
         assert action is not None
         session.expunge(action)
-    report = ActionReport(action.job_id, action.action.value, ActionStatus.DONE.value, action.source_url, action.target_url)
+    report = ActionReport(
+        action.job_id, action.action.value, ActionStatus.DONE.value, action.source_url, action.target_url
+    )
     try:
         report.files, report.bytes = _HANDLERS[action.action](runtime, action, heartbeat)
     except Exception as exc:  # recorded; the next sweep tries again
@@ -174,9 +190,14 @@ def _execute(runtime: Runtime, action_id: int, heartbeat: Callable[[], None]) ->
         session.execute(
             update(StorageAction)
             .where(StorageAction.id == action_id)
-            .values(status=ActionStatus(report.status), files=report.files, bytes=report.bytes, error=report.error,
-                    attempts=StorageAction.attempts + 1,
-                    finished_at=utcnow() if report.status == ActionStatus.DONE.value else None)
+            .values(
+                status=ActionStatus(report.status),
+                files=report.files,
+                bytes=report.bytes,
+                error=report.error,
+                attempts=StorageAction.attempts + 1,
+                finished_at=utcnow() if report.status == ActionStatus.DONE.value else None,
+            )
         )
     return report
 
@@ -198,20 +219,36 @@ def _candidates(session: Session, now: datetime, runtime: Runtime) -> dict[Stora
     found: dict[StorageActionKind, list[str]] = {kind: [] for kind in StorageActionKind}
     if storage.retention_days:
         cutoff = _cutoff(runtime, StorageActionKind.DELETE_RESULTS, now)
-        found[StorageActionKind.DELETE_RESULTS] = list(session.execute(
-            select(Job.id).where(ended, Job.finished_at < cutoff).order_by(Job.finished_at)
-        ).scalars())
+        found[StorageActionKind.DELETE_RESULTS] = list(
+            session.execute(select(Job.id).where(ended, Job.finished_at < cutoff).order_by(Job.finished_at)).scalars()
+        )
     gone = set(found[StorageActionKind.DELETE_RESULTS])
     if storage.cold_after_days:
         cutoff = _cutoff(runtime, StorageActionKind.MOVE_TO_COLD, now)
-        found[StorageActionKind.MOVE_TO_COLD] = [j for j in session.execute(
-            select(Job.id).where(ended, Job.finished_at < cutoff, Job.result_tier == "warm",
-                                 ~_open_action(StorageActionKind.MOVE_TO_COLD)).order_by(Job.finished_at)
-        ).scalars() if j not in gone]
+        found[StorageActionKind.MOVE_TO_COLD] = [
+            j
+            for j in session.execute(
+                select(Job.id)
+                .where(
+                    ended,
+                    Job.finished_at < cutoff,
+                    Job.result_tier == "warm",
+                    ~_open_action(StorageActionKind.MOVE_TO_COLD),
+                )
+                .order_by(Job.finished_at)
+            ).scalars()
+            if j not in gone
+        ]
     cutoff = _cutoff(runtime, StorageActionKind.PURGE_CHECKPOINTS, now)
-    found[StorageActionKind.PURGE_CHECKPOINTS] = [j for j in session.execute(
-        select(Job.id).where(ended, Job.finished_at < cutoff, Job.checkpoints_purged_at.is_(None)).order_by(Job.finished_at)
-    ).scalars() if j not in gone]
+    found[StorageActionKind.PURGE_CHECKPOINTS] = [
+        j
+        for j in session.execute(
+            select(Job.id)
+            .where(ended, Job.finished_at < cutoff, Job.checkpoints_purged_at.is_(None))
+            .order_by(Job.finished_at)
+        ).scalars()
+        if j not in gone
+    ]
     return found
 
 
@@ -241,12 +278,20 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
     """
     source, target = _urls(runtime, kind, job_id)
     with session_scope(runtime.engine) as session:
-        guard = [Job.id == job_id, Job.status.in_(_FINAL), Job.results_deleted_at.is_(None),
-                 Job.finished_at < _cutoff(runtime, kind, now)]
+        guard = [
+            Job.id == job_id,
+            Job.status.in_(_FINAL),
+            Job.results_deleted_at.is_(None),
+            Job.finished_at < _cutoff(runtime, kind, now),
+        ]
         marks: dict[str, Any] = {"updated_at": utcnow()}
         if kind is StorageActionKind.DELETE_RESULTS:
-            marks |= {"results_deleted_at": now, "result_url": None, "result_tier": "deleted",
-                      "checkpoints_purged_at": func.coalesce(Job.checkpoints_purged_at, now)}
+            marks |= {
+                "results_deleted_at": now,
+                "result_url": None,
+                "result_tier": "deleted",
+                "checkpoints_purged_at": func.coalesce(Job.checkpoints_purged_at, now),
+            }
         elif kind is StorageActionKind.PURGE_CHECKPOINTS:
             guard.append(Job.checkpoints_purged_at.is_(None))
             marks["checkpoints_purged_at"] = now
@@ -254,8 +299,16 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
             guard.append(Job.result_tier == "warm")
         if matched(session.execute(update(Job).where(*guard).values(**marks))) != 1:
             return None
-        action = StorageAction(job_id=job_id, action=kind, status=ActionStatus.STARTED, source_url=source,
-                               target_url=target, files=0, bytes=0, started_at=now)
+        action = StorageAction(
+            job_id=job_id,
+            action=kind,
+            status=ActionStatus.STARTED,
+            source_url=source,
+            target_url=target,
+            files=0,
+            bytes=0,
+            started_at=now,
+        )
         session.add(action)
         session.flush()
         return action.id
@@ -276,8 +329,9 @@ LEASE_SECONDS = 300.0
 MAX_ATTEMPTS = 3
 
 
-def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = False,
-          retry_failed: bool = False) -> SweepReport:
+def sweep(
+    runtime: Runtime, *, now: datetime | None = None, dry_run: bool = False, retry_failed: bool = False
+) -> SweepReport:
     """Run one lifecycle sweep (see the module docstring); ``now`` is injectable for tests.
 
     One sweep runs at a time (a lease in SQL): a second one, from a duplicated
@@ -304,28 +358,53 @@ def sweep(runtime: Runtime, *, now: datetime | None = None, dry_run: bool = Fals
     return report
 
 
-def _sweep(runtime: Runtime, report: SweepReport, now: datetime, dry_run: bool, retry_failed: bool,
-           heartbeat: Callable[[], None]) -> None:
+def _sweep(
+    runtime: Runtime,
+    report: SweepReport,
+    now: datetime,
+    dry_run: bool,
+    retry_failed: bool,
+    heartbeat: Callable[[], None],
+) -> None:
     retryable = StorageAction.status == ActionStatus.STARTED
     if retry_failed:
         retryable = StorageAction.status != ActionStatus.DONE
     else:
-        retryable = or_(retryable, and_(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts < MAX_ATTEMPTS))
+        retryable = or_(
+            retryable, and_(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts < MAX_ATTEMPTS)
+        )
     with session_scope(runtime.engine) as session:
-        unfinished = list(session.execute(
-            select(StorageAction.id, StorageAction.job_id, StorageAction.action, StorageAction.source_url,
-                   StorageAction.target_url)
-            .where(retryable).order_by(StorageAction.id)
-        ).all())
-        report.given_up = int(session.execute(
-            select(func.count()).select_from(StorageAction)
-            .where(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts >= MAX_ATTEMPTS)
-        ).scalar_one()) if not retry_failed else 0
+        unfinished = list(
+            session.execute(
+                select(
+                    StorageAction.id,
+                    StorageAction.job_id,
+                    StorageAction.action,
+                    StorageAction.source_url,
+                    StorageAction.target_url,
+                )
+                .where(retryable)
+                .order_by(StorageAction.id)
+            ).all()
+        )
+        report.given_up = (
+            int(
+                session.execute(
+                    select(func.count())
+                    .select_from(StorageAction)
+                    .where(StorageAction.status == ActionStatus.FAILED, StorageAction.attempts >= MAX_ATTEMPTS)
+                ).scalar_one()
+            )
+            if not retry_failed
+            else 0
+        )
         candidates = _candidates(session, now, runtime)
     stop_at = time.monotonic() + runtime.settings.storage.sweep_max_seconds
     for row in unfinished:
         if dry_run:
-            report.actions.append(ActionReport(row.job_id, row.action.value, "unfinished", row.source_url, row.target_url))
+            report.actions.append(
+                ActionReport(row.job_id, row.action.value, "unfinished", row.source_url, row.target_url)
+            )
         elif report.actions and time.monotonic() > stop_at:
             report.deferred += 1
         else:

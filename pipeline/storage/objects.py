@@ -204,7 +204,10 @@ def copy_file(source: str, target: str, storage_class: str = "", chunk: int = 1 
         fs_out.invalidate_cache(parent)
         return int(fs_out.size(path_out)), None
     digest, size = hashlib.sha256(), 0
-    with fs_in.open(path_in, "rb") as src, fs_out.open(dest, "wb", **({} if local else write_options(storage_class))) as dst:
+    with (
+        fs_in.open(path_in, "rb") as src,
+        fs_out.open(dest, "wb", **({} if local else write_options(storage_class))) as dst,
+    ):
         while block := src.read(chunk):
             digest.update(block)
             dst.write(block)

@@ -24,7 +24,19 @@ from schemas.records import RunShard
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
 from schemas.tables import Checkpoint, Shard, ShardAttempt
 
-__all__ = ["CheckpointStats", "ChunkVerdict", "Claim", "charge_lost_work", "claim_shard", "commit_checkpoint", "end_shard", "hand_back", "heartbeat", "reroute_shard", "reserve_chunk"]
+__all__ = [
+    "CheckpointStats",
+    "ChunkVerdict",
+    "Claim",
+    "charge_lost_work",
+    "claim_shard",
+    "commit_checkpoint",
+    "end_shard",
+    "hand_back",
+    "heartbeat",
+    "reroute_shard",
+    "reserve_chunk",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +58,11 @@ class Claim:
 
 
 def claim_shard(
-    session: Session, shard_id: int, worker_id: str, lease_seconds: float, backend: str,
+    session: Session,
+    shard_id: int,
+    worker_id: str,
+    lease_seconds: float,
+    backend: str,
     attempt: int | None = None,
 ) -> Claim | None:
     """queued -> running, owned by ``worker_id``; ``None`` if anyone else got there first,
@@ -149,8 +165,9 @@ def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> tuple[Chun
         return ChunkVerdict.CANCELLED, 0.0
     if session.execute(select(Shard.id).where(*_owned(claim))).scalar_one_or_none() is None:
         return ChunkVerdict.LOST, 0.0
-    ok, room = ledger.reserve_chunk(session, claim.job_id, claim.shard_id, claim.attempt, claim.backend, need_usd,
-                                    job.budget_usd, db_now(session))
+    ok, room = ledger.reserve_chunk(
+        session, claim.job_id, claim.shard_id, claim.attempt, claim.backend, need_usd, job.budget_usd, db_now(session)
+    )
     return (ChunkVerdict.GO if ok else ChunkVerdict.NO_BUDGET), room
 
 
@@ -165,9 +182,7 @@ class CheckpointStats:
     url: str
 
 
-def commit_checkpoint(
-    session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float
-) -> None:
+def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float) -> None:
     """Record a written part as committed; raise ``LeaseLost`` if we no longer own the shard.
 
     The guard also requires the part to start exactly at the shard's resume point,
@@ -189,8 +204,9 @@ def commit_checkpoint(
         )
     )
     if matched(result) != 1:
-        raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost before committing "
-                        f"row {stats.first_row}")
+        raise LeaseLost(
+            f"shard {claim.shard_index} of job {claim.job_id}: lease lost before committing row {stats.first_row}"
+        )
     session.add(
         Checkpoint(
             shard_id=claim.shard_id,
@@ -210,8 +226,19 @@ def commit_checkpoint(
         .where(ShardAttempt.shard_id == claim.shard_id, ShardAttempt.attempt == claim.attempt)
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
     )
-    ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
-                                         stats.input_tokens, stats.output_tokens, claim.attempt), now)
+    ledger.charge(
+        session,
+        ledger.Charge(
+            claim.job_id,
+            claim.shard_id,
+            claim.backend,
+            stats.cost_usd,
+            stats.input_tokens,
+            stats.output_tokens,
+            claim.attempt,
+        ),
+        now,
+    )
 
 
 def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:
@@ -219,8 +246,19 @@ def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> 
     nothing, but it was paid for: it is charged all the same, against the shard's
     reservation, so the ledger shows real spend."""
     transitions.lock_job(session, claim.job_id)
-    ledger.charge(session, ledger.Charge(claim.job_id, claim.shard_id, claim.backend, stats.cost_usd,
-                                         stats.input_tokens, stats.output_tokens, claim.attempt), db_now(session))
+    ledger.charge(
+        session,
+        ledger.Charge(
+            claim.job_id,
+            claim.shard_id,
+            claim.backend,
+            stats.cost_usd,
+            stats.input_tokens,
+            stats.output_tokens,
+            claim.attempt,
+        ),
+        db_now(session),
+    )
 
 
 def end_shard(
@@ -278,8 +316,14 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
         update(Shard)
         .where(*_owned(claim))
         .values(
-            status=ShardStatus.PENDING, lease_owner=None, lease_expires_at=None, backend=None, queue=None,
-            excluded_backends=excluded, error=error, updated_at=now,
+            status=ShardStatus.PENDING,
+            lease_owner=None,
+            lease_expires_at=None,
+            backend=None,
+            queue=None,
+            excluded_backends=excluded,
+            error=error,
+            updated_at=now,
         )
     )
     if matched(result) != 1:
@@ -289,8 +333,9 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
     return True
 
 
-def hand_back(session: Session, claim: Claim, *, outcome: AttemptOutcome, error: str | None,
-              max_preemptions: int, queue: str) -> tuple[bool, RunShard | None]:
+def hand_back(
+    session: Session, claim: Claim, *, outcome: AttemptOutcome, error: str | None, max_preemptions: int, queue: str
+) -> tuple[bool, RunShard | None]:
     """running -> preempted -> queued again on the same backend, in one transaction; a
     shard preempted (or lost) ``max_preemptions`` times goes back to the router instead.
 
@@ -299,7 +344,9 @@ def hand_back(session: Session, claim: Claim, *, outcome: AttemptOutcome, error:
     if not end_shard(session, claim, ShardStatus.PREEMPTED, outcome=outcome, error=error):
         return False, None
     preempted = session.execute(
-        select(func.count()).select_from(ShardAttempt).where(
+        select(func.count())
+        .select_from(ShardAttempt)
+        .where(
             ShardAttempt.shard_id == claim.shard_id,
             ShardAttempt.outcome.in_((AttemptOutcome.PREEMPTED, AttemptOutcome.LOST)),
         )
@@ -308,6 +355,7 @@ def hand_back(session: Session, claim: Claim, *, outcome: AttemptOutcome, error:
         transitions.back_to_router(session, claim.shard_id)
         log.info("shard %s preempted %d times: back to the router", claim.shard_index, preempted)
         return True, None
-    transitions.queue_shard(session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend,
-                            queue=queue)
+    transitions.queue_shard(
+        session, claim.shard_id, expected=(ShardStatus.PREEMPTED,), backend=claim.backend, queue=queue
+    )
     return True, transitions.run_record(session, claim.shard_id)

@@ -26,10 +26,13 @@ def take(engine: Engine, name: str, owner: str, seconds: float) -> bool:
     """Hold ``name`` for ``seconds`` if nobody else does; True if ``owner`` holds it now."""
     with session_scope(engine) as session:
         now = db_now(session)
-        taken = matched(session.execute(
-            update(Lease).where(Lease.name == name, or_(Lease.expires_at < now, Lease.owner == owner))
-            .values(owner=owner, expires_at=now + timedelta(seconds=seconds))
-        ))
+        taken = matched(
+            session.execute(
+                update(Lease)
+                .where(Lease.name == name, or_(Lease.expires_at < now, Lease.owner == owner))
+                .values(owner=owner, expires_at=now + timedelta(seconds=seconds))
+            )
+        )
         if taken:
             return True
         if session.get(Lease, name) is not None:
@@ -45,10 +48,15 @@ def take(engine: Engine, name: str, owner: str, seconds: float) -> bool:
 def renew(engine: Engine, name: str, owner: str, seconds: float) -> bool:
     """Extend ``owner``'s hold; False if it was lost (expired and taken by another)."""
     with session_scope(engine) as session:
-        return bool(matched(session.execute(
-            update(Lease).where(Lease.name == name, Lease.owner == owner)
-            .values(expires_at=db_now(session) + timedelta(seconds=seconds))
-        )))
+        return bool(
+            matched(
+                session.execute(
+                    update(Lease)
+                    .where(Lease.name == name, Lease.owner == owner)
+                    .values(expires_at=db_now(session) + timedelta(seconds=seconds))
+                )
+            )
+        )
 
 
 def release(engine: Engine, name: str, owner: str) -> None:
@@ -64,6 +72,6 @@ def held_by(session: Session, name: str, owner: str) -> ColumnElement[bool]:
 
 def held(session: Session, name: str) -> bool:
     """Whether anyone holds ``name`` now."""
-    return bool(session.execute(
-        exists().where(Lease.name == name, Lease.expires_at >= db_now(session)).select()
-    ).scalar())
+    return bool(
+        session.execute(exists().where(Lease.name == name, Lease.expires_at >= db_now(session)).select()).scalar()
+    )

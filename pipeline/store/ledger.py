@@ -34,8 +34,18 @@ from schemas.status import LedgerKind
 from schemas.tables import CostLedgerEntry
 
 __all__ = [
-    "Charge", "charge", "committed_usd", "fits", "headroom", "release", "release_all", "reserve", "reserve_chunk",
-    "reserved_usd", "spent_usd", "transfer",
+    "Charge",
+    "charge",
+    "committed_usd",
+    "fits",
+    "headroom",
+    "release",
+    "release_all",
+    "reserve",
+    "reserve_chunk",
+    "reserved_usd",
+    "spent_usd",
+    "transfer",
 ]
 
 #: Float slack in budget comparisons (a millionth of a cent).
@@ -58,17 +68,21 @@ class Charge:
 
 def committed_usd(session: Session, job_id: str) -> float:
     """Spent plus still-reserved USD of a job."""
-    return float(session.execute(
-        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
-    ).scalar_one())
+    return float(
+        session.execute(
+            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
+        ).scalar_one()
+    )
 
 
 def spent_usd(session: Session, job_id: str) -> float:
-    return float(session.execute(
-        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-            CostLedgerEntry.job_id == job_id, CostLedgerEntry.kind == LedgerKind.CHARGE
-        )
-    ).scalar_one())
+    return float(
+        session.execute(
+            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+                CostLedgerEntry.job_id == job_id, CostLedgerEntry.kind == LedgerKind.CHARGE
+            )
+        ).scalar_one()
+    )
 
 
 def _holder(attempt: int | None) -> ColumnElement[bool]:
@@ -77,33 +91,63 @@ def _holder(attempt: int | None) -> ColumnElement[bool]:
 
 def reserved_usd(session: Session, shard_id: int, attempt: int | None = None) -> float:
     """What the shard's ``attempt`` holds (``None``: the shard's pool, not yet claimed)."""
-    return float(session.execute(
-        select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-            CostLedgerEntry.shard_id == shard_id,
-            CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
-            _holder(attempt),
-        )
-    ).scalar_one())
+    return float(
+        session.execute(
+            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+                CostLedgerEntry.shard_id == shard_id,
+                CostLedgerEntry.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
+                _holder(attempt),
+            )
+        ).scalar_one()
+    )
 
 
 def fits(committed: float, amount: float, budget_usd: float | None) -> bool:
     return budget_usd is None or committed + amount <= budget_usd + EPSILON
 
 
-def reserve(session: Session, job_id: str, shard_id: int, backend: str, amount_usd: float, now: datetime,
-            input_tokens: int = 0, output_tokens: int = 0, attempt: int | None = None) -> None:
+def reserve(
+    session: Session,
+    job_id: str,
+    shard_id: int,
+    backend: str,
+    amount_usd: float,
+    now: datetime,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    attempt: int | None = None,
+) -> None:
     """Hold ``amount_usd`` (never negative) for a shard's ``attempt`` (or its pool); the
     caller holds the job lock and checked the budget."""
-    session.add(CostLedgerEntry(
-        job_id=job_id, shard_id=shard_id, backend=backend, kind=LedgerKind.RESERVE, amount_usd=max(0.0, amount_usd),
-        input_tokens=input_tokens, output_tokens=output_tokens, attempt=attempt, created_at=now,
-    ))
+    session.add(
+        CostLedgerEntry(
+            job_id=job_id,
+            shard_id=shard_id,
+            backend=backend,
+            kind=LedgerKind.RESERVE,
+            amount_usd=max(0.0, amount_usd),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            attempt=attempt,
+            created_at=now,
+        )
+    )
 
 
-def _give_back(session: Session, job_id: str, shard_id: int, backend: str | None, amount: float, now: datetime,
-               attempt: int | None) -> None:
-    session.add(CostLedgerEntry(job_id=job_id, shard_id=shard_id, backend=backend or "-", kind=LedgerKind.RELEASE,
-                                amount_usd=-amount, attempt=attempt, created_at=now))
+def _give_back(
+    session: Session, job_id: str, shard_id: int, backend: str | None, amount: float, now: datetime, attempt: int | None
+) -> None:
+    session.add(
+        CostLedgerEntry(
+            job_id=job_id,
+            shard_id=shard_id,
+            backend=backend or "-",
+            kind=LedgerKind.RELEASE,
+            amount_usd=-amount,
+            attempt=attempt,
+            created_at=now,
+        )
+    )
 
 
 def headroom(session: Session, job_id: str, shard_id: int, attempt: int, budget_usd: float | None) -> float:
@@ -113,8 +157,16 @@ def headroom(session: Session, job_id: str, shard_id: int, attempt: int, budget_
     return reserved_usd(session, shard_id, attempt) + budget_usd - committed_usd(session, job_id)
 
 
-def reserve_chunk(session: Session, job_id: str, shard_id: int, attempt: int, backend: str, need_usd: float,
-                  budget_usd: float | None, now: datetime) -> tuple[bool, float]:
+def reserve_chunk(
+    session: Session,
+    job_id: str,
+    shard_id: int,
+    attempt: int,
+    backend: str,
+    need_usd: float,
+    budget_usd: float | None,
+    now: datetime,
+) -> tuple[bool, float]:
     """Make the attempt's reservation cover ``need_usd`` (the worst case of its work in flight).
 
     The caller holds the job lock. Tops the reservation up if the budget allows and
@@ -133,26 +185,42 @@ def reserve_chunk(session: Session, job_id: str, shard_id: int, attempt: int, ba
 
 def charge(session: Session, work: Charge, now: datetime) -> None:
     """Charge work's actual cost, and give back as much of its attempt's reservation."""
-    session.add(CostLedgerEntry(
-        job_id=work.job_id, shard_id=work.shard_id, backend=work.backend, kind=LedgerKind.CHARGE,
-        amount_usd=work.cost_usd, input_tokens=work.input_tokens, output_tokens=work.output_tokens,
-        attempt=work.attempt, created_at=now,
-    ))
+    session.add(
+        CostLedgerEntry(
+            job_id=work.job_id,
+            shard_id=work.shard_id,
+            backend=work.backend,
+            kind=LedgerKind.CHARGE,
+            amount_usd=work.cost_usd,
+            input_tokens=work.input_tokens,
+            output_tokens=work.output_tokens,
+            attempt=work.attempt,
+            created_at=now,
+        )
+    )
     give_back = min(reserved_usd(session, work.shard_id, work.attempt), work.cost_usd)
     if give_back > 0:
         _give_back(session, work.job_id, work.shard_id, work.backend, give_back, now, work.attempt)
 
 
-def release(session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime,
-            attempt: int | None = None) -> None:
+def release(
+    session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime, attempt: int | None = None
+) -> None:
     """Give back whatever the attempt (or the pool) still holds (a negative remainder too)."""
     reserved = reserved_usd(session, shard_id, attempt)
     if abs(reserved) > EPSILON:
         _give_back(session, job_id, shard_id, backend, reserved, now, attempt)
 
 
-def transfer(session: Session, job_id: str, shard_id: int, backend: str | None, now: datetime,
-             source: int | None, target: int | None) -> None:
+def transfer(
+    session: Session,
+    job_id: str,
+    shard_id: int,
+    backend: str | None,
+    now: datetime,
+    source: int | None,
+    target: int | None,
+) -> None:
     """Move what ``source`` holds to ``target`` (pool -> a new claim; a handed-back attempt -> pool)."""
     amount = reserved_usd(session, shard_id, source)
     if abs(amount) > EPSILON:

@@ -30,11 +30,20 @@ def announce(engine: Engine, owner: str, queues: list[str]) -> None:
         now = db_now(session)
         try:
             with session.begin_nested():
-                session.add(WorkerPresence(owner=owner, hostname=socket.gethostname()[:128], pid=os.getpid(),
-                                           queues=list(queues), started_at=now, seen_at=now))
+                session.add(
+                    WorkerPresence(
+                        owner=owner,
+                        hostname=socket.gethostname()[:128],
+                        pid=os.getpid(),
+                        queues=list(queues),
+                        started_at=now,
+                        seen_at=now,
+                    )
+                )
         except IntegrityError:
-            session.execute(update(WorkerPresence).where(WorkerPresence.owner == owner)
-                            .values(queues=list(queues), seen_at=now))
+            session.execute(
+                update(WorkerPresence).where(WorkerPresence.owner == owner).values(queues=list(queues), seen_at=now)
+            )
 
 
 def renew(engine: Engine, owner: str) -> None:

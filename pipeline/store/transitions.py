@@ -107,21 +107,30 @@ def start_finalizing(session: Session, job_id: str) -> bool:
     return status is JobStatus.FINALIZING
 
 
-def finish_job(session: Session, job_id: str, new: JobStatus, guard: tuple[ColumnElement[bool], ...],
-               **values: object) -> bool:
+def finish_job(
+    session: Session, job_id: str, new: JobStatus, guard: tuple[ColumnElement[bool], ...], **values: object
+) -> bool:
     """finalizing -> ``new`` (a final state), only while ``guard`` holds (the finalizer's lease)."""
     return set_job_status(session, job_id, new, expected=(JobStatus.FINALIZING,), guard=guard, **values)
 
 
 def cancel_job(session: Session, job_id: str, error: str) -> bool:
     """pending, running or paused -> cancelled; shards not started go back to pending."""
-    if not set_job_status(session, job_id, JobStatus.CANCELLED,
-                          expected=(JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED), error=error):
+    if not set_job_status(
+        session,
+        job_id,
+        JobStatus.CANCELLED,
+        expected=(JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED),
+        error=error,
+    ):
         return False
     unqueue_cancelled(session, job_id)
-    running = {(shard_id, attempt) for shard_id, attempt in session.execute(
-        select(Shard.id, Shard.attempts).where(Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)
-    )}
+    running = {
+        (shard_id, attempt)
+        for shard_id, attempt in session.execute(
+            select(Shard.id, Shard.attempts).where(Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)
+        )
+    }
     ledger.release_all(session, job_id, db_now(session), keep=running)  # running shards end on their own
     return True
 
@@ -130,8 +139,15 @@ def resume_job(session: Session, job_id: str, status: JobStatus) -> bool:
     """cancelled, failed or paused -> running, unless the lifecycle purged its checkpoints;
     its failed, blocked and preempted shards go back to the router."""
     if not set_job_status(
-        session, job_id, JobStatus.RUNNING, expected=(status,), guard=(Job.checkpoints_purged_at.is_(None),),
-        error=None, finished_at=None, result_url=None, result_tier=None,
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        expected=(status,),
+        guard=(Job.checkpoints_purged_at.is_(None),),
+        error=None,
+        finished_at=None,
+        result_url=None,
+        result_tier=None,
     ):
         return False
     now = db_now(session)
@@ -140,8 +156,15 @@ def resume_job(session: Session, job_id: str, status: JobStatus) -> bool:
     rows = session.execute(
         update(Shard)
         .where(Shard.job_id == job_id, Shard.status.in_(waiting))
-        .values(status=ShardStatus.PENDING, backend=None, queue=None, excluded_backends=[], error=None,
-                finished_at=None, updated_at=now)
+        .values(
+            status=ShardStatus.PENDING,
+            backend=None,
+            queue=None,
+            excluded_backends=[],
+            error=None,
+            finished_at=None,
+            updated_at=now,
+        )
         .returning(Shard.id, Shard.backend)
     ).all()
     for shard_id, _ in rows:
@@ -157,7 +180,8 @@ def change_budget(session: Session, job_id: str, budget_usd: float) -> bool:
     resumed = set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.PAUSED,), error=None)
     check_shard_move((ShardStatus.BLOCKED,), ShardStatus.PENDING)
     session.execute(
-        update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.BLOCKED)
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.status == ShardStatus.BLOCKED)
         .values(status=ShardStatus.PENDING, updated_at=now)
     )
     return resumed
@@ -180,9 +204,12 @@ def job_shards_final(session: Session, job_id: str) -> bool:
 
 def shards_waiting_for_router(session: Session, job_id: str) -> bool:
     """Whether any shard of the job is pending (parked, or handed back to the router)."""
-    return session.execute(
-        select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
-    ).scalar_one() > 0
+    return (
+        session.execute(
+            select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
+        ).scalar_one()
+        > 0
+    )
 
 
 def queue_shard(
@@ -279,9 +306,7 @@ def unqueue_cancelled(session: Session, job_id: str) -> int:
     return len(rows)
 
 
-def end_attempt(
-    session: Session, shard_id: int, attempt: int, outcome: AttemptOutcome, error: str | None
-) -> None:
+def end_attempt(session: Session, shard_id: int, attempt: int, outcome: AttemptOutcome, error: str | None) -> None:
     session.execute(
         update(ShardAttempt)
         .where(ShardAttempt.shard_id == shard_id, ShardAttempt.attempt == attempt)
@@ -319,7 +344,10 @@ def expire_lease(session: Session, shard_id: int, *, owner_dead: bool = False) -
     if matched(result) != 1:
         return False
     end_attempt(
-        session, shard_id, shard.attempts, AttemptOutcome.LOST,
+        session,
+        shard_id,
+        shard.attempts,
+        AttemptOutcome.LOST,
         "worker process gone" if owner_dead else "lease expired",
     )
     return True

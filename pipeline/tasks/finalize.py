@@ -187,14 +187,18 @@ def _check_coverage(parts: Sequence[Any], shards: dict[int, Any]) -> None:
         shard = shards[part.shard_id]
         at = reached.get(part.shard_id, shard.row_start)
         if part.first_row != at:
-            raise StoreError(f"shard {shard.shard_index}: a checkpoint starts at input row {part.first_row}, "
-                             f"the one before it ends at {at}")
+            raise StoreError(
+                f"shard {shard.shard_index}: a checkpoint starts at input row {part.first_row}, "
+                f"the one before it ends at {at}"
+            )
         reached[part.shard_id] = at + part.row_count
     for shard in shards.values():
         end = reached.get(shard.id, shard.row_start)
         if shard.status is ShardStatus.DONE and end != shard.row_end:
-            raise StoreError(f"shard {shard.shard_index} is done but its checkpoints cover input rows "
-                             f"{shard.row_start}-{end}, not {shard.row_start}-{shard.row_end}")
+            raise StoreError(
+                f"shard {shard.shard_index} is done but its checkpoints cover input rows "
+                f"{shard.row_start}-{end}, not {shard.row_start}-{shard.row_end}"
+            )
 
 
 def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
@@ -256,16 +260,27 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
 
     with session_scope(runtime.engine) as session:
         parts = session.execute(
-            select(Checkpoint.shard_id, Checkpoint.url, Checkpoint.first_row, Checkpoint.row_count,
-                   Checkpoint.rows_failed, Checkpoint.attempt, Shard.shard_index)
+            select(
+                Checkpoint.shard_id,
+                Checkpoint.url,
+                Checkpoint.first_row,
+                Checkpoint.row_count,
+                Checkpoint.rows_failed,
+                Checkpoint.attempt,
+                Shard.shard_index,
+            )
             .join(Shard, Shard.id == Checkpoint.shard_id)
             .where(Shard.job_id == job_id)
             .order_by(Shard.shard_index, Checkpoint.first_row)
         ).all()
-        shards = {s.id: s for s in session.execute(
-            select(Shard.id, Shard.shard_index, Shard.row_start, Shard.row_end, Shard.status, Shard.error)
-            .where(Shard.job_id == job_id).order_by(Shard.shard_index)
-        ).all()}
+        shards = {
+            s.id: s
+            for s in session.execute(
+                select(Shard.id, Shard.shard_index, Shard.row_start, Shard.row_end, Shard.status, Shard.error)
+                .where(Shard.job_id == job_id)
+                .order_by(Shard.shard_index)
+            ).all()
+        }
         job = session.get(Job, job_id)
         assert job is not None
         model, input_url, rows_total, input_identity = job.model, job.input_url, job.rows_total, job.input_identity
@@ -296,8 +311,13 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         log.exception("finalizing job %s failed", job_id)
         _remove(folder)
         with session_scope(runtime.engine) as session:
-            transitions.finish_job(session, job_id, JobStatus.FAILED, (leases.held_by(session, lease, owner),),
-                                   error=f"writing results failed: {exc.__class__.__name__}: {exc}")
+            transitions.finish_job(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                (leases.held_by(session, lease, owner),),
+                error=f"writing results failed: {exc.__class__.__name__}: {exc}",
+            )
         return JobStatus.FAILED
     failed_shards = [s for s in shards.values() if s.status is ShardStatus.FAILED]
     if failed_shards:
@@ -311,8 +331,15 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         error = None
     with session_scope(runtime.engine) as session:
         switched = transitions.finish_job(
-            session, job_id, status, (leases.held_by(session, lease, owner),),
-            result_url=folder, result_tier="warm", rows_ok=rows - rows_failed, rows_failed=rows_failed, error=error,
+            session,
+            job_id,
+            status,
+            (leases.held_by(session, lease, owner),),
+            result_url=folder,
+            result_tier="warm",
+            rows_ok=rows - rows_failed,
+            rows_failed=rows_failed,
+            error=error,
         )
     if not switched:
         log.warning("finalizer of job %s lost its lease before switching; %s is removed", job_id, folder)
@@ -334,7 +361,12 @@ def _remove(folder: str) -> None:
 
 
 def _write_results(
-    runtime: Runtime, folder: str, parts: Sequence[Any], shards: dict[int, Any], input_url: str, rows_total: int,
+    runtime: Runtime,
+    folder: str,
+    parts: Sequence[Any],
+    shards: dict[int, Any],
+    input_url: str,
+    rows_total: int,
     renew: Callable[[], None],
 ) -> tuple[int, int, list[dict[str, Any]], pa.Schema]:
     """Verify and copy every part into ``folder``; (rows, error rows, files, schema) as written."""

@@ -116,9 +116,15 @@ def _resend_lost(runtime: Runtime, report: ReapReport) -> list[RunShard]:
             .where(Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale)
             .order_by(Shard.queued_at)
         ).all()
-        queued_per_queue = dict(session.execute(
-            select(Shard.queue, func.count()).where(Shard.status == ShardStatus.QUEUED).group_by(Shard.queue)
-        ).all()) if waiting else {}
+        queued_per_queue = (
+            dict(
+                session.execute(
+                    select(Shard.queue, func.count()).where(Shard.status == ShardStatus.QUEUED).group_by(Shard.queue)
+                ).all()
+            )
+            if waiting
+            else {}
+        )
     # Only as many as the broker is missing: a long, healthy queue is not resent.
     missing = {q: max(0, n - _depth(runtime, q)) for q, n in queued_per_queue.items() if q}
     for shard_id, queued_at, queue in waiting:
@@ -139,8 +145,9 @@ def _finish_hand_backs(runtime: Runtime, report: ReapReport) -> list[RunShard]:
     with session_scope(runtime.engine) as session:
         stale = db_now(session) - timedelta(seconds=runtime.settings.worker.requeue_after_seconds)
         stuck = session.execute(
-            select(Shard.id, Shard.job_id, Shard.backend)
-            .where(Shard.status == ShardStatus.PREEMPTED, Shard.updated_at < stale)
+            select(Shard.id, Shard.job_id, Shard.backend).where(
+                Shard.status == ShardStatus.PREEMPTED, Shard.updated_at < stale
+            )
         ).all()
     for shard_id, _job_id, backend in stuck:
         with session_scope(runtime.engine) as session:
@@ -150,8 +157,9 @@ def _finish_hand_backs(runtime: Runtime, report: ReapReport) -> list[RunShard]:
                 if transitions.back_to_router(session, shard_id):
                     report.handed_back += 1
                 continue
-            if transitions.queue_shard(session, shard_id, expected=(ShardStatus.PREEMPTED,), backend=backend or "",
-                                       queue=queue):
+            if transitions.queue_shard(
+                session, shard_id, expected=(ShardStatus.PREEMPTED,), backend=backend or "", queue=queue
+            ):
                 sent.append(transitions.run_record(session, shard_id))
                 report.handed_back += 1
     return sent
@@ -160,30 +168,51 @@ def _finish_hand_backs(runtime: Runtime, report: ReapReport) -> list[RunShard]:
 def _drive_jobs(runtime: Runtime, report: ReapReport) -> None:
     with session_scope(runtime.engine) as session:
         stale = db_now(session) - timedelta(seconds=runtime.settings.worker.requeue_after_seconds)
-        pending_shard = exists().where(Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING,
-                                       Shard.updated_at < stale)
+        pending_shard = exists().where(
+            Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING, Shard.updated_at < stale
+        )
         open_shard = exists().where(Shard.job_id == Job.id, Shard.status.notin_((ShardStatus.DONE, ShardStatus.FAILED)))
-        route = session.execute(
-            select(Job.id).where(
-                or_(and_(Job.status == JobStatus.PENDING, Job.created_at < stale),
-                    and_(Job.status.in_((JobStatus.RUNNING, JobStatus.PAUSED)), pending_shard)),
-                ~_lease_live(session, "route:" + Job.id),
+        route = (
+            session.execute(
+                select(Job.id).where(
+                    or_(
+                        and_(Job.status == JobStatus.PENDING, Job.created_at < stale),
+                        and_(Job.status.in_((JobStatus.RUNNING, JobStatus.PAUSED)), pending_shard),
+                    ),
+                    ~_lease_live(session, "route:" + Job.id),
+                )
             )
-        ).scalars().all()
-        finalize = session.execute(
-            select(Job.id).where(
-                or_(and_(Job.status.in_((JobStatus.RUNNING, JobStatus.PENDING)), ~open_shard, Job.updated_at < stale),
-                    Job.status == JobStatus.FINALIZING),
-                ~_lease_live(session, "finalize:" + Job.id),
+            .scalars()
+            .all()
+        )
+        finalize = (
+            session.execute(
+                select(Job.id).where(
+                    or_(
+                        and_(
+                            Job.status.in_((JobStatus.RUNNING, JobStatus.PENDING)), ~open_shard, Job.updated_at < stale
+                        ),
+                        Job.status == JobStatus.FINALIZING,
+                    ),
+                    ~_lease_live(session, "finalize:" + Job.id),
+                )
             )
-        ).scalars().all()
-        merges = session.execute(
-            select(Job.id).where(
-                Job.retry_of.is_not(None), Job.merged_at.is_(None), Job.finished_at < stale,
-                Job.status.in_((JobStatus.SUCCEEDED, JobStatus.SUCCEEDED_WITH_ERRORS)),
-                ~_lease_live(session, "merge:" + Job.retry_of),
+            .scalars()
+            .all()
+        )
+        merges = (
+            session.execute(
+                select(Job.id).where(
+                    Job.retry_of.is_not(None),
+                    Job.merged_at.is_(None),
+                    Job.finished_at < stale,
+                    Job.status.in_((JobStatus.SUCCEEDED, JobStatus.SUCCEEDED_WITH_ERRORS)),
+                    ~_lease_live(session, "merge:" + Job.retry_of),
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
     for job_id in route:
         runtime.send_route(job_id)
         report.rerouted += 1

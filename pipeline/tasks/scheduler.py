@@ -80,8 +80,17 @@ class ScheduleStatus(TypedDict):
 
 
 def _report(run: ScheduleRun, new: bool) -> RunReport:
-    return RunReport(run.schedule, run.fire_at.isoformat(), run.run_date, run.trigger, run.status.value,
-                     run.job_id, run.input_url, run.message, new)
+    return RunReport(
+        run.schedule,
+        run.fire_at.isoformat(),
+        run.run_date,
+        run.trigger,
+        run.status.value,
+        run.job_id,
+        run.input_url,
+        run.message,
+        new,
+    )
 
 
 def _schedule(runtime: Runtime, name: str) -> Schedule:
@@ -98,12 +107,18 @@ def _sync(runtime: Runtime, now: datetime) -> dict[str, ScheduleRecord]:
     records: dict[str, ScheduleRecord] = {}
     configured = [s.name for s in runtime.settings.schedules]
     with session_scope(runtime.engine) as session:
-        session.execute(update(ScheduleRecord).where(ScheduleRecord.name.not_in(configured), ScheduleRecord.enabled)
-                        .values(enabled=False, next_fire_at=None, updated_at=now))
+        session.execute(
+            update(ScheduleRecord)
+            .where(ScheduleRecord.name.not_in(configured), ScheduleRecord.enabled)
+            .values(enabled=False, next_fire_at=None, updated_at=now)
+        )
     for schedule in runtime.settings.schedules:
         values: dict[str, Any] = {
-            "cron": schedule.cron, "timezone": schedule.timezone, "input_template": schedule.input,
-            "enabled": schedule.enabled, "next_fire_at": schedule.next_fire(now) if schedule.enabled else None,
+            "cron": schedule.cron,
+            "timezone": schedule.timezone,
+            "input_template": schedule.input,
+            "enabled": schedule.enabled,
+            "next_fire_at": schedule.next_fire(now) if schedule.enabled else None,
             "updated_at": now,
         }
         if not schedule.enabled:
@@ -130,14 +145,27 @@ def _sync(runtime: Runtime, now: datetime) -> dict[str, ScheduleRecord]:
     return records
 
 
-def _record(runtime: Runtime, schedule: Schedule, fire: datetime, trigger: str,
-            status: RunStatus = RunStatus.SUBMITTING, message: str | None = None) -> ScheduleRun | None:
+def _record(
+    runtime: Runtime,
+    schedule: Schedule,
+    fire: datetime,
+    trigger: str,
+    status: RunStatus = RunStatus.SUBMITTING,
+    message: str | None = None,
+) -> ScheduleRun | None:
     """Insert the run's row; None if this fire time is already recorded."""
     now = utcnow()
     run = ScheduleRun(
-        schedule=schedule.name, fire_at=fire, run_date=schedule.run_date(fire), trigger=trigger, status=status,
+        schedule=schedule.name,
+        fire_at=fire,
+        run_date=schedule.run_date(fire),
+        trigger=trigger,
+        status=status,
         job_id=producer.new_job_id() if status is RunStatus.SUBMITTING else None,
-        input_url=schedule.input_url(fire), message=message, created_at=now, updated_at=now,
+        input_url=schedule.input_url(fire),
+        message=message,
+        created_at=now,
+        updated_at=now,
     )
     try:
         with session_scope(runtime.engine) as session:
@@ -152,9 +180,14 @@ def _record(runtime: Runtime, schedule: Schedule, fire: datetime, trigger: str,
 def _finish(runtime: Runtime, run: ScheduleRun, status: RunStatus, message: str | None) -> None:
     with session_scope(runtime.engine) as session:
         session.execute(
-            update(ScheduleRun).where(ScheduleRun.id == run.id)
-            .values(status=status, message=message, updated_at=utcnow(),
-                    job_id=run.job_id if status is RunStatus.SUBMITTED else None)
+            update(ScheduleRun)
+            .where(ScheduleRun.id == run.id)
+            .values(
+                status=status,
+                message=message,
+                updated_at=utcnow(),
+                job_id=run.job_id if status is RunStatus.SUBMITTED else None,
+            )
         )
     run.status, run.message = status, message
     metrics.SCHEDULE_RUNS.labels(run.schedule, status.value).inc()
@@ -203,8 +236,13 @@ def _due(schedule: Schedule, since: datetime, now: datetime) -> list[tuple[datet
         elif schedule.catch_up == "latest" and i == len(fires) - 1:
             plan.append((fire, None))
         elif schedule.catch_up == "latest":
-            plan.append((fire, f"missed while the scheduler was down; superseded by the run of "
-                               f"{schedule.run_date(fires[-1])} (catch_up = latest)"))
+            plan.append(
+                (
+                    fire,
+                    f"missed while the scheduler was down; superseded by the run of "
+                    f"{schedule.run_date(fires[-1])} (catch_up = latest)",
+                )
+            )
         else:
             plan.append((fire, "missed while the scheduler was down (catch_up = none)"))
     return plan
@@ -230,20 +268,34 @@ def _tick_one(runtime: Runtime, schedule: Schedule, record: ScheduleRecord, now:
     with session_scope(runtime.engine) as session:
         # Runs recorded ahead of time by hand (--date in the future) do not count.
         last = session.execute(
-            select(func.max(ScheduleRun.fire_at)).where(ScheduleRun.schedule == schedule.name, ScheduleRun.fire_at <= now)
+            select(func.max(ScheduleRun.fire_at)).where(
+                ScheduleRun.schedule == schedule.name, ScheduleRun.fire_at <= now
+            )
         ).scalar_one_or_none()
-        stale = list(session.execute(
-            select(ScheduleRun).where(ScheduleRun.schedule == schedule.name, ScheduleRun.status == RunStatus.SUBMITTING,
-                                      ScheduleRun.updated_at < now - STALE_SUBMIT)
-        ).scalars())
+        stale = list(
+            session.execute(
+                select(ScheduleRun).where(
+                    ScheduleRun.schedule == schedule.name,
+                    ScheduleRun.status == RunStatus.SUBMITTING,
+                    ScheduleRun.updated_at < now - STALE_SUBMIT,
+                )
+            ).scalars()
+        )
         for run in stale:
             session.expunge(run)
     for run in stale:  # its submitter died: claim it, then submit under the same job id
         with session_scope(runtime.engine) as session:
-            claimed = matched(session.execute(
-                update(ScheduleRun).where(ScheduleRun.id == run.id, ScheduleRun.status == RunStatus.SUBMITTING,
-                                          ScheduleRun.updated_at == run.updated_at).values(updated_at=now)
-            ))
+            claimed = matched(
+                session.execute(
+                    update(ScheduleRun)
+                    .where(
+                        ScheduleRun.id == run.id,
+                        ScheduleRun.status == RunStatus.SUBMITTING,
+                        ScheduleRun.updated_at == run.updated_at,
+                    )
+                    .values(updated_at=now)
+                )
+            )
         if claimed:
             _submit(runtime, schedule, run)
             reports.append(_report(run, False))
@@ -277,13 +329,24 @@ def run_schedule(runtime: Runtime, name: str, on: date | None = None) -> RunRepo
         _submit(runtime, schedule, run)
         return _report(run, True)
     with session_scope(runtime.engine) as session:
-        retried = matched(session.execute(
-            update(ScheduleRun)
-            .where(ScheduleRun.schedule == name, ScheduleRun.fire_at == fire,
-                   ScheduleRun.status.in_((RunStatus.SKIPPED, RunStatus.FAILED)))
-            .values(status=RunStatus.SUBMITTING, job_id=producer.new_job_id(), trigger="manual",
-                    input_url=schedule.input_url(fire), message=None, updated_at=utcnow())
-        ))
+        retried = matched(
+            session.execute(
+                update(ScheduleRun)
+                .where(
+                    ScheduleRun.schedule == name,
+                    ScheduleRun.fire_at == fire,
+                    ScheduleRun.status.in_((RunStatus.SKIPPED, RunStatus.FAILED)),
+                )
+                .values(
+                    status=RunStatus.SUBMITTING,
+                    job_id=producer.new_job_id(),
+                    trigger="manual",
+                    input_url=schedule.input_url(fire),
+                    message=None,
+                    updated_at=utcnow(),
+                )
+            )
+        )
         existing = session.execute(
             select(ScheduleRun).where(ScheduleRun.schedule == name, ScheduleRun.fire_at == fire)
         ).scalar_one()
@@ -303,20 +366,23 @@ def list_schedules(runtime: Runtime, now: datetime | None = None) -> list[Schedu
                 select(ScheduleRun, Job.status)
                 .outerjoin(Job, Job.id == ScheduleRun.job_id)
                 .where(ScheduleRun.schedule == schedule.name)
-                .order_by(ScheduleRun.fire_at.desc()).limit(1)
+                .order_by(ScheduleRun.fire_at.desc())
+                .limit(1)
             ).first()
             run, job_status = (last[0], last[1]) if last else (None, None)
-            rows.append(ScheduleStatus(
-                name=schedule.name,
-                cron=schedule.cron,
-                timezone=schedule.timezone,
-                enabled=schedule.enabled,
-                next_run=schedule.local(schedule.next_fire(now)).isoformat() if schedule.enabled else None,
-                last_run=schedule.local(run.fire_at).isoformat() if run else None,
-                last_run_date=run.run_date if run else None,
-                last_run_status=run.status.value if run else None,
-                last_job_id=run.job_id if run else None,
-                last_job_status=job_status.value if job_status is not None else None,
-                last_message=run.message if run else None,
-            ))
+            rows.append(
+                ScheduleStatus(
+                    name=schedule.name,
+                    cron=schedule.cron,
+                    timezone=schedule.timezone,
+                    enabled=schedule.enabled,
+                    next_run=schedule.local(schedule.next_fire(now)).isoformat() if schedule.enabled else None,
+                    last_run=schedule.local(run.fire_at).isoformat() if run else None,
+                    last_run_date=run.run_date if run else None,
+                    last_run_status=run.status.value if run else None,
+                    last_job_id=run.job_id if run else None,
+                    last_job_status=job_status.value if job_status is not None else None,
+                    last_message=run.message if run else None,
+                )
+            )
     return rows

@@ -46,7 +46,9 @@ def _spotlane_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in compose["services"].items() if "infra/docker/Dockerfile" in str(s.get("build", ""))}
 
 
-def test_compose_services_consume_only_queues_the_settings_define(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_services_consume_only_queues_the_settings_define(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     services = _spotlane_services(compose)
     assert {"migrate", "control", "gpu-worker", "scheduler"} <= set(services)
 
@@ -99,8 +101,13 @@ def test_compose_config_validates_and_refuses_to_start_without_its_passwords() -
 
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**clean, **_PASSWORDS})
     for missing in _PASSWORDS:
-        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                 env={**clean, **{k: v for k, v in _PASSWORDS.items() if k != missing}})
+        refused = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**clean, **{k: v for k, v in _PASSWORDS.items() if k != missing}},
+        )
         assert refused.returncode != 0 and f"set {missing}" in refused.stderr, missing
 
     assert result.returncode == 0, result.stderr
@@ -131,7 +138,9 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def test_kustomization_lists_every_manifest(k8s: list[dict[str, Any]]) -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
     assert [i["name"] for i in kustomization["images"]] == ["spotlane"]
 
 
@@ -163,7 +172,9 @@ def test_k8s_workers_queues_and_keda_triggers_agree_with_the_settings(
     assert gpu_scaler["spec"]["maxReplicaCount"] == settings.pool("spot").max_workers
 
 
-def test_gpu_workers_land_on_the_spot_pool_with_time_to_drain(k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_workers_land_on_the_spot_pool_with_time_to_drain(
+    k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     gpu = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-gpu-spot")
     pod = gpu["spec"]["template"]["spec"]
     config = next(d for d in k8s if d["kind"] == "ConfigMap")
@@ -198,9 +209,19 @@ def test_the_cluster_config_schedules_a_nightly_run_and_ages_results(
     config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
     settings = _settings_from(config["data"], monkeypatch)
     [nightly] = settings.schedules
-    assert (nightly.name, nightly.cron, nightly.timezone, nightly.deadline) == ("support-nightly", "0 2 * * *", "Europe/Berlin", "07:00")
-    assert nightly.input_url(nightly.next_fire(datetime(2026, 11, 25, 12, tzinfo=UTC))).endswith("/2026-11-26/*.parquet")
-    assert settings.storage.storage_class("cold") == "GLACIER_IR" and settings.storage.retention_days > settings.storage.cold_after_days
+    assert (nightly.name, nightly.cron, nightly.timezone, nightly.deadline) == (
+        "support-nightly",
+        "0 2 * * *",
+        "Europe/Berlin",
+        "07:00",
+    )
+    assert nightly.input_url(nightly.next_fire(datetime(2026, 11, 25, 12, tzinfo=UTC))).endswith(
+        "/2026-11-26/*.parquet"
+    )
+    assert (
+        settings.storage.storage_class("cold") == "GLACIER_IR"
+        and settings.storage.retention_days > settings.storage.cold_after_days
+    )
     scheduler = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-scheduler")
     assert scheduler["spec"]["strategy"]["type"] == "Recreate"
 
@@ -237,8 +258,9 @@ def test_the_k8s_broker_has_a_password_a_volume_and_a_network_policy(k8s: list[d
     assert {"podSelector": {"matchLabels": {"spotlane.io/broker-client": "true"}}} in allowed
     for name, _spec in _pod_specs(k8s).items():
         if name.startswith("spotlane-") and name != "spotlane-migrate":
-            labels = next(d for d in k8s if d.get("metadata", {}).get("name") == name and d["kind"] in ("Deployment", "Job"))[
-                "spec"]["template"]["metadata"]["labels"]
+            labels = next(
+                d for d in k8s if d.get("metadata", {}).get("name") == name and d["kind"] in ("Deployment", "Job")
+            )["spec"]["template"]["metadata"]["labels"]
             assert labels.get("spotlane.io/broker-client") == "true", name
     assert policies["spotlane-metrics"]["ingress"][0]["ports"] == [{"port": 9808}]
     config = next(d for d in k8s if d["kind"] == "ConfigMap")["data"]

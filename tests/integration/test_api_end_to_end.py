@@ -54,8 +54,21 @@ def test_a_job_on_an_api_provider_is_priced_from_usage_and_the_key_stays_secret(
     path = write_prompts(tmp_path / "in.parquet", 30, team=["x"] * 30)
     env = {"TEST_OPENAI_KEY": SECRET}
 
-    result = spotlane("--config", str(config), "run", str(path), "--model", "chat-small", "--max-tokens", "8",
-                      "--rows-per-shard", "10", "--output", str(tmp_path / "out.parquet"), env=env)
+    result = spotlane(
+        "--config",
+        str(config),
+        "run",
+        str(path),
+        "--model",
+        "chat-small",
+        "--max-tokens",
+        "8",
+        "--rows-per-shard",
+        "10",
+        "--output",
+        str(tmp_path / "out.parquet"),
+        env=env,
+    )
 
     assert result.returncode == 0, result.stderr
     table = pq.read_table(tmp_path / "out.parquet")
@@ -77,9 +90,21 @@ def test_a_provider_that_is_down_hands_its_shards_to_the_gpu_pool(
     config = _config(tmp_path, server, str(tiny_model), gpu_price=50.0)
     path = write_prompts(tmp_path / "in.parquet", 20)
 
-    result = spotlane("--config", str(config), "run", str(path), "--model", str(tiny_model), "--max-tokens", "4",
-                      "--rows-per-shard", "10", "--output", str(tmp_path / "out.parquet"),
-                      env={"TEST_OPENAI_KEY": SECRET})
+    result = spotlane(
+        "--config",
+        str(config),
+        "run",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--max-tokens",
+        "4",
+        "--rows-per-shard",
+        "10",
+        "--output",
+        str(tmp_path / "out.parquet"),
+        env={"TEST_OPENAI_KEY": SECRET},
+    )
 
     assert result.returncode == 0, result.stderr
     assert set(pq.read_table(tmp_path / "out.parquet").column("backend").to_pylist()) == {"local"}
@@ -110,8 +135,12 @@ def test_retry_errors_reruns_only_failed_rows_into_a_new_result_version(
 
     retried = spotlane("--config", str(config), "retry-errors", job_id, env=env)
     assert retried.returncode == 0 and "retrying 3 row(s)" in retried.stdout, retried.stderr
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker"],
-                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--config", str(config), "worker"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while "results-v2" not in spotlane("--config", str(config), "results", job_id, env=env).stdout:

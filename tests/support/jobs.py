@@ -46,8 +46,9 @@ class Sent(list[tuple[str, TaskRecord, str]]):
         return [record for sent, record, _ in self if sent == name]
 
 
-def stub_runtime(store_url: str, *, worker: dict[str, Any] | None = None, deliver: bool = False,
-                 **overrides: Any) -> tuple[Runtime, Sent]:
+def stub_runtime(
+    store_url: str, *, worker: dict[str, Any] | None = None, deliver: bool = False, **overrides: Any
+) -> tuple[Runtime, Sent]:
     """A migrated runtime on the stub engine whose sends are recorded, and not
     delivered unless ``deliver`` (then they go to the real broker too)."""
     if not store_url.startswith("sqlite"):
@@ -101,5 +102,7 @@ def worker_process(env: dict[str, str], log: Path, *args: str) -> subprocess.Pop
     """A real ``spotlane worker`` process (its own settings in ``env``), logging to ``log``."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker", *args],
-        env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        env={**os.environ, **env},
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
     )

@@ -122,8 +122,11 @@ class FakeOpenAI:
         self.accepted_at.append(time.monotonic())
         answer = _answer(body)
         if self.usage is not None:
-            answer["usage"] = {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1],
-                               "total_tokens": sum(self.usage)}
+            answer["usage"] = {
+                "prompt_tokens": self.usage[0],
+                "completion_tokens": self.usage[1],
+                "total_tokens": sum(self.usage),
+            }
         return web.json_response(answer)
 
 
@@ -135,10 +138,18 @@ def _answer(body: dict[str, Any]) -> dict[str, Any]:
         "id": "chatcmpl-local",
         "object": "chat.completion",
         "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": f"echo: {' '.join(words[:completion])}"}}],
-        "usage": {"prompt_tokens": len(words) + 3, "completion_tokens": completion,
-                  "total_tokens": len(words) + 3 + completion},
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": f"echo: {' '.join(words[:completion])}"},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": len(words) + 3,
+            "completion_tokens": completion,
+            "total_tokens": len(words) + 3 + completion,
+        },
     }
 
 

@@ -142,8 +142,12 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 
 def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **env},
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env={**os.environ, **env},
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )  # noqa: SIM115
 
 
 SLOW = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": "10", "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
@@ -161,9 +165,22 @@ def _finish_with_another_worker(env: dict[str, str], tmp_path: Path, home: Path,
 def test_a_spot_notice_drains_the_worker_and_the_next_one_finishes(
     tmp_path: Path, spotlane_home: Path, tiny_model: Path, metadata: _Metadata
 ) -> None:
-    env = {**SLOW, "SPOTLANE_WORKER__SPOT_NOTICE_URL": metadata.url, "SPOTLANE_WORKER__SPOT_NOTICE_INTERVAL_SECONDS": "0.2"}
-    job_id = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 120)), "--model", str(tiny_model),
-                      "--rows-per-shard", "120", "--max-tokens", "24", env=env).stdout.strip()
+    env = {
+        **SLOW,
+        "SPOTLANE_WORKER__SPOT_NOTICE_URL": metadata.url,
+        "SPOTLANE_WORKER__SPOT_NOTICE_INTERVAL_SECONDS": "0.2",
+    }
+    job_id = spotlane(
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 120)),
+        "--model",
+        str(tiny_model),
+        "--rows-per-shard",
+        "120",
+        "--max-tokens",
+        "24",
+        env=env,
+    ).stdout.strip()
     first = _worker(env, tmp_path / "w1.log")
     _wait(lambda: int(_scalar(spotlane_home, "select count(*) from checkpoints")) >= 2, 120, "checkpoints")  # type: ignore[call-overload]
 
@@ -179,10 +196,21 @@ def test_a_spot_notice_drains_the_worker_and_the_next_one_finishes(
 
 
 @pytest.mark.slow
-def test_a_shard_preempted_max_times_goes_back_to_the_router(tmp_path: Path, spotlane_home: Path, tiny_model: Path) -> None:
+def test_a_shard_preempted_max_times_goes_back_to_the_router(
+    tmp_path: Path, spotlane_home: Path, tiny_model: Path
+) -> None:
     env = {**SLOW, "SPOTLANE_ROUTING__MAX_PREEMPTIONS": "1"}
-    job_id = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 120)), "--model", str(tiny_model),
-                      "--rows-per-shard", "120", "--max-tokens", "24", env=env).stdout.strip()
+    job_id = spotlane(
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 120)),
+        "--model",
+        str(tiny_model),
+        "--rows-per-shard",
+        "120",
+        "--max-tokens",
+        "24",
+        env=env,
+    ).stdout.strip()
     first = _worker(env, tmp_path / "w1.log")
     _wait(lambda: int(_scalar(spotlane_home, "select count(*) from checkpoints")) >= 1, 120, "a checkpoint")  # type: ignore[call-overload]
     first.send_signal(signal.SIGTERM)
@@ -199,21 +227,38 @@ def test_a_shard_preempted_max_times_goes_back_to_the_router(tmp_path: Path, spo
 def test_cancel_keeps_finished_rows_and_resume_redoes_only_the_rest(
     tmp_path: Path, spotlane_home: Path, tiny_model: Path
 ) -> None:
-    job_id = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 160)), "--model", str(tiny_model),
-                      "--rows-per-shard", "40", "--max-tokens", "24", env=SLOW).stdout.strip()
+    job_id = spotlane(
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 160)),
+        "--model",
+        str(tiny_model),
+        "--rows-per-shard",
+        "40",
+        "--max-tokens",
+        "24",
+        env=SLOW,
+    ).stdout.strip()
     worker = _worker(SLOW, tmp_path / "w.log")
     try:
         _wait(lambda: int(_scalar(spotlane_home, "select count(*) from checkpoints")) >= 2, 120, "checkpoints")  # type: ignore[call-overload]
         cancelled = spotlane("cancel", job_id)
         assert cancelled.returncode == 0 and "rows are finished and kept" in cancelled.stdout
-        _wait(lambda: _scalar(spotlane_home, "select count(*) from shards where status = 'running'") == 0, 60, "the running shard to stop")
+        _wait(
+            lambda: _scalar(spotlane_home, "select count(*) from shards where status = 'running'") == 0,
+            60,
+            "the running shard to stop",
+        )
         kept = _scalar(spotlane_home, "select sum(rows_done) from shards")
         assert _scalar(spotlane_home, f"select status from jobs where id = '{job_id}'") == "cancelled"
         assert 0 < int(kept) < 160  # type: ignore[call-overload]
 
         resumed = spotlane("resume", job_id)
         assert resumed.returncode == 0, resumed.stderr
-        _wait(lambda: _scalar(spotlane_home, f"select status from jobs where id = '{job_id}'") == "succeeded", 180, "success")
+        _wait(
+            lambda: _scalar(spotlane_home, f"select status from jobs where id = '{job_id}'") == "succeeded",
+            180,
+            "success",
+        )
     finally:
         worker.terminate()
         worker.wait(30)

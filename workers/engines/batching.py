@@ -24,16 +24,12 @@ class BatchItem:
     temperature: float = 0.0
 
 
-def plan_batches(
-    items: Sequence[BatchItem], token_budget: int, max_rows: int
-) -> list[list[BatchItem]]:
+def plan_batches(items: Sequence[BatchItem], token_budget: int, max_rows: int) -> list[list[BatchItem]]:
     """Group ``items`` into micro-batches; every item lands in exactly one batch.
 
     An item too large for the budget on its own still gets a batch of one.
     """
-    ordered = sorted(
-        items, key=lambda it: (it.temperature, -it.max_new_tokens, -it.prompt_tokens, it.index)
-    )
+    ordered = sorted(items, key=lambda it: (it.temperature, -it.max_new_tokens, -it.prompt_tokens, it.index))
     batches: list[list[BatchItem]] = []
     current: list[BatchItem] = []
     longest = widest = 0

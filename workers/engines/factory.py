@@ -47,8 +47,15 @@ class GpuEngines:
         from workers.engines.hf import load_engine
 
         s = self.settings
-        return load_engine(model, device=s.device, dtype=s.dtype, token_budget=s.token_budget,
-                           max_batch_rows=s.max_batch_rows, kind=s.engine, compile=s.compile)
+        return load_engine(
+            model,
+            device=s.device,
+            dtype=s.dtype,
+            token_budget=s.token_budget,
+            max_batch_rows=s.max_batch_rows,
+            kind=s.engine,
+            compile=s.compile,
+        )
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         by_model: dict[str, list[int]] = {}
@@ -80,8 +87,9 @@ def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSetti
             raise ModelError(f"backend {backend.name!r} cannot embed: embeddings run on GPU pools")
         from workers.engines.hf_embed import load_embedder
 
-        return load_embedder(model, device=settings.device, token_budget=settings.token_budget,
-                             max_batch_rows=settings.max_batch_rows)
+        return load_embedder(
+            model, device=settings.device, token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows
+        )
     if isinstance(backend, GpuPool):
         engine = GpuEngines(model, settings)
         engine._engine(model)  # load now: a model that cannot load fails the shard up front

@@ -110,9 +110,7 @@ class HFEngine:
     def _prompt_ids(self, request: Request) -> list[int]:
         if request.messages is not None:
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(
-                    request.messages, add_generation_prompt=True, tokenize=True
-                )
+                ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
                 if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
                     ids = ids["input_ids"]
                 return list(ids)
@@ -137,7 +135,8 @@ class HFEngine:
                 room = self.max_positions - len(ids)
                 if room < 1:
                     results[i] = Completion.failed(  # it never ran: it counts no tokens
-                        f"prompt too long: {len(ids)} tokens, the model's context is {self.max_positions}")
+                        f"prompt too long: {len(ids)} tokens, the model's context is {self.max_positions}"
+                    )
                     continue
                 max_new = min(max_new, room)
             if not ids:
@@ -182,7 +181,9 @@ class HFEngine:
             return self._run_batch(batch[:half], prompts) + self._run_batch(batch[half:], prompts)
         except Exception as exc:
             if len(batch) == 1:
-                return [Completion.failed(f"generation failed: {exc.__class__.__name__}: {exc}", batch[0].prompt_tokens)]
+                return [
+                    Completion.failed(f"generation failed: {exc.__class__.__name__}: {exc}", batch[0].prompt_tokens)
+                ]
             log.warning("batch of %d rows failed (%s); retrying row by row", len(batch), exc)
             return [c for item in batch for c in self._run_batch([item], prompts)]
 
@@ -194,8 +195,8 @@ class HFEngine:
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, item in enumerate(batch):
             ids = prompts[item.index]
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
         temperature = batch[0].temperature
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -238,8 +239,14 @@ class HFEngine:
 
 
 def load_engine(
-    model: str, *, device: str, dtype: str, token_budget: int, max_batch_rows: int,
-    kind: str = "batched", compile: bool = False,
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    token_budget: int,
+    max_batch_rows: int,
+    kind: str = "batched",
+    compile: bool = False,
 ) -> HFEngine:
     """The process's engine for ``model`` (loaded on first use, then reused).
 
@@ -262,8 +269,14 @@ def load_engine(
                 from workers.engines.hf_continuous import ContinuousHFEngine
 
                 cls = ContinuousHFEngine
-            engine = cls(model, device=device, dtype=dtype, token_budget=token_budget, max_batch_rows=max_batch_rows,
-                         compile=compile)
+            engine = cls(
+                model,
+                device=device,
+                dtype=dtype,
+                token_budget=token_budget,
+                max_batch_rows=max_batch_rows,
+                compile=compile,
+            )
             _ENGINES[key] = engine
         engine.token_budget, engine.max_batch_rows = token_budget, max_batch_rows
         return engine

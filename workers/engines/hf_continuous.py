@@ -32,8 +32,10 @@ class ContinuousHFEngine(HFEngine):
                 {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             )
             config = GenerationConfig(  # type: ignore[no-untyped-call]
-                max_new_tokens=self.max_positions or 2048, pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids) or -1, **sampling,
+                max_new_tokens=self.max_positions or 2048,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids) or -1,
+                **sampling,
             )
             manager = self.lm.init_continuous_batching(generation_config=config)
             manager.start()
@@ -69,5 +71,7 @@ class ContinuousHFEngine(HFEngine):
                     continue
                 text, finish, n_out = self._finish(item, list(result.generated_tokens))
                 elapsed = time.perf_counter() - started
-                done[item.index] = Completion(text, finish, item.prompt_tokens, n_out, elapsed * 1000.0, elapsed / len(items))
+                done[item.index] = Completion(
+                    text, finish, item.prompt_tokens, n_out, elapsed * 1000.0, elapsed / len(items)
+                )
         return done

@@ -44,7 +44,9 @@ def _pooling(model: str) -> tuple[str, bool]:
 class HFEmbedder:
     """Pooled sentence embeddings; one instance per model and device per process."""
 
-    def __init__(self, model: str, *, device: str = "auto", token_budget: int = 32768, max_batch_rows: int = 64) -> None:
+    def __init__(
+        self, model: str, *, device: str = "auto", token_budget: int = 32768, max_batch_rows: int = 64
+    ) -> None:
         import torch
         import transformers
 
@@ -103,7 +105,9 @@ class HFEmbedder:
             mask[row, : it.prompt_tokens] = 1
         started = time.perf_counter()
         with torch.inference_mode():
-            hidden = self.encoder(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            hidden = self.encoder(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+            ).last_hidden_state
             m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
             pooled = hidden[:, 0] if self.mode == "cls" else (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             if self.normalize:
@@ -113,8 +117,13 @@ class HFEmbedder:
         total = sum(it.prompt_tokens for it in batch) or 1
         return [
             Completion(
-                output=None, finish_reason="embedding", input_tokens=it.prompt_tokens, output_tokens=0,
-                latency_ms=elapsed * 1000, compute_seconds=elapsed * it.prompt_tokens / total, embedding=vectors[row],
+                output=None,
+                finish_reason="embedding",
+                input_tokens=it.prompt_tokens,
+                output_tokens=0,
+                latency_ms=elapsed * 1000,
+                compute_seconds=elapsed * it.prompt_tokens / total,
+                embedding=vectors[row],
             )
             for row, it in enumerate(batch)
         ]

@@ -115,9 +115,7 @@ class APIEngine:
         self.model = model
         self._key = provider.api_key()
         if provider.api_key_env and not self._key:
-            raise ProviderError(
-                f"provider {provider.name!r}: environment variable {provider.api_key_env} is not set"
-            )
+            raise ProviderError(f"provider {provider.name!r}: environment variable {provider.api_key_env} is not set")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"api-{provider.name}")
         self._thread.start()
@@ -225,11 +223,15 @@ class APIEngine:
                     elif status in RETRYABLE:
                         if status == 429 and self._rpm:
                             self._rpm.drain()
-                        last_error = "rate limited (HTTP 429)" if status == 429 else f"provider unavailable: HTTP {status}"
+                        last_error = (
+                            "rate limited (HTTP 429)" if status == 429 else f"provider unavailable: HTTP {status}"
+                        )
                     elif status in (401, 403):
                         # The key is wrong, expired or not allowed: no row will fare better.
-                        raise ProviderError(f"provider {self.provider.name!r} refused the key: HTTP {status}"
-                                            + (f" (check {self.provider.api_key_env})" if self.provider.api_key_env else ""))
+                        raise ProviderError(
+                            f"provider {self.provider.name!r} refused the key: HTTP {status}"
+                            + (f" (check {self.provider.api_key_env})" if self.provider.api_key_env else "")
+                        )
                     else:
                         text = payload[:300].decode("utf-8", "replace")
                         return Completion.failed(
@@ -238,8 +240,10 @@ class APIEngine:
             if attempt < self.provider.max_retries:
                 backoff = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
                 await asyncio.sleep(min(max(wait or 0.0, backoff), self._retry_cap))
-        return Completion.failed(self._scrub(f"{last_error} after {self.provider.max_retries + 1} attempts"),
-                                 tries=self.provider.max_retries + 1)
+        return Completion.failed(
+            self._scrub(f"{last_error} after {self.provider.max_retries + 1} attempts"),
+            tries=self.provider.max_retries + 1,
+        )
 
     def _parse(self, request: Request, payload: bytes, started: float, tries: int) -> Completion | None:
         try:
@@ -269,12 +273,20 @@ class APIEngine:
         bound (``input_token_bound``) and its ``max_tokens``. A provider (or a proxy)
         reporting more is logged, and charged the bound the budget reserved."""
         body = self._body(request)
-        text = sum(len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "")
-                   for m in body["messages"])
+        text = sum(
+            len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "")
+            for m in body["messages"]
+        )
         most_in = input_token_bound(text, len(body["messages"]), 1)
         clamped = (min(max(0, tokens_in), most_in), min(max(0, tokens_out), request.max_tokens))
         if clamped != (tokens_in, tokens_out):
-            log.warning("provider %r reported usage %d in / %d out for a request bounded by %d / %d tokens; "
-                        "charged %d / %d", self.provider.name, tokens_in, tokens_out, most_in, request.max_tokens,
-                        *clamped)
+            log.warning(
+                "provider %r reported usage %d in / %d out for a request bounded by %d / %d tokens; charged %d / %d",
+                self.provider.name,
+                tokens_in,
+                tokens_out,
+                most_in,
+                request.max_tokens,
+                *clamped,
+            )
         return clamped

@@ -54,10 +54,21 @@ def test_stopping_run_drains_keeps_the_rows_says_how_to_go_on_and_leaves_nothing
     """Findings 1 and 5: SIGTERM/SIGHUP left an orphan worker; Ctrl-C said nothing and resume refused the job."""
     path = write_prompts(tmp_path / "in.parquet", 600)
     run = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--model", model_folder(tmp_path),
-         "--rows-per-shard", "100"],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            str(path),
+            "--model",
+            model_folder(tmp_path),
+            "--rows-per-shard",
+            "100",
+        ],
         env={**os.environ, **STUB, "SPOTLANE_WORKER__CHECKPOINT_ROWS": "20"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not _first_checkpoint(spotlane_home):
@@ -86,13 +97,18 @@ def test_run_works_only_its_own_job_and_resume_says_when_no_worker_will(tmp_path
     """Finding 16: run's worker consumed every queue (and finished an interrupted job too)."""
     other = spotlane("submit", str(write_prompts(tmp_path / "other.parquet", 10)), "--model", model_folder(tmp_path))
     assert other.returncode == 0
-    mine = spotlane("run", str(write_prompts(tmp_path / "mine.parquet", 10)), "--model", model_folder(tmp_path), env=STUB)
+    mine = spotlane(
+        "run", str(write_prompts(tmp_path / "mine.parquet", 10)), "--model", model_folder(tmp_path), env=STUB
+    )
 
     assert mine.returncode == 0 and "succeeded: 10 rows ok" in mine.stdout
     other_id = other.stdout.strip()
     assert _sql(spotlane_home, "select status from jobs where id = :j", j=other_id) == [("pending",)]
-    assert _sql(spotlane_home, "select count(*) from shard_attempts a join shards s on s.id = a.shard_id "
-                               "where s.job_id = :j", j=other_id) == [(0,)]
+    assert _sql(
+        spotlane_home,
+        "select count(*) from shard_attempts a join shards s on s.id = a.shard_id where s.job_id = :j",
+        j=other_id,
+    ) == [(0,)]
     assert spotlane("cancel", other_id).returncode == 0
     resumed = spotlane("resume", other_id)
     assert resumed.returncode == 0 and "no worker consumes the 'control' queue" in resumed.stderr
@@ -124,8 +140,11 @@ def test_a_model_that_will_not_resolve_is_refused_at_submit(tmp_path: Path, mode
 def test_a_bad_output_target_is_refused_before_any_work(tmp_path: Path, spotlane_home: Path) -> None:
     """Finding 7: --output was checked only after the whole job had run (and paid)."""
     path = write_prompts(tmp_path / "in.parquet", 3)
-    for target, message in ((str(tmp_path), "is a folder"), ("/proc/answers.parquet", "cannot write in /proc"),
-                            (str(tmp_path / "answers.txt"), "export to .parquet, .csv or .jsonl")):
+    for target, message in (
+        (str(tmp_path), "is a folder"),
+        ("/proc/answers.parquet", "cannot write in /proc"),
+        (str(tmp_path / "answers.txt"), "export to .parquet, .csv or .jsonl"),
+    ):
         result = spotlane("run", str(path), "--model", model_folder(tmp_path), "--output", target, env=STUB)
         assert result.returncode == 2 and message in result.stderr, (target, result.stderr)
     assert not (spotlane_home / "spotlane.db").exists() or _sql(spotlane_home, "select count(*) from jobs") == [(0,)]
@@ -134,8 +153,10 @@ def test_a_bad_output_target_is_refused_before_any_work(tmp_path: Path, spotlane
 def test_exports_write_the_format_asked_for_and_errors_alone(tmp_path: Path) -> None:
     """Finding 19: --to x.csv wrote Parquet under that name; there was no --errors."""
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["one question", "   ", "another one"],
-                             "team": ["x", "y", "z"]}), path)
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "prompt": ["one question", "   ", "another one"], "team": ["x", "y", "z"]}),
+        path,
+    )
     assert spotlane("run", str(path), "--model", model_folder(tmp_path), env=STUB).returncode == 0
 
     assert spotlane("results", "latest", "--to", str(tmp_path / "all.csv")).returncode == 0
@@ -155,8 +176,14 @@ def test_a_cancelled_jobs_finished_rows_can_be_exported(tmp_path: Path, spotlane
     from pipeline.store.db import session_scope
     from workers.runner import ShardRunner
 
-    submitted = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 40)), "--model", model_folder(tmp_path),
-                         "--rows-per-shard", "20")
+    submitted = spotlane(
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 40)),
+        "--model",
+        model_folder(tmp_path),
+        "--rows-per-shard",
+        "20",
+    )
     job_id = submitted.stdout.strip()
     runtime = Runtime.open(worker={"engine": "stub"})
     route_job(runtime, job_id)
@@ -192,8 +219,14 @@ def test_the_cli_follows_the_conventions_of_the_tools_people_trust(tmp_path: Pat
     config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "other.db"}"\n')
     ids = []
     for n in range(2):
-        result = spotlane("submit", str(write_prompts(tmp_path / f"in{n}.parquet", 3)), "--model",
-                          model_folder(tmp_path), "--config", str(config))  # --config after the command
+        result = spotlane(
+            "submit",
+            str(write_prompts(tmp_path / f"in{n}.parquet", 3)),
+            "--model",
+            model_folder(tmp_path),
+            "--config",
+            str(config),
+        )  # --config after the command
         assert result.returncode == 0, result.stderr
         ids.append(result.stdout.strip())
     listed = spotlane("jobs", "--config", str(config), env={"COLUMNS": "80"})
@@ -210,10 +243,12 @@ def test_the_cli_follows_the_conventions_of_the_tools_people_trust(tmp_path: Pat
 def test_odd_values_are_refused_naming_the_option(tmp_path: Path, spotlane_home: Path) -> None:
     """Finding 8: --temperature nan dumped SQL, -1 and --budget nan were accepted, past deadlines too."""
     path = write_prompts(tmp_path / "in.parquet", 3)
-    for option, value, message in (("--temperature", "nan", "--temperature must be a number in [0, 5]"),
-                                   ("--temperature", "-1", "--temperature must be a number in [0, 5]"),
-                                   ("--budget", "nan", "--budget must be a number of USD"),
-                                   ("--deadline", "2020-01-01T00:00", "--deadline '2020-01-01T00:00' is in the past")):
+    for option, value, message in (
+        ("--temperature", "nan", "--temperature must be a number in [0, 5]"),
+        ("--temperature", "-1", "--temperature must be a number in [0, 5]"),
+        ("--budget", "nan", "--budget must be a number of USD"),
+        ("--deadline", "2020-01-01T00:00", "--deadline '2020-01-01T00:00' is in the past"),
+    ):
         result = spotlane("submit", str(path), "--model", model_folder(tmp_path), option, value)
         assert result.returncode == 2 and message in result.stderr and "SQL" not in result.stderr, result.stderr
 
@@ -222,8 +257,13 @@ def test_read_only_commands_create_no_store_and_name_the_one_they_looked_for(tmp
     """Finding 15: `spotlane status` in another folder said 'no job' and created an empty store there."""
     elsewhere = tmp_path / "empty"
     elsewhere.mkdir()
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs"], cwd=elsewhere, capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "SPOTLANE_HOME"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "SPOTLANE_HOME"},
+    )
 
     assert result.returncode == 2 and f"no job store at {elsewhere / '.spotlane' / 'spotlane.db'}" in result.stderr
     assert list(elsewhere.iterdir()) == []
@@ -238,8 +278,13 @@ def test_an_unwritable_home_is_named(tmp_path: Path) -> None:
     else:
         home = tmp_path / "ro"
         home.mkdir(mode=0o500)
-    result = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 3)), "--model", model_folder(tmp_path),
-                      env={"SPOTLANE_HOME": str(home)})
+    result = spotlane(
+        "submit",
+        str(write_prompts(tmp_path / "in.parquet", 3)),
+        "--model",
+        model_folder(tmp_path),
+        env={"SPOTLANE_HOME": str(home)},
+    )
 
     assert result.returncode != 0 and str(home) in result.stderr and "Traceback" not in result.stderr
 
@@ -248,15 +293,30 @@ def test_rows_a_request_cannot_be_made_of_become_error_rows_that_count_no_tokens
     """Findings 18 and 22: whitespace prompts ran, null content was sent as 'None', roles were not checked."""
     from workers.engines.chunks import prepare
 
-    chat = pa.table({"id": ["a", "b", "c", "d", "e"], "messages": pa.array([
-        [{"role": "user", "content": "fine"}], [{"role": "user", "content": None}], [],
-        [{"role": "wizard", "content": "hi"}], [{"role": "system", "content": "  "}]],
-        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))})
+    chat = pa.table(
+        {
+            "id": ["a", "b", "c", "d", "e"],
+            "messages": pa.array(
+                [
+                    [{"role": "user", "content": "fine"}],
+                    [{"role": "user", "content": None}],
+                    [],
+                    [{"role": "wizard", "content": "hi"}],
+                    [{"role": "system", "content": "  "}],
+                ],
+                pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+            ),
+        }
+    )
     chunk = prepare(chat, 0, kind="messages", default_max_tokens=4, default_temperature=0.0, serves=lambda m: True)
 
-    assert chunk.problems == [None, "message 0 has no content", "messages is empty",
-                              "message 0 has role 'wizard' (use system, developer, user, assistant, tool)",
-                              "every message is empty"]
+    assert chunk.problems == [
+        None,
+        "message 0 has no content",
+        "messages is empty",
+        "message 0 has role 'wizard' (use system, developer, user, assistant, tool)",
+        "every message is empty",
+    ]
 
 
 def test_a_job_whose_only_errors_are_the_rows_own_is_not_retried(tmp_path: Path) -> None:
@@ -273,11 +333,19 @@ def test_a_job_whose_only_errors_are_the_rows_own_is_not_retried(tmp_path: Path)
 def test_dictionary_encoded_text_columns_are_read_as_text(tmp_path: Path) -> None:
     """Finding 21: pandas categories and polars Categoricals were refused."""
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": pa.array(["a", "b", "c"]).dictionary_encode(),
-                             "prompt": pa.array(["x y", "x y", "z"]).dictionary_encode()}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(["a", "b", "c"]).dictionary_encode(),
+                "prompt": pa.array(["x y", "x y", "z"]).dictionary_encode(),
+            }
+        ),
+        path,
+    )
 
-    result = spotlane("run", str(path), "--model", model_folder(tmp_path), "--output", str(tmp_path / "o.parquet"),
-                      env=STUB)
+    result = spotlane(
+        "run", str(path), "--model", model_folder(tmp_path), "--output", str(tmp_path / "o.parquet"), env=STUB
+    )
 
     assert result.returncode == 0, result.stderr
     assert pq.read_table(tmp_path / "o.parquet").column("output").to_pylist() == ["stub: x y", "stub: x y", "stub: z"]
@@ -286,14 +354,18 @@ def test_dictionary_encoded_text_columns_are_read_as_text(tmp_path: Path) -> Non
 def test_plan_prices_what_submit_would_run(tmp_path: Path) -> None:
     """Findings 10 and 14: a glob was refused, one huge max_tokens priced at $500,000."""
     for n in range(2):
-        write_prompts(tmp_path / f"part-{n}.parquet", 5, max_tokens=[10**9] + [4] * 4, id=[f"{n}-{i}" for i in range(5)])
+        write_prompts(
+            tmp_path / f"part-{n}.parquet", 5, max_tokens=[10**9] + [4] * 4, id=[f"{n}-{i}" for i in range(5)]
+        )
     model = tmp_path / "ctx-model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
     config = tmp_path / "spotlane.toml"
     config.write_text('[[gpu_pools]]\nname = "local"\nprice_per_hour = 360.0\ntokens_per_second = 100\n')
 
-    planned = spotlane("--config", str(config), "plan", str(tmp_path / "part-*.parquet"), "--model", str(model), "--json")
+    planned = spotlane(
+        "--config", str(config), "plan", str(tmp_path / "part-*.parquet"), "--model", str(model), "--json"
+    )
 
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
@@ -303,8 +375,9 @@ def test_plan_prices_what_submit_would_run(tmp_path: Path) -> None:
 def test_config_errors_name_the_setting_and_odd_devices_are_refused(tmp_path: Path) -> None:
     """Finding 23."""
     device = spotlane("config", "show", env={"SPOTLANE_WORKER__DEVICE": "tpu"})
-    tiers = spotlane("config", "show", env={"SPOTLANE_STORAGE__WARM": "file:///data/r",
-                                            "SPOTLANE_STORAGE__COLD": "file:///data/r"})
+    tiers = spotlane(
+        "config", "show", env={"SPOTLANE_STORAGE__WARM": "file:///data/r", "SPOTLANE_STORAGE__COLD": "file:///data/r"}
+    )
 
     assert device.returncode == 2 and "worker.device" in device.stderr
     assert tiers.returncode == 2 and "setting ''" not in tiers.stderr and "must be separate places" in tiers.stderr

@@ -40,8 +40,14 @@ def _bills_every_character(body: dict[str, Any]) -> dict[str, Any]:
     """A tokenizer that makes one token of every CJK character, and answers with all of max_tokens."""
     prompt = body["messages"][-1]["content"]
     limit = int(body.get("max_tokens") or 16)
-    return {"choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "x" * limit}}],
-            "usage": {"prompt_tokens": len(prompt) + 7, "completion_tokens": limit, "total_tokens": len(prompt) + 7 + limit}}
+    return {
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "x" * limit}}],
+        "usage": {
+            "prompt_tokens": len(prompt) + 7,
+            "completion_tokens": limit,
+            "total_tokens": len(prompt) + 7 + limit,
+        },
+    }
 
 
 @pytest.fixture
@@ -53,8 +59,15 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[openai_server.FakeOpen
 
 def _runtime(store_url: str, url: str, **worker: Any) -> Runtime:
     os.environ["BUDGET_TEST_KEY"] = "sk-test"
-    api = {"name": "prov", "base_url": url, "api_key_env": "BUDGET_TEST_KEY", "models": {"m": "remote-m"},
-           "input_usd_per_1m": 1000.0, "output_usd_per_1m": 1000.0, "max_retries": 0}
+    api = {
+        "name": "prov",
+        "base_url": url,
+        "api_key_env": "BUDGET_TEST_KEY",
+        "models": {"m": "remote-m"},
+        "input_usd_per_1m": 1000.0,
+        "output_usd_per_1m": 1000.0,
+        "max_retries": 0,
+    }
     runtime, _ = stub_runtime(store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10, **worker})
     return runtime
 
@@ -118,8 +131,12 @@ def test_a_provider_that_bills_beyond_any_bound_is_charged_the_bound_and_stopped
     """L6 inside a job: usage of 10**12 tokens was charged as $1,000,000,000."""
     runtime = _runtime(store_url, provider.url)
     provider.usage = (10**12, 10**12)
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 40)), "m", max_tokens=8,
-                                        rows_per_shard=20, budget_usd=2.0))
+    job_id = submit(
+        runtime,
+        JobRequest(
+            str(write_prompts(tmp_path / "in.parquet", 40)), "m", max_tokens=8, rows_per_shard=20, budget_usd=2.0
+        ),
+    )
 
     _drive(runtime, job_id, 2.0)
 
@@ -130,8 +147,12 @@ def test_the_budget_lowered_while_a_shard_runs_parks_it_at_its_next_chunk(
     store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
 ) -> None:
     runtime = _runtime(store_url, provider.url)
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 40)), "m", max_tokens=8,
-                                        rows_per_shard=40, budget_usd=100.0))
+    job_id = submit(
+        runtime,
+        JobRequest(
+            str(write_prompts(tmp_path / "in.parquet", 40)), "m", max_tokens=8, rows_per_shard=40, budget_usd=100.0
+        ),
+    )
     route_job(runtime, job_id)
     (shard,) = shards(runtime, job_id)
     provider.latency = 0.2
@@ -188,8 +209,15 @@ def test_cancel_racing_claims_never_releases_a_running_shards_reservation(postgr
     a shard claimed in between kept running with nothing reserved."""
     runtime, _ = stub_runtime(postgres_url, gpu_pools=[{"name": "local", "price_per_hour": 36.0}])
     for attempt in range(5):
-        job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / f"in{attempt}.parquet", 40)),
-                                            model_folder(tmp_path), rows_per_shard=5, budget_usd=100.0))
+        job_id = submit(
+            runtime,
+            JobRequest(
+                str(write_prompts(tmp_path / f"in{attempt}.parquet", 40)),
+                model_folder(tmp_path),
+                rows_per_shard=5,
+                budget_usd=100.0,
+            ),
+        )
         route_job(runtime, job_id)
 
         def claim(shard_id: int) -> None:
@@ -199,8 +227,11 @@ def test_cancel_racing_claims_never_releases_a_running_shards_reservation(postgr
         race(*(partial(claim, s.id) for s in shards(runtime, job_id)), partial(cancel, runtime, job_id))
         with session_scope(runtime.engine) as session:
             for shard in shards(runtime, job_id):
-                held = session.execute(select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-                    CostLedgerEntry.shard_id == shard.id)).scalar_one()
+                held = session.execute(
+                    select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+                        CostLedgerEntry.shard_id == shard.id
+                    )
+                ).scalar_one()
                 if shard.status is ShardStatus.RUNNING:
                     assert held > 0, "a running shard has its reservation"
                 else:

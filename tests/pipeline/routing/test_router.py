@@ -31,10 +31,22 @@ from tests.support import race, write_prompts
 
 POOLS = [{"name": "slow", "price_per_hour": 3.6, "tokens_per_second": 10, "max_workers": 1}]
 PROVIDERS = [
-    {"name": "api", "base_url": "http://127.0.0.1:9/v1", "models": {"tiny": "remote-tiny"},
-     "input_usd_per_1m": 1.0, "output_usd_per_1m": 200.0, "max_concurrency": 16, "latency_seconds": 2.0},
-    {"name": "pricey", "base_url": "http://127.0.0.1:9/v1", "models": {"tiny": "remote-tiny"},
-     "input_usd_per_1m": 5.0, "output_usd_per_1m": 900.0},
+    {
+        "name": "api",
+        "base_url": "http://127.0.0.1:9/v1",
+        "models": {"tiny": "remote-tiny"},
+        "input_usd_per_1m": 1.0,
+        "output_usd_per_1m": 200.0,
+        "max_concurrency": 16,
+        "latency_seconds": 2.0,
+    },
+    {
+        "name": "pricey",
+        "base_url": "http://127.0.0.1:9/v1",
+        "models": {"tiny": "remote-tiny"},
+        "input_usd_per_1m": 5.0,
+        "output_usd_per_1m": 900.0,
+    },
 ]
 
 
@@ -55,19 +67,32 @@ def _shards(runtime: Runtime, job_id: str) -> list[Shard]:
 
 
 def _q(backend: str, cost: float, seconds: float, capacity: int = 1) -> Quote:
-    return Quote(backend, "gpu", f"gpu.{backend}", "m", cost, seconds, capacity, 10, 10,
-                 reserve_usd=cost, row_reserve_usd=cost)
+    return Quote(
+        backend, "gpu", f"gpu.{backend}", "m", cost, seconds, capacity, 10, 10, reserve_usd=cost, row_reserve_usd=cost
+    )
 
 
 def test_choose_takes_the_cheapest_quote_within_budget() -> None:
     now = utcnow()
     quotes = [_q("a", 3.0, 10), _q("b", 1.0, 100), _q("c", 2.0, 1)]
 
-    assert choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=None).quote.backend == "b"  # type: ignore[union-attr]
+    assert (
+        choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=None).quote.backend
+        == "b"
+    )  # type: ignore[union-attr]
     assert choose(quotes, committed_usd=9.5, budget_usd=10, backlog_seconds={}, now=now, deadline=None).quote is None
-    tight = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=now + timedelta(seconds=50))
+    tight = choose(
+        quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=now + timedelta(seconds=50)
+    )
     assert tight.quote is not None and tight.quote.backend == "c"
-    busy = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={"c": 100}, now=now, deadline=now + timedelta(seconds=50))
+    busy = choose(
+        quotes,
+        committed_usd=0,
+        budget_usd=None,
+        backlog_seconds={"c": 100},
+        now=now,
+        deadline=now + timedelta(seconds=50),
+    )
     assert busy.quote is not None and busy.quote.backend == "a"
     late = choose(quotes, committed_usd=0, budget_usd=None, backlog_seconds={}, now=now, deadline=now)
     assert late.quote is not None and late.quote.backend == "c" and "deadline" in (late.note or "")
@@ -148,9 +173,20 @@ def test_shards_whose_worst_case_does_not_fit_yet_wait_for_running_ones_to_give_
     with session_scope(runtime.engine) as session:
         claim = claims.claim_shard(session, shards[0].id, "w:1:t", 60, "slow")
         assert claim is not None
-        claims.commit_checkpoint(session, claim, claims.CheckpointStats(
-            first_row=0, row_count=10, rows_failed=0, input_tokens=100, output_tokens=500, cost_usd=0.05,
-            url="file:///nowhere"), 60)
+        claims.commit_checkpoint(
+            session,
+            claim,
+            claims.CheckpointStats(
+                first_row=0,
+                row_count=10,
+                rows_failed=0,
+                input_tokens=100,
+                output_tokens=500,
+                cost_usd=0.05,
+                url="file:///nowhere",
+            ),
+            60,
+        )
         assert claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
     route_job(runtime, job_id)
 
@@ -163,8 +199,9 @@ def test_shards_whose_worst_case_does_not_fit_yet_wait_for_running_ones_to_give_
 
 def _committed(runtime: Runtime, job_id: str) -> float:
     with runtime.engine.connect() as conn:
-        return float(conn.execute(text("select sum(amount_usd) from cost_ledger where job_id = :j"),
-                                  {"j": job_id}).scalar_one())
+        return float(
+            conn.execute(text("select sum(amount_usd) from cost_ledger where job_id = :j"), {"j": job_id}).scalar_one()
+        )
 
 
 @pytest.mark.postgres
@@ -180,8 +217,12 @@ def test_concurrent_routers_never_commit_more_than_the_budget(postgres_url: str,
 
     assert errors == []
     with runtime.engine.connect() as conn:
-        committed = conn.execute(text("select sum(amount_usd) from cost_ledger where job_id = :j"), {"j": job_id}).scalar_one()
-        queued = conn.execute(text("select count(*) from shards where job_id = :j and status = 'queued'"), {"j": job_id}).scalar_one()
+        committed = conn.execute(
+            text("select sum(amount_usd) from cost_ledger where job_id = :j"), {"j": job_id}
+        ).scalar_one()
+        queued = conn.execute(
+            text("select count(*) from shards where job_id = :j and status = 'queued'"), {"j": job_id}
+        ).scalar_one()
     assert committed == pytest.approx(0.75)
     assert queued == 7  # 6 worst cases of ~$0.112, and what is left for a seventh
     assert sorted(queued_by) == [0, 0, 0, 7]  # one router held the job; the others found it taken
@@ -199,14 +240,28 @@ def test_rules_pin_a_tagged_job_to_its_allowed_backends(store_url: str, tmp_path
     assert {s.backend for s in _shards(runtime, free)} == {"slow"}
 
 
-def test_a_cooled_down_backend_is_skipped_and_what_was_learnt_replaces_the_prior(store_url: str, tmp_path: Path) -> None:
+def test_a_cooled_down_backend_is_skipped_and_what_was_learnt_replaces_the_prior(
+    store_url: str, tmp_path: Path
+) -> None:
     runtime = _runtime(store_url)
     routing = runtime.settings.routing
     with session_scope(runtime.engine) as session:
         for _ in range(routing.cooldown_failures):
             learning.record_shard_end(session, "slow", "tiny", "failed", routing)
-        learning.record_checkpoint(session, "api", "tiny", routing, rows=10, rows_failed=0, prompt_chars=600,
-                                   input_tokens=200, output_tokens=300, max_tokens=1000, seconds=0, requests_latency=0.5)
+        learning.record_checkpoint(
+            session,
+            "api",
+            "tiny",
+            routing,
+            rows=10,
+            rows_failed=0,
+            prompt_chars=600,
+            input_tokens=200,
+            output_tokens=300,
+            max_tokens=1000,
+            seconds=0,
+            requests_latency=0.5,
+        )
     job_id = _job(runtime, tmp_path)
 
     route_job(runtime, job_id)
@@ -223,8 +278,11 @@ def test_plan_prices_without_writing_and_costs_report_the_ledger(store_url: str,
     runtime = _runtime(store_url)
     path = write_prompts(tmp_path / "in.parquet", 200)
 
-    result = plan(runtime, str(path), JobSpec(model=["tiny"], deadline=utcnow() + timedelta(minutes=10), max_tokens=100,
-                                                rows_per_shard=10))
+    result = plan(
+        runtime,
+        str(path),
+        JobSpec(model=["tiny"], deadline=utcnow() + timedelta(minutes=10), max_tokens=100, rows_per_shard=10),
+    )
 
     assert result.by_backend["slow"]["shards"] == 5 and result.by_backend["api"]["shards"] == 15
     assert result.cost_usd == pytest.approx(5 * 0.1 + 15 * 0.2, rel=0.05)
@@ -260,8 +318,12 @@ def test_a_router_and_claiming_workers_racing_on_postgres_never_deadlock(postgre
                     if claim is None:
                         continue
                     with session_scope(runtime.engine) as session:
-                        claims.commit_checkpoint(session, claim, claims.CheckpointStats(
-                            claim.row_start, 10, 0, 1, 1, 0.001, "file:///nowhere"), 60)
+                        claims.commit_checkpoint(
+                            session,
+                            claim,
+                            claims.CheckpointStats(claim.row_start, 10, 0, 1, 1, 0.001, "file:///nowhere"),
+                            60,
+                        )
                     with session_scope(runtime.engine) as session:
                         claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
                 if all(s.status is ShardStatus.DONE for s in _shards(runtime, job_id)):

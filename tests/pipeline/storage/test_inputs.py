@@ -46,7 +46,9 @@ def test_messages_are_accepted_as_a_list_of_role_and_content(tmp_path: Path) -> 
         ({"id": ["a"], "prompt": ["x"], "temperature": ["hot"]}, "column 'temperature': must be a number"),
     ],
 )
-def test_a_bad_schema_is_refused_naming_the_column(tmp_path: Path, columns: dict[str, list[object]], message: str) -> None:
+def test_a_bad_schema_is_refused_naming_the_column(
+    tmp_path: Path, columns: dict[str, list[object]], message: str
+) -> None:
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table(columns), path)
 
@@ -100,7 +102,10 @@ def test_row_ranges_are_read_exactly_across_row_groups(tmp_path: Path) -> None:
     ("make", "needle"),
     [
         (lambda d: pq.write_table(pa.table({"prompt": ["x"]}), d / "in.parquet"), "column 'id'"),
-        (lambda d: pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", "y"]}), d / "in.parquet"), "duplicate id"),
+        (
+            lambda d: pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", "y"]}), d / "in.parquet"),
+            "duplicate id",
+        ),
         (lambda d: (d / "in.parquet").write_bytes(b"PAR1garbage"), "not a readable Parquet file"),
     ],
 )
@@ -170,8 +175,9 @@ def test_a_row_model_that_cannot_load_fails_its_rows_not_the_shard(tmp_path: Pat
     settings = Runtime.open().settings.worker
     engine = GpuEngines(str(tiny_model), settings)
 
-    done = engine.generate([Request(prompt="hello", max_tokens=2), Request(prompt="hi", max_tokens=2,
-                                                                          model=str(tmp_path / "missing"))])
+    done = engine.generate(
+        [Request(prompt="hello", max_tokens=2), Request(prompt="hi", max_tokens=2, model=str(tmp_path / "missing"))]
+    )
 
     assert done[0].error is None and done[1].error is not None and "could not be loaded" in done[1].error
 

@@ -45,14 +45,17 @@ def _runtime(store_url: str, root: str, **storage: Any) -> Runtime:
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
     tiers = {tier: f"{root}/{tier}" for tier in ("hot", "warm", "cold")}
-    return Runtime.open(database={"url": store_url}, storage={**tiers, **storage},
-                        worker={"checkpoint_rows": 5})
+    return Runtime.open(database={"url": store_url}, storage={**tiers, **storage}, worker={"checkpoint_rows": 5})
 
 
 def _finished_job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 24) -> str:
     """A real job run to the end in this process: parts in hot, results in warm."""
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / f"in-{rows}.parquet", rows)), str(tiny_model),
-                                        rows_per_shard=10, max_tokens=3))
+    job_id = submit(
+        runtime,
+        JobRequest(
+            str(write_prompts(tmp_path / f"in-{rows}.parquet", rows)), str(tiny_model), rows_per_shard=10, max_tokens=3
+        ),
+    )
     route_job(runtime, job_id)
     runner = ShardRunner(runtime, wid="lifecycle-test")
     with session_scope(runtime.engine) as session:
@@ -76,7 +79,7 @@ def _results(runtime: Runtime, job_id: str) -> str:
 
 def _in_cold(runtime: Runtime, warm_url: str) -> str:
     """Where the lifecycle moves a warm results folder to."""
-    return runtime.storage.tier("cold") + warm_url[len(runtime.storage.tier("warm")):]
+    return runtime.storage.tier("cold") + warm_url[len(runtime.storage.tier("warm")) :]
 
 
 def _exists(url: str) -> bool:
@@ -87,8 +90,12 @@ def _exists(url: str) -> bool:
 
 def _actions(runtime: Runtime, job_id: str) -> list[tuple[str, str]]:
     with session_scope(runtime.engine) as session:
-        return [(a.action.value, a.status.value) for a in session.execute(
-            select(StorageAction).where(StorageAction.job_id == job_id).order_by(StorageAction.id)).scalars()]
+        return [
+            (a.action.value, a.status.value)
+            for a in session.execute(
+                select(StorageAction).where(StorageAction.job_id == job_id).order_by(StorageAction.id)
+            ).scalars()
+        ]
 
 
 def _verify_against_manifest(url: str) -> int:
@@ -102,9 +109,22 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
     store_url: str, tier_root: str, tmp_path: Path, tiny_model: Path
 ) -> None:
     s3 = tier_root.startswith("s3://")
-    runtime = _runtime(store_url, tier_root, cold_after_days=30, retention_days=90, checkpoint_grace_hours=24,
-                       **({"hot_storage_class": "REDUCED_REDUNDANCY", "warm_storage_class": "ONEZONE_IA",
-                           "cold_storage_class": "STANDARD_IA"} if s3 else {}))
+    runtime = _runtime(
+        store_url,
+        tier_root,
+        cold_after_days=30,
+        retention_days=90,
+        checkpoint_grace_hours=24,
+        **(
+            {
+                "hot_storage_class": "REDUCED_REDUNDANCY",
+                "warm_storage_class": "ONEZONE_IA",
+                "cold_storage_class": "STANDARD_IA",
+            }
+            if s3
+            else {}
+        ),
+    )
     job_id = _finished_job(runtime, tmp_path, tiny_model)
     if s3:  # every tier's objects carry its class: parts in hot, results and manifest in warm
         for tier, cls in (("hot", "REDUCED_REDUNDANCY"), ("warm", "ONEZONE_IA")):
@@ -154,7 +174,9 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
         fs.invalidate_cache()
         assert {fs.info(p)["StorageClass"] for p in fs.find(path)} == {"STANDARD_IA"}
     else:
-        count, distinct = duckdb.sql(f"select count(*), count(distinct id) from read_parquet('{path}/*.parquet')").fetchall()[0]
+        count, distinct = duckdb.sql(
+            f"select count(*), count(distinct id) from read_parquet('{path}/*.parquet')"
+        ).fetchall()[0]
         assert (count, distinct) == (24, 24)
         assert pq.read_table(path).num_rows == 24
 
@@ -167,8 +189,11 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
         assert not _exists(runtime.storage.job_url(job_id, tier))  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="deleted .*retention_days"):
         api.results(runtime, job_id)
-    assert _actions(runtime, job_id) == [("purge_checkpoints", "done"), ("move_to_cold", "done"),
-                                         ("delete_results", "done")]
+    assert _actions(runtime, job_id) == [
+        ("purge_checkpoints", "done"),
+        ("move_to_cold", "done"),
+        ("delete_results", "done"),
+    ]
     assert lifecycle.sweep(runtime, now=ended + timedelta(days=200)).actions == []
 
 
@@ -282,8 +307,9 @@ def test_a_damaged_warm_file_is_reported_not_archived(tier_root: str, tmp_path: 
         assert action.status is ActionStatus.FAILED and "does not match" in (action.error or "")
     assert _exists(f"{warm}/part-00000.parquet") and _exists(f"{warm}/{MANIFEST}")
     # It stays failed (and reported) on every sweep until someone looks at it.
-    assert [a.status for a in lifecycle.sweep(runtime, now=ended + timedelta(days=32)).actions
-            if a.action == "move_to_cold"] == ["failed"]
+    assert [
+        a.status for a in lifecycle.sweep(runtime, now=ended + timedelta(days=32)).actions if a.action == "move_to_cold"
+    ] == ["failed"]
 
 
 def test_storage_sweep_command_dry_run_then_sweep(tmp_path: Path, tiny_model: Path) -> None:
@@ -323,7 +349,9 @@ def test_one_sweep_at_a_time(store_url: str, tmp_path: Path, tiny_model: Path) -
     leases.release(runtime.engine, lifecycle.SWEEP_LEASE, "another-host:1")
     done = lifecycle.sweep(runtime, now=later)
     assert not done.locked and {(a.action, a.status) for a in done.actions} == {
-        ("move_to_cold", "done"), ("purge_checkpoints", "done")}
+        ("move_to_cold", "done"),
+        ("purge_checkpoints", "done"),
+    }
     # A holder that died: its lease runs out and the next sweep goes on.
     assert leases.take(runtime.engine, lifecycle.SWEEP_LEASE, "dead-host:1", -1)
     assert not lifecycle.sweep(runtime, now=later).locked
@@ -410,10 +438,14 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
     from schemas.status import AttemptOutcome, ShardStatus
     from tests.support.jobs import model_folder, run_queued, shards, stub_runtime
 
-    runtime, _ = stub_runtime(store_url, storage={t: (tmp_path / "tiers" / t).as_uri() for t in ("hot", "warm", "cold")},
-                              worker={"checkpoint_rows": 5})
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 20)), model_folder(tmp_path),
-                                        rows_per_shard=10))
+    runtime, _ = stub_runtime(
+        store_url,
+        storage={t: (tmp_path / "tiers" / t).as_uri() for t in ("hot", "warm", "cold")},
+        worker={"checkpoint_rows": 5},
+    )
+    job_id = submit(
+        runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 20)), model_folder(tmp_path), rows_per_shard=10)
+    )
     route_job(runtime, job_id)
     first, second = shards(runtime, job_id)
     runner = ShardRunner(runtime)

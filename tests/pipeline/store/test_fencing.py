@@ -52,13 +52,20 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_the_results(tmp_path
     lease = {"lease_seconds": 3.0, "heartbeat_seconds": 1.0, "reap_interval_seconds": 1.0}
     store = f"sqlite:///{spotlane_home / 'spotlane.db'}"
     runtime_b, _ = stub_runtime(store, worker={"checkpoint_rows": 8, **lease}, deliver=True)
-    job_id = submit(runtime_b, JobRequest(str(write_prompts(tmp_path / "in.parquet", 16)), model_folder(tmp_path),
-                                          rows_per_shard=16))
+    job_id = submit(
+        runtime_b,
+        JobRequest(str(write_prompts(tmp_path / "in.parquet", 16)), model_folder(tmp_path), rows_per_shard=16),
+    )
     route_job(runtime_b, job_id)  # the message reaches A's queue
     (shard,) = shards(runtime_b, job_id)
-    env = {"SPOTLANE_WORKER__ENGINE": "stub", "SPOTLANE_WORKER__STUB_SECONDS_PER_ROW": "0.5",
-           "SPOTLANE_WORKER__CHECKPOINT_ROWS": "4", "SPOTLANE_WORKER__LEASE_SECONDS": "3",
-           "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "1", "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "1"}
+    env = {
+        "SPOTLANE_WORKER__ENGINE": "stub",
+        "SPOTLANE_WORKER__STUB_SECONDS_PER_ROW": "0.5",
+        "SPOTLANE_WORKER__CHECKPOINT_ROWS": "4",
+        "SPOTLANE_WORKER__LEASE_SECONDS": "3",
+        "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "1",
+        "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "1",
+    }
     worker_a = worker_process(env, tmp_path / "a.log", "--queues", "gpu.local", "--no-reaper")
     try:
         _wait(lambda: shards(runtime_b, job_id)[0].rows_done >= 4)  # A committed rows 0-3 ...
@@ -75,8 +82,13 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_the_results(tmp_path
         os.kill(worker_a.pid, signal.SIGCONT)
         stop_process(worker_a)
 
-    stale = [p for p in filesystem(runtime_b.storage.checkpoints_url(job_id))[0].find(
-        filesystem(runtime_b.storage.checkpoints_url(job_id))[1]) if "-a1-" in p]
+    stale = [
+        p
+        for p in filesystem(runtime_b.storage.checkpoints_url(job_id))[0].find(
+            filesystem(runtime_b.storage.checkpoints_url(job_id))[1]
+        )
+        if "-a1-" in p
+    ]
     assert len(stale) == 2  # A wrote its second part after all, under a name of its own
     assert finalize_job(runtime_b, job_id) is JobStatus.SUCCEEDED
     info = api.results(runtime_b, job_id)
@@ -92,8 +104,9 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_the_results(tmp_path
 def test_a_part_that_does_not_match_its_checkpoint_fails_the_job_loudly(store_url: str, tmp_path: Path) -> None:
     """H1's second half: the finalizer trusted the checkpoint row and never looked at the file."""
     runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 4})
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 12)), model_folder(tmp_path),
-                                        rows_per_shard=12))
+    job_id = submit(
+        runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 12)), model_folder(tmp_path), rows_per_shard=12)
+    )
     run_queued(runtime, job_id, finalize=False)
     with session_scope(runtime.engine) as session:
         second = session.execute(select(Checkpoint).where(Checkpoint.first_row == 4)).scalar_one()
@@ -106,7 +119,9 @@ def test_a_part_that_does_not_match_its_checkpoint_fails_the_job_loudly(store_ur
     job = job_row(runtime, job_id)
     assert job.status is JobStatus.FAILED and job.result_url is None
     assert "checkpoint at input row 4" in (job.error or "") and "has 3 rows, its checkpoint says 4" in (job.error or "")
-    write_parquet(part.set_column(0, "id", pa.array([f"row-{i:05d}" for i in (5, 4, 6, 7)])), url)  # right rows, wrong ids
+    write_parquet(
+        part.set_column(0, "id", pa.array([f"row-{i:05d}" for i in (5, 4, 6, 7)])), url
+    )  # right rows, wrong ids
     with session_scope(runtime.engine) as session:
         transitions.set_job_status(session, job_id, JobStatus.RUNNING, expected=(JobStatus.FAILED,))
     assert finalize_job(runtime, job_id) is JobStatus.FAILED
@@ -115,8 +130,9 @@ def test_a_part_that_does_not_match_its_checkpoint_fails_the_job_loudly(store_ur
 
 def test_a_done_shard_whose_checkpoints_do_not_cover_it_fails_the_job(store_url: str, tmp_path: Path) -> None:
     runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 4})
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 8)), model_folder(tmp_path),
-                                        rows_per_shard=8))
+    job_id = submit(
+        runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 8)), model_folder(tmp_path), rows_per_shard=8)
+    )
     run_queued(runtime, job_id, finalize=False)
     with session_scope(runtime.engine) as session:
         session.execute(Checkpoint.__table__.delete().where(Checkpoint.first_row == 4))

@@ -53,8 +53,10 @@ from tests.support.jobs import model_folder, stub_runtime
 ROWS, PER_SHARD = 12, 4
 #: SPOTLANE_TEST_LONG=1 runs many more sequences (minutes, not seconds).
 LONG = os.environ.get("SPOTLANE_TEST_LONG", "") not in ("", "0")
-POOLS = [{"name": "a", "price_per_hour": 36.0, "tokens_per_second": 100.0},
-         {"name": "b", "price_per_hour": 72.0, "tokens_per_second": 100.0}]
+POOLS = [
+    {"name": "a", "price_per_hour": 36.0, "tokens_per_second": 100.0},
+    {"name": "b", "price_per_hour": 72.0, "tokens_per_second": 100.0},
+]
 
 
 def _reachable(moves: dict[Any, frozenset[Any]], old: Any, new: Any) -> bool:
@@ -73,8 +75,10 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
         def submit_job(self, budget: float | None) -> None:
             path = write_prompts(folder / f"in-{next(inputs)}.parquet", ROWS)
             self.ids = pq.read_table(path).column("id").to_pylist()
-            self.job_id = submit(runtime, JobRequest(str(path), model_folder(folder), rows_per_shard=PER_SHARD,
-                                                     max_tokens=8, budget_usd=budget))
+            self.job_id = submit(
+                runtime,
+                JobRequest(str(path), model_folder(folder), rows_per_shard=PER_SHARD, max_tokens=8, budget_usd=budget),
+            )
             self.budget = budget
             self.claims: dict[str, claims.Claim] = {}
             self.next_row: dict[str, int] = {}
@@ -89,14 +93,19 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             with session_scope(runtime.engine) as session:
                 job = session.get(Job, self.job_id)
                 assert job is not None
-                shards = {shard_id: status for shard_id, status in session.execute(
-                    select(Shard.id, Shard.status).where(Shard.job_id == self.job_id))}
+                shards = {
+                    shard_id: status
+                    for shard_id, status in session.execute(
+                        select(Shard.id, Shard.status).where(Shard.job_id == self.job_id)
+                    )
+                }
             return job.status, shards
 
         def _shard(self, index: int) -> Shard:
             with session_scope(runtime.engine) as session:
                 shard = session.execute(
-                    select(Shard).where(Shard.job_id == self.job_id, Shard.shard_index == index)).scalar_one()
+                    select(Shard).where(Shard.job_id == self.job_id, Shard.shard_index == index)
+                ).scalar_one()
                 session.expunge(shard)
                 return shard
 
@@ -181,8 +190,7 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     return
             if worker in self.claims:
                 with session_scope(runtime.engine) as session:
-                    claims.end_shard(session, self.claims.pop(worker), ShardStatus.DONE,
-                                          outcome=AttemptOutcome.DONE)
+                    claims.end_shard(session, self.claims.pop(worker), ShardStatus.DONE, outcome=AttemptOutcome.DONE)
 
         def _send(self, worker: str, rows: int, cost: float) -> bool:
             """Reserve a chunk's worst case before sending it, as a worker does."""
@@ -205,8 +213,9 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             first, rows, cost = self.flying.pop(worker)
             claim = self.claims[worker]
             url = runtime.storage.part_url(claim.job_id, claim.shard_index, first, claim.attempt)
-            write_parquet(pa.table({"id": self.ids[first:first + rows], "error": pa.array([None] * rows, pa.string())}),
-                          url)
+            write_parquet(
+                pa.table({"id": self.ids[first : first + rows], "error": pa.array([None] * rows, pa.string())}), url
+            )
             stats = claims.CheckpointStats(first, rows, 0, rows, rows, cost, url)
             try:
                 with session_scope(runtime.engine) as session:
@@ -245,8 +254,13 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     claims.end_shard(session, claim, ShardStatus.FAILED, outcome=AttemptOutcome.FAILED)
                 elif how == "handed back":
                     if claims.end_shard(session, claim, ShardStatus.PREEMPTED, outcome=AttemptOutcome.PREEMPTED):
-                        transitions.queue_shard(session, claim.shard_id, expected=(ShardStatus.PREEMPTED,),
-                                                backend=claim.backend, queue=f"gpu.{claim.backend}")
+                        transitions.queue_shard(
+                            session,
+                            claim.shard_id,
+                            expected=(ShardStatus.PREEMPTED,),
+                            backend=claim.backend,
+                            queue=f"gpu.{claim.backend}",
+                        )
                 elif how == "rerouted":
                     claims.reroute_shard(session, claim, "the backend broke")
                 elif how == "cancelled stop":
@@ -292,15 +306,18 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                 self.budget *= factor
                 set_budget(runtime, self.job_id, self.budget)
 
-        @precondition(lambda self: not self.seen[0].is_final and (
-            self._shards_final() or self.seen[0] is JobStatus.FINALIZING))
+        @precondition(
+            lambda self: not self.seen[0].is_final and (self._shards_final() or self.seen[0] is JobStatus.FINALIZING)
+        )
         @rule()
         def finalize(self) -> None:
             status = finalize_job(runtime, self.job_id)
             seen[f"finalized {status.value if status else 'nothing'}"] += 1
             if status in (JobStatus.SUCCEEDED, JobStatus.SUCCEEDED_WITH_ERRORS, JobStatus.FAILED):
                 with session_scope(runtime.engine) as session:
-                    done = session.execute(select(func.sum(Shard.rows_done)).where(Shard.job_id == self.job_id)).scalar_one()
+                    done = session.execute(
+                        select(func.sum(Shard.rows_done)).where(Shard.job_id == self.job_id)
+                    ).scalar_one()
                 info = api.results(runtime, self.job_id)
                 ids = pa.concat_tables([pq.read_table(filesystem(u)[1]) for u in info.files]).column("id").to_pylist()
                 assert len(ids) == len(set(ids)) == done and ids == [i for i in self.ids if i in set(ids)]
@@ -336,9 +353,12 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
                     if worker in self.claims:
                         done = self.next_row[worker] == claim.row_end
                         with session_scope(runtime.engine) as session:
-                            claims.end_shard(session, self.claims.pop(worker),
-                                                  ShardStatus.DONE if done else ShardStatus.PENDING,
-                                                  outcome=AttemptOutcome.DONE if done else AttemptOutcome.PARKED)
+                            claims.end_shard(
+                                session,
+                                self.claims.pop(worker),
+                                ShardStatus.DONE if done else ShardStatus.PENDING,
+                                outcome=AttemptOutcome.DONE if done else AttemptOutcome.PARKED,
+                            )
                         self.every_move_is_in_the_table()
             if self._states()[0] in (JobStatus.RUNNING, JobStatus.PENDING):
                 self.seen = self._states()
@@ -350,8 +370,11 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
         def rows_committed_once_and_contiguous(self) -> None:
             with session_scope(runtime.engine) as session:
                 for shard in session.execute(select(Shard).where(Shard.job_id == self.job_id)).scalars():
-                    parts = session.execute(select(Checkpoint.first_row, Checkpoint.row_count).where(
-                        Checkpoint.shard_id == shard.id).order_by(Checkpoint.first_row)).all()
+                    parts = session.execute(
+                        select(Checkpoint.first_row, Checkpoint.row_count)
+                        .where(Checkpoint.shard_id == shard.id)
+                        .order_by(Checkpoint.first_row)
+                    ).all()
                     at = shard.row_start
                     for first, count in parts:
                         assert first == at, f"shard {shard.shard_index}: a part at {first}, expected {at}"
@@ -363,8 +386,11 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
             if self.budget is None:
                 return
             with session_scope(runtime.engine) as session:
-                committed = session.execute(select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
-                    CostLedgerEntry.job_id == self.job_id)).scalar_one()
+                committed = session.execute(
+                    select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
+                        CostLedgerEntry.job_id == self.job_id
+                    )
+                ).scalar_one()
             assert committed <= self.budget + 1e-9
 
         @invariant()
@@ -386,9 +412,14 @@ def test_random_sequences_of_moves_keep_every_guarantee(store_url: str, tmp_path
     seen: Counter[str] = Counter()
     run_state_machine_as_test(
         machine(runtime, tmp_path, seen),
-        settings=settings(max_examples=LONG and 400 or 40, stateful_step_count=40, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-                          database=None),
+        settings=settings(
+            max_examples=LONG and 400 or 40,
+            stateful_step_count=40,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            database=None,
+        ),
     )
     print(f"\nstate machine on {store_url.split(':')[0]}: {dict(sorted(seen.items()))}")
     # The runs reached the interesting places, not only refusals (the counts are printed above).

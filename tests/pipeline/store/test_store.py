@@ -31,7 +31,9 @@ def _queue_all(runtime: Runtime, job_id: str) -> list[int]:
 
     route_job(runtime, job_id)
     with session_scope(runtime.engine) as session:
-        return list(session.execute(select(Shard.id).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars())
+        return list(
+            session.execute(select(Shard.id).where(Shard.job_id == job_id).order_by(Shard.shard_index)).scalars()
+        )
 
 
 def _stats(claim: claims.Claim, first: int, count: int) -> claims.CheckpointStats:
@@ -64,7 +66,8 @@ def test_submit_writes_the_job_and_its_shards_as_row_ranges(runtime: Runtime, tm
 
     with runtime.engine.connect() as conn:
         shards = conn.execute(
-            text("select row_start, row_end, status from shards where job_id = :id order by shard_index"), {"id": job_id}
+            text("select row_start, row_end, status from shards where job_id = :id order by shard_index"),
+            {"id": job_id},
         ).all()
         progress = conn.execute(text("select rows_total, shards_total, percent_done from job_progress")).one()
     assert [tuple(s) for s in shards] == [(0, 5, "pending"), (5, 10, "pending"), (10, 12, "pending")]
@@ -88,7 +91,9 @@ def test_only_one_of_many_concurrent_claims_wins(runtime: Runtime, tmp_path: Pat
         assert session.get(Job, job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
 
 
-def test_a_checkpoint_commits_only_for_the_lease_holder_and_in_order(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+def test_a_checkpoint_commits_only_for_the_lease_holder_and_in_order(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
@@ -122,7 +127,9 @@ def test_the_reaper_requeues_an_expired_lease_and_records_the_attempt_as_lost(
         assert claim is not None
         claims.commit_checkpoint(session, claim, _stats(claim, 0, 3), 60)
     with session_scope(runtime.engine) as session:
-        session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(Shard).where(Shard.id == shard_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
 
     report = reap(runtime)
 
@@ -154,9 +161,7 @@ def test_ending_a_shard_charges_the_ledger(runtime: Runtime, tmp_path: Path, tin
     with session_scope(runtime.engine) as session:
         claim = claims.claim_shard(session, shard_id, "w", 60, "local")
         assert claim is not None
-        claims.commit_checkpoint(
-            session, claim, claims.CheckpointStats(0, 5, 1, 50, 70, 0.25, "file:///p"), 60
-        )
+        claims.commit_checkpoint(session, claim, claims.CheckpointStats(0, 5, 1, 50, 70, 0.25, "file:///p"), 60)
     with session_scope(runtime.engine) as session:
         assert claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
 
@@ -172,7 +177,9 @@ def _queued_messages(runtime: Runtime) -> int:
     return len(list((runtime.settings.broker_folder / "queue").glob("*.msg")))
 
 
-def test_the_reaper_sends_a_shard_again_when_its_message_was_lost(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+def test_the_reaper_sends_a_shard_again_when_its_message_was_lost(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]
     with session_scope(runtime.engine) as session:
@@ -189,7 +196,9 @@ def test_the_reaper_sends_a_shard_again_when_its_message_was_lost(runtime: Runti
     assert _queued_messages(runtime) == before + 1
 
 
-def test_a_job_whose_routing_message_was_lost_is_routed_by_the_reaper(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+def test_a_job_whose_routing_message_was_lost_is_routed_by_the_reaper(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
     job_id = _job(runtime, tmp_path, tiny_model)
     with session_scope(runtime.engine) as session:
         session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=5)))

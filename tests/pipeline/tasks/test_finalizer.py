@@ -42,10 +42,13 @@ def test_a_slow_finalizer_keeps_its_lease_and_no_second_one_starts(
 ) -> None:
     """H2: the grace ran from updated_at, which a working finalizer never renewed; the
     reaper started a second one that truncated the first one's file in place."""
-    runtime, sent = stub_runtime(store_url, worker={"checkpoint_rows": 10, "finalize_grace_seconds": 1.0,
-                                                     "requeue_after_seconds": 0.1})
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 200)), model_folder(tmp_path),
-                                        rows_per_shard=200))
+    runtime, sent = stub_runtime(
+        store_url, worker={"checkpoint_rows": 10, "finalize_grace_seconds": 1.0, "requeue_after_seconds": 0.1}
+    )
+    job_id = submit(
+        runtime,
+        JobRequest(str(write_prompts(tmp_path / "in.parquet", 200)), model_folder(tmp_path), rows_per_shard=200),
+    )
     run_queued(runtime, job_id, finalize=False)
     real_read = pq.read_table
 
@@ -94,8 +97,10 @@ def test_every_finalization_writes_a_new_folder_and_results_have_large_row_group
 ) -> None:
     """L8: each 10-row checkpoint had become a row group of its own."""
     runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 10})
-    job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 300)), model_folder(tmp_path),
-                                        rows_per_shard=100))
+    job_id = submit(
+        runtime,
+        JobRequest(str(write_prompts(tmp_path / "in.parquet", 300)), model_folder(tmp_path), rows_per_shard=100),
+    )
     assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED
 
     info = api.results(runtime, job_id)
@@ -111,7 +116,9 @@ def _parent_with_errors(runtime, tmp_path: Path) -> str:  # type: ignore[no-unty
     for bad in (3, 7):
         messages[bad] = [{"role": "user", "content": f"ticket {bad} {FAIL_MARKER}"}]
     path = tmp_path / "chat.parquet"
-    pq.write_table(pa.table({"id": [f"t{i}" for i in range(10)], "messages": messages, "team": list("abcdeabcde")}), path)
+    pq.write_table(
+        pa.table({"id": [f"t{i}" for i in range(10)], "messages": messages, "team": list("abcdeabcde")}), path
+    )
     job_id = submit(runtime, JobRequest(str(path), model_folder(tmp_path), rows_per_shard=5))
     assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED_WITH_ERRORS
     return job_id
@@ -151,9 +158,16 @@ def test_a_merge_that_fails_is_completed_later_and_only_switches_what_it_merged_
 
 
 def test_rows_are_replaced_by_id_in_one_vectorised_pass() -> None:
-    table = pa.table({"id": [f"r{i}" for i in range(100_000)], "output": ["old"] * 100_000,
-                      "n": pa.array(range(100_000), pa.int64())})
-    redone = pa.table({"n": pa.array([7, 99_999], pa.int64()), "id": ["r99999", "r7"], "output": ["new-99999", "new-7"]})
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(100_000)],
+            "output": ["old"] * 100_000,
+            "n": pa.array(range(100_000), pa.int64()),
+        }
+    )
+    redone = pa.table(
+        {"n": pa.array([7, 99_999], pa.int64()), "id": ["r99999", "r7"], "output": ["new-99999", "new-7"]}
+    )
 
     merged = _replace_rows(table, redone)
 

@@ -37,8 +37,9 @@ FAST = {"requeue_after_seconds": 0.1}
 
 
 def _job(runtime: Runtime, tmp_path: Path, rows: int = 20, **request: object) -> str:
-    return submit(runtime, JobRequest(str(write_prompts(tmp_path / f"in{rows}.parquet", rows)), model_folder(tmp_path),
-                                      **request))  # type: ignore[arg-type]
+    return submit(
+        runtime, JobRequest(str(write_prompts(tmp_path / f"in{rows}.parquet", rows)), model_folder(tmp_path), **request)
+    )  # type: ignore[arg-type]
 
 
 def _run(runtime: Runtime, shard_id: int, runner: ShardRunner | None = None) -> ShardStatus | None:
@@ -119,9 +120,18 @@ def test_a_submit_whose_broker_is_down_still_records_one_job_the_reaper_routes(t
     """M8: the send raised after the commit; a scheduled run retried it into a second job."""
     from pipeline.tasks.scheduler import run_schedule
 
-    runtime = Runtime.open(broker={"url": "redis://127.0.0.1:9/0"}, worker=FAST, schedules=[{
-        "name": "nightly", "cron": "0 2 * * *", "input": str(write_prompts(tmp_path / "in.parquet", 4)),
-        "model": model_folder(tmp_path)}])
+    runtime = Runtime.open(
+        broker={"url": "redis://127.0.0.1:9/0"},
+        worker=FAST,
+        schedules=[
+            {
+                "name": "nightly",
+                "cron": "0 2 * * *",
+                "input": str(write_prompts(tmp_path / "in.parquet", 4)),
+                "model": model_folder(tmp_path),
+            }
+        ],
+    )
 
     job_id = _job(runtime, tmp_path, rows=4)  # no exception: the job is recorded
     report = run_schedule(runtime, "nightly")
@@ -151,8 +161,10 @@ def test_an_object_store_input_changed_after_submit_fails_the_job_with_a_clear_e
     fs.put_file(str(write_prompts(tmp_path / "in.parquet", 20)), f"{bucket}/inputs/in.parquet")
     job_id = submit(runtime, JobRequest(url, model_folder(tmp_path), rows_per_shard=10))
     rows = 5 if change == "shorter" else 20
-    fs.put_file(str(write_prompts(tmp_path / "other.parquet", rows, prompt=[f"another question {i}" for i in range(rows)])),
-                f"{bucket}/inputs/in.parquet")
+    fs.put_file(
+        str(write_prompts(tmp_path / "other.parquet", rows, prompt=[f"another question {i}" for i in range(rows)])),
+        f"{bucket}/inputs/in.parquet",
+    )
 
     assert run_queued(runtime, job_id) is JobStatus.FAILED
 
@@ -184,10 +196,18 @@ def test_a_local_input_is_copied_at_submit_so_changing_it_afterwards_changes_not
 
 def test_a_hung_engine_stops_heartbeating_and_hands_its_shard_back(store_url: str, tmp_path: Path) -> None:
     """M13: the heartbeat thread renewed the lease whatever generate() was doing."""
-    runtime, sent = stub_runtime(store_url, worker={"checkpoint_rows": 3, "stub_seconds_per_row": 1.0,
-                                                     "hang_min_seconds": 1.0, "hang_factor": 1.5,
-                                                     "heartbeat_seconds": 0.2, "lease_seconds": 5.0,
-                                                     "reap_interval_seconds": 1.0})
+    runtime, sent = stub_runtime(
+        store_url,
+        worker={
+            "checkpoint_rows": 3,
+            "stub_seconds_per_row": 1.0,
+            "hang_min_seconds": 1.0,
+            "hang_factor": 1.5,
+            "heartbeat_seconds": 0.2,
+            "lease_seconds": 5.0,
+            "reap_interval_seconds": 1.0,
+        },
+    )
     job_id = _job(runtime, tmp_path, rows=6, rows_per_shard=6, max_tokens=8)
     route_job(runtime, job_id)
     (shard,) = shards(runtime, job_id)

@@ -39,8 +39,13 @@ def _at(text_: str) -> datetime:
 
 
 def _schedule(**kw: Any) -> Schedule:
-    base = {"name": "nightly", "cron": "0 2 * * *", "timezone": BERLIN, "input": "/in/{date:%Y-%m-%d}/*.parquet",
-            "model": "m"}
+    base = {
+        "name": "nightly",
+        "cron": "0 2 * * *",
+        "timezone": BERLIN,
+        "input": "/in/{date:%Y-%m-%d}/*.parquet",
+        "model": "m",
+    }
     return Schedule(**{**base, **kw})
 
 
@@ -76,8 +81,13 @@ def test_input_template_and_deadlines_are_read_in_the_schedule_zone() -> None:
 
 @pytest.mark.parametrize(
     "template",
-    ["s3://b/{date.tzinfo.__class__.__module__}/{date:%Y}", "s3://b/{name.__class__.__mro__}", "s3://b/{date[0]}",
-     "s3://b/{0}", "s3://b/{date:%Y}/{"],
+    [
+        "s3://b/{date.tzinfo.__class__.__module__}/{date:%Y}",
+        "s3://b/{name.__class__.__mro__}",
+        "s3://b/{date[0]}",
+        "s3://b/{0}",
+        "s3://b/{date:%Y}/{",
+    ],
 )
 def test_a_template_fills_its_three_fields_and_nothing_else(template: str) -> None:
     """Review L12: str.format let a template read attributes ({name.__class__.__mro__} rendered)."""
@@ -99,7 +109,13 @@ def test_a_template_fills_its_three_fields_and_nothing_else(template: str) -> No
     ],
 )
 def test_a_bad_schedule_is_refused_naming_the_setting(tmp_path: Path, key: str, value: str, message: str) -> None:
-    entries = {"name": '"n"', "cron": '"0 2 * * *"', "input": '"/in/{date:%Y-%m-%d}.parquet"', "model": '"m"', key: value}
+    entries = {
+        "name": '"n"',
+        "cron": '"0 2 * * *"',
+        "input": '"/in/{date:%Y-%m-%d}.parquet"',
+        "model": '"m"',
+        key: value,
+    }
     config = tmp_path / "spotlane.toml"
     config.write_text("[[schedules]]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -113,7 +129,9 @@ def _partition(root: Path, day: str, files: int = 2, rows: int = 3) -> None:
     folder = root / day
     folder.mkdir(parents=True, exist_ok=True)
     for n in range(files):
-        table = pa.table({"id": [f"{day}-{n}-{i}" for i in range(rows)], "prompt": [f"ticket {i}" for i in range(rows)]})
+        table = pa.table(
+            {"id": [f"{day}-{n}-{i}" for i in range(rows)], "prompt": [f"ticket {i}" for i in range(rows)]}
+        )
         pq.write_table(table, folder / f"part-{n}.parquet")
 
 
@@ -122,16 +140,27 @@ def _rt(store_url: str, tmp_path: Path, tiny_model: Path, **overrides: Any) -> R
 
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
-    entry = {"name": "nightly", "cron": "0 2 * * *", "timezone": BERLIN, "model": str(tiny_model),
-             "input": str(tmp_path / "prompts" / "{date:%Y-%m-%d}" / "*.parquet"), "deadline": "07:00",
-             "budget_usd": 5.0, "tags": {"team": "support"}, "max_tokens": 4, **overrides}
+    entry = {
+        "name": "nightly",
+        "cron": "0 2 * * *",
+        "timezone": BERLIN,
+        "model": str(tiny_model),
+        "input": str(tmp_path / "prompts" / "{date:%Y-%m-%d}" / "*.parquet"),
+        "deadline": "07:00",
+        "budget_usd": 5.0,
+        "tags": {"team": "support"},
+        "max_tokens": 4,
+        **overrides,
+    }
     return Runtime.open(database={"url": store_url}, schedules=[entry])
 
 
 def _runs(runtime: Runtime) -> list[tuple[str, str, str, str | None]]:
     with session_scope(runtime.engine) as session:
-        return [(r.run_date, r.trigger, r.status.value, r.job_id) for r in session.execute(
-            select(ScheduleRun).order_by(ScheduleRun.fire_at)).scalars()]
+        return [
+            (r.run_date, r.trigger, r.status.value, r.job_id)
+            for r in session.execute(select(ScheduleRun).order_by(ScheduleRun.fire_at)).scalars()
+        ]
 
 
 def _jobs(runtime: Runtime) -> dict[str, Job]:
@@ -173,7 +202,9 @@ def test_a_tick_submits_each_due_run_once_with_its_date_deadline_and_tags(
     assert len(_runs(runtime)) == 1 and len(_jobs(runtime)) == 1
 
 
-def test_two_beats_racing_on_the_same_new_fire_time_make_one_job(store_url: str, tmp_path: Path, tiny_model: Path) -> None:
+def test_two_beats_racing_on_the_same_new_fire_time_make_one_job(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
     runtime = _rt(store_url, tmp_path, tiny_model)
     _partition(tmp_path / "prompts", "2026-11-25")
     schedules.tick(runtime, now=_at("2026-11-24 14:00"))
@@ -186,12 +217,33 @@ def test_two_beats_racing_on_the_same_new_fire_time_make_one_job(store_url: str,
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
-        ("latest", [("2026-11-22", "catch_up", "skipped"), ("2026-11-23", "catch_up", "skipped"),
-                    ("2026-11-24", "catch_up", "skipped"), ("2026-11-25", "catch_up", "submitted")]),
-        ("all", [("2026-11-22", "catch_up", "submitted"), ("2026-11-23", "catch_up", "submitted"),
-                 ("2026-11-24", "catch_up", "submitted"), ("2026-11-25", "catch_up", "submitted")]),
-        ("none", [("2026-11-22", "catch_up", "skipped"), ("2026-11-23", "catch_up", "skipped"),
-                  ("2026-11-24", "catch_up", "skipped"), ("2026-11-25", "catch_up", "skipped")]),
+        (
+            "latest",
+            [
+                ("2026-11-22", "catch_up", "skipped"),
+                ("2026-11-23", "catch_up", "skipped"),
+                ("2026-11-24", "catch_up", "skipped"),
+                ("2026-11-25", "catch_up", "submitted"),
+            ],
+        ),
+        (
+            "all",
+            [
+                ("2026-11-22", "catch_up", "submitted"),
+                ("2026-11-23", "catch_up", "submitted"),
+                ("2026-11-24", "catch_up", "submitted"),
+                ("2026-11-25", "catch_up", "submitted"),
+            ],
+        ),
+        (
+            "none",
+            [
+                ("2026-11-22", "catch_up", "skipped"),
+                ("2026-11-23", "catch_up", "skipped"),
+                ("2026-11-24", "catch_up", "skipped"),
+                ("2026-11-25", "catch_up", "skipped"),
+            ],
+        ),
     ],
 )
 def test_runs_missed_while_the_scheduler_was_down_follow_the_catch_up_policy(
@@ -210,7 +262,9 @@ def test_runs_missed_while_the_scheduler_was_down_follow_the_catch_up_policy(
     submitted = [r for r in runs if r[2] == "submitted"]
     assert len(_jobs(runtime)) == len(submitted)
     with session_scope(runtime.engine) as session:
-        messages = [r.message for r in session.execute(select(ScheduleRun).where(ScheduleRun.status == "skipped")).scalars()]
+        messages = [
+            r.message for r in session.execute(select(ScheduleRun).where(ScheduleRun.status == "skipped")).scalars()
+        ]
     assert all(f"catch_up = {policy}" in (m or "") for m in messages)
 
 
@@ -243,7 +297,9 @@ def test_missing_input_is_skipped_or_failed_by_policy_and_a_manual_run_retries_i
     assert listed["strict"]["next_run"] == "2026-11-27T02:00:00+01:00"
 
 
-def test_a_disabled_schedule_is_not_caught_up_when_enabled_again(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+def test_a_disabled_schedule_is_not_caught_up_when_enabled_again(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
     url = str(runtime.engine.url)
     for day in ("2026-11-22", "2026-11-23", "2026-11-24", "2026-11-25"):
         _partition(tmp_path / "prompts", day, files=1)
@@ -281,8 +337,12 @@ def test_one_schedules_failure_is_recorded_and_does_not_hold_up_the_others(
     from pipeline.jobs import submit as producer
 
     url = str(runtime.engine.url)
-    entry = {"cron": "0 2 * * *", "timezone": BERLIN, "model": str(tiny_model),
-             "input": str(tmp_path / "prompts" / "{date:%Y-%m-%d}" / "*.parquet")}
+    entry = {
+        "cron": "0 2 * * *",
+        "timezone": BERLIN,
+        "model": str(tiny_model),
+        "input": str(tmp_path / "prompts" / "{date:%Y-%m-%d}" / "*.parquet"),
+    }
     runtime = Runtime.open(database={"url": url}, schedules=[{"name": "a", **entry}, {"name": "b", **entry}])
     _partition(tmp_path / "prompts", "2026-11-25", files=1)
     real = producer.submit
@@ -309,10 +369,19 @@ def test_a_run_whose_submitter_died_is_submitted_again_under_the_same_job_id(
     schedules.tick(runtime, now=_at("2026-11-24 14:00"))
     fire = _at("2026-11-25 01:00")
     with session_scope(runtime.engine) as session:  # recorded, then the process died before submitting
-        session.add(ScheduleRun(schedule="nightly", fire_at=fire, run_date="2026-11-25", trigger="beat",
-                                status=RunStatus.SUBMITTING, job_id="20261125-010000-abcdef",
-                                input_url=str(tmp_path / "prompts/2026-11-25/*.parquet"),
-                                created_at=fire, updated_at=fire))
+        session.add(
+            ScheduleRun(
+                schedule="nightly",
+                fire_at=fire,
+                run_date="2026-11-25",
+                trigger="beat",
+                status=RunStatus.SUBMITTING,
+                job_id="20261125-010000-abcdef",
+                input_url=str(tmp_path / "prompts/2026-11-25/*.parquet"),
+                created_at=fire,
+                updated_at=fire,
+            )
+        )
     reports = schedules.tick(runtime, now=fire + timedelta(minutes=5))
     assert reports == []  # not stale yet: the submitter may still be at it
     reports = schedules.tick(runtime, now=fire + timedelta(minutes=11))
@@ -320,7 +389,9 @@ def test_a_run_whose_submitter_died_is_submitted_again_under_the_same_job_id(
     assert list(_jobs(runtime)) == ["20261125-010000-abcdef"]
 
 
-def test_a_glob_input_is_stitched_and_errors_name_the_source_file(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+def test_a_glob_input_is_stitched_and_errors_name_the_source_file(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
     folder = tmp_path / "parts"
     folder.mkdir()
     write_prompts(folder / "a.parquet", 3)
@@ -389,12 +460,20 @@ def test_celery_beat_triggers_a_scheduled_run_once_and_the_lifecycle_moves_its_r
     env = {**os.environ, "SPOTLANE_CONFIG": str(config)}
     runtime = Runtime.open(config)
     with session_scope(runtime.engine) as session:  # the schedule was configured yesterday
-        session.execute(text("insert into schedules (name, cron, timezone, input_template, enabled, active_since, "
-                             "updated_at) values ('nightly', '', 'UTC', '', true, :t, :t)"),
-                        {"t": now - timedelta(days=1)})
+        session.execute(
+            text(
+                "insert into schedules (name, cron, timezone, input_template, enabled, active_since, "
+                "updated_at) values ('nightly', '', 'UTC', '', true, :t, :t)"
+            ),
+            {"t": now - timedelta(days=1)},
+        )
     procs = [
-        subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115
-                         stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            stdout=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
         for name, args in (("worker", ["worker"]), ("beat1", ["scheduler"]), ("beat2", ["scheduler"]))
     ]
     try:
@@ -402,9 +481,14 @@ def test_celery_beat_triggers_a_scheduled_run_once_and_the_lifecycle_moves_its_r
         state: tuple[Any, ...] = ()
         while time.monotonic() < deadline:
             with runtime.engine.connect() as conn:
-                state = tuple(conn.execute(text(
-                    "select r.status, j.status, j.result_tier, j.rows_total from schedule_runs r "
-                    "left join jobs j on j.id = r.job_id")).all())
+                state = tuple(
+                    conn.execute(
+                        text(
+                            "select r.status, j.status, j.result_tier, j.rows_total from schedule_runs r "
+                            "left join jobs j on j.id = r.job_id"
+                        )
+                    ).all()
+                )
             if state and state[0][2] == "cold":
                 break
             time.sleep(0.5)
@@ -416,6 +500,7 @@ def test_celery_beat_triggers_a_scheduled_run_once_and_the_lifecycle_moves_its_r
         assert conn.execute(text("select count(*) from jobs")).scalar_one() == 1
         assert conn.execute(text("select count(*) from schedule_runs")).scalar_one() == 1
         assert conn.execute(text("select action, status from storage_actions where action = 'move_to_cold'")).all() == [
-            ("move_to_cold", "done")]
+            ("move_to_cold", "done")
+        ]
     logs = (tmp_path / "beat1.log").read_text() + (tmp_path / "beat2.log").read_text()
     assert "spotlane.schedules_tick" in logs and "spotlane.storage_sweep" in logs

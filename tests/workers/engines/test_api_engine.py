@@ -26,8 +26,13 @@ def server() -> Iterator[FakeOpenAI]:
 def _engine(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, **overrides: object) -> APIEngine:
     monkeypatch.setenv("TEST_PROVIDER_KEY", SECRET)
     provider = ApiProvider(
-        name="local", base_url=server.url, api_key_env="TEST_PROVIDER_KEY", models={"tiny": "tiny-remote"},
-        input_usd_per_1m=1.0, output_usd_per_1m=2.0, **overrides,  # type: ignore[arg-type]
+        name="local",
+        base_url=server.url,
+        api_key_env="TEST_PROVIDER_KEY",
+        models={"tiny": "tiny-remote"},
+        input_usd_per_1m=1.0,
+        output_usd_per_1m=2.0,
+        **overrides,  # type: ignore[arg-type]
     )
     return APIEngine(provider, "tiny")
 
@@ -59,7 +64,9 @@ def test_429_and_5xx_are_retried_honouring_retry_after(server: FakeOpenAI, monke
     assert time.monotonic() - started >= 0.9  # three Retry-After waits of 0.3 s
 
 
-def test_a_malformed_body_is_retried_then_becomes_an_error_row(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_malformed_body_is_retried_then_becomes_an_error_row(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server.malformed_first = 100
     engine = _engine(server, monkeypatch, max_retries=2, max_concurrency=1)
 
@@ -83,7 +90,9 @@ def test_a_refused_key_fails_the_chunk_for_the_router_and_the_key_never_shows(
     assert SECRET not in str(caught.value) and SECRET not in caplog.text
 
 
-def test_a_client_error_is_not_retried_and_becomes_an_error_row(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_error_is_not_retried_and_becomes_an_error_row(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server.script = [400]
     engine = _engine(server, monkeypatch, max_concurrency=1)
 
@@ -134,7 +143,9 @@ def test_usage_a_provider_reports_beyond_what_a_request_can_be_billed_is_clamped
     assert "reported usage" in caplog.text
 
 
-def test_a_provider_that_is_down_fails_the_chunk_for_the_router(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_provider_that_is_down_fails_the_chunk_for_the_router(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server.down = True
     engine = _engine(server, monkeypatch, max_retries=1)
 

@@ -7,10 +7,7 @@ from workers.engines.batching import BatchItem, plan_batches
 
 def _items(n: int, seed: int = 0) -> list[BatchItem]:
     rng = random.Random(seed)
-    return [
-        BatchItem(i, rng.randint(1, 300), rng.choice([8, 32, 128]), rng.choice([0.0, 0.0, 0.7]))
-        for i in range(n)
-    ]
+    return [BatchItem(i, rng.randint(1, 300), rng.choice([8, 32, 128]), rng.choice([0.0, 0.0, 0.7])) for i in range(n)]
 
 
 def test_every_item_lands_in_exactly_one_batch() -> None:

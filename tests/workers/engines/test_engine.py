@@ -113,9 +113,12 @@ def test_embeddings_put_paraphrases_closer_than_unrelated_sentences() -> None:
     assert alone is not None and max(abs(x - y) for x, y in zip(alone, vectors[2], strict=True)) < 1e-5  # type: ignore[arg-type]
 
 
-def test_the_continuous_engine_gives_the_same_greedy_text_as_the_batched_one(engine: HFEngine, tiny_model: Path) -> None:
-    continuous = load_engine(str(tiny_model), device="cpu", dtype="float32", token_budget=4096, max_batch_rows=8,
-                             kind="continuous")
+def test_the_continuous_engine_gives_the_same_greedy_text_as_the_batched_one(
+    engine: HFEngine, tiny_model: Path
+) -> None:
+    continuous = load_engine(
+        str(tiny_model), device="cpu", dtype="float32", token_budget=4096, max_batch_rows=8, kind="continuous"
+    )
     requests = [Request(prompt=p, max_tokens=n) for p, n in zip(PROMPTS, [6, 2, 9, 4, 7], strict=True)]
 
     assert [c.output for c in continuous.generate(requests)] == [c.output for c in engine.generate(requests)]
@@ -128,9 +131,11 @@ def test_an_embedding_row_without_content_fails_alone(monkeypatch: pytest.Monkey
     from workers.engines.hf_embed import HFEmbedder
 
     embedder = HFEmbedder(str(_minilm()), device="cpu")
-    requests = [Request(messages=[{"role": "user", "content": "a paid invoice"}]),
-                Request(messages=[{"role": "user", "content": None}]),  # type: ignore[dict-item]
-                Request(prompt="an unpaid invoice")]
+    requests = [
+        Request(messages=[{"role": "user", "content": "a paid invoice"}]),
+        Request(messages=[{"role": "user", "content": None}]),  # type: ignore[dict-item]
+        Request(prompt="an unpaid invoice"),
+    ]
 
     done = embedder.generate(requests)
 

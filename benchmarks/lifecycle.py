@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.storage.lifecycle import sweep  # noqa: E402
 from pipeline.storage.objects import MANIFEST, filesystem, write_json  # noqa: E402
+from pipeline.storage.results import ResultWriter  # noqa: E402
 from pipeline.store.db import session_scope  # noqa: E402
-from pipeline.tasks.finalize import _ResultWriter  # noqa: E402
 from schemas.arrow import output_schema  # noqa: E402
 from schemas.base import utcnow  # noqa: E402
 from schemas.status import JobStatus  # noqa: E402
@@ -56,8 +56,8 @@ def _results_table(rows: int, seed: int) -> pa.Table:
 
 def _write_results(folder: str, files: int, rows_per_file: int) -> int:
     """A results folder as the finalizer writes it; returns its size in bytes."""
-    writer = _ResultWriter(folder, output_schema())
-    import pipeline.tasks.finalize as finalizer
+    writer = ResultWriter(folder, output_schema())
+    import pipeline.storage.results as finalizer
 
     saved, finalizer.RESULT_FILE_ROWS = finalizer.RESULT_FILE_ROWS, rows_per_file
     try:

@@ -31,16 +31,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from pipeline import metrics
 from pipeline.routing import observations as learning
-from pipeline.routing.estimate import profile_requests
-from pipeline.routing.pricing import worst_case_usd
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import check_identity, iter_rows, open_parquet
-from pipeline.storage.objects import write_parquet
+from pipeline.storage.inputs import check_identity
 from pipeline.store import claims, transitions
 from pipeline.store.db import is_transient, session_scope
 from pipeline.store.identity import owner_id
@@ -58,34 +54,17 @@ from schemas.errors import (
 from schemas.records import RunShard
 from schemas.status import AttemptOutcome, ShardStatus
 from schemas.tables import Job, Shard
+from workers import checkpoint
 from workers.drain import StopFlag
-from workers.engines.base import Completion, Request, stream
-from workers.engines.chunks import Chunk, build_output, merge, prepare, rechunk
+from workers.engines.base import stream
+from workers.engines.chunks import Chunk, build_output, merge
 from workers.engines.factory import engine_for
+from workers.feed import Feed, feed_chunks
 from workers.heartbeat import Heartbeat
 
 __all__ = ["ShardRunner"]
 
 log = logging.getLogger(__name__)
-
-
-def _rows_within(costs: Sequence[float], room: float) -> int:
-    """How many of the first ``costs`` fit in ``room`` together."""
-    total = 0.0
-    for i, cost in enumerate(costs):
-        total += cost
-        if total > room + 1e-9:
-            return i
-    return len(costs)
-
-
-@dataclass
-class _Feed:
-    """What the chunk feeder saw: why it stopped, and the worst case still in flight."""
-
-    stopped: str | None = None
-    fed_to: int = 0
-    exhausted: bool = False
 
 
 class ShardRunner:
@@ -180,64 +159,6 @@ class ShardRunner:
 
     # -- the shard's chunks ----------------------------------------------------------
 
-    def _chunks(
-        self,
-        claim: claims.Claim,
-        job: Job,
-        backend: GpuPool | ApiProvider,
-        beat: Heartbeat,
-        pending: deque[tuple[Chunk, float]],
-        feed: _Feed,
-    ) -> Iterator[list[Request]]:
-        """Requests chunk by chunk; stops feeding on a drain request, a lost lease, a
-        cancelled job, or a budget that cannot cover the next chunk."""
-        names = open_parquet(job.input_url).schema_arrow.names
-        requested = [c for c in ("max_tokens", "temperature", "model") if c in names]
-        columns = list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
-        checkpoint_rows = self.runtime.settings.worker.checkpoint_rows
-        first_row = feed.fed_to = claim.row_start + claim.rows_done
-        models = list(job.models or [job.model])
-        stats = self._stats(claim.backend, job.model)
-        batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
-        for rows in rechunk(batches, checkpoint_rows):
-            while rows.num_rows:
-                if self.stop:
-                    feed.stopped = "stop requested"
-                    return
-                if beat.lost.is_set():
-                    feed.stopped = "lease lost"
-                    return
-                part = rows
-                while True:
-                    chunk = prepare(
-                        part,
-                        first_row,
-                        kind=job.input_kind,
-                        default_max_tokens=job.max_tokens,
-                        default_temperature=job.temperature,
-                        serves=lambda m: backend.serves_row(m, models),
-                    )
-                    row_worst = [
-                        0.0 if r is None else worst_case_usd(backend, profile_requests([r]), stats)
-                        for r in chunk.requests
-                    ]
-                    in_flight = sum(w for _, w in pending)
-                    with session_scope(self.runtime.engine) as session:
-                        verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
-                    fit = _rows_within(row_worst, room - in_flight)
-                    if verdict is not claims.ChunkVerdict.NO_BUDGET or not 0 < fit < part.num_rows:
-                        break
-                    part = part.slice(0, fit)  # send the rows the budget still covers; the rest stop the shard
-                if verdict is not claims.ChunkVerdict.GO:
-                    feed.stopped = verdict.value
-                    return
-                pending.append((chunk, sum(row_worst)))
-                first_row += part.num_rows
-                feed.fed_to = first_row
-                rows = rows.slice(part.num_rows)
-                yield chunk.runnable
-        feed.exhausted = True
-
     def _stats(self, backend: str, model: str) -> learning.Observed | None:
         with session_scope(self.runtime.engine) as session:
             return learning.observed(session, backend, model)
@@ -257,10 +178,15 @@ class ShardRunner:
         beat.progress(hang_after)  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[tuple[Chunk, float]] = deque()
-        feed = _Feed()
+        feed = Feed()
         done_to = claim.row_start + claim.rows_done
         started = time.perf_counter()
-        for generated in stream(engine, self._chunks(claim, job, backend, beat, pending, feed)):
+        for generated in stream(
+            engine,
+            feed_chunks(
+                self.runtime, self.stop, claim, job, backend, beat, pending, feed, self._stats(claim.backend, job.model)
+            ),
+        ):
             chunk, _ = pending.popleft()
             log.info(
                 "generated rows %d-%d of shard %s (job %s)",
@@ -289,7 +215,7 @@ class ShardRunner:
                 cost_usd=cost,
                 url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, claim.attempt),
             )
-            self._persist(claim, table, stats, beat)
+            checkpoint.persist(self.runtime, claim, table, stats, beat)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
             metrics.observe_checkpoint(
@@ -301,7 +227,9 @@ class ShardRunner:
                 stats.cost_usd,
                 seconds,
             )
-            self._learn(claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider))
+            checkpoint.learn(
+                self.runtime, claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider)
+            )
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
             raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
@@ -334,83 +262,6 @@ class ShardRunner:
             raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")
         log.info("stop requested: handing shard %s of job %s back at row %d", claim.shard_index, claim.job_id, done_to)
         return self._hand_back(claim, model, None)
-
-    def _persist(self, claim: claims.Claim, table: object, stats: claims.CheckpointStats, beat: Heartbeat) -> None:
-        """Write the part and commit its checkpoint, retrying transient faults for a while."""
-        settings = self.runtime.settings.worker
-        deadline = time.monotonic() + settings.transient_retry_seconds
-        delay = 0.5
-        written = False
-        while True:
-            try:
-                if not written:
-                    write_parquet(table, stats.url, self.runtime.storage.storage_class("hot"))
-                    written = True
-                with session_scope(self.runtime.engine) as session:
-                    claims.commit_checkpoint(session, claim, stats, settings.lease_seconds)
-                return
-            except LeaseLost:
-                self._charge_lost(claim, stats)
-                raise
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if beat.lost.is_set():
-                    raise LeaseLost(
-                        f"shard {claim.shard_index} of job {claim.job_id}: lease lost while retrying a checkpoint"
-                    ) from exc
-                if time.monotonic() + delay > deadline:
-                    raise TransientError(
-                        f"checkpoint at row {stats.first_row} still failing after "
-                        f"{settings.transient_retry_seconds:.0f} s: {exc.__class__.__name__}: "
-                        f"{str(exc)[:200]}"
-                    ) from exc
-                log.warning(
-                    "checkpoint at row %d of shard %s failed (%s); retrying in %.1f s",
-                    stats.first_row,
-                    claim.shard_index,
-                    exc.__class__.__name__,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    def _charge_lost(self, claim: claims.Claim, stats: claims.CheckpointStats) -> None:
-        try:
-            with session_scope(self.runtime.engine) as session:
-                claims.charge_lost_work(session, claim, stats)
-        except Exception:  # the ledger is not worth failing over; the work is lost either way
-            log.warning("could not charge the lost chunk of shard %s", claim.shard_index, exc_info=True)
-
-    def _learn(
-        self,
-        backend: str,
-        model: str,
-        chunk: Chunk,
-        completions: Sequence[Completion],
-        stats: claims.CheckpointStats,
-        seconds: float,
-        is_api: bool,
-    ) -> None:
-        ok = [c for c in completions if c.error is None]
-        try:
-            with session_scope(self.runtime.engine) as session:
-                learning.record_checkpoint(
-                    session,
-                    backend,
-                    model,
-                    self.runtime.settings.routing,
-                    rows=stats.row_count,
-                    rows_failed=stats.rows_failed,
-                    prompt_chars=chunk.prompt_chars,
-                    input_tokens=sum(c.input_tokens for c in ok),
-                    output_tokens=sum(c.output_tokens for c in ok),
-                    max_tokens=chunk.max_tokens,
-                    seconds=0.0 if is_api else seconds,
-                    requests_latency=(sum(c.latency_ms for c in ok) / len(ok) / 1000.0) if (is_api and ok) else None,
-                )
-        except Exception:  # learning is advisory; never fail a shard over it
-            log.warning("could not record backend statistics", exc_info=True)
 
     # -- ending a shard ----------------------------------------------------------------
 

@@ -20,11 +20,11 @@ from pipeline.jobs import submit as producer
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet
 from pipeline.storage.objects import MANIFEST, filesystem, read_manifest, remove_tree, write_json, write_parquet
+from pipeline.storage.results import ResultWriter
 from pipeline.store import leases
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
-from pipeline.tasks.finalize import ResultWriter
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.inference import is_permanent

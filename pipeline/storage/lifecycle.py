@@ -27,15 +27,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, func, or_, select, update
 
 from pipeline import metrics
 from pipeline.runtime import Runtime
+from pipeline.storage.due import FINAL, ActionReport, SweepReport, action_urls, cutoff_for, due_jobs
 from pipeline.storage.moving import copy_verified, delete_copied
 from pipeline.storage.objects import (
     list_files,
@@ -47,54 +46,12 @@ from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
 from schemas.base import utcnow
 from schemas.errors import StoreError
-from schemas.status import ActionStatus, JobStatus, StorageActionKind
+from schemas.status import ActionStatus, StorageActionKind
 from schemas.tables import Job, StorageAction
 
 __all__ = ["SweepReport", "sweep"]
 
 log = logging.getLogger(__name__)
-
-_FINAL = tuple(s for s in JobStatus if s.is_final)
-
-
-@dataclass
-class ActionReport:
-    job_id: str
-    action: str
-    status: str
-    source_url: str
-    target_url: str | None = None
-    files: int = 0
-    bytes: int = 0
-    error: str | None = None
-
-
-@dataclass
-class SweepReport:
-    dry_run: bool
-    now: str
-    actions: list[ActionReport] = field(default_factory=list)
-    #: Actions left for the next sweep (``storage.sweep_max_seconds`` ran out; a
-    #: sweep always does at least one, so it always makes progress).
-    deferred: int = 0
-    #: Another sweep holds the lease; this one did nothing.
-    locked: bool = False
-    #: Failed actions past ``MAX_ATTEMPTS`` that sweeps no longer retry.
-    given_up: int = 0
-
-    @property
-    def failed(self) -> list[ActionReport]:
-        return [a for a in self.actions if a.status == ActionStatus.FAILED.value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "now": self.now,
-            "deferred": self.deferred,
-            "locked": self.locked,
-            "given_up": self.given_up,
-            "actions": [asdict(a) for a in self.actions],
-        }
 
 
 # -- the three actions -----------------------------------------------------------------
@@ -107,7 +64,7 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
         if job is None or job.results_deleted_at is not None:
             return 0, 0  # deleted meanwhile: nothing to move
         result_url, finished_at = job.result_url or "", job.finished_at
-        recent = finished_at is None or finished_at >= _cutoff(
+        recent = finished_at is None or finished_at >= cutoff_for(
             runtime, StorageActionKind.MOVE_TO_COLD, action.started_at
         )
         if not job.status.is_final or (recent and result_url.startswith(source + "/")):
@@ -126,7 +83,7 @@ def _do_move(runtime: Runtime, action: StorageAction, heartbeat: Callable[[], No
                     .where(
                         Job.id == action.job_id,
                         Job.result_url == result_url,
-                        Job.status.in_(_FINAL),
+                        Job.status.in_(FINAL),
                         Job.finished_at == finished_at,
                     )
                     .values(result_url=moved_url, result_tier="cold", updated_at=utcnow())
@@ -205,84 +162,19 @@ def _execute(runtime: Runtime, action_id: int, heartbeat: Callable[[], None]) ->
 # -- planning ----------------------------------------------------------------------
 
 
-def _open_action(kind: StorageActionKind) -> Any:
-    return exists().where(
-        StorageAction.job_id == Job.id,
-        StorageAction.action == kind,
-        StorageAction.status != ActionStatus.DONE,
-    )
-
-
-def _candidates(session: Session, now: datetime, runtime: Runtime) -> dict[StorageActionKind, list[str]]:
-    storage = runtime.settings.storage
-    ended = and_(Job.status.in_(_FINAL), Job.finished_at.is_not(None), Job.results_deleted_at.is_(None))
-    found: dict[StorageActionKind, list[str]] = {kind: [] for kind in StorageActionKind}
-    if storage.retention_days:
-        cutoff = _cutoff(runtime, StorageActionKind.DELETE_RESULTS, now)
-        found[StorageActionKind.DELETE_RESULTS] = list(
-            session.execute(select(Job.id).where(ended, Job.finished_at < cutoff).order_by(Job.finished_at)).scalars()
-        )
-    gone = set(found[StorageActionKind.DELETE_RESULTS])
-    if storage.cold_after_days:
-        cutoff = _cutoff(runtime, StorageActionKind.MOVE_TO_COLD, now)
-        found[StorageActionKind.MOVE_TO_COLD] = [
-            j
-            for j in session.execute(
-                select(Job.id)
-                .where(
-                    ended,
-                    Job.finished_at < cutoff,
-                    Job.result_tier == "warm",
-                    ~_open_action(StorageActionKind.MOVE_TO_COLD),
-                )
-                .order_by(Job.finished_at)
-            ).scalars()
-            if j not in gone
-        ]
-    cutoff = _cutoff(runtime, StorageActionKind.PURGE_CHECKPOINTS, now)
-    found[StorageActionKind.PURGE_CHECKPOINTS] = [
-        j
-        for j in session.execute(
-            select(Job.id)
-            .where(ended, Job.finished_at < cutoff, Job.checkpoints_purged_at.is_(None))
-            .order_by(Job.finished_at)
-        ).scalars()
-        if j not in gone
-    ]
-    return found
-
-
-def _urls(runtime: Runtime, kind: StorageActionKind, job_id: str) -> tuple[str, str | None]:
-    storage = runtime.storage
-    if kind is StorageActionKind.MOVE_TO_COLD:
-        return storage.job_url(job_id, "warm"), storage.job_url(job_id, "cold")
-    if kind is StorageActionKind.PURGE_CHECKPOINTS:
-        return storage.checkpoints_url(job_id), None
-    return storage.job_url(job_id, "warm"), None
-
-
-def _cutoff(runtime: Runtime, kind: StorageActionKind, now: datetime) -> datetime:
-    storage = runtime.settings.storage
-    if kind is StorageActionKind.DELETE_RESULTS:
-        return now - timedelta(days=storage.retention_days)
-    if kind is StorageActionKind.MOVE_TO_COLD:
-        return now - timedelta(days=storage.cold_after_days)
-    return now - timedelta(hours=storage.checkpoint_grace_hours)
-
-
 def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime) -> int | None:
     """Mark the job (guarded) and record the action in one transaction; None if lost the race.
 
     The guard checks again that the job is final and ended before the cutoff: a job
     resumed (and perhaps finished again) since the sweep listed it is left alone.
     """
-    source, target = _urls(runtime, kind, job_id)
+    source, target = action_urls(runtime, kind, job_id)
     with session_scope(runtime.engine) as session:
         guard = [
             Job.id == job_id,
-            Job.status.in_(_FINAL),
+            Job.status.in_(FINAL),
             Job.results_deleted_at.is_(None),
-            Job.finished_at < _cutoff(runtime, kind, now),
+            Job.finished_at < cutoff_for(runtime, kind, now),
         ]
         marks: dict[str, Any] = {"updated_at": utcnow()}
         if kind is StorageActionKind.DELETE_RESULTS:
@@ -315,7 +207,7 @@ def _start(runtime: Runtime, kind: StorageActionKind, job_id: str, now: datetime
 
 
 def _planned(runtime: Runtime, kind: StorageActionKind, job_id: str) -> ActionReport:
-    source, target = _urls(runtime, kind, job_id)
+    source, target = action_urls(runtime, kind, job_id)
     urls = _job_folders(runtime, job_id) if kind is StorageActionKind.DELETE_RESULTS else [source]
     listing = [item for url in urls for item in list_files(url)]
     return ActionReport(job_id, kind.value, "planned", source, target, len(listing), sum(s for _, s in listing))
@@ -398,7 +290,7 @@ def _sweep(
             if not retry_failed
             else 0
         )
-        candidates = _candidates(session, now, runtime)
+        candidates = due_jobs(session, now, runtime)
     stop_at = time.monotonic() + runtime.settings.storage.sweep_max_seconds
     for row in unfinished:
         if dry_run:

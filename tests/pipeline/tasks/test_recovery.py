@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-import workers.runner as runner_module
+import workers.checkpoint as checkpoint_module
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job, route_lease
 from pipeline.runtime import Runtime
@@ -239,7 +239,7 @@ def test_a_storage_or_database_blip_at_a_checkpoint_is_retried(
     runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 5})
     job_id = _job(runtime, tmp_path, rows=20, rows_per_shard=20)
     route_job(runtime, job_id)
-    real_write, real_commit = runner_module.write_parquet, claims.commit_checkpoint
+    real_write, real_commit = checkpoint_module.write_parquet, claims.commit_checkpoint
     faults = {"write": 1, "commit": 1}
 
     def full_disk_once(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -254,7 +254,7 @@ def test_a_storage_or_database_blip_at_a_checkpoint_is_retried(
             raise OperationalError("UPDATE shards", {}, Exception("server closed the connection unexpectedly"))
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "write_parquet", full_disk_once)
+    monkeypatch.setattr(checkpoint_module, "write_parquet", full_disk_once)
     monkeypatch.setattr(claims, "commit_checkpoint", dropped_connection_once)
 
     assert _run(runtime, shards(runtime, job_id)[0].id) is ShardStatus.DONE
@@ -272,7 +272,7 @@ def test_storage_that_stays_down_hands_the_shard_back_without_blaming_the_backen
     def down(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise TransientError("could not write part: 503 SlowDown")
 
-    monkeypatch.setattr(runner_module, "write_parquet", down)
+    monkeypatch.setattr(checkpoint_module, "write_parquet", down)
     sent.clear()
 
     assert _run(runtime, shards(runtime, job_id)[0].id) is ShardStatus.QUEUED

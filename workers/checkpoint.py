@@ -1,0 +1,107 @@
+"""What becomes of a generated chunk: its part written and its checkpoint committed
+(fenced by the claim, storage and database faults retried for a while), the work
+of a lost lease charged, and what was observed reported to the router."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from pipeline.routing import observations as learning
+from pipeline.runtime import Runtime
+from pipeline.storage.objects import write_parquet
+from pipeline.store import claims
+from pipeline.store.db import is_transient, session_scope
+from schemas.errors import LeaseLost, TransientError
+from workers.engines.base import Completion
+from workers.engines.chunks import Chunk
+from workers.heartbeat import Heartbeat
+
+__all__ = ["charge_lost", "learn", "persist"]
+
+log = logging.getLogger(__name__)
+
+
+def persist(
+    runtime: Runtime, claim: claims.Claim, table: object, stats: claims.CheckpointStats, beat: Heartbeat
+) -> None:
+    """Write the part and commit its checkpoint, retrying transient faults for a while."""
+    settings = runtime.settings.worker
+    deadline = time.monotonic() + settings.transient_retry_seconds
+    delay = 0.5
+    written = False
+    while True:
+        try:
+            if not written:
+                write_parquet(table, stats.url, runtime.storage.storage_class("hot"))
+                written = True
+            with session_scope(runtime.engine) as session:
+                claims.commit_checkpoint(session, claim, stats, settings.lease_seconds)
+            return
+        except LeaseLost:
+            charge_lost(runtime, claim, stats)
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if beat.lost.is_set():
+                raise LeaseLost(
+                    f"shard {claim.shard_index} of job {claim.job_id}: lease lost while retrying a checkpoint"
+                ) from exc
+            if time.monotonic() + delay > deadline:
+                raise TransientError(
+                    f"checkpoint at row {stats.first_row} still failing after "
+                    f"{settings.transient_retry_seconds:.0f} s: {exc.__class__.__name__}: "
+                    f"{str(exc)[:200]}"
+                ) from exc
+            log.warning(
+                "checkpoint at row %d of shard %s failed (%s); retrying in %.1f s",
+                stats.first_row,
+                claim.shard_index,
+                exc.__class__.__name__,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def charge_lost(runtime: Runtime, claim: claims.Claim, stats: claims.CheckpointStats) -> None:
+    """Charge a chunk whose commit lost the lease: it was generated (and paid for) all the same."""
+    try:
+        with session_scope(runtime.engine) as session:
+            claims.charge_lost_work(session, claim, stats)
+    except Exception:  # the ledger is not worth failing over; the work is lost either way
+        log.warning("could not charge the lost chunk of shard %s", claim.shard_index, exc_info=True)
+
+
+def learn(
+    runtime: Runtime,
+    backend: str,
+    model: str,
+    chunk: Chunk,
+    completions: Sequence[Completion],
+    stats: claims.CheckpointStats,
+    seconds: float,
+    is_api: bool,
+) -> None:
+    """Report a committed chunk to the router's observations (advisory: never fails)."""
+    ok = [c for c in completions if c.error is None]
+    try:
+        with session_scope(runtime.engine) as session:
+            learning.record_checkpoint(
+                session,
+                backend,
+                model,
+                runtime.settings.routing,
+                rows=stats.row_count,
+                rows_failed=stats.rows_failed,
+                prompt_chars=chunk.prompt_chars,
+                input_tokens=sum(c.input_tokens for c in ok),
+                output_tokens=sum(c.output_tokens for c in ok),
+                max_tokens=chunk.max_tokens,
+                seconds=0.0 if is_api else seconds,
+                requests_latency=(sum(c.latency_ms for c in ok) / len(ok) / 1000.0) if (is_api and ok) else None,
+            )
+    except Exception:  # learning is advisory; never fail a shard over it
+        log.warning("could not record backend statistics", exc_info=True)

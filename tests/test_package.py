@@ -131,3 +131,29 @@ def test_the_readme_configuration_lists_every_setting_with_its_default() -> None
         problems += [f"[[{key}]] {k} is not a setting" for k in sorted(shown - set(model.model_fields))]
 
     assert problems == []
+
+
+def test_every_module_imports_on_its_own() -> None:
+    """An import cycle shows only when the cycle's module is imported first: import each
+    module of ours first, in a process where none of ours is loaded yet."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "names = [m.name for p in ('schemas', 'pipeline', 'workers')"
+        " for m in pkgutil.walk_packages(importlib.import_module(p).__path__, p + '.')"
+        " if not m.name.endswith('__main__')]\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m.split('.')[0] in ('schemas', 'pipeline', 'workers', 'migrations')\n"
+        "                   and m != 'pipeline.metrics']:  # Prometheus metrics register once per process\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{name}: {exc}')\n"
+        "print(len(names)); print('\\n'.join(failed))\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    count, *failed = result.stdout.strip().split("\n")
+    assert int(count) > 60 and failed == []

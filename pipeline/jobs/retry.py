@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import update
 
-from pipeline.api import results
+from pipeline.jobs.queries import results
 from pipeline.jobs import submit as producer
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet

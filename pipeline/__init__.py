@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.api import (
         EXPORT_FORMATS,
+        CostLine,
         JobEvent,
         JobReport,
         JobSpec,
         JobSummary,
         Plan,
+        PlanLine,
         ResultsInfo,
         RunReport,
         Runtime,
@@ -53,11 +55,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPORT_FORMATS",
+    "CostLine",
     "JobEvent",
     "JobReport",
     "JobSpec",
     "JobSummary",
     "Plan",
+    "PlanLine",
     "ResultsInfo",
     "RunReport",
     "Runtime",

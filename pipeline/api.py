@@ -17,9 +17,9 @@ from typing import Any
 
 from pipeline.jobs import submit as _submit
 from pipeline.jobs.control import Stopped, cancel, resume, set_budget
-from pipeline.jobs.costs import costs
+from pipeline.jobs.costs import CostLine, costs
 from pipeline.jobs.export import EXPORT_FORMATS, check_export_target, export_results
-from pipeline.jobs.plan import Plan, plan
+from pipeline.jobs.plan import Plan, PlanLine, plan
 from pipeline.jobs.queries import (
     JobEvent,
     JobReport,
@@ -46,6 +46,7 @@ __all__ = [
     "submit",
     "plan",
     "Plan",
+    "PlanLine",
     "cancel",
     "resume",
     "set_budget",
@@ -61,6 +62,7 @@ __all__ = [
     "job_events",
     "wait",
     "costs",
+    "CostLine",
     # Results
     "results",
     "ResultsInfo",

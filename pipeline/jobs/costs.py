@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from sqlalchemy import select
 
@@ -12,10 +12,22 @@ from schemas.errors import InputError
 from schemas.status import LedgerKind
 from schemas.tables import CostLedgerEntry, Job
 
-__all__ = ["costs"]
+__all__ = ["CostLine", "costs"]
 
 
-def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -> list[dict[str, Any]]:
+class CostLine(TypedDict, total=False):
+    """One group of ``costs``: the group's key under the name it was grouped by, and its sums."""
+
+    backend: str
+    day: str
+    job: str
+    tag: str
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+
+
+def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -> list[CostLine]:
     """Charged USD and tokens grouped ``by`` backend, day, job or tag (``key=value``)."""
     if by not in ("backend", "day", "job", "tag"):
         raise InputError(f"--by must be backend, day, job or tag, not {by!r}")
@@ -26,7 +38,7 @@ def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -
     )
     if job_id:
         query = query.where(CostLedgerEntry.job_id == job_id)
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, CostLine] = {}
     with session_scope(runtime.engine) as session:
         for entry, tags in session.execute(query):
             if by == "backend":
@@ -38,7 +50,8 @@ def costs(runtime: Runtime, *, job_id: str | None = None, by: str = "backend") -
             else:
                 keys = [f"{k}={v}" for k, v in sorted((tags or {}).items())] or ["(untagged)"]
             for key in keys:
-                line = groups.setdefault(key, {by: key, "cost_usd": 0.0, "input_tokens": 0, "output_tokens": 0})
+                line = groups.setdefault(key, CostLine(cost_usd=0.0, input_tokens=0, output_tokens=0))
+                line[by] = key  # type: ignore[literal-required]  # by is one of the four group keys
                 line["cost_usd"] += entry.amount_usd
                 line["input_tokens"] += entry.input_tokens
                 line["output_tokens"] += entry.output_tokens

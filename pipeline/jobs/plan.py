@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pipeline.jobs.models import resolve_model
 from pipeline.jobs.submit import plan_shards
@@ -26,7 +26,19 @@ from schemas.errors import InputError
 from schemas.jobspec import JobSpec
 from schemas.tables import Job
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "PlanLine", "plan"]
+
+
+class PlanLine(TypedDict, total=False):
+    """What ``plan`` sends to one backend."""
+
+    kind: str
+    shards: int
+    rows: int
+    cost_usd: float
+    #: Workers that run at once (the pool's ``max_workers``; a provider's concurrency).
+    capacity: int
+    finish: datetime
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Plan:
     worst_case_usd: float = 0.0
     finish: datetime | None = None
     blocked: int = 0
-    by_backend: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_backend: dict[str, PlanLine] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -120,7 +132,7 @@ def _plan(
             result.cost_usd += q.cost_usd
             result.worst_case_usd += q.reserve_usd
             line = result.by_backend.setdefault(
-                q.backend, {"shards": 0, "rows": 0, "cost_usd": 0.0, "kind": q.kind, "capacity": q.capacity}
+                q.backend, PlanLine(shards=0, rows=0, cost_usd=0.0, kind=q.kind, capacity=q.capacity)
             )
             line["shards"] += 1
             line["rows"] += end - start

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import update
 
-from pipeline.jobs.queries import results
 from pipeline.jobs import submit as producer
+from pipeline.jobs.queries import results
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet
 from pipeline.storage.objects import MANIFEST, filesystem, read_manifest, remove_tree, write_json, write_parquet

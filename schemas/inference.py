@@ -40,6 +40,8 @@ class Request:
     temperature: float = 0.0
     #: The row's own model, when it names one; else the engine's.
     model: str | None = None
+    #: A JSON Schema (as JSON text) the answer must follow; None: free text.
+    response_schema: str | None = None
 
 
 @dataclass(frozen=True)

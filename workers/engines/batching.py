@@ -22,6 +22,8 @@ class BatchItem:
     prompt_tokens: int
     max_new_tokens: int
     temperature: float = 0.0
+    #: The JSON Schema (JSON text) this row's answer follows; None: free text.
+    schema: str | None = None
 
 
 def plan_batches(items: Sequence[BatchItem], token_budget: int, max_rows: int) -> list[list[BatchItem]]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.errors import ModelError
 from workers.engines.base import Completion, Request
 from workers.engines.batching import BatchItem, plan_batches
+from workers.engines.grammar import GrammarError, Grammars
 
 if TYPE_CHECKING:
     pass
@@ -104,6 +105,13 @@ class HFEngine:
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id: int = int(self.tokenizer.pad_token_id)
         self.max_positions: int | None = getattr(self.lm.config, "max_position_embeddings", None)
+        self._grammars: Grammars | None = None
+
+    def grammars(self) -> Grammars:
+        """This model's compiled JSON Schema grammars (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, int(self.lm.config.vocab_size), sorted(self.eos_ids))
+        return self._grammars
 
     # -- tokenizing ---------------------------------------------------------------
 
@@ -142,8 +150,14 @@ class HFEngine:
             if not ids:
                 results[i] = Completion.failed("prompt is empty")
                 continue
+            if request.response_schema is not None:
+                try:
+                    self.grammars().check(request.response_schema)
+                except (GrammarError, ValueError) as exc:  # refused at submit; a row's own one lands here
+                    results[i] = Completion.failed(f"response_format: {exc}")
+                    continue
             prompts[i] = ids
-            items.append(BatchItem(i, len(ids), max_new, float(request.temperature)))
+            items.append(BatchItem(i, len(ids), max_new, float(request.temperature), request.response_schema))
         for index, completion in self._execute(items, prompts).items():
             results[index] = completion
         return [r if r is not None else Completion.failed("no result") for r in results]
@@ -203,6 +217,9 @@ class HFEngine:
             if temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
+        processor = self.grammars().processor([it.schema for it in batch]) if any(it.schema for it in batch) else None
+        if processor is not None:
+            sampling["logits_processor"] = [processor]
         started = time.perf_counter()
         with torch.inference_mode():
             out = self.lm.generate(

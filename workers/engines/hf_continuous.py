@@ -43,8 +43,13 @@ class ContinuousHFEngine(HFEngine):
         return managers[temperature]
 
     def _execute(self, items: list[BatchItem], prompts: dict[int, list[int]]) -> dict[int, Completion]:
+        # transformers' continuous batching takes no logits processor: a row with a
+        # schema runs on the batched path of the same model, constrained.
+        constrained = [item for item in items if item.schema]
+        done = super()._execute(constrained, prompts) if constrained else {}
+        items = [item for item in items if not item.schema]
         try:
-            return self._run(items, prompts)
+            return {**done, **self._run(items, prompts)}
         finally:
             for manager in self.__dict__.pop("_managers", {}).values():
                 manager.stop(block=True, keep_for_next_session=True)

@@ -28,6 +28,9 @@ __all__ = [
     "Section",
     "default_pools",
     "input_token_bound",
+    "reask_token_bound",
+    "REASK_ANSWER_BYTES_PER_TOKEN",
+    "REASK_NOTE_BYTES",
 ]
 
 #: Tokens a chat template may add to a request (BOS, a default system prompt such
@@ -46,6 +49,19 @@ def input_token_bound(text_bytes: int, messages: int, requests: int) -> int:
     template's own tokens come on top.
     """
     return text_bytes + REQUEST_OVERHEAD_TOKENS * requests + MESSAGE_OVERHEAD_TOKENS * messages
+
+
+#: A re-ask (an answer that failed its schema, sent back with the reason) carries the
+#: answer cut to this many bytes per ``max_tokens`` token, and a note of at most
+#: ``REASK_NOTE_BYTES`` bytes: so what each re-ask adds to a request is bounded up front.
+REASK_ANSWER_BYTES_PER_TOKEN = 4
+REASK_NOTE_BYTES = 400
+
+
+def reask_token_bound(max_tokens: int) -> int:
+    """The most prompt tokens one re-ask adds to a request: the answer, the note, two messages."""
+    text = REASK_ANSWER_BYTES_PER_TOKEN * max_tokens + REASK_NOTE_BYTES + len("assistant") + len("user")
+    return input_token_bound(text, 2, 0)
 
 
 class Section(BaseModel):

@@ -42,6 +42,8 @@ class Request:
     model: str | None = None
     #: A JSON Schema (as JSON text) the answer must follow; None: free text.
     response_schema: str | None = None
+    #: API lanes: how often an answer that fails the schema is asked again.
+    schema_retries: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import math
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import InputError
+from schemas.structured import load_schema
 
 __all__ = ["OPTION_NAMES", "TASKS", "JobOptions", "JobSpec"]
 
@@ -33,6 +34,8 @@ OPTION_NAMES = {
     "budget_usd": "--budget",
     "deadline": "--deadline",
     "tags": "--tag",
+    "response_schema": "--schema",
+    "schema_retries": "--schema-retries",
 }
 
 
@@ -55,6 +58,12 @@ class JobOptions(BaseModel):
     budget_usd: float | None = None
     #: key=value labels (routing rules, ``costs --by tag``).
     tags: dict[str, Any] = Field(default_factory=dict)
+    #: The JSON Schema every answer must follow (a dict, JSON text or a Pydantic model
+    #: class; ``schemas.structured``). None: free text.
+    response_schema: dict[str, Any] | None = None
+    #: How often an API lane re-asks, with the validation error, for an answer that fails
+    #: the schema (each attempt is paid for, reserved and counted).
+    schema_retries: int = 2
 
     @field_validator("model")
     @classmethod
@@ -90,6 +99,29 @@ class JobOptions(BaseModel):
         if value is not None and (math.isnan(value) or value < 0):
             raise ValueError(f"must be a number of USD, not negative (got {value})")
         return value
+
+    @field_validator("response_schema", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return load_schema(value, option="")
+        except InputError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
+
+    @field_validator("schema_retries")
+    @classmethod
+    def _retries(cls, value: int) -> int:
+        if not 0 <= value <= 10:
+            raise ValueError(f"must be 0 to 10, not {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _embeddings_have_no_schema(self) -> JobOptions:
+        if self.task == "embed" and self.response_schema is not None:
+            raise ValueError("an embedding job takes no schema (--schema or --choices)")
+        return self
 
     @property
     def models(self) -> list[str]:

@@ -132,8 +132,23 @@ def arrow_type(schema: dict[str, Any]) -> pa.DataType:
 
 
 def parsed_column(schema: dict[str, Any], answers: Sequence[Any]) -> pa.Array:
-    """The ``parsed`` column of valid answers (None for rows without one), typed by ``arrow_type``."""
+    """The ``parsed`` column of valid answers (None for rows without one), typed by ``arrow_type``.
+
+    A valid answer Arrow cannot hold (an integer past 64 bits) is left null there; its
+    text stays in ``output``.
+    """
     kind = arrow_type(schema)
     if pa.types.is_string(kind) and _type_of(schema, required=True) is None:
         return pa.array([None if a is None else json.dumps(a) for a in answers], pa.string())
-    return pa.array(list(answers), kind)
+    try:
+        return pa.array(list(answers), kind)
+    except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_fits(a, kind) for a in answers], kind)
+
+
+def _fits(answer: Any, kind: pa.DataType) -> Any:
+    try:
+        pa.array([answer], kind)
+    except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    return answer

@@ -88,6 +88,10 @@ class Job(Base):
     budget_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     deadline: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The JSON Schema every answer must follow (``--schema``, ``--choices``); None: free text.
+    response_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: How often an API lane re-asks for an answer that failed the schema.
+    schema_retries: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
     #: Where the finished results are now: the folder holding ``_manifest.json``.
     result_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: ``warm`` or ``cold``; ``deleted`` once retention removed them.

@@ -7,13 +7,14 @@ not fit is cut to the rows that do, and the shard stops there (parked) if none d
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pipeline.routing import observations as learning
 from pipeline.routing.estimate import profile_requests
-from pipeline.routing.pricing import worst_case_usd
+from pipeline.routing.pricing import reasked_worst_case_usd, worst_case_usd
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet
 from pipeline.store import claims
@@ -67,6 +68,7 @@ def feed_chunks(
     checkpoint_rows = runtime.settings.worker.checkpoint_rows
     first_row = feed.fed_to = claim.row_start + claim.rows_done
     models = list(job.models or [job.model])
+    schema = json.dumps(job.response_schema) if job.response_schema is not None else None
     batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
     for rows in rechunk(batches, checkpoint_rows):
         while rows.num_rows:
@@ -85,10 +87,10 @@ def feed_chunks(
                     default_max_tokens=job.max_tokens,
                     default_temperature=job.temperature,
                     serves=lambda m: backend.serves_row(m, models),
+                    response_schema=schema,
+                    schema_retries=job.schema_retries,
                 )
-                row_worst = [
-                    0.0 if r is None else worst_case_usd(backend, profile_requests([r]), stats) for r in chunk.requests
-                ]
+                row_worst = [0.0 if r is None else _row_worst(backend, r, stats) for r in chunk.requests]
                 in_flight = sum(w for _, w in pending)
                 with session_scope(runtime.engine) as session:
                     verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
@@ -105,3 +107,12 @@ def feed_chunks(
             rows = rows.slice(part.num_rows)
             yield chunk.runnable
     feed.exhausted = True
+
+
+def _row_worst(backend: GpuPool | ApiProvider, request: Request, stats: learning.Observed | None) -> float:
+    """The most one row can cost: an API row with a schema, with every re-ask it may take."""
+    profile = profile_requests([request])
+    if isinstance(backend, ApiProvider) and request.schema_retries:
+        bound = profile.input_bound(exact_tokenizer=False)
+        return reasked_worst_case_usd(backend, bound, request.max_tokens, request.schema_retries)
+    return worst_case_usd(backend, profile, stats)

@@ -21,6 +21,7 @@ from pipeline.runtime import Runtime
 from schemas.deadline import parse_deadline
 from schemas.errors import InputError
 from schemas.jobspec import JobSpec
+from schemas.structured import choices_schema
 
 __all__ = ["app", "config_app", "console", "db_app", "err"]
 
@@ -116,6 +117,21 @@ TagOpt = Annotated[
     list[str] | None, typer.Option("--tag", help="key=value, repeatable (routing rules, costs --by tag).")
 ]
 TaskOpt = Annotated[Task, typer.Option("--task", help="generate (completions) or embed (sentence embeddings).")]
+SchemaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--schema",
+        help="JSON Schema file every answer must follow (constrained decoding); an answer that still "
+        "fails it is an error row.",
+    ),
+]
+ChoicesOpt = Annotated[
+    str | None, typer.Option("--choices", help="a,b,c: answer with exactly one of these labels (classification).")
+]
+SchemaRetriesOpt = Annotated[
+    int,
+    typer.Option("--schema-retries", help="API lanes: re-ask an answer that fails the schema up to N times."),
+]
 
 
 def _deadline(text: str | None) -> datetime | None:
@@ -149,9 +165,24 @@ def job_spec(
     deadline: str | None = None,
     tag: list[str] | None = None,
     task: Task = Task.generate,
+    schema: Path | None = None,
+    choices: str | None = None,
+    schema_retries: int = 2,
 ) -> JobSpec:
     """The job options of a command line, as the one ``JobSpec`` (refused naming the option)."""
+    if schema is not None and choices is not None:
+        raise InputError("give --schema or --choices, not both")
+    response_schema: str | dict[str, Any] | None = None
+    if schema is not None:
+        try:
+            response_schema = schema.read_text()
+        except OSError as exc:
+            raise InputError(f"--schema {schema}: {exc.strerror or exc}") from None
+    elif choices is not None:
+        response_schema = choices_schema(choices.split(","))
     return JobSpec(
+        response_schema=response_schema,
+        schema_retries=schema_retries,
         model=model,
         max_tokens=max_tokens,
         temperature=temperature,

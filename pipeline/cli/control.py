@@ -16,11 +16,13 @@ from rich.table import Table
 from pipeline import api
 from pipeline.cli.app import (
     BudgetOpt,
+    ChoicesOpt,
     DeadlineOpt,
     InputArg,
     JobArg,
     MaxTokensOpt,
     ModelOpt,
+    SchemaOpt,
     ShardOpt,
     TagOpt,
     _job,
@@ -62,11 +64,20 @@ def plan(
     max_tokens: MaxTokensOpt = None,
     rows_per_shard: ShardOpt = None,
     tag: TagOpt = None,
+    schema: SchemaOpt = None,
+    choices: ChoicesOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Price a job on every backend and show the assignment, cost and finish time; runs nothing."""
     spec = job_spec(
-        model, max_tokens=max_tokens, rows_per_shard=rows_per_shard, budget=budget, deadline=deadline, tag=tag
+        model,
+        max_tokens=max_tokens,
+        rows_per_shard=rows_per_shard,
+        budget=budget,
+        deadline=deadline,
+        tag=tag,
+        schema=schema,
+        choices=choices,
     )
     result = api.plan(_runtime(), input_url, spec)
     if as_json:

@@ -24,10 +24,13 @@ from pipeline.cli.app import (
     EXAMPLE_ANSWERS,
     EXAMPLE_PROMPTS,
     BudgetOpt,
+    ChoicesOpt,
     DeadlineOpt,
     InputArg,
     MaxTokensOpt,
     ModelOpt,
+    SchemaOpt,
+    SchemaRetriesOpt,
     ShardOpt,
     TagOpt,
     Task,
@@ -111,6 +114,9 @@ def run(
     deadline: DeadlineOpt = None,
     tag: TagOpt = None,
     task: TaskOpt = Task.generate,
+    schema: SchemaOpt = None,
+    choices: ChoicesOpt = None,
+    schema_retries: SchemaRetriesOpt = 2,
     output: Annotated[
         str | None,
         typer.Option("--output", "-o", help="Also export the results to this file (.parquet, .csv or .jsonl)."),
@@ -148,6 +154,9 @@ def run(
             deadline=deadline,
             tag=tag,
             task=task,
+            schema=schema,
+            choices=choices,
+            schema_retries=schema_retries,
         )
         job_id = api.submit(runtime, input_url, **spec.options())
     log_path = runtime.settings.home / "logs" / f"run-{job_id}.log"
@@ -231,6 +240,9 @@ def submit(
     deadline: DeadlineOpt = None,
     tag: TagOpt = None,
     task: TaskOpt = Task.generate,
+    schema: SchemaOpt = None,
+    choices: ChoicesOpt = None,
+    schema_retries: SchemaRetriesOpt = 2,
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
     spec = job_spec(
@@ -242,6 +254,9 @@ def submit(
         deadline=deadline,
         tag=tag,
         task=task,
+        schema=schema,
+        choices=choices,
+        schema_retries=schema_retries,
     )
     job_id = api.submit(_runtime(), input_url, **spec.options())
     console.print(job_id)

@@ -75,6 +75,7 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
             max_tokens=spec.max_tokens,
             rows_per_shard=spec.rows_per_shard,
             tags=spec.tags,
+            response_schema=spec.response_schema,
         )
 
 
@@ -88,6 +89,7 @@ def _plan(
     max_tokens: int | None,
     rows_per_shard: int | None,
     tags: dict[str, Any] | None,
+    response_schema: dict[str, Any] | None = None,
 ) -> Plan:
     settings = runtime.settings
     info = inspect_input(url)
@@ -101,6 +103,7 @@ def _plan(
         max_tokens=max_tokens or settings.jobs.max_tokens,
         temperature=0.0,
         tags=tags or {},
+        response_schema=response_schema,
         rows_total=info.rows,
         rows_per_shard=per_shard,
         shard_count=0,

@@ -62,6 +62,7 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
         version = int((job.tags or {}).get("result_version", 1)) + 1
         input_url, models, max_tokens = job.input_url, list(job.models or [job.model]), job.max_tokens
         temperature, task, tags = job.temperature, job.task, dict(job.tags or {})
+        response_schema, schema_retries = job.response_schema, job.schema_retries
     wanted = pa.array(failed)
     source = open_parquet(input_url)
     pieces = [
@@ -85,6 +86,8 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
                 "result_version": version,
             },
             retry_of=job_id,
+            response_schema=response_schema,
+            schema_retries=schema_retries,
         ),
     )
     return child, subset.num_rows

@@ -217,6 +217,8 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     budget_usd=request.budget_usd,
                     deadline=request.deadline,
                     tags=dict(request.tags),
+                    response_schema=request.response_schema,
+                    schema_retries=request.schema_retries,
                     created_at=now,
                     updated_at=now,
                 )

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from pipeline.routing.estimate import ShardProfile
 from pipeline.routing.observations import Observed
-from schemas.backends import ApiProvider, GpuPool, RoutingSettings
+from schemas.backends import ApiProvider, GpuPool, RoutingSettings, reask_token_bound
 
-__all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "worst_case_usd"]
+__all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "reasked_worst_case_usd", "worst_case_usd"]
 
 #: A prompt token costs a GPU about this fraction of a generated token (prefill is batched).
 PREFILL_WEIGHT = 0.1
@@ -108,6 +108,13 @@ def quote(
 
 def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:
     return input_tokens / 1e6 * provider.input_usd_per_1m + output_tokens / 1e6 * provider.output_usd_per_1m
+
+
+def reasked_worst_case_usd(provider: ApiProvider, input_bound: int, max_tokens: int, retries: int) -> float:
+    """The most a provider can bill for one row asked once and re-asked ``retries`` times:
+    every attempt's answer, and a prompt that grows by one re-ask each time."""
+    grow = reask_token_bound(max_tokens)
+    return sum(api_cost(provider, input_bound + k * grow, max_tokens) for k in range(retries + 1))
 
 
 def worst_case_usd(backend: GpuPool | ApiProvider, profile: ShardProfile, stats: Observed | None = None) -> float:

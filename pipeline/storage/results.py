@@ -10,6 +10,7 @@ finalizer's fencing check).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,8 +22,17 @@ from pipeline.storage.inputs import iter_rows
 from pipeline.storage.objects import open_new
 from schemas.errors import StoreError
 from schemas.status import ShardStatus
+from schemas.structured import parsed_column
 
-__all__ = ["RESULT_FILE_ROWS", "ROW_GROUP_ROWS", "InputIds", "ResultWriter", "check_coverage", "check_part"]
+__all__ = [
+    "RESULT_FILE_ROWS",
+    "ROW_GROUP_ROWS",
+    "InputIds",
+    "ResultWriter",
+    "check_coverage",
+    "check_part",
+    "with_parsed",
+]
 
 
 #: Rows per result file: large enough for fast scans, small enough to split work.
@@ -166,3 +176,11 @@ def check_coverage(parts: Sequence[Any], shards: dict[int, Any]) -> None:
                 f"shard {shard.shard_index} is done but its checkpoints cover input rows "
                 f"{shard.row_start}-{end}, not {shard.row_start}-{shard.row_end}"
             )
+
+
+def with_parsed(table: pa.Table, response_schema: dict[str, Any]) -> pa.Table:
+    """``table`` with the typed ``parsed`` column: each valid answer's value (null for error rows)."""
+    outputs, errors = table.column("output").to_pylist(), table.column("error").to_pylist()
+    values = [json.loads(o) if e is None and o is not None else None for o, e in zip(outputs, errors, strict=True)]
+    column = parsed_column(response_schema, values)
+    return table.append_column(pa.field("parsed", column.type), column)

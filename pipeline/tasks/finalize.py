@@ -39,7 +39,7 @@ from sqlalchemy import select
 
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import MANIFEST, filesystem, remove_tree, write_json
-from pipeline.storage.results import InputIds, ResultWriter, check_coverage, check_part
+from pipeline.storage.results import InputIds, ResultWriter, check_coverage, check_part, with_parsed
 from pipeline.store import leases, transitions
 from pipeline.store.db import session_scope
 from pipeline.store.identity import owner_id
@@ -47,6 +47,7 @@ from schemas.arrow import output_schema
 from schemas.base import utcnow
 from schemas.errors import StoreError
 from schemas.status import JobStatus, ShardStatus
+from schemas.structured import arrow_type
 from schemas.tables import Checkpoint, Job, Shard
 
 __all__ = ["finalize_job", "finalize_lease"]
@@ -141,9 +142,12 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         job = session.get(Job, job_id)
         assert job is not None
         model, input_url, rows_total, input_identity = job.model, job.input_url, job.rows_total, job.input_identity
+        response_schema = job.response_schema
     folder = runtime.storage.new_results_url(job_id)
     try:
-        rows, rows_failed, files, schema = _write_results(runtime, folder, parts, shards, input_url, rows_total, renew)
+        rows, rows_failed, files, schema = _write_results(
+            runtime, folder, parts, shards, input_url, rows_total, renew, response_schema
+        )
         renew()
         manifest = {
             "job_id": job_id,
@@ -225,8 +229,10 @@ def _write_results(
     input_url: str,
     rows_total: int,
     renew: Callable[[], None],
+    response_schema: dict[str, Any] | None = None,
 ) -> tuple[int, int, list[dict[str, Any]], pa.Schema]:
-    """Verify and copy every part into ``folder``; (rows, error rows, files, schema) as written."""
+    """Verify and copy every part into ``folder``, with the typed ``parsed`` column when the
+    job has a schema; (rows, error rows, files, schema) as written."""
     check_coverage(parts, shards)
     ids = InputIds(input_url, rows_total)
     schema: pa.Schema | None = None
@@ -239,6 +245,8 @@ def _write_results(
             with fs.open(path, "rb") as fh:
                 table = pq.read_table(fh)
             check_part(part, table, ids)
+            if response_schema is not None:
+                table = with_parsed(table, response_schema)
             if writer is None:
                 schema = table.schema
                 writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
@@ -248,6 +256,8 @@ def _write_results(
             writer.write(table)
         if writer is None:
             schema = output_schema()
+            if response_schema is not None:
+                schema = schema.append(pa.field("parsed", arrow_type(response_schema)))
             writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
         files = writer.close()
     except BaseException:

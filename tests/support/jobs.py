@@ -15,17 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
-from pipeline.store import db
+from pipeline.store import db, transitions
 from pipeline.store.db import session_scope
 from pipeline.store.transitions import run_record
 from pipeline.tasks.finalize import finalize_job
 from schemas.records import TaskRecord
-from schemas.status import JobStatus, ShardStatus
-from schemas.tables import Job, Shard
+from schemas.status import JobStatus, LedgerKind, ShardStatus
+from schemas.tables import CostLedgerEntry, Job, Shard
 from workers.runner import ShardRunner
 
 __all__ = ["Sent", "job_row", "model_folder", "run_queued", "shards", "stub_runtime", "worker_process"]
@@ -106,3 +106,30 @@ def worker_process(env: dict[str, str], log: Path, *args: str) -> subprocess.Pop
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,  # noqa: SIM115
     )
+
+
+def ledger_sum(runtime: Runtime, job_id: str, kind: LedgerKind | None = None) -> float:
+    with session_scope(runtime.engine) as session:
+        query = select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
+        if kind is not None:
+            query = query.where(CostLedgerEntry.kind == kind)
+        return float(session.execute(query).scalar_one())
+
+
+def drive_to_the_end(runtime: Runtime, job_id: str, budget: float) -> float:
+    """Route and run every shard as workers would, checking the budget after each; the highest reserved + spent."""
+    highest = 0.0
+    runner = ShardRunner(runtime)
+    for _ in range(50):
+        route_job(runtime, job_id)
+        highest = max(highest, ledger_sum(runtime, job_id))
+        queued = [s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED]
+        if not queued:
+            return highest
+        for shard in queued:
+            with session_scope(runtime.engine) as session:
+                record = transitions.run_record(session, shard.id)
+            runner.run(record)
+            highest = max(highest, ledger_sum(runtime, job_id))
+            assert ledger_sum(runtime, job_id, LedgerKind.CHARGE) <= budget + 1e-9
+    return highest

@@ -5,13 +5,15 @@ Pure data plumbing between the Parquet file and an engine; no I/O and no state.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
 from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
+from schemas.structured import validate_answer
 from workers.engines.base import Completion, Request
 
 __all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
@@ -66,10 +68,13 @@ def prepare(
     default_max_tokens: int,
     default_temperature: float,
     serves: Any,
+    response_schema: str | None = None,
+    schema_retries: int = 0,
 ) -> Chunk:
     """Requests for each row, or ``None`` with a reason for rows that cannot run.
 
-    ``serves(model) -> bool`` says whether the backend can run a row's own model.
+    ``serves(model) -> bool`` says whether the backend can run a row's own model;
+    ``response_schema`` (JSON text) is the schema every answer must follow.
     """
     absent = [None] * table.num_rows
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
@@ -102,6 +107,8 @@ def prepare(
                 max_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,
                 temperature=float(temperature) if temperature is not None else default_temperature,
                 model=model,
+                response_schema=response_schema,
+                schema_retries=schema_retries if response_schema is not None else 0,
             )
         )
     return Chunk(first_row, table, requests, problems)
@@ -128,12 +135,28 @@ def _bad_request(kind: str, body: Any) -> str | None:
 
 
 def merge(chunk: Chunk, generated: Sequence[Completion]) -> list[Completion]:
-    """Completions for every row of ``chunk``: generated ones, error rows for the rest."""
+    """Completions for every row of ``chunk``: generated ones (each answer checked against
+    its schema), error rows for the rest."""
     produced = iter(generated)
     return [
-        next(produced) if request is not None else Completion.failed(problem or "invalid row")
+        _checked(request, next(produced)) if request is not None else Completion.failed(problem or "invalid row")
         for request, problem in zip(chunk.requests, chunk.problems, strict=True)
     ]
+
+
+def _checked(request: Request, completion: Completion) -> Completion:
+    """A structured answer that is cut short or fails its schema becomes an error row that
+    keeps its text (and its tokens and cost: it was generated and paid for)."""
+    if request.response_schema is None or completion.error is not None:
+        return completion
+    problem: str | None = None
+    if completion.finish_reason == "length":
+        problem = f"cut off by max_tokens ({request.max_tokens}) before the answer was complete"
+    else:
+        problem = validate_answer(json.loads(request.response_schema), completion.output)[1]
+    if problem is None:
+        return completion
+    return replace(completion, finish_reason="error", error=f"schema: {problem}")
 
 
 def build_output(

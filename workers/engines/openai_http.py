@@ -32,13 +32,15 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC
 from typing import Any
 
 import aiohttp
 
-from schemas.backends import ApiProvider, input_token_bound
+from schemas.backends import REASK_ANSWER_BYTES_PER_TOKEN, REASK_NOTE_BYTES, ApiProvider, input_token_bound
 from schemas.errors import ProviderError
+from schemas.structured import validate_answer
 from workers.engines.base import Completion, Request
 
 __all__ = ["APIEngine", "TokenBucket", "retry_after"]
@@ -182,20 +184,69 @@ class APIEngine:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _body(self, request: Request) -> dict[str, Any]:
-        messages = request.messages or [{"role": "user", "content": request.prompt or ""}]
-        return {
+    def _messages(self, request: Request) -> list[dict[str, str]]:
+        return list(request.messages or [{"role": "user", "content": request.prompt or ""}])
+
+    def _body(self, request: Request, messages: list[dict[str, str]]) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.provider.provider_model(request.model or self.model),
             "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
         }
+        if request.response_schema is not None:
+            schema = json.loads(request.response_schema)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            }
+        return body
 
     async def _one(self, request: Request) -> Completion:
         model = request.model or self.model
         if not self.provider.serves(model):
             return Completion.failed(f"provider {self.provider.name!r} does not serve model {model!r}")
-        body = self._body(request)
+        if request.response_schema is None:
+            return await self._ask(request, self._messages(request))
+        return await self._ask_structured(request)
+
+    async def _ask_structured(self, request: Request) -> Completion:
+        """Ask, validate the answer against the row's schema, and re-ask with the reason up to
+        ``schema_retries`` times. Every attempt's tokens and cost are summed (each was billed);
+        the last answer is returned, valid or not (the worker quarantines an invalid one)."""
+        schema = json.loads(request.response_schema or "{}")
+        messages = self._messages(request)
+        started = time.perf_counter()
+        tokens_in = tokens_out = tries = 0
+        cost = 0.0
+        for attempt in range(request.schema_retries + 1):
+            answer = await self._ask(request, messages)
+            tokens_in, tokens_out = tokens_in + answer.input_tokens, tokens_out + answer.output_tokens
+            cost, tries = cost + (answer.cost_usd or 0.0), tries + answer.tries
+            problem = answer.error or validate_answer(schema, answer.output)[1]
+            if answer.error is not None or problem is None or attempt == request.schema_retries:
+                return replace(
+                    answer,
+                    input_tokens=tokens_in,
+                    output_tokens=tokens_out,
+                    cost_usd=cost,
+                    tries=tries,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            note = f"That answer does not follow the JSON Schema: {problem}. Answer again, with JSON that does."
+            messages = [
+                *messages,
+                {
+                    "role": "assistant",
+                    "content": _cut(answer.output or "", REASK_ANSWER_BYTES_PER_TOKEN * request.max_tokens),
+                },
+                {"role": "user", "content": _cut(note, REASK_NOTE_BYTES)},
+            ]
+        raise AssertionError("unreachable")  # the loop returns on its last attempt
+
+    async def _ask(self, request: Request, messages: list[dict[str, str]]) -> Completion:
+        """One request (with the transport's own retries for 429s, 5xx and timeouts)."""
+        body = self._body(request, messages)
         text_len = sum(len(m.get("content") or "") for m in body["messages"])
         est_tokens = text_len / 4 + request.max_tokens
         last_error = "no attempt made"
@@ -216,7 +267,7 @@ class APIEngine:
                     last_error = f"provider unavailable: {exc.__class__.__name__}"
                 else:
                     if status == 200:
-                        parsed = self._parse(request, payload, started, attempt + 1)
+                        parsed = self._parse(request, messages, payload, started, attempt + 1)
                         if parsed is not None:
                             return parsed
                         last_error = "malformed response body from provider"
@@ -245,7 +296,9 @@ class APIEngine:
             tries=self.provider.max_retries + 1,
         )
 
-    def _parse(self, request: Request, payload: bytes, started: float, tries: int) -> Completion | None:
+    def _parse(
+        self, request: Request, messages: list[dict[str, str]], payload: bytes, started: float, tries: int
+    ) -> Completion | None:
         try:
             data = json.loads(payload)
             choice = data["choices"][0]
@@ -257,7 +310,7 @@ class APIEngine:
         except (ValueError, KeyError, IndexError, TypeError):
             return None
         p = self.provider
-        tokens_in, tokens_out = self._clamp_usage(request, tokens_in, tokens_out)
+        tokens_in, tokens_out = self._clamp_usage(request, messages, tokens_in, tokens_out)
         return Completion(
             output=text,
             finish_reason=choice.get("finish_reason") or "stop",
@@ -268,16 +321,16 @@ class APIEngine:
             tries=tries,
         )
 
-    def _clamp_usage(self, request: Request, tokens_in: int, tokens_out: int) -> tuple[int, int]:
+    def _clamp_usage(
+        self, request: Request, messages: list[dict[str, str]], tokens_in: int, tokens_out: int
+    ) -> tuple[int, int]:
         """Usage within what the request can be billed: at least 0, at most its prompt's
         bound (``input_token_bound``) and its ``max_tokens``. A provider (or a proxy)
         reporting more is logged, and charged the bound the budget reserved."""
-        body = self._body(request)
         text = sum(
-            len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "")
-            for m in body["messages"]
+            len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "") for m in messages
         )
-        most_in = input_token_bound(text, len(body["messages"]), 1)
+        most_in = input_token_bound(text, len(messages), 1)
         clamped = (min(max(0, tokens_in), most_in), min(max(0, tokens_out), request.max_tokens))
         if clamped != (tokens_in, tokens_out):
             log.warning(
@@ -290,3 +343,8 @@ class APIEngine:
                 *clamped,
             )
         return clamped
+
+
+def _cut(text: str, most_bytes: int) -> str:
+    """``text`` cut to at most ``most_bytes`` UTF-8 bytes, on a character boundary."""
+    return text.encode("utf-8", "surrogatepass")[:most_bytes].decode("utf-8", "ignore")

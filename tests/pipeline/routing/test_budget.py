@@ -30,7 +30,7 @@ from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry
 from tests.support import openai_server, race, spotlane, write_prompts
-from tests.support.jobs import job_row, model_folder, shards, stub_runtime
+from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, model_folder, shards, stub_runtime
 from workers.runner import ShardRunner
 
 CJK = "請幫我總結這張關於帳單錯誤的支援工單並提出解決方案" * 4  # 100 characters, 300 UTF-8 bytes
@@ -72,33 +72,6 @@ def _runtime(store_url: str, url: str, **worker: Any) -> Runtime:
     return runtime
 
 
-def _ledger(runtime: Runtime, job_id: str, kind: LedgerKind | None = None) -> float:
-    with session_scope(runtime.engine) as session:
-        query = select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
-        if kind is not None:
-            query = query.where(CostLedgerEntry.kind == kind)
-        return float(session.execute(query).scalar_one())
-
-
-def _drive(runtime: Runtime, job_id: str, budget: float) -> float:
-    """Route and run every shard as workers would, checking the promise after each; the highest reserved + spent."""
-    highest = 0.0
-    runner = ShardRunner(runtime)
-    for _ in range(50):
-        route_job(runtime, job_id)
-        highest = max(highest, _ledger(runtime, job_id))
-        queued = [s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED]
-        if not queued:
-            return highest
-        for shard in queued:
-            with session_scope(runtime.engine) as session:
-                record = transitions.run_record(session, shard.id)
-            runner.run(record)
-            highest = max(highest, _ledger(runtime, job_id))
-            assert _ledger(runtime, job_id, LedgerKind.CHARGE) <= budget + 1e-9
-    return highest
-
-
 def test_prompts_that_cost_four_times_the_estimate_never_spend_past_the_budget(
     store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
 ) -> None:
@@ -109,9 +82,9 @@ def test_prompts_that_cost_four_times_the_estimate_never_spend_past_the_budget(
     budget = 5.0
     job_id = submit(runtime, JobRequest(str(path), "m", max_tokens=8, rows_per_shard=20, budget_usd=budget))
 
-    highest = _drive(runtime, job_id, budget)
+    highest = drive_to_the_end(runtime, job_id, budget)
 
-    spent = _ledger(runtime, job_id, LedgerKind.CHARGE)
+    spent = ledger_sum(runtime, job_id, LedgerKind.CHARGE)
     assert highest <= budget + 1e-9 and spent <= budget + 1e-9
     assert spent == pytest.approx(provider.ok * (len(CJK) + 7 + 8) / 1e6 * 1000.0)  # charged what was billed
     assert spent > budget * 0.9  # the budget is used, up to the last row whose worst case fits
@@ -121,7 +94,7 @@ def test_prompts_that_cost_four_times_the_estimate_never_spend_past_the_budget(
 
     # Raising the budget runs the rest, still never past it.
     assert set_budget(runtime, job_id, 20.0) == "running"
-    assert _drive(runtime, job_id, 20.0) <= 20.0 + 1e-9
+    assert drive_to_the_end(runtime, job_id, 20.0) <= 20.0 + 1e-9
     assert {s.status for s in shards(runtime, job_id)} == {ShardStatus.DONE}
 
 
@@ -138,9 +111,9 @@ def test_a_provider_that_bills_beyond_any_bound_is_charged_the_bound_and_stopped
         ),
     )
 
-    _drive(runtime, job_id, 2.0)
+    drive_to_the_end(runtime, job_id, 2.0)
 
-    assert 0 < _ledger(runtime, job_id, LedgerKind.CHARGE) <= 2.0
+    assert 0 < ledger_sum(runtime, job_id, LedgerKind.CHARGE) <= 2.0
 
 
 def test_the_budget_lowered_while_a_shard_runs_parks_it_at_its_next_chunk(
@@ -170,7 +143,7 @@ def test_the_budget_lowered_while_a_shard_runs_parks_it_at_its_next_chunk(
     (shard,) = shards(runtime, job_id)
     assert shard.status is ShardStatus.BLOCKED and 10 <= shard.rows_done < 40
     assert job_row(runtime, job_id).status is JobStatus.PAUSED
-    assert _ledger(runtime, job_id) == pytest.approx(_ledger(runtime, job_id, LedgerKind.CHARGE))  # nothing held
+    assert ledger_sum(runtime, job_id) == pytest.approx(ledger_sum(runtime, job_id, LedgerKind.CHARGE))  # nothing held
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,134 @@
+"""Structured outputs on an API lane: the schema sent, every answer validated, re-asked with
+the reason, every attempt paid for and reserved ahead, the budget never passed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.runtime import Runtime
+from schemas.backends import ApiProvider
+from schemas.inference import Request
+from schemas.status import LedgerKind
+from schemas.structured import choices_schema
+from tests.support import openai_server
+from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, shards, stub_runtime
+from workers.engines.chunks import Chunk, merge
+from workers.engines.openai_http import APIEngine
+
+LABELS = choices_schema(["spam", "ham"])
+SEEN: list[dict[str, Any]] = []
+
+
+def _labels_a_third_wrong_at_first(body: dict[str, Any]) -> dict[str, Any]:
+    """Valid labels, except: a first answer to every third prompt is not JSON; a prompt saying
+    'never' is answered wrongly every time. Usage: a token per byte, the whole max_tokens out."""
+    SEEN.append(body)
+    prompt = body["messages"][0]["content"]
+    first = len(body["messages"]) == 1
+    wrong = "never" in prompt or (first and int(prompt.split()[-1]) % 3 == 0)
+    content = "spam, I think" if wrong else json.dumps("ham")
+    text = sum(len(m["content"].encode()) for m in body["messages"])
+    limit = int(body["max_tokens"])
+    return {
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": text, "completion_tokens": limit, "total_tokens": text + limit},
+    }
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[openai_server.FakeOpenAI]:
+    SEEN.clear()
+    monkeypatch.setattr(openai_server, "_answer", _labels_a_third_wrong_at_first)
+    with openai_server.FakeOpenAI() as server:
+        yield server
+
+
+def test_invalid_answers_are_asked_again_with_the_reason_and_every_attempt_is_counted(
+    provider: openai_server.FakeOpenAI,
+) -> None:
+    api = ApiProvider(
+        name="prov", base_url=provider.url, models={"m": "m"}, input_usd_per_1m=1.0, output_usd_per_1m=2.0
+    )
+    engine = APIEngine(api, "m")
+    schema = json.dumps(LABELS)
+    requests = [
+        Request(prompt=f"label ticket {i}", max_tokens=4, response_schema=schema, schema_retries=2) for i in range(9)
+    ]
+    requests.append(Request(prompt="never right 1", max_tokens=4, response_schema=schema, schema_retries=2))
+    try:
+        done = engine.generate(requests)
+    finally:
+        engine.close()
+
+    assert [c.output for c in done[:9]] == ['"ham"'] * 9
+    assert [c.tries for c in done[:9]] == [2, 1, 1, 2, 1, 1, 2, 1, 1]  # the first answers to 0, 3, 6 were not JSON
+    assert done[9].tries == 3 and done[9].output == "spam, I think"  # retries spent: the last answer is kept
+    assert provider.ok == 9 + 3 + 3
+    reask = next(b for b in SEEN if len(b["messages"]) == 3)
+    assert (
+        reask["response_format"]["json_schema"]["schema"] == LABELS
+        and reask["response_format"]["json_schema"]["strict"]
+    )
+    assert reask["messages"][1] == {"role": "assistant", "content": "spam, I think"}
+    assert "does not follow the JSON Schema: not JSON" in reask["messages"][2]["content"]
+    bodies = {b["messages"][0]["content"]: [] for b in SEEN}
+    for body in SEEN:
+        bodies[body["messages"][0]["content"]].append(body)
+    billed = sum(
+        sum(len(m["content"].encode()) for m in b["messages"]) * 1.0 / 1e6 + 4 * 2.0 / 1e6
+        for b in bodies["never right 1"]
+    )
+    assert done[9].cost_usd == pytest.approx(billed)  # all three attempts
+    table = pa.table({"id": [str(i) for i in range(10)], "prompt": [r.prompt for r in requests]})
+    checked = merge(Chunk(0, table, list(requests), [None] * 10), done)
+    assert checked[9].finish_reason == "error" and checked[9].error == "schema: not JSON: Expecting value (character 0)"
+    assert checked[9].output == "spam, I think" and checked[9].cost_usd == done[9].cost_usd
+    assert all(c.error is None for c in checked[:9])
+
+
+def _runtime(store_url: str, url: str) -> Runtime:
+    os.environ["STRUCTURED_TEST_KEY"] = "sk-test"
+    api = {
+        "name": "prov",
+        "base_url": url,
+        "api_key_env": "STRUCTURED_TEST_KEY",
+        "models": {"m": "remote-m"},
+        "input_usd_per_1m": 100.0,
+        "output_usd_per_1m": 100.0,
+        "max_retries": 0,
+    }
+    runtime, _ = stub_runtime(store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10})
+    return runtime
+
+
+def test_a_schema_job_on_an_api_lane_reserves_every_reask_and_never_passes_its_budget(
+    store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
+) -> None:
+    runtime = _runtime(store_url, provider.url)
+    path = tmp_path / "in.parquet"
+    prompts = [f"never right {i}" if i % 4 == 0 else f"label ticket {i}" for i in range(60)]
+    pq.write_table(pa.table({"id": [f"r{i:02d}" for i in range(60)], "prompt": prompts}), path)
+    budget = 1.0
+    job_id = submit(
+        runtime,
+        JobRequest(str(path), "m", max_tokens=4, rows_per_shard=20, budget_usd=budget, response_schema=LABELS),
+    )
+
+    highest = drive_to_the_end(runtime, job_id, budget)
+
+    spent = ledger_sum(runtime, job_id, LedgerKind.CHARGE)
+    assert highest <= budget + 1e-9 and spent <= budget + 1e-9
+    billed = sum((sum(len(m["content"].encode()) for m in b["messages"]) + 4) * 100.0 / 1e6 for b in SEEN)
+    assert spent == pytest.approx(billed)  # every attempt charged, re-asks included
+    done = sum(s.rows_done for s in shards(runtime, job_id))
+    assert done >= 40  # most rows answered before the money ran short (each reservation holds 3 attempts)
+    assert job_row(runtime, job_id).budget_usd == budget

@@ -31,7 +31,7 @@ __all__ = [
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 #: Columns the engine reads; they are not copied to the output (prompts are large).
-REQUEST_COLUMNS = ("id", "prompt", "messages", "max_tokens", "temperature", "model")
+REQUEST_COLUMNS = ("id", "prompt", "messages", "max_tokens", "temperature", "model", "response_format")
 #: Known columns that are nevertheless carried through to the output.
 CARRIED_KNOWN = ("metadata",)
 
@@ -77,6 +77,7 @@ OPTIONAL_INPUT_TYPES = {
     "temperature": (is_number, "a number"),
     "model": (is_string, "a string"),
     "metadata": (is_string, "a string (JSON text is fine)"),
+    "response_format": (is_string, "a string: OpenAI's response_format object as JSON"),
 }
 
 

@@ -14,7 +14,7 @@ import math
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import InputError
 from schemas.structured import load_schema
@@ -60,7 +60,9 @@ class JobOptions(BaseModel):
     tags: dict[str, Any] = Field(default_factory=dict)
     #: The JSON Schema every answer must follow (a dict, JSON text or a Pydantic model
     #: class; ``schemas.structured``). None: free text.
-    response_schema: dict[str, Any] | None = None
+    response_schema: dict[str, Any] | None = Field(
+        default=None, validation_alias=AliasChoices("response_schema", "schema")
+    )
     #: How often an API lane re-asks, with the validation error, for an answer that fails
     #: the schema (each attempt is paid for, reserved and counted).
     schema_retries: int = 2

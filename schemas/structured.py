@@ -2,8 +2,9 @@
 
 ``load_schema`` takes what a user gives (a file's text, a dict, a Pydantic model
 class, or ``choices`` for one enum label) and returns the schema as a dict, refusing
-one that is not valid JSON Schema with an ``InputError`` naming the keyword at
-fault. ``validate_answer`` parses an answer and returns the first validation error
+one that is not valid JSON Schema, or that constrained decoding cannot follow (an
+unimplemented keyword such as ``not``, a ``$ref`` to nowhere), with an ``InputError``
+naming the keyword at fault. ``validate_answer`` parses an answer and returns the first validation error
 (None if valid), with the place in the document it concerns. ``arrow_type`` maps a
 schema to the Arrow type of the typed ``parsed`` column (objects -> struct, arrays ->
 list, strings and enums -> string, integers -> int64, numbers -> float64,
@@ -24,7 +25,14 @@ from jsonschema.exceptions import SchemaError
 
 from schemas.errors import InputError
 
-__all__ = ["arrow_type", "choices_schema", "load_schema", "parsed_column", "validate_answer"]
+__all__ = [
+    "arrow_type",
+    "choices_schema",
+    "load_schema",
+    "parsed_column",
+    "schema_of_response_format",
+    "validate_answer",
+]
 
 #: Keywords whose shapes have no one Arrow type: ``parsed`` holds the JSON text there.
 _UNMAPPED = ("oneOf", "anyOf", "allOf", "not", "patternProperties", "if", "$ref", "additionalItems")
@@ -65,7 +73,44 @@ def load_schema(schema: str | dict[str, Any] | type, *, option: str = "--schema"
         where = "/".join(str(p) for p in exc.path) or "the top level"
         keyword = exc.path[-1] if exc.path else exc.validator
         raise InputError(f"{option}: keyword {keyword!r} at {where}: {exc.message}") from None
+    problem = _unconstrainable(schema)
+    if problem:
+        raise InputError(f"{option}: constrained decoding cannot follow this schema: {problem}")
     return schema
+
+
+def _unconstrainable(schema: dict[str, Any]) -> str:
+    """Why the grammar engine (llguidance, as the GPU lane uses it) cannot follow ``schema``; "" if it can."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
+    except Exception as exc:  # llguidance reports unsupported schemas in its own exception types
+        return str(exc)
+    return str(llguidance.LLMatcher.validate_grammar(grammar) or "")
+
+
+def schema_of_response_format(text: str) -> dict[str, Any] | None:
+    """The schema a row's ``response_format`` (OpenAI's object, as JSON text) asks for:
+    ``json_schema`` -> its schema, ``json_object`` -> any object, ``text`` -> None (free text).
+    ``InputError`` if it is none of these, or its schema is not valid JSON Schema."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"response_format: not JSON ({exc.msg})") from None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        inner = value.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise InputError("response_format: a json_schema response_format needs json_schema.schema")
+        return load_schema(inner["schema"], option="response_format")
+    raise InputError("response_format: type must be text, json_object or json_schema")
 
 
 @lru_cache(maxsize=64)

@@ -63,7 +63,7 @@ def feed_chunks(
     lock); stops feeding on a drain request, a lost lease, a cancelled job, or a
     budget that cannot cover the next chunk (``feed`` says which)."""
     names = open_parquet(job.input_url).schema_arrow.names
-    requested = [c for c in ("max_tokens", "temperature", "model") if c in names]
+    requested = [c for c in ("max_tokens", "temperature", "model", "response_format") if c in names]
     columns = list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
     checkpoint_rows = runtime.settings.worker.checkpoint_rows
     first_row = feed.fed_to = claim.row_start + claim.rows_done

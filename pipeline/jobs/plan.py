@@ -76,6 +76,7 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
             rows_per_shard=spec.rows_per_shard,
             tags=spec.tags,
             response_schema=spec.response_schema,
+            schema_retries=spec.schema_retries,
         )
 
 
@@ -90,6 +91,7 @@ def _plan(
     rows_per_shard: int | None,
     tags: dict[str, Any] | None,
     response_schema: dict[str, Any] | None = None,
+    schema_retries: int = 0,
 ) -> Plan:
     settings = runtime.settings
     info = inspect_input(url)
@@ -104,6 +106,7 @@ def _plan(
         temperature=0.0,
         tags=tags or {},
         response_schema=response_schema,
+        schema_retries=schema_retries,
         rows_total=info.rows,
         rows_per_shard=per_shard,
         shard_count=0,

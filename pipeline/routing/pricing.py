@@ -60,8 +60,13 @@ def quote(
     profile: ShardProfile,
     stats: Observed | None,
     routing: RoutingSettings,
+    schema_retries: int = 0,
 ) -> Quote | None:
-    """The price of ``profile`` on ``backend``; None if the backend refuses the rows."""
+    """The price of ``profile`` on ``backend``; None if the backend refuses the rows.
+
+    ``schema_retries``: an API lane may ask each row again that often (a job with a
+    schema); the worst cases hold every attempt, the estimate the first.
+    """
     chars_per_token = (stats.chars_per_token if stats and stats.chars_per_token else None) or routing.chars_per_token
     fill = stats.output_fill if stats and stats.output_fill is not None else 1.0
     tokens_in = profile.input_tokens(chars_per_token)
@@ -101,9 +106,19 @@ def quote(
         1,
         tokens_in,
         tokens_out,
-        reserve_usd=worst_case_usd(backend, profile),
-        row_reserve_usd=worst_case_usd(backend, profile.worst_row()),
+        reserve_usd=_api_worst_case(backend, profile, schema_retries),
+        row_reserve_usd=_api_worst_case(backend, profile.worst_row(), schema_retries),
     )
+
+
+def _api_worst_case(provider: ApiProvider, profile: ShardProfile, retries: int) -> float:
+    """``worst_case_usd`` on a provider, with every re-ask a row with a schema may take."""
+    if not retries:
+        return worst_case_usd(provider, profile)
+    per_row = profile.largest_max_tokens or profile.max_tokens  # a worst_row profile holds one row's
+    grow = reask_token_bound(per_row) * profile.rows
+    bound = profile.input_bound(exact_tokenizer=False)
+    return max(0.0, sum(api_cost(provider, bound + k * grow, profile.max_tokens) for k in range(retries + 1)))
 
 
 def api_cost(provider: ApiProvider, input_tokens: int, output_tokens: int) -> float:

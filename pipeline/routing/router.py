@@ -151,7 +151,8 @@ def quotes_for(
                 cooling.add(backend.name)
     found: list[Quote] = []
     for backend, model in candidates(settings, job, profile, excluded, cooling):
-        priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing)
+        retries = job.schema_retries if job.response_schema is not None else 0
+        priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries)
         if priced is not None:
             found.append(priced)
     return found

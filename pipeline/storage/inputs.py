@@ -26,6 +26,7 @@ from schemas.arrow import (
     is_string,
 )
 from schemas.errors import InputChanged, InputError
+from schemas.structured import schema_of_response_format
 
 __all__ = [
     "InputInfo",
@@ -146,7 +147,7 @@ def _first(mask: pa.Array) -> int:
 
 def _check_values(url: str, pf: pq.ParquetFile, requests: tuple[str, ...]) -> tuple[str, ...]:
     """Refuse per-row limits a request cannot have, naming the row; return the row models."""
-    columns = [c for c in ("max_tokens", "temperature", "model") if c in requests]
+    columns = [c for c in ("max_tokens", "temperature", "model", "response_format") if c in requests]
     if not columns:
         return ()
     import pyarrow.compute as pc
@@ -183,6 +184,20 @@ def _check_values(url: str, pf: pq.ParquetFile, requests: tuple[str, ...]) -> tu
                             f"more than {MAX_ROW_MODELS} distinct models", file=url, column="model", row=offset + i
                         )
                     models[name] = offset + i
+        if "response_format" in columns:
+            seen: set[str] = set()
+            for i, text in enumerate(batch.column("response_format").to_pylist()):
+                if text is not None and text not in seen:
+                    try:
+                        schema_of_response_format(text)
+                    except InputError as exc:
+                        raise InputError(
+                            str(exc).removeprefix("response_format: "),
+                            file=url,
+                            column="response_format",
+                            row=offset + i,
+                        ) from None
+                    seen.add(text)
         offset += batch.num_rows
     return tuple(models)
 

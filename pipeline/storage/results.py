@@ -178,9 +178,24 @@ def check_coverage(parts: Sequence[Any], shards: dict[int, Any]) -> None:
             )
 
 
-def with_parsed(table: pa.Table, response_schema: dict[str, Any]) -> pa.Table:
-    """``table`` with the typed ``parsed`` column: each valid answer's value (null for error rows)."""
+def with_parsed(table: pa.Table, response_schema: dict[str, Any] | None, *, as_text: bool = False) -> pa.Table:
+    """``table`` with the ``parsed`` column: each valid answer's value (null for error rows),
+    typed by ``response_schema``, or as JSON text (``as_text``: rows carry schemas of their own)."""
     outputs, errors = table.column("output").to_pylist(), table.column("error").to_pylist()
-    values = [json.loads(o) if e is None and o is not None else None for o, e in zip(outputs, errors, strict=True)]
-    column = parsed_column(response_schema, values)
+    values = [_json_or_none(o) if e is None and o is not None else None for o, e in zip(outputs, errors, strict=True)]
+    if as_text or response_schema is None:
+        column = pa.array([None if v is _NOT_JSON or v is None else json.dumps(v) for v in values], pa.string())
+    else:
+        column = parsed_column(response_schema, [None if v is _NOT_JSON else v for v in values])
     return table.append_column(pa.field("parsed", column.type), column)
+
+
+_NOT_JSON = object()
+
+
+def _json_or_none(text: str) -> Any:
+    """The value of a JSON text; a free-text answer (a row without a schema) is not parsed."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON

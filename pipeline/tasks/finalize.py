@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import select
 
 from pipeline.runtime import Runtime
+from pipeline.storage.inputs import open_parquet
 from pipeline.storage.objects import MANIFEST, filesystem, remove_tree, write_json
 from pipeline.storage.results import InputIds, ResultWriter, check_coverage, check_part, with_parsed
 from pipeline.store import leases, transitions
@@ -45,7 +46,7 @@ from pipeline.store.db import session_scope
 from pipeline.store.identity import owner_id
 from schemas.arrow import output_schema
 from schemas.base import utcnow
-from schemas.errors import StoreError
+from schemas.errors import InputError, StoreError
 from schemas.status import JobStatus, ShardStatus
 from schemas.structured import arrow_type
 from schemas.tables import Checkpoint, Job, Shard
@@ -143,10 +144,15 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         assert job is not None
         model, input_url, rows_total, input_identity = job.model, job.input_url, job.rows_total, job.input_identity
         response_schema = job.response_schema
+    # Rows with a response_format of their own: `parsed` holds each row's value as JSON text.
+    try:
+        per_row = "response_format" in open_parquet(input_url).schema_arrow.names
+    except (InputError, OSError):  # the input is gone or changed: the parts are what counts here
+        per_row = False
     folder = runtime.storage.new_results_url(job_id)
     try:
         rows, rows_failed, files, schema = _write_results(
-            runtime, folder, parts, shards, input_url, rows_total, renew, response_schema
+            runtime, folder, parts, shards, input_url, rows_total, renew, response_schema, per_row
         )
         renew()
         manifest = {
@@ -230,6 +236,7 @@ def _write_results(
     rows_total: int,
     renew: Callable[[], None],
     response_schema: dict[str, Any] | None = None,
+    per_row: bool = False,
 ) -> tuple[int, int, list[dict[str, Any]], pa.Schema]:
     """Verify and copy every part into ``folder``, with the typed ``parsed`` column when the
     job has a schema; (rows, error rows, files, schema) as written."""
@@ -245,8 +252,8 @@ def _write_results(
             with fs.open(path, "rb") as fh:
                 table = pq.read_table(fh)
             check_part(part, table, ids)
-            if response_schema is not None:
-                table = with_parsed(table, response_schema)
+            if response_schema is not None or per_row:
+                table = with_parsed(table, response_schema, as_text=per_row)
             if writer is None:
                 schema = table.schema
                 writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
@@ -256,8 +263,9 @@ def _write_results(
             writer.write(table)
         if writer is None:
             schema = output_schema()
-            if response_schema is not None:
-                schema = schema.append(pa.field("parsed", arrow_type(response_schema)))
+            if response_schema is not None or per_row:
+                kind = pa.string() if per_row or response_schema is None else arrow_type(response_schema)
+                schema = schema.append(pa.field("parsed", kind))
             writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
         files = writer.close()
     except BaseException:

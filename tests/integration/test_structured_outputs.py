@@ -108,3 +108,28 @@ def test_a_schema_the_job_cannot_use_is_refused_at_submit_naming_why(
     message = message.replace("missing.json", str(tmp_path / "missing.json"))
     result = spotlane("submit", str(write_prompts(tmp_path / "in.parquet", 3)), "--model", str(tiny_model), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_rows_own_response_format_overrides_the_jobs_and_a_bad_one_is_refused_naming_the_row(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    labels = json.dumps({"type": "json_schema", "json_schema": {"name": "l", "schema": {"enum": ["spam", "ham"]}}})
+    formats = [labels, json.dumps({"type": "text"}), None, labels]
+    path = write_prompts(tmp_path / "in.parquet", 4, response_format=formats)
+    out = tmp_path / "answers.parquet"
+    ran = spotlane(
+        "run", str(path), "--model", str(tiny_model), "--choices", "yes,no", "--max-tokens", "12", "--output", str(out)
+    )
+    assert ran.returncode in (0, 1), ran.stderr
+
+    rows = pq.read_table(out).to_pylist()
+    assert rows[0]["error"] is None and rows[0]["parsed"] in ('"spam"', '"ham"')  # its own schema
+    assert rows[3]["error"] is None and rows[3]["parsed"] in ('"spam"', '"ham"')
+    assert rows[2]["error"] is None and rows[2]["parsed"] in ('"yes"', '"no"')  # the job's
+    assert rows[1]["error"] is None  # free text, not validated
+    assert pq.read_table(out).schema.field("parsed").type == pa.string()  # rows differ: JSON text
+
+    bad = write_prompts(tmp_path / "bad.parquet", 3, response_format=[None, json.dumps({"type": "xml"}), None])
+    refused = spotlane("submit", str(bad), "--model", str(tiny_model))
+    assert refused.returncode == 2
+    assert "column 'response_format', row 1: type must be text, json_object or json_schema" in refused.stderr

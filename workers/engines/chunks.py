@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
-from schemas.structured import validate_answer
+from schemas.structured import schema_of_response_format, validate_answer
 from workers.engines.base import Completion, Request
 
 __all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
@@ -74,13 +74,20 @@ def prepare(
     """Requests for each row, or ``None`` with a reason for rows that cannot run.
 
     ``serves(model) -> bool`` says whether the backend can run a row's own model;
-    ``response_schema`` (JSON text) is the schema every answer must follow.
+    ``response_schema`` (JSON text) is the schema every answer must follow, unless the
+    row's own ``response_format`` (OpenAI's object) says otherwise.
     """
     absent = [None] * table.num_rows
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     requests: list[Request | None] = []
     problems: list[str | None] = []
+    row_schemas: dict[str, str | None] = {}  # a row's response_format -> its schema (JSON text)
     for i in range(table.num_rows):
+        own = columns.get("response_format", absent)[i]
+        if own is not None and own not in row_schemas:
+            found = schema_of_response_format(own)  # checked at submit
+            row_schemas[own] = json.dumps(found) if found is not None else None
+        schema = row_schemas[own] if own is not None else response_schema
         max_tokens = columns.get("max_tokens", absent)[i]
         temperature = columns.get("temperature", absent)[i]
         model = columns.get("model", absent)[i]
@@ -107,8 +114,8 @@ def prepare(
                 max_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,
                 temperature=float(temperature) if temperature is not None else default_temperature,
                 model=model,
-                response_schema=response_schema,
-                schema_retries=schema_retries if response_schema is not None else 0,
+                response_schema=schema,
+                schema_retries=schema_retries if schema is not None else 0,
             )
         )
     return Chunk(first_row, table, requests, problems)

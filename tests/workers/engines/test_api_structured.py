@@ -132,3 +132,26 @@ def test_a_schema_job_on_an_api_lane_reserves_every_reask_and_never_passes_its_b
     done = sum(s.rows_done for s in shards(runtime, job_id))
     assert done >= 40  # most rows answered before the money ran short (each reservation holds 3 attempts)
     assert job_row(runtime, job_id).budget_usd == budget
+
+
+def test_the_routers_worst_cases_hold_every_reask_of_a_schema_job() -> None:
+    from pipeline.routing.estimate import profile_requests
+    from pipeline.routing.pricing import quote, reasked_worst_case_usd
+    from schemas.backends import RoutingSettings
+
+    api = ApiProvider(
+        name="p", base_url="http://127.0.0.1:1", models={"m": "m"}, input_usd_per_1m=1.0, output_usd_per_1m=2.0
+    )
+    rows = [Request(prompt=f"label ticket {i}" * (i + 1), max_tokens=8) for i in range(5)]
+    profile = profile_requests(rows)
+
+    once = quote(api, "m", profile, None, RoutingSettings())
+    thrice = quote(api, "m", profile, None, RoutingSettings(), schema_retries=2)
+
+    assert once is not None and thrice is not None
+    assert thrice.cost_usd == once.cost_usd  # the estimate: one attempt a row
+    worst_row = profile.worst_row()
+    assert thrice.row_reserve_usd == pytest.approx(
+        reasked_worst_case_usd(api, worst_row.input_bound(exact_tokenizer=False), worst_row.max_tokens, 2)
+    )
+    assert thrice.reserve_usd > 3 * once.reserve_usd  # three answers, and prompts that grow

@@ -120,18 +120,18 @@ def _validator(schema_text: str) -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
-def validate_answer(schema: dict[str, Any], text: str | None) -> tuple[Any, str | None]:
-    """(the parsed answer, None) if ``text`` is JSON valid against ``schema``;
-    (None or the parsed value, the first error) otherwise."""
+def validate_answer(schema: dict[str, Any] | str, text: str | None) -> tuple[Any, str | None]:
+    """(the parsed answer, None) if ``text`` is JSON valid against ``schema`` (a dict, or its
+    JSON text as requests carry it: validators are cached by that text, so the hot path
+    parses no schema); (None or the parsed value, the first error) otherwise."""
     if text is None:
         return None, "no answer"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not JSON: {exc.msg} (character {exc.pos})"
-    errors = sorted(
-        _validator(json.dumps(schema, sort_keys=True)).iter_errors(value), key=lambda e: (list(e.path), e.message)
-    )
+    key = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+    errors = sorted(_validator(key).iter_errors(value), key=lambda e: (list(e.path), e.message))
     if not errors:
         return value, None
     first = errors[0]

@@ -226,19 +226,7 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
         .where(ShardAttempt.shard_id == claim.shard_id, ShardAttempt.attempt == claim.attempt)
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
     )
-    ledger.charge(
-        session,
-        ledger.Charge(
-            claim.job_id,
-            claim.shard_id,
-            claim.backend,
-            stats.cost_usd,
-            stats.input_tokens,
-            stats.output_tokens,
-            claim.attempt,
-        ),
-        now,
-    )
+    ledger.charge(session, _charge_of(claim, stats), now)
 
 
 def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:
@@ -246,18 +234,19 @@ def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> 
     nothing, but it was paid for: it is charged all the same, against the shard's
     reservation, so the ledger shows real spend."""
     transitions.lock_job(session, claim.job_id)
-    ledger.charge(
-        session,
-        ledger.Charge(
-            claim.job_id,
-            claim.shard_id,
-            claim.backend,
-            stats.cost_usd,
-            stats.input_tokens,
-            stats.output_tokens,
-            claim.attempt,
-        ),
-        db_now(session),
+    ledger.charge(session, _charge_of(claim, stats), db_now(session))
+
+
+def _charge_of(claim: Claim, stats: CheckpointStats) -> ledger.Charge:
+    """What a chunk of ``claim``'s attempt cost, for the ledger."""
+    return ledger.Charge(
+        claim.job_id,
+        claim.shard_id,
+        claim.backend,
+        stats.cost_usd,
+        stats.input_tokens,
+        stats.output_tokens,
+        claim.attempt,
     )
 
 

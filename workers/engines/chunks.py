@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -81,13 +82,9 @@ def prepare(
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     requests: list[Request | None] = []
     problems: list[str | None] = []
-    row_schemas: dict[str, str | None] = {}  # a row's response_format -> its schema (JSON text)
     for i in range(table.num_rows):
         own = columns.get("response_format", absent)[i]
-        if own is not None and own not in row_schemas:
-            found = schema_of_response_format(own)  # checked at submit
-            row_schemas[own] = json.dumps(found) if found is not None else None
-        schema = row_schemas[own] if own is not None else response_schema
+        schema = _row_schema(own) if own is not None else response_schema
         max_tokens = columns.get("max_tokens", absent)[i]
         temperature = columns.get("temperature", absent)[i]
         model = columns.get("model", absent)[i]
@@ -119,6 +116,14 @@ def prepare(
             )
         )
     return Chunk(first_row, table, requests, problems)
+
+
+@lru_cache(maxsize=256)
+def _row_schema(response_format: str) -> str | None:
+    """A row's ``response_format`` as the schema text requests carry (checked at submit;
+    parsed once per process, not once per chunk)."""
+    found = schema_of_response_format(response_format)
+    return json.dumps(found) if found is not None else None
 
 
 #: Chat roles a request may carry (OpenAI's; templates refuse others, or worse, accept them).
@@ -160,7 +165,7 @@ def _checked(request: Request, completion: Completion) -> Completion:
     if completion.finish_reason == "length":
         problem = f"cut off by max_tokens ({request.max_tokens}) before the answer was complete"
     else:
-        problem = validate_answer(json.loads(request.response_schema), completion.output)[1]
+        problem = validate_answer(request.response_schema, completion.output)[1]
     if problem is None:
         return completion
     return replace(completion, finish_reason="error", error=f"schema: {problem}")

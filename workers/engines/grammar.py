@@ -15,7 +15,6 @@ weak model cannot spin on spaces; only ``max_tokens`` can cut an answer short.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +64,6 @@ class Grammars:
 
     def check(self, schema: str) -> None:
         """Raise ``GrammarError`` unless ``schema`` can be constrained (compiles it once)."""
-        json.loads(schema)
         self.grammar(schema)
 
     def processor(self, schemas: Sequence[str | None]) -> SchemaProcessor | None:

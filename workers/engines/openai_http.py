@@ -214,7 +214,7 @@ class APIEngine:
         """Ask, validate the answer against the row's schema, and re-ask with the reason up to
         ``schema_retries`` times. Every attempt's tokens and cost are summed (each was billed);
         the last answer is returned, valid or not (the worker quarantines an invalid one)."""
-        schema = json.loads(request.response_schema or "{}")
+        schema = request.response_schema or "{}"
         messages = self._messages(request)
         started = time.perf_counter()
         tokens_in = tokens_out = tries = 0

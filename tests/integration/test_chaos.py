@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -126,18 +127,33 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
     workers = [start() for _ in range(WORKERS)]
     started = last_kill = time.monotonic()
     rounds = 3 if LONG else 1
+    finished = threading.Event()
+
+    def kill_the_finalizer() -> None:
+        """kill -9 the process writing the results, the moment it holds the finalizer's lease.
+
+        A thread of its own, polling all the time: the main loop sleeps through its other
+        attacks (a freeze is seven seconds), and a job once finished inside one of them.
+        """
+        lease = f"finalize:{job_id}"
+        while not finished.is_set():
+            pid = holder_of(lease)
+            victim = next((w for w in list(workers) if w.pid == pid), None)
+            if victim is not None:
+                victim.kill()  # the main loop starts another in its place
+                hits["finalizer killed"] += 1
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_the_finalizer, daemon=True)
+    watcher.start()
     try:
         time.sleep(4)
         while status() not in ("succeeded", "failed") and time.monotonic() - started < (600 if LONG else 150):
             watch_the_budget()
-            if hits["finalizer killed"] < 1 and (pid := holder_of(f"finalize:{job_id}")) is not None:
-                victim = next((w for w in workers if w.pid == pid), None)
-                if victim is not None:  # kill -9 the process writing the results
-                    victim.kill()
-                    victim.wait()
-                    hits["finalizer killed"] += 1
-                    workers[workers.index(victim)] = start()
-                continue
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None:  # the finalizer, killed by the watcher
+                    workers[i] = start()
             # Attacks are keyed to progress, not to the clock: the job must still be running when
             # each one comes (a faster run once finished before the freeze was due).
             done = int(str(query("select coalesce(sum(rows_done), 0) from shards where job_id = :j")[0][0]))
@@ -160,7 +176,7 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
                     os.kill(frozen.pid, signal.SIGSTOP)
                     taker = start(SPOTLANE_WORKER__CHECKPOINT_ROWS="7")  # another checkpoint size takes over
                     time.sleep(7)  # past the lease: the reaper re-queues, the taker claims
-                    os.kill(frozen.pid, signal.SIGCONT)
+                    frozen.send_signal(signal.SIGCONT)
                     workers.append(taker)
                     hits["freeze past the lease"] += 1
             elif progress < 0.8 and time.monotonic() - last_kill > 2.0 and rng.random() < 0.4:
@@ -180,6 +196,8 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
         wall = time.monotonic() - started
         watch_the_budget()
     finally:
+        finished.set()
+        watcher.join()
         for worker in workers:
             stop_process(worker, grace=15)
         broker.kill()

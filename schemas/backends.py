@@ -216,6 +216,10 @@ class RoutingSettings(Section):
 
     #: Characters per token when no tokenizer is at hand (calibrated by observation).
     chars_per_token: float = Field(default=4.0, gt=0)
+    #: Re-asks expected per row with a schema on an API lane (answers that fail the schema
+    #: and are asked again), until observed; the estimate counts them, the worst case
+    #: every ``schema_retries``.
+    reask_rate: float = Field(default=0.1, ge=0)
     #: Weight of a new observation in the moving averages (EWMA).
     ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     #: Shard failures in a row that cool a backend down.

@@ -45,6 +45,11 @@ class Request:
     #: API lanes: how often an answer that fails the schema is asked again.
     schema_retries: int = 0
 
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of the prompt, or of the messages' contents."""
+        return len(self.prompt or "") + sum(len(m.get("content") or "") for m in (self.messages or []))
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -60,6 +65,9 @@ class Completion:
     cost_usd: float | None = None
     #: Attempts the request took (API retries); 1 for engines that do not retry.
     tries: int = 1
+    #: Times the row was asked again because its answer failed its schema (API lane;
+    #: every one was billed and is in the tokens and cost above).
+    reasks: int = 0
     #: The row's embedding (``embed`` task).
     embedding: list[float] | None = None
 

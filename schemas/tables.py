@@ -248,6 +248,8 @@ class BackendStats(Base):
     chars_per_token: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: Output tokens / max_tokens: how much of the limit rows really use.
     output_fill: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Re-asks per row with a schema (API lane: answers that failed it and were asked again).
+    reask_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     samples: Mapped[int] = mapped_column(Integer, default=0)
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     cooldown_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -86,7 +86,10 @@ def learn(
     is_api: bool,
 ) -> None:
     """Report a committed chunk to the router's observations (advisory: never fails)."""
-    ok = [c for c in completions if c.error is None]
+    answered = [(r, c) for r, c in zip(chunk.runnable, completions, strict=True) if c.error is None]
+    ok = [c for _, c in answered]
+    first = [(r, c) for r, c in answered if not c.reasks]  # sizes learnt from first asks only
+    structured = [c for r, c in answered if r.response_schema is not None]
     try:
         with session_scope(runtime.engine) as session:
             learning.record_checkpoint(
@@ -96,12 +99,14 @@ def learn(
                 runtime.settings.routing,
                 rows=stats.row_count,
                 rows_failed=stats.rows_failed,
-                prompt_chars=chunk.prompt_chars,
-                input_tokens=sum(c.input_tokens for c in ok),
-                output_tokens=sum(c.output_tokens for c in ok),
-                max_tokens=chunk.max_tokens,
+                prompt_chars=sum(r.prompt_chars for r, _ in first),
+                input_tokens=sum(c.input_tokens for _, c in first),
+                output_tokens=sum(c.output_tokens for _, c in first),
+                max_tokens=sum(r.max_tokens for r, _ in first),
                 seconds=0.0 if is_api else seconds,
                 requests_latency=(sum(c.latency_ms for c in ok) / len(ok) / 1000.0) if (is_api and ok) else None,
+                structured_rows=len(structured),
+                reasks=sum(c.reasks for c in structured),
             )
     except Exception:  # learning is advisory; never fail a shard over it
         log.warning("could not record backend statistics", exc_info=True)

@@ -118,7 +118,9 @@ def _plan(
     backlog: dict[str, float] = defaultdict(float)
     with session_scope(runtime.engine) as session:
         for start, end in ranges:
-            profile = profile_rows(info.url, start, end, info.kind, job.max_tokens, job.model)
+            profile = profile_rows(
+                info.url, start, end, info.kind, job.max_tokens, job.model, job.response_schema is not None
+            )
             quotes = quotes_for(session, settings, job, profile, [], now)
             if not quotes:
                 raise InputError(f"no backend serves model {models[0]!r} (see gpu_pools and api_providers)")

@@ -55,6 +55,9 @@ class ShardProfile:
     largest_row_bytes: int = 0
     largest_row_messages: int = 0
     largest_max_tokens: int = 0
+    #: Rows whose answer follows a JSON Schema (the job's, or the row's own
+    #: ``response_format``): an API lane may ask them again.
+    structured_rows: int = 0
 
     def worst_row(self) -> ShardProfile:
         """A one-row profile no row of these exceeds (what starting one row needs)."""
@@ -64,6 +67,7 @@ class ShardProfile:
             messages=max(1, self.largest_row_messages),
             max_tokens=self.largest_max_tokens,
             longest_prompt_chars=self.longest_prompt_chars,
+            structured_rows=min(1, self.structured_rows),
         )
 
     def input_tokens(self, chars_per_token: float) -> int:
@@ -98,6 +102,7 @@ def profile_requests(requests: Sequence[Request]) -> ShardProfile:
         profile.largest_row_bytes = max(profile.largest_row_bytes, size)
         profile.largest_row_messages = max(profile.largest_row_messages, messages)
         profile.largest_max_tokens = max(profile.largest_max_tokens, max(0, r.max_tokens))
+        profile.structured_rows += r.response_schema is not None
     return profile
 
 
@@ -147,10 +152,16 @@ def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], li
     return [_render(v or []) for v in values], [max(1, len(v or [])) for v in values]
 
 
-def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str) -> ShardProfile:
-    """Profile rows ``[start, end)`` of ``url``; memory bounded by a read batch."""
+def profile_rows(
+    url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str, job_schema: bool = False
+) -> ShardProfile:
+    """Profile rows ``[start, end)`` of ``url``; memory bounded by a read batch.
+
+    ``job_schema``: the job has a schema, so every row follows one (a row's own
+    ``response_format`` of type ``text`` frees it, which the profile leaves counted).
+    """
     names = open_parquet(url).schema_arrow.names
-    columns = [kind] + [c for c in ("max_tokens", "model") if c in names]
+    columns = [kind] + [c for c in ("max_tokens", "model", "response_format") if c in names]
     profile = ShardProfile()
     context = context_length(model)
     exact: int | None = 0
@@ -178,6 +189,11 @@ def profile_rows(url: str, start: int, end: int, kind: str, default_max_tokens: 
             limit = default_max_tokens if context is None else min(default_max_tokens, context)
             profile.max_tokens += limit * len(texts)
             profile.largest_max_tokens = max(profile.largest_max_tokens, limit)
+        if job_schema:
+            profile.structured_rows += len(texts)
+        elif "response_format" in columns:  # checked at submit: json_object or json_schema asks for JSON
+            asks_json = pc.match_substring(pc.fill_null(batch.column("response_format"), ""), '"json_')
+            profile.structured_rows += int(pc.sum(asks_json).as_py() or 0)
         if "model" in columns:
             for name in batch.column("model").to_pylist():
                 if name is not None:

@@ -1,7 +1,8 @@
 """What the router learns from what happens: per backend and model moving averages.
 
 Workers report each committed checkpoint (throughput, latency, errors, tokens per
-character, how much of ``max_tokens`` rows use) and each shard's end (done,
+character, how much of ``max_tokens`` rows use, how often a row with a schema was
+asked again) and each shard's end (done,
 preempted, lost, failed). Each figure is an exponentially weighted moving average
 computed inside one UPDATE, so concurrent reports never lose each other. A backend
 that fails ``cooldown_failures`` shards in a row is cooled down for
@@ -35,6 +36,8 @@ class Observed:
     output_fill: float | None
     cooldown_until: datetime | None
     samples: int
+    #: Re-asks per row with a schema (API lane); None until a checkpoint with one.
+    reask_rate: float | None = None
 
     def cooling(self, now: datetime) -> bool:
         return self.cooldown_until is not None and self.cooldown_until > now
@@ -53,6 +56,7 @@ def observed(session: Session, backend: str, model: str) -> Observed | None:
         row.output_fill,
         row.cooldown_until,
         row.samples,
+        row.reask_rate,
     )
 
 
@@ -95,8 +99,16 @@ def record_checkpoint(
     max_tokens: int,
     seconds: float,
     requests_latency: float | None = None,
+    structured_rows: int = 0,
+    reasks: int = 0,
 ) -> None:
-    """Fold one committed checkpoint into the backend's averages."""
+    """Fold one committed checkpoint into the backend's averages.
+
+    ``prompt_chars``, ``input_tokens``, ``output_tokens`` and ``max_tokens`` are of the
+    rows answered at the first ask (a re-ask's prompt holds the answer before it and a
+    note, so it would skew characters per token and the fill); ``reasks`` over
+    ``structured_rows`` (rows with a schema) is the re-ask rate.
+    """
     if rows <= 0:
         return
     _ensure(session, backend, model)
@@ -115,6 +127,8 @@ def record_checkpoint(
         values["chars_per_token"] = _ewma(BackendStats.chars_per_token, prompt_chars / input_tokens, a)
     if max_tokens > 0 and ok > 0:
         values["output_fill"] = _ewma(BackendStats.output_fill, min(1.0, output_tokens / max_tokens), a)
+    if structured_rows > 0:
+        values["reask_rate"] = _ewma(BackendStats.reask_rate, reasks / structured_rows, a)
     session.execute(
         update(BackendStats).where(BackendStats.backend == backend, BackendStats.model == model).values(**values)
     )

@@ -7,7 +7,11 @@ half a shard at the preemption rate). ``capacity`` is the pool's ``max_workers``
 
 API provider: cost = tokens at the provider's per-million prices; time = rows at
 the sustainable request rate (the tightest of concurrency / latency, rpm, tpm);
-``capacity`` 1, since the rate already counts concurrency.
+``capacity`` 1, since the rate already counts concurrency. Rows with a schema are
+asked again when an answer fails it: the estimate adds the expected re-asks (the
+learnt re-ask rate, ``routing.reask_rate`` until observed, at most
+``schema_retries`` a row), each priced as the row's prompt grown by its answer and
+the note, and answered again.
 
 Observed figures (``pipeline.routing.observations``) replace the configured priors.
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 from pipeline.routing.estimate import ShardProfile
 from pipeline.routing.observations import Observed
-from schemas.backends import ApiProvider, GpuPool, RoutingSettings, reask_token_bound
+from schemas.backends import REASK_NOTE_BYTES, ApiProvider, GpuPool, RoutingSettings, reask_token_bound
 
 __all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "reasked_worst_case_usd", "worst_case_usd"]
 
@@ -64,8 +68,9 @@ def quote(
 ) -> Quote | None:
     """The price of ``profile`` on ``backend``; None if the backend refuses the rows.
 
-    ``schema_retries``: an API lane may ask each row again that often (a job with a
-    schema); the worst cases hold every attempt, the estimate the first.
+    ``schema_retries``: an API lane may ask each row with a schema
+    (``profile.structured_rows``) again that often; the worst cases hold every
+    attempt, the estimate the expected re-asks.
     """
     chars_per_token = (stats.chars_per_token if stats and stats.chars_per_token else None) or routing.chars_per_token
     fill = stats.output_fill if stats and stats.output_fill is not None else 1.0
@@ -96,16 +101,24 @@ def quote(
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
     rate = backend.requests_per_second(per_request, latency)
+    reasks = 0.0
+    if schema_retries and profile.structured_rows:
+        learnt = stats.reask_rate if stats and stats.reask_rate is not None else routing.reask_rate
+        reasks = min(float(schema_retries), learnt) * profile.structured_rows
+    # A re-ask sends the row's prompt, its answer and a note, and is answered again.
+    reask_in = (tokens_in + tokens_out) / max(profile.rows, 1) + REASK_NOTE_BYTES / chars_per_token
+    reask_out = tokens_out / max(profile.rows, 1)
+    extra_in, extra_out = int(reasks * reask_in), int(reasks * reask_out)
     return Quote(
         backend.name,
         "api",
         backend.queue,
         model,
-        max(0.0, api_cost(backend, tokens_in, tokens_out)),
-        profile.rows / rate,
+        max(0.0, api_cost(backend, tokens_in + extra_in, tokens_out + extra_out)),
+        (profile.rows + reasks) / rate,
         1,
-        tokens_in,
-        tokens_out,
+        tokens_in + extra_in,
+        tokens_out + extra_out,
         reserve_usd=_api_worst_case(backend, profile, schema_retries),
         row_reserve_usd=_api_worst_case(backend, profile.worst_row(), schema_retries),
     )

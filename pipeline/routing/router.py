@@ -151,7 +151,7 @@ def quotes_for(
                 cooling.add(backend.name)
     found: list[Quote] = []
     for backend, model in candidates(settings, job, profile, excluded, cooling):
-        retries = job.schema_retries if job.response_schema is not None else 0
+        retries = job.schema_retries if profile.structured_rows else 0
         priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries)
         if priced is not None:
             found.append(priced)
@@ -213,7 +213,9 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
             return queued
         # Profiled one shard at a time: the first shard is queued after reading its
         # own rows, not the whole input.
-        profile = profile_rows(job.input_url, start, end, job.input_kind, job.max_tokens, job.model)
+        profile = profile_rows(
+            job.input_url, start, end, job.input_kind, job.max_tokens, job.model, job.response_schema is not None
+        )
         with session_scope(runtime.engine) as session:
             job = transitions.lock_job(session, job_id)  # routers, claims and commits of this job take turns
             if job is None or job.status.is_final or job.status is JobStatus.FINALIZING:

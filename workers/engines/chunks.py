@@ -52,9 +52,7 @@ class Chunk:
 
     @property
     def prompt_chars(self) -> int:
-        return sum(
-            len(r.prompt or "") + sum(len(m.get("content") or "") for m in (r.messages or [])) for r in self.runnable
-        )
+        return sum(r.prompt_chars for r in self.runnable)
 
     @property
     def max_tokens(self) -> int:

@@ -231,6 +231,7 @@ class APIEngine:
                     output_tokens=tokens_out,
                     cost_usd=cost,
                     tries=tries,
+                    reasks=attempt,
                     latency_ms=(time.perf_counter() - started) * 1000.0,
                 )
             note = f"That answer does not follow the JSON Schema: {problem}. Answer again, with JSON that does."

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.jobs.submit import JobRequest, submit
+from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
+from pipeline.store.db import session_scope
 from schemas.backends import ApiProvider
 from schemas.inference import Request
 from schemas.status import LedgerKind
@@ -133,25 +135,59 @@ def test_a_schema_job_on_an_api_lane_reserves_every_reask_and_never_passes_its_b
     assert done >= 40  # most rows answered before the money ran short (each reservation holds 3 attempts)
     assert job_row(runtime, job_id).budget_usd == budget
 
+    # What the router learnt: a re-ask rate (a moving average over chunks that the budget
+    # made small at the end, so only its bounds are sure), and sizes from first asks only
+    # (this provider bills a token a byte: one ASCII character per token exactly; a
+    # re-ask's prompt, counted in, would make it less).
+    with session_scope(runtime.engine) as session:
+        seen = learning.observed(session, "prov", "m")
+    assert seen is not None and seen.reask_rate is not None
+    assert 0.0 < seen.reask_rate <= 2.0
+    assert seen.chars_per_token == pytest.approx(1.0) and seen.output_fill == pytest.approx(1.0)
 
-def test_the_routers_worst_cases_hold_every_reask_of_a_schema_job() -> None:
+
+def test_the_routers_estimate_counts_the_expected_reasks_and_its_worst_cases_every_one() -> None:
     from pipeline.routing.estimate import profile_requests
-    from pipeline.routing.pricing import quote, reasked_worst_case_usd
-    from schemas.backends import RoutingSettings
+    from pipeline.routing.observations import Observed
+    from pipeline.routing.pricing import api_cost, quote, reasked_worst_case_usd
+    from schemas.backends import REASK_NOTE_BYTES, RoutingSettings
 
     api = ApiProvider(
         name="p", base_url="http://127.0.0.1:1", models={"m": "m"}, input_usd_per_1m=1.0, output_usd_per_1m=2.0
     )
-    rows = [Request(prompt=f"label ticket {i}" * (i + 1), max_tokens=8) for i in range(5)]
+    schema = json.dumps(LABELS)
+    rows = [Request(prompt=f"label ticket {i}" * (i + 1), max_tokens=8, response_schema=schema) for i in range(5)]
     profile = profile_requests(rows)
+    assert profile.structured_rows == 5
+    routing = RoutingSettings(reask_rate=0.5)
 
-    once = quote(api, "m", profile, None, RoutingSettings())
-    thrice = quote(api, "m", profile, None, RoutingSettings(), schema_retries=2)
+    def learnt(rate: float | None) -> Observed:
+        return Observed(None, None, 0.0, None, None, None, None, 1, reask_rate=rate)
 
-    assert once is not None and thrice is not None
-    assert thrice.cost_usd == once.cost_usd  # the estimate: one attempt a row
+    once = quote(api, "m", profile, None, routing)
+    prior = quote(api, "m", profile, None, routing, schema_retries=2)
+    none_seen = quote(api, "m", profile, learnt(0.0), routing, schema_retries=2)
+    every_one = quote(api, "m", profile, learnt(7.0), routing, schema_retries=2)
+    assert once is not None and prior is not None and none_seen is not None and every_one is not None
+
+    # The estimate: half a re-ask a row (the prior), each the row's prompt, answer and
+    # note, answered again; what was observed replaces the prior, capped at the retries.
+    tokens_in = profile.input_tokens(routing.chars_per_token)
+    tokens_out = profile.max_tokens
+    reask_in = (tokens_in + tokens_out) / 5 + REASK_NOTE_BYTES / routing.chars_per_token
+    expected = api_cost(api, tokens_in + int(2.5 * reask_in), tokens_out + int(2.5 * tokens_out / 5))
+    assert prior.cost_usd == pytest.approx(expected)
+    assert prior.seconds == pytest.approx(once.seconds * 7.5 / 5)
+    assert none_seen.cost_usd == once.cost_usd
+    assert every_one.cost_usd > prior.cost_usd
+    assert every_one.output_tokens == tokens_out + int(10 * tokens_out / 5)  # two re-asks a row, not seven
+    # Rows without a schema are never re-asked.
+    free = profile_requests([Request(prompt=r.prompt, max_tokens=8) for r in rows])
+    assert quote(api, "m", free, learnt(1.0), routing, schema_retries=2).cost_usd == once.cost_usd  # type: ignore[union-attr]
+
+    # The worst cases hold every attempt, with prompts that grow by each re-ask.
     worst_row = profile.worst_row()
-    assert thrice.row_reserve_usd == pytest.approx(
+    assert prior.row_reserve_usd == pytest.approx(
         reasked_worst_case_usd(api, worst_row.input_bound(exact_tokenizer=False), worst_row.max_tokens, 2)
     )
-    assert thrice.reserve_usd > 3 * once.reserve_usd  # three answers, and prompts that grow
+    assert prior.reserve_usd > 3 * once.reserve_usd  # three answers, and prompts that grow

@@ -21,7 +21,16 @@ from sqlalchemy import Engine
 from pipeline.storage.objects import Storage
 from pipeline.store import db
 from schemas.errors import NotFound, StoreError
-from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
+from schemas.records import (
+    DELIVER_WEBHOOKS,
+    FINALIZE_JOB,
+    ROUTE_JOB,
+    RUN_SHARD,
+    FinalizeJob,
+    RouteJob,
+    RunShard,
+    TaskRecord,
+)
 from schemas.secrets import mask_url
 from schemas.settings import Settings, load_settings
 
@@ -147,3 +156,14 @@ class Runtime:
     def send_finalize(self, job_id: str) -> bool:
         """Ask the control plane to finalize the job (or finish a retry job's merge)."""
         return self._send_after_commit(FINALIZE_JOB, FinalizeJob(job_id=job_id), self.settings.control_queue)
+
+    def send_webhooks(self) -> bool:
+        """Ask the control plane to post the job events due to ``[[webhooks]]`` (none configured: nothing sent)."""
+        if not self.settings.webhooks:
+            return False
+        try:
+            self.celery.send_task(DELIVER_WEBHOOKS, args=(), queue=self.settings.control_queue)
+        except Exception as exc:  # the reaper finds the event again
+            log.warning("could not send %s: %s: %s; the reaper will", DELIVER_WEBHOOKS, exc.__class__.__name__, exc)
+            return False
+        return True

@@ -18,6 +18,7 @@ __all__ = [
     "REAP",
     "ROUTE_JOB",
     "RUN_SHARD",
+    "DELIVER_WEBHOOKS",
     "SCHEDULES_TICK",
     "STORAGE_SWEEP",
     "FinalizeJob",
@@ -34,6 +35,8 @@ FINALIZE_JOB = "spotlane.finalize_job"
 REAP = "spotlane.reap"
 SCHEDULES_TICK = "spotlane.schedules_tick"
 STORAGE_SWEEP = "spotlane.storage_sweep"
+#: Post the job events due to ``[[webhooks]]`` (``pipeline.jobs.webhooks``), without a payload.
+DELIVER_WEBHOOKS = "spotlane.deliver_webhooks"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -47,8 +47,10 @@ __all__ = [
     "MetricsSettings",
     "Schedule",
     "SchedulerSettings",
+    "ServeSettings",
     "Settings",
     "StorageSettings",
+    "WebhookSettings",
     "WorkerSettings",
     "load_settings",
 ]
@@ -159,6 +161,48 @@ class MetricsSettings(_Section):
     address: str = "127.0.0.1"
 
 
+class ServeSettings(_Section):
+    """``spotlane serve``: the OpenAI Files and Batches API."""
+
+    #: Loopback unless set: a container sets 0.0.0.0 behind its load balancer.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    #: The largest file an upload may be (bytes); OpenAI's limit is 200 MB.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    #: A batch's default completion window, when the request's is absent.
+    completion_window: str = "24h"
+    #: Uvicorn worker processes of one replica.
+    workers: int = Field(default=1, ge=1)
+
+
+class WebhookSettings(_Section):
+    """A receiver of job events, signed the Standard Webhooks way."""
+
+    name: str
+    url: str
+    #: Name of the environment variable holding the signing secret (``whsec_`` + base64,
+    #: or any text); the secret itself is never part of the settings.
+    secret_env: str
+    #: Events sent to it; all of them when empty.
+    events: list[Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled", "job.paused"]] = Field(
+        default_factory=list
+    )
+    #: Attempts before a delivery is given up (each is a row in ``webhook_deliveries``).
+    max_attempts: int = Field(default=8, ge=1)
+    #: Wait before the second attempt; it doubles with each attempt, to at most an hour.
+    backoff_seconds: float = Field(default=5.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        if "@" in value.split("/", 3)[2]:
+            raise ValueError("carries credentials; sign with secret_env instead")
+        return value
+
+
 class JobDefaults(_Section):
     """Defaults for a job when the submitter names none."""
 
@@ -257,6 +301,8 @@ class Settings(BaseSettings):
     api_providers: list[ApiProvider] = Field(default_factory=list)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     schedules: list[Schedule] = Field(default_factory=list)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(

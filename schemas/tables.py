@@ -39,6 +39,9 @@ __all__ = [
     "ShardAttempt",
     "StorageAction",
     "WorkerPresence",
+    "ApiKey",
+    "StoredFile",
+    "WebhookDelivery",
 ]
 
 JOB_PROGRESS_VIEW = "job_progress"
@@ -105,6 +108,14 @@ class Job(Base):
     #: When this retry job's rows were merged into its parent's next result version
     #: (NULL on a finished retry job: the merge is still to do, and the reaper sees to it).
     merged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    #: The serve key that created the job (its tenant); NULL for jobs of the CLI and API.
+    api_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    #: The OpenAI endpoint of a job read from a batch JSONL file (``/v1/chat/completions``...).
+    openai_endpoint: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    #: A serve batch: its input file, completion window ("24h") and metadata as given.
+    input_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    completion_window: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -115,7 +126,11 @@ class Job(Base):
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.shard_index")
 
-    __table_args__ = (Index("ix_jobs_status", "status"), Index("ix_jobs_retry_of", "retry_of"))
+    __table_args__ = (
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_retry_of", "retry_of"),
+        Index("ix_jobs_api_key", "api_key_id", "created_at"),
+    )
 
 
 class Shard(Base):
@@ -352,3 +367,67 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ApiKey(Base):
+    """A tenant of ``spotlane serve``: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: Hex SHA-256 of the key (keys are 256 random bits: a plain hash is enough).
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The first characters of the key, to tell keys apart in lists.
+    prefix: Mapped[str] = mapped_column(String(16))
+    #: The most all of the key's jobs together may spend (reserved + spent), or NULL.
+    budget_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Added to every job the key creates (``costs --by tag``).
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: An admin key sees every tenant's files and batches.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class StoredFile(Base):
+    """A file of the OpenAI Files API: uploaded input, or a batch's output or error file."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(40))
+    filename: Mapped[str] = mapped_column(Text)
+    #: ``batch`` (uploaded input), ``batch_output`` (results and errors).
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    url: Mapped[str] = mapped_column(Text)
+    #: The job whose output (or errors) this file holds.
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_files_key", "api_key_id", "created_at"),)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver one event to one webhook (delivered at least once)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: The event's id (``webhook-id``): the same on every attempt, so receivers dedupe.
+    event_id: Mapped[str] = mapped_column(String(64))
+    webhook: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "webhook", "attempt"),
+        Index("ix_webhook_deliveries_job", "job_id"),
+    )

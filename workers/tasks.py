@@ -22,6 +22,7 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 
 from schemas.records import (
+    DELIVER_WEBHOOKS,
     FINALIZE_JOB,
     REAP,
     ROUTE_JOB,
@@ -116,6 +117,12 @@ def register(app: Celery, runtime: Runtime, state: WorkerState) -> None:
         from pipeline.tasks.reaper import reap as do_reap
 
         do_reap(runtime)
+
+    @app.task(name=DELIVER_WEBHOOKS)
+    def deliver_webhooks(*_: Any) -> int:
+        from pipeline.jobs.webhooks import deliver_due
+
+        return deliver_due(runtime)
 
     @app.task(name=SCHEDULES_TICK)
     def schedules_tick(*_: Any) -> int:

@@ -52,7 +52,9 @@ def cancel(runtime: Runtime, job_id: str, *, reason: str = "cancelled by hand") 
             raise StoreError(f"job {job_id} is writing its results (every shard has ended); nothing to cancel")
         if not transitions.cancel_job(session, job_id, reason):
             raise StoreError(f"job {job_id} changed state while cancelling; try again")
-        return Stopped(job_id, JobStatus.CANCELLED.value, _rows_done(session, job_id), job.rows_total)
+        stopped = Stopped(job_id, JobStatus.CANCELLED.value, _rows_done(session, job_id), job.rows_total)
+    runtime.send_webhooks()
+    return stopped
 
 
 def resume(runtime: Runtime, job_id: str) -> Stopped:

@@ -207,6 +207,7 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
         ).all()
     planned = _plan(runtime, job_id, shards) if job.deadline is not None and shards else {}
     queued = 0
+    paused = False
     for shard_id, index, start, end, excluded in shards:
         if not renew():
             log.warning("router lost its lease on job %s; another router goes on", job_id)
@@ -229,21 +230,22 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 _fail_unroutable(session, job, shard_id, index, excluded or [])
                 continue
             committed = ledger.committed_usd(session, job_id)
+            budget = ledger.budget_for(session, job, committed)  # capped by its serve key's budget
             preferred = [q for q in quotes if (q.backend, q.model) == planned.get(shard_id)]
-            if preferred and ledger.fits(committed, preferred[0].row_reserve_usd, job.budget_usd):
+            if preferred and ledger.fits(committed, preferred[0].row_reserve_usd, budget):
                 choice = Choice(preferred[0])
             else:
                 choice = choose(
                     quotes,
                     committed_usd=committed,
-                    budget_usd=job.budget_usd,
+                    budget_usd=budget,
                     backlog_seconds=_backlog(session),
                     now=now,
                     deadline=job.deadline,
                 )
             if choice.quote is None:
-                _wait_or_pause(session, job, shard_id, index, quotes)
-                return queued
+                paused = _wait_or_pause(session, job, shard_id, index, quotes)
+                break  # committed on the way out
             best = choice.quote
             if not transitions.queue_shard(
                 session,
@@ -259,7 +261,7 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 route_note=choice.note,
             ):
                 continue
-            room = float("inf") if job.budget_usd is None else job.budget_usd - committed
+            room = float("inf") if budget is None else budget - committed
             ledger.reserve(
                 session,
                 job_id,
@@ -275,6 +277,9 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
         # Sent after the commit: a worker never sees a task its shard row does not back.
         runtime.send_run(record)
         queued += 1
+    if paused:
+        runtime.send_webhooks()  # job.paused
+        return queued
     with session_scope(runtime.engine) as session:
         finished = transitions.job_shards_final(session, job_id)
     if finished:  # every shard failed routing: finalize now, nothing else will
@@ -289,13 +294,13 @@ def _advance(q: Quote, rows: int, settings: Settings, room: float) -> float:
     return min(q.reserve_usd, max(first_chunk, q.row_reserve_usd), room)
 
 
-def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes: Sequence[Quote]) -> None:
+def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes: Sequence[Quote]) -> bool:
     """No backend's worst case fits what is left of the budget now.
 
     If other shards of the job are in flight, their reservations come back as they
     finish (their actual cost is usually well under the worst case): the shard
     waits, pending, and is routed again when one of them ends. Otherwise the budget
-    cannot cover it: every pending shard is blocked and the job paused.
+    cannot cover it: every pending shard is blocked and the job paused (True).
     """
     cheapest = min(q.row_reserve_usd for q in quotes)
     in_flight = session.execute(
@@ -311,16 +316,21 @@ def _wait_or_pause(session: Session, job: Job, shard_id: int, index: int, quotes
                 updated_at=db_now(session),
             )
         )
-        return
+        return False
     transitions.block_pending(session, job.id)
-    transitions.set_job_status(
+    return transitions.set_job_status(
         session,
         job.id,
         JobStatus.PAUSED,
         expected=(JobStatus.PENDING, JobStatus.RUNNING),
-        error=f"paused: what is left of the budget (${job.budget_usd or 0:.4f}) cannot cover shard {index}'s "
-        f"costliest row (worst case ${cheapest:.4f} on the cheapest backend); raise it with `spotlane budget`",
+        error=f"paused: what is left of the budget (${job.budget_usd or 0:.4f}{_key_note(job)}) cannot cover shard "
+        f"{index}'s costliest row (worst case ${cheapest:.4f} on the cheapest backend); raise it with "
+        "`spotlane budget`",
     )
+
+
+def _key_note(job: Job) -> str:
+    return f", or of its serve key {job.api_key_id}'s" if job.api_key_id is not None else ""
 
 
 def _rough_profile(job: Job, rows: int) -> ShardProfile:

@@ -166,7 +166,14 @@ def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> tuple[Chun
     if session.execute(select(Shard.id).where(*_owned(claim))).scalar_one_or_none() is None:
         return ChunkVerdict.LOST, 0.0
     ok, room = ledger.reserve_chunk(
-        session, claim.job_id, claim.shard_id, claim.attempt, claim.backend, need_usd, job.budget_usd, db_now(session)
+        session,
+        claim.job_id,
+        claim.shard_id,
+        claim.attempt,
+        claim.backend,
+        need_usd,
+        ledger.budget_for(session, job),
+        db_now(session),
     )
     return (ChunkVerdict.GO if ok else ChunkVerdict.NO_BUDGET), room
 

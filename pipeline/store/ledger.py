@@ -20,6 +20,11 @@ An attempt whose lease was lost (a frozen worker, a partition) may still be bill
 for the chunk it had in flight: its reservation stays held until the job ends, so
 the next owner cannot spend it twice. So ``spent + reserved <= budget`` holds after
 every transaction. Callers pass a session; their transaction commits.
+
+A job created through ``spotlane serve`` belongs to a key, whose budget caps all of
+its jobs together: ``budget_for`` is the job's budget as reservations see it, its
+own capped by what the key has left, computed under a lock of the key's row (taken
+after the job lock, always in that order) from the ledger of every job of the key.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from schemas.status import LedgerKind
-from schemas.tables import CostLedgerEntry
+from schemas.tables import ApiKey, CostLedgerEntry, Job
 
 __all__ = [
     "Charge",
+    "budget_for",
     "charge",
     "committed_usd",
     "fits",
@@ -100,6 +106,31 @@ def reserved_usd(session: Session, shard_id: int, attempt: int | None = None) ->
             )
         ).scalar_one()
     )
+
+
+def budget_for(session: Session, job: Job, committed: float | None = None) -> float | None:
+    """The most ``job`` may have spent and reserved: its budget, capped by its key's.
+
+    The caller holds the job lock; this locks the key's row, so two jobs of one key
+    reserve in turn. ``committed``: the job's committed USD, if already read.
+    """
+    if job.api_key_id is None:
+        return job.budget_usd
+    key_budget = session.execute(
+        select(ApiKey.budget_usd).where(ApiKey.id == job.api_key_id).with_for_update()
+    ).scalar_one_or_none()
+    if key_budget is None:
+        return job.budget_usd
+    key_committed = float(
+        session.execute(
+            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0))
+            .join(Job, Job.id == CostLedgerEntry.job_id)
+            .where(Job.api_key_id == job.api_key_id)
+        ).scalar_one()
+    )
+    own = committed_usd(session, job.id) if committed is None else committed
+    cap = own + key_budget - key_committed
+    return cap if job.budget_usd is None else min(job.budget_usd, cap)
 
 
 def fits(committed: float, amount: float, budget_usd: float | None) -> bool:

@@ -88,6 +88,8 @@ def finalize_job(runtime: Runtime, job_id: str) -> JobStatus | None:
         status = _finalize(runtime, job_id, owner, lease)
     finally:
         leases.release(runtime.engine, lease, owner)
+    if status is not None:
+        runtime.send_webhooks()
     if status is not None and status is not JobStatus.FAILED:
         _merge(runtime, job_id)
     return status

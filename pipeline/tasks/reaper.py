@@ -24,7 +24,12 @@ Jobs:
 - a job whose shards are all final, or that is ``finalizing`` with no finalizer
   holding its lease (the finalizer died), is finalized;
 - a finished ``retry-errors`` job whose merge into its parent never completed is
-  sent to the finalizer again, which completes the merge.
+  sent to the finalizer again, which completes the merge;
+- a ``spotlane serve`` batch still open at the end of its completion window is
+  cancelled as expired (its finished rows are kept, like OpenAI's).
+
+Events due to ``[[webhooks]]`` (a job ended or paused; a failed delivery whose
+backoff has passed) are handed to the control queue's ``deliver_webhooks``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Exists, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from pipeline.jobs.webhooks import EXPIRED, due_events
 from pipeline.runtime import Runtime
 from pipeline.store import identity, transitions
 from pipeline.store.db import db_now, session_scope
@@ -60,6 +66,8 @@ class ReapReport:
     handed_back: int = 0
     #: Retry jobs whose merge into their parent was sent again.
     merges: int = 0
+    #: Serve batches cancelled at the end of their completion window.
+    batches_expired: int = 0
 
     def __bool__(self) -> bool:
         return any(vars(self).values())
@@ -84,9 +92,34 @@ def reap(runtime: Runtime) -> ReapReport:
     for record in to_send:
         runtime.send_run(record)
     _drive_jobs(runtime, report)
+    _expire_batches(runtime, report)
+    if runtime.settings.webhooks:
+        with session_scope(runtime.engine) as session:
+            if due_events(session, runtime.settings.webhooks):
+                runtime.send_webhooks()
     if report:
         log.info("reaper: %s", report)
     return report
+
+
+def _expire_batches(runtime: Runtime, report: ReapReport) -> None:
+    with session_scope(runtime.engine) as session:
+        due = (
+            session.execute(
+                select(Job.id).where(
+                    Job.completion_window.is_not(None),
+                    Job.deadline < db_now(session),
+                    Job.status.in_((JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED)),
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for job_id in due:
+            if transitions.cancel_job(session, job_id, EXPIRED):
+                report.batches_expired += 1
+    if due:
+        runtime.send_webhooks()
 
 
 def _expire_leases(runtime: Runtime, report: ReapReport) -> list[RunShard]:

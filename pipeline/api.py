@@ -7,7 +7,8 @@
 
 This module only gathers what the subpackages implement (``pipeline.jobs`` for
 the job-facing operations, ``pipeline.storage`` for the lifecycle sweep,
-``pipeline.tasks`` for schedules, ``pipeline.store`` for the job store); the CLI
+``pipeline.tasks`` for schedules, ``pipeline.store`` for the job store,
+``pipeline.serve`` for the keys of ``spotlane serve``); the CLI
 calls nothing else. ``workers.run`` works a job in this process.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from pipeline.jobs import submit as _submit
 from pipeline.jobs.control import Stopped, cancel, resume, set_budget
 from pipeline.jobs.costs import CostLine, costs
-from pipeline.jobs.export import EXPORT_FORMATS, check_export_target, export_results
+from pipeline.jobs.export import EXPORT_FORMATS, Exported, check_export_target, export_results
 from pipeline.jobs.plan import Plan, PlanLine, plan
 from pipeline.jobs.queries import (
     JobEvent,
@@ -34,6 +35,7 @@ from pipeline.jobs.queries import (
 )
 from pipeline.jobs.retry import retry_errors
 from pipeline.runtime import Runtime
+from pipeline.serve.keys import KeyInfo, create_key, list_keys, revoke_key
 from pipeline.storage.lifecycle import SweepReport, sweep
 from pipeline.store import db, presence
 from pipeline.tasks.scheduler import RunReport, ScheduleStatus, list_schedules, run_schedule
@@ -67,6 +69,7 @@ __all__ = [
     "results",
     "ResultsInfo",
     "export_results",
+    "Exported",
     "check_export_target",
     "EXPORT_FORMATS",
     # Operations
@@ -77,6 +80,11 @@ __all__ = [
     "run_schedule",
     "RunReport",
     "live_workers",
+    # spotlane serve's tenants
+    "create_key",
+    "list_keys",
+    "revoke_key",
+    "KeyInfo",
     "upgrade_store",
     "Runtime",
 ]

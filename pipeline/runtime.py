@@ -26,6 +26,7 @@ from schemas.records import (
     FINALIZE_JOB,
     ROUTE_JOB,
     RUN_SHARD,
+    DeliverWebhooks,
     FinalizeJob,
     RouteJob,
     RunShard,
@@ -161,9 +162,4 @@ class Runtime:
         """Ask the control plane to post the job events due to ``[[webhooks]]`` (none configured: nothing sent)."""
         if not self.settings.webhooks:
             return False
-        try:
-            self.celery.send_task(DELIVER_WEBHOOKS, args=(), queue=self.settings.control_queue)
-        except Exception as exc:  # the reaper finds the event again
-            log.warning("could not send %s: %s: %s; the reaper will", DELIVER_WEBHOOKS, exc.__class__.__name__, exc)
-            return False
-        return True
+        return self._send_after_commit(DELIVER_WEBHOOKS, DeliverWebhooks(), self.settings.control_queue)

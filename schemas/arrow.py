@@ -31,7 +31,7 @@ __all__ = [
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 #: Columns the engine reads; they are not copied to the output (prompts are large).
-REQUEST_COLUMNS = ("id", "prompt", "messages", "max_tokens", "temperature", "model", "response_format")
+REQUEST_COLUMNS = ("id", "prompt", "messages", "max_tokens", "temperature", "model", "response_format", "body_params")
 #: Known columns that are nevertheless carried through to the output.
 CARRIED_KNOWN = ("metadata",)
 
@@ -78,6 +78,8 @@ OPTIONAL_INPUT_TYPES = {
     "model": (is_string, "a string"),
     "metadata": (is_string, "a string (JSON text is fine)"),
     "response_format": (is_string, "a string: OpenAI's response_format object as JSON"),
+    # An OpenAI batch line's other body parameters (top_p, stop, seed...), kept as JSON; not applied.
+    "body_params": (is_string, "a string: JSON of request parameters"),
 }
 
 

@@ -70,7 +70,8 @@ class JobOptions(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str | list[str]) -> str | list[str]:
-        if not (value if isinstance(value, list) else value.strip()):
+        # An empty list: the input names its models (an OpenAI batch JSONL file's lines).
+        if any(not m.strip() for m in ([value] if isinstance(value, str) else value)):
             raise ValueError("names no model")
         return value
 

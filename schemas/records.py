@@ -21,6 +21,7 @@ __all__ = [
     "DELIVER_WEBHOOKS",
     "SCHEDULES_TICK",
     "STORAGE_SWEEP",
+    "DeliverWebhooks",
     "FinalizeJob",
     "RouteJob",
     "RunShard",
@@ -84,3 +85,8 @@ class FinalizeJob(TaskRecord):
     """Gather a finished job's committed parts into its results."""
 
     job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverWebhooks(TaskRecord):
+    """Post the job events due to ``[[webhooks]]`` (they are read from the jobs themselves)."""

@@ -29,6 +29,7 @@ from schemas.records import (
     RUN_SHARD,
     SCHEDULES_TICK,
     STORAGE_SWEEP,
+    DeliverWebhooks,
     FinalizeJob,
     RouteJob,
     RunShard,
@@ -119,9 +120,10 @@ def register(app: Celery, runtime: Runtime, state: WorkerState) -> None:
         do_reap(runtime)
 
     @app.task(name=DELIVER_WEBHOOKS)
-    def deliver_webhooks(*_: Any) -> int:
+    def deliver_webhooks(payload: dict[str, Any]) -> int:
         from pipeline.jobs.webhooks import deliver_due
 
+        DeliverWebhooks.decode(payload)
         return deliver_due(runtime)
 
     @app.task(name=SCHEDULES_TICK)

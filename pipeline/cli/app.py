@@ -88,15 +88,19 @@ class Task(str, Enum):
 
 InputArg = Annotated[
     str,
-    typer.Argument(metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL)."),
+    typer.Argument(
+        metavar="INPUT",
+        help="Parquet file of prompts, a glob or folder of them, or an OpenAI batch JSONL file (path or fsspec URL).",
+    ),
 ]
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id, a unique prefix of one, or 'latest'.")]
 ModelOpt = Annotated[
-    list[str],
+    list[str] | None,
     typer.Option(
         "--model",
         "-m",
-        help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several (cheapest per shard wins).",
+        help="Hugging Face model id, local model folder, or a provider's model name; repeat to accept several "
+        "(cheapest per shard wins). An OpenAI batch JSONL input's lines name their own.",
     ),
 ]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default max new tokens per row.")]
@@ -156,7 +160,7 @@ def _tags(items: list[str] | None) -> dict[str, str]:
 
 
 def job_spec(
-    model: list[str],
+    model: list[str] | None,
     *,
     max_tokens: int | None = None,
     temperature: float | None = None,
@@ -183,7 +187,7 @@ def job_spec(
     return JobSpec(
         response_schema=response_schema,
         schema_retries=schema_retries,
-        model=model,
+        model=model or [],
         max_tokens=max_tokens,
         temperature=temperature,
         rows_per_shard=rows_per_shard,

@@ -58,7 +58,7 @@ def _say_if_nobody_works(runtime: Runtime, job_id: str) -> None:
 @app.command()
 def plan(
     input_url: InputArg,
-    model: ModelOpt,
+    model: ModelOpt = None,
     budget: BudgetOpt = None,
     deadline: DeadlineOpt = None,
     max_tokens: MaxTokensOpt = None,

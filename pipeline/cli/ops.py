@@ -1,4 +1,4 @@
-"""``spotlane`` commands for operations: ``storage sweep`` and ``schedules``.
+"""``spotlane`` commands for operations: ``storage sweep``, ``schedules``, ``serve`` and ``keys``.
 
 Registered on the app of ``pipeline.cli.app`` when ``pipeline.cli`` imports this module.
 """
@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from pipeline import api
-from pipeline.cli.app import _STATE, _runtime, app, config_app, console, db_app
+from pipeline.cli.app import _STATE, _runtime, _tags, app, config_app, console, db_app
 from schemas.errors import InputError
 from schemas.settings import load_settings
 
@@ -23,8 +23,10 @@ storage_app = typer.Typer(help="Object storage tiers and their lifecycle.", no_a
 schedules_app = typer.Typer(
     help="Scheduled runs: the config's schedules, their last and next runs.", invoke_without_command=True
 )
+keys_app = typer.Typer(help="Keys of `spotlane serve`: one per tenant, with a budget and tags.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 app.add_typer(schedules_app, name="schedules")
+app.add_typer(keys_app, name="keys")
 
 
 def _size(n: int) -> str:
@@ -160,3 +162,91 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 def config_show() -> None:
     """Print the effective settings (secrets masked)."""
     console.print_json(json.dumps(load_settings(_STATE["config"]).masked()))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (serve.host: loopback).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (serve.port: 8000).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Processes (serve.workers: 1).")] = None,
+) -> None:
+    """Serve OpenAI's Files and Batches API: point an OpenAI client's base_url at http://HOST:PORT/v1.
+
+    Every request needs a key from `spotlane keys create`. Stateless: run as many
+    replicas as you like behind a load balancer, over the same job store and storage.
+    """
+    import uvicorn
+
+    settings = _runtime().settings
+    if _STATE["config"]:
+        import os
+
+        os.environ["SPOTLANE_CONFIG"] = str(_STATE["config"])  # for the worker processes uvicorn starts
+    uvicorn.run(
+        "pipeline.serve.app:create_app",
+        factory=True,
+        host=host or settings.serve.host,
+        port=port or settings.serve.port,
+        workers=workers or settings.serve.workers,
+        log_level="info",
+        server_header=False,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the key: a team, a service.")],
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="USD all of the key's batches together may spend.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key=value added to the key's jobs (costs --by tag).")
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="The key sees every tenant's files and batches.")] = False,
+) -> None:
+    """Create a key and print it; only its hash is kept, so it is shown this once."""
+    info, secret = api.create_key(_runtime(), name, budget_usd=budget, tags=_tags(tag), admin=admin)
+    err = typer.echo
+    err(f"created key {info.name} ({info.id}); it is shown once, store it now:", err=True)
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Keys, their budgets and what their batches hold and spent (never the keys themselves)."""
+    keys = api.list_keys(_runtime(writes=False))
+    if as_json:
+        console.print_json(
+            json.dumps(
+                [
+                    {
+                        "id": k.id,
+                        "name": k.name,
+                        "prefix": k.prefix,
+                        "budget_usd": k.budget_usd,
+                        "committed_usd": k.committed_usd,
+                        "tags": k.tags,
+                        "admin": k.admin,
+                        "created_at": k.created_at.isoformat(),
+                        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                    }
+                    for k in keys
+                ]
+            )
+        )
+        return
+    if not keys:
+        console.print("no keys; create one with `spotlane keys create NAME`")
+        return
+    for k in keys:
+        budget = "no budget" if k.budget_usd is None else f"${k.committed_usd:.4f} of ${k.budget_usd:.2f}"
+        state = "revoked" if k.revoked_at else ("admin" if k.admin else "live")
+        tags = " ".join(f"{a}={b}" for a, b in k.tags.items())
+        console.print(f"{escape(k.name)}  {k.prefix}…  {state}  {budget}  {escape(tags)}", highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name (or id).")]) -> None:
+    """Revoke a key: its requests are refused from now on; its batches run on."""
+    info = api.revoke_key(_runtime(), name)
+    console.print(f"revoked {escape(info.name)} ({info.id})")

@@ -95,7 +95,9 @@ def run(
     input_url: Annotated[
         str | None,
         typer.Argument(
-            metavar="INPUT", help="Parquet file of prompts, or a glob or folder of them (path or fsspec URL)."
+            metavar="INPUT",
+            help="Parquet file of prompts, a glob or folder of them, or an OpenAI batch JSONL file "
+            "(path or fsspec URL).",
         ),
     ] = None,
     model: Annotated[
@@ -104,7 +106,8 @@ def run(
             "--model",
             "-m",
             help="Hugging Face model id, local model folder, or a provider's model name; "
-            "repeat to accept several (cheapest per shard wins).",
+            "repeat to accept several (cheapest per shard wins). An OpenAI batch JSONL input's lines name "
+            "their own.",
         ),
     ] = None,
     max_tokens: MaxTokensOpt = None,
@@ -143,7 +146,7 @@ def run(
         if api.job_status(runtime, job_id, with_shards=False).status in ("cancelled", "failed", "paused"):
             api.resume(runtime, job_id)
     else:
-        if input_url is None or not model:
+        if input_url is None:
             raise typer.BadParameter("give INPUT and --model (or --job JOB to work an existing job)")
         spec = job_spec(
             model,
@@ -176,7 +179,7 @@ def run(
     if report.result_url:
         console.print(f"results: {escape(report.result_url)}")
     if output and report.result_url:
-        rows = api.export_results(runtime, job_id, output)
+        rows = api.export_results(runtime, job_id, output).rows
         console.print(f"exported {rows} rows to {escape(output)}")
     if report.status in ("failed", "cancelled", "paused"):
         if report.error:
@@ -232,7 +235,7 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
 @app.command()
 def submit(
     input_url: InputArg,
-    model: ModelOpt,
+    model: ModelOpt = None,
     max_tokens: MaxTokensOpt = None,
     temperature: TempOpt = None,
     rows_per_shard: ShardOpt = None,

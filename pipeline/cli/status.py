@@ -120,16 +120,34 @@ def results(
     to: Annotated[
         str | None, typer.Option("--to", help="Export the results to one file: .parquet, .csv or .jsonl.")
     ] = None,
-    errors: Annotated[bool, typer.Option("--errors", help="Only the rows that came back with an error.")] = False,
+    errors: Annotated[
+        str | None,
+        typer.Option(
+            "--errors", help="Export the rows that came back with an error to this file (alone, or with --to)."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="parquet, csv or jsonl (default: by the file's extension), or openai: OpenAI's batch output "
+            "lines in --to and error lines in --errors.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
 ) -> None:
     """Where a finished job's results are, or export them (a stopped job's finished rows too)."""
     runtime = _runtime(writes=False)
     job_id = _job(runtime, job_id)
-    if to:
-        api.check_export_target(to)
-        rows = api.export_results(runtime, job_id, to, errors_only=errors)
-        console.print(f"exported {rows} {'error ' if errors else ''}rows to {escape(to)}")
+    if to or errors:
+        for target in (to, errors):
+            if target:
+                api.check_export_target(target, fmt)
+        rows, failed = api.export_results(runtime, job_id, to, errors_to=errors, fmt=fmt)
+        if to:
+            console.print(f"exported {rows} rows to {escape(to)}")
+        if errors:
+            console.print(f"exported {failed} error rows to {escape(errors)}")
         return
     info = api.results(runtime, job_id)
     if as_json:

@@ -1,11 +1,21 @@
-"""Exporting a job's rows to one file: Parquet, CSV or JSON Lines, all rows or only the errors."""
+"""Exporting a job's rows: Parquet, CSV, JSON Lines or OpenAI's batch output format.
+
+``to`` gets the rows, ``errors_to`` the rows that came back with an error (only
+those, if ``to`` is not given). In OpenAI's format (``fmt="openai"``) the two are
+its output and error files: every custom_id in exactly one of them, the answered
+ones in ``to`` shaped like the endpoint's response, the others in ``errors_to``
+(error rows, and the rows a cancelled or expired job never reached).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,27 +25,37 @@ from sqlalchemy import select
 
 from pipeline.jobs.queries import results
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import canonical_url
+from pipeline.storage.inputs import canonical_url, iter_rows
 from pipeline.storage.objects import filesystem, open_new
+from pipeline.storage.openai_batch import error_line, openai_lines
 from pipeline.store.db import session_scope
 from schemas.errors import InputError, NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import Checkpoint, Job, Shard
 
-__all__ = ["EXPORT_FORMATS", "check_export_target", "export_results"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "Exported",
+    "check_export_target",
+    "export_results",
+    "export_sources",
+    "write_openai",
+]
 
 
 EXPORT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def check_export_target(to: str) -> str:
-    """The format of an export to ``to`` (by its extension); ``InputError`` naming the
-    problem if it cannot be written there. Checked before any work is done."""
+def check_export_target(to: str, fmt: str | None = None) -> str:
+    """The format of an export to ``to`` (``fmt``, or by its extension); ``InputError``
+    naming the problem if it cannot be written there. Checked before any work is done."""
     target = canonical_url(to)
     if "://" not in target and Path(target).is_dir():
         raise InputError(f"{to} is a folder; give a file name")
     suffix = PurePosixPath(to.split("?", 1)[0]).suffix.lower()
-    fmt = EXPORT_FORMATS.get(suffix)
+    if fmt is not None and fmt not in (*EXPORT_FORMATS.values(), "openai"):
+        raise InputError(f"--format {fmt}: use parquet, csv, jsonl or openai")
+    fmt = fmt or EXPORT_FORMATS.get(suffix)
     if fmt is None:
         raise InputError(f"{to}: export to .parquet, .csv or .jsonl (not {suffix or 'a name without an extension'})")
     if "://" not in target:
@@ -51,7 +71,7 @@ def check_export_target(to: str) -> str:
     return fmt
 
 
-def _export_sources(runtime: Runtime, job_id: str) -> list[str]:
+def export_sources(runtime: Runtime, job_id: str) -> list[str]:
     """The files holding the job's rows in input order: its results, or, for a job
     stopped before it had any (cancelled, failed, paused), its committed parts."""
     with session_scope(runtime.engine) as session:
@@ -71,32 +91,96 @@ def _export_sources(runtime: Runtime, job_id: str) -> list[str]:
     return results(runtime, job_id).files
 
 
-def export_results(runtime: Runtime, job_id: str, to: str, *, errors_only: bool = False) -> int:
-    """Write a job's rows to one file at ``to`` (.parquet, .csv or .jsonl); return the row count.
+class Exported(NamedTuple):
+    #: Rows written to ``to``, and to ``errors_to``.
+    rows: int
+    errors: int
 
-    A finished job's results, or a stopped job's finished rows; ``errors_only``: only
-    the rows that came back with an error. ``to`` may not lie inside spotlane's own
-    storage tiers (it could replace a part or a result file), and it appears whole
-    or not at all.
+
+def export_results(
+    runtime: Runtime,
+    job_id: str,
+    to: str | None,
+    *,
+    errors_to: str | None = None,
+    fmt: str | None = None,
+) -> Exported:
+    """Write a job's rows to ``to`` and its error rows to ``errors_to`` (see the module
+    docstring); return how many rows went to each.
+
+    A finished job's results, or a stopped job's finished rows. Neither file may lie
+    inside spotlane's own storage tiers (it could replace a part or a result file),
+    and each appears whole or not at all.
     """
-    fmt = check_export_target(to)
-    target = canonical_url(to)
-    for tier in ("hot", "warm", "cold"):
-        root = canonical_url(runtime.storage.tier(tier))
-        if _within(target, root):
-            raise StoreError(f"--to {to} is inside spotlane's storage ({tier} tier): export somewhere else")
-    sources = _export_sources(runtime, job_id)
-    rows = 0
-    with open_new(target) as sink, _RowWriter(sink, fmt) as writer:
-        for url in sources:
-            fs, path = filesystem(url)
-            with fs.open(path, "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536):
-                    if errors_only:
-                        batch = batch.filter(pc.is_valid(batch.column("error")))
-                    writer.write(batch)
-                    rows += len(batch)
-    return rows
+    targets = [t for t in (to, errors_to) if t]
+    if not targets:
+        raise InputError("give --to FILE, --errors FILE, or both")
+    formats = {t: check_export_target(t, fmt) for t in targets}
+    for target in targets:
+        for tier in ("hot", "warm", "cold"):
+            root = canonical_url(runtime.storage.tier(tier))
+            if _within(canonical_url(target), root):
+                raise StoreError(f"{target} is inside spotlane's storage ({tier} tier): export somewhere else")
+    with contextlib.ExitStack() as stack:
+        sinks = {t: stack.enter_context(open_new(canonical_url(t))) for t in targets}
+        if fmt == "openai":
+            return Exported(*write_openai(runtime, job_id, sinks.get(to or ""), sinks.get(errors_to or "")))
+        writers = {t: stack.enter_context(_RowWriter(sinks[t], formats[t])) for t in targets}
+        counts = {t: 0 for t in targets}
+        for batch in _batches(runtime, job_id):
+            if to:
+                writers[to].write(batch)
+                counts[to] += len(batch)
+            if errors_to:
+                failed = batch.filter(pc.is_valid(batch.column("error")))
+                if len(failed):
+                    writers[errors_to].write(failed)
+                    counts[errors_to] += len(failed)
+        return Exported(counts.get(to or "", 0), counts.get(errors_to or "", 0))
+
+
+def _batches(runtime: Runtime, job_id: str) -> Iterator[pa.RecordBatch]:
+    for url in export_sources(runtime, job_id):
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=65536)
+
+
+def write_openai(runtime: Runtime, job_id: str, out: Any | None, err: Any | None) -> tuple[int, int]:
+    """A job's rows as OpenAI's batch output (``out``) and error (``err``) lines, in
+    input order; rows a cancelled or expired job never reached are error lines too.
+    Either sink may be None (those lines are skipped). Returns the two line counts."""
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
+        endpoint = job.openai_endpoint or ("/v1/embeddings" if job.task == "embed" else "/v1/chat/completions")
+        stopped = job.status in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED)
+        expired = (job.error or "").startswith("expired")
+        input_url = job.input_url
+        ranges = [
+            (s.row_start + s.rows_done, s.row_end)
+            for s in session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)).all()
+        ]
+    created = int(time.time())
+    counts = [0, 0]
+    for batch in _batches(runtime, job_id):
+        for is_error, line in openai_lines(batch, endpoint, created):
+            sink = err if is_error else out
+            if sink is not None:
+                sink.write(line)
+                counts[is_error] += 1
+    if stopped and err is not None:
+        code = "batch_expired" if expired else "batch_cancelled"
+        message = f"the batch {'expired' if expired else 'stopped'} before this request was run"
+        for start, end in ranges:
+            if start >= end:
+                continue
+            for batch in iter_rows(input_url, start, end, ["id"]):
+                for custom_id in batch.column("id").to_pylist():
+                    err.write(error_line(custom_id, code, message))
+                    counts[1] += 1
+    return counts[0], counts[1]
 
 
 class _RowWriter:

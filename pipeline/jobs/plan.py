@@ -20,6 +20,7 @@ from pipeline.routing.router import choose, quotes_for
 from pipeline.runtime import Runtime
 from pipeline.storage.input_files import expand_input, stitch_inputs
 from pipeline.storage.inputs import inspect_input
+from pipeline.storage.openai_batch import convert_jsonl, is_openai_jsonl
 from pipeline.store.db import session_scope
 from schemas.base import utcnow
 from schemas.errors import InputError
@@ -62,10 +63,17 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
     """
     settings = runtime.settings
     api_models = {m for p in settings.api_providers for m in p.models}
-    models = [m if m in api_models else resolve_model(m) for m in spec.models]
     files = expand_input(input_url)
+    names = spec.models
     with tempfile.TemporaryDirectory(dir=settings.home) as scratch:
-        url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
+        if len(files) == 1 and is_openai_jsonl(files[0]):  # priced as the Parquet file submit makes of it
+            url = str(Path(scratch) / "input.parquet")
+            names = names or convert_jsonl(files[0], url).models
+        else:
+            url = files[0] if len(files) == 1 else stitch_inputs(files, str(Path(scratch) / "input.parquet"))
+        if not names:
+            raise InputError("--model names no model (only an OpenAI batch JSONL input names its own)")
+        models = [m if m in api_models else resolve_model(m) for m in names]
         return _plan(
             runtime,
             url,

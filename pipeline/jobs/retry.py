@@ -53,7 +53,7 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
         if permanent:
             raise StoreError(
                 f"job {job_id}'s {len(permanent)} error row(s) failed for reasons a retry cannot change "
-                "(the row's prompt, limits or model; see `spotlane results JOB --errors --to errors.csv`)"
+                "(the row's prompt, limits or model; see `spotlane results JOB --errors errors.csv`)"
             )
         raise StoreError(f"job {job_id} has no rows with an error; nothing to retry")
     with session_scope(runtime.engine) as session:

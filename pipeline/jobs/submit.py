@@ -32,6 +32,7 @@ from pipeline.storage.inputs import (
     refuse_credentials,
 )
 from pipeline.storage.objects import copy_file, filesystem, list_files, remove_tree
+from pipeline.storage.openai_batch import BatchFile, convert_jsonl, is_openai_jsonl, line_of_row
 from pipeline.store.db import session_scope
 from schemas.base import utcnow
 from schemas.errors import InputError
@@ -52,6 +53,13 @@ class JobRequest(JobSpec):
     job_id: str | None = None
     #: A ``retry-errors`` job: the job whose error rows this one re-runs.
     retry_of: str | None = None
+    #: A ``spotlane serve`` batch: its key, input file, completion window and metadata,
+    #: and the endpoint the batch names (the file's lines must be for it).
+    api_key_id: str | None = None
+    input_file_id: str | None = None
+    completion_window: str | None = None
+    batch_metadata: dict[str, Any] | None = None
+    openai_endpoint: str | None = None
 
     def __init__(self, input_url: str, model: str | list[str], **options: Any) -> None:
         super().__init__(input_url=input_url, model=model, **options)
@@ -91,6 +99,24 @@ def _stitched_folder(runtime: Runtime, job_id: str) -> str:
 
 def _local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def _convert(runtime: Runtime, url: str, job_id: str) -> tuple[InputInfo, BatchFile]:
+    """An OpenAI batch JSONL file, converted into a Parquet file in the job's hot folder
+    and validated there; errors name the file's line (the lines are its rows)."""
+    target = f"{_stitched_folder(runtime, job_id)}input-{secrets.token_hex(4)}.parquet"
+    try:
+        batch = convert_jsonl(url, target, runtime.storage.storage_class("hot"))
+        try:
+            return inspect_input(target), batch
+        except InputError as exc:
+            if exc.row is None:
+                raise InputError(str(exc).split(": ", 1)[-1], file=url) from None
+            line = line_of_row(target, exc.row)
+            raise InputError(f"line {line}: {str(exc).split(': ', 1)[-1]}", file=url) from None
+    except BaseException:
+        _discard(runtime, job_id, target)
+        raise
 
 
 def _inspect(runtime: Runtime, url: str, job_id: str) -> InputInfo:
@@ -176,19 +202,52 @@ def _first_row_with(url: str, model: str) -> int | None:
 
 
 def submit(runtime: Runtime, request: JobRequest) -> str:
-    """Create the job and its shards, enqueue routing, and return the job id."""
+    """Create the job and its shards, enqueue routing, and return the job id.
+
+    An OpenAI batch JSONL input (told by its content) is converted at submit; its
+    endpoint sets the task, and its lines' models are the job's when the request
+    names none (``model=[]``).
+    """
     settings = runtime.settings
     refuse_credentials(request.input_url)
-    names = request.models
     api_models = {m for p in settings.api_providers for m in p.models}
-    # A model only an API provider serves is a name, not a folder or a hub id to check.
-    models = [m if m in api_models else resolve_model(m) for m in names]
-    model = models[0]
+
+    def resolve(names: list[str]) -> list[str]:
+        # A model only an API provider serves is a name, not a folder or a hub id to check.
+        return [m if m in api_models else resolve_model(m) for m in names]
+
     job_id = request.job_id or new_job_id()
     if request.job_id and _exists(runtime, job_id):
         return job_id
-    info = _inspect(runtime, request.input_url, job_id)
-    _check_row_models(settings, info, models)
+    files = expand_input(request.input_url)
+    batch: BatchFile | None = None
+    task = request.task
+    if len(files) == 1 and is_openai_jsonl(files[0]):
+        info, batch = _convert(runtime, files[0], job_id)
+        try:
+            if request.openai_endpoint is not None and batch.endpoint != request.openai_endpoint:
+                raise InputError(
+                    f"its lines are for {batch.endpoint}, the batch names {request.openai_endpoint}", file=files[0]
+                )
+            task = batch.task
+            if task == "embed" and request.response_schema is not None:
+                raise InputError("an embedding job takes no schema (--schema or --choices)", file=files[0])
+            models = resolve(request.models or batch.models)
+        except BaseException:
+            _discard(runtime, job_id, info.url)
+            raise
+    else:
+        if not request.models:
+            raise InputError("--model names no model (only an OpenAI batch JSONL input names its own)")
+        models = resolve(request.models)
+        info = _inspect(runtime, request.input_url, job_id)
+    model = models[0]
+    try:
+        _check_row_models(settings, info, models)
+    except InputError:
+        if batch is not None:
+            _discard(runtime, job_id, info.url)
+        raise
     identity = input_identity(info.url)
     rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
     ranges = plan_shards(info.rows, rows_per_shard)
@@ -199,7 +258,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                 Job(
                     id=job_id,
                     status=JobStatus.PENDING,
-                    task=request.task,
+                    task=task,
                     model=model,
                     models=models,
                     input_url=info.url,
@@ -208,7 +267,7 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     retry_of=request.retry_of,
                     input_kind=info.kind,
                     carried_columns=list(info.carried_columns),
-                    max_tokens=0 if request.task == "embed" else request.max_tokens or settings.jobs.max_tokens,
+                    max_tokens=0 if task == "embed" else request.max_tokens or settings.jobs.max_tokens,
                     temperature=(settings.jobs.temperature if request.temperature is None else request.temperature),
                     rows_total=info.rows,
                     rows_per_shard=rows_per_shard,
@@ -219,6 +278,11 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     tags=dict(request.tags),
                     response_schema=request.response_schema,
                     schema_retries=request.schema_retries,
+                    api_key_id=request.api_key_id,
+                    openai_endpoint=batch.endpoint if batch is not None else None,
+                    input_file_id=request.input_file_id,
+                    completion_window=request.completion_window,
+                    batch_metadata=request.batch_metadata,
                     created_at=now,
                     updated_at=now,
                 )

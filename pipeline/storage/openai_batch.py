@@ -33,7 +33,16 @@ from schemas.arrow import MESSAGE_TYPE
 from schemas.errors import InputError
 from schemas.structured import schema_of_response_format
 
-__all__ = ["ENDPOINTS", "BatchFile", "convert_jsonl", "endpoint_of", "is_openai_jsonl", "line_of_row", "openai_lines"]
+__all__ = [
+    "ENDPOINTS",
+    "BatchFile",
+    "convert_jsonl",
+    "endpoint_of",
+    "error_line",
+    "is_openai_jsonl",
+    "line_of_row",
+    "openai_lines",
+]
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _CHAT, _COMPLETIONS, _EMBEDDINGS = ENDPOINTS
@@ -120,10 +129,12 @@ def _request(raw: bytes) -> tuple[str, str, dict[str, Any]]:
     if not isinstance(line, dict):
         raise _Bad(f"a request is a JSON object, not {type(line).__name__}")
     custom_id, method, url, body = (line.get(k) for k in ("custom_id", "method", "url", "body"))
-    if custom_id is None:
-        raise _Bad("custom_id is missing")
     if not isinstance(custom_id, str) or not custom_id:
-        raise _Bad(f"custom_id must be a non-empty string, not {_dumps(custom_id)}")
+        raise _Bad(
+            "custom_id is missing"
+            if custom_id is None
+            else f"custom_id must be a non-empty string, not {_dumps(custom_id)}"
+        )
     if method != "POST":
         raise _Bad("method is missing" if method is None else f"method must be POST, not {_dumps(method)}")
     if url not in ENDPOINTS:
@@ -165,31 +176,26 @@ def _messages(value: Any) -> list[dict[str, str]]:
 
 def _one_text(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
-    if isinstance(value, list):
-        raise _Bad(f"body.{key} must be one string per line (a list of {key}s is not supported)")
     if not isinstance(value, str):
-        raise _Bad(f"body.{key} must be a string")
+        many = " per line (a list is not supported: one request, one " + key + ")" if isinstance(value, list) else ""
+        raise _Bad(f"body.{key} must be one string{many}")
     return value
 
 
-def _max_tokens(body: dict[str, Any]) -> int | None:
+def _limits(body: dict[str, Any]) -> tuple[int | None, float | None]:
+    """(max_tokens, temperature); ``max_completion_tokens`` is the newer name of the first."""
     given = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
     for key, value in given.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _Bad(f"{key} must be an integer >= 1, not {_dumps(value)}")
     if len(set(given.values())) > 1:
         raise _Bad(
-            f"max_tokens {given['max_tokens']} and max_completion_tokens {given['max_completion_tokens']} differ"
+            f"max_tokens and max_completion_tokens differ ({given['max_tokens']} and {given['max_completion_tokens']})"
         )
-    return next(iter(given.values()), None)
-
-
-def _temperature(value: Any) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 2:
-        raise _Bad(f"temperature must be a number from 0 to 2, not {_dumps(value)}")
-    return float(value)
+    t = body.get("temperature")
+    if t is not None and (not isinstance(t, int | float) or isinstance(t, bool) or not 0 <= t <= 2):
+        raise _Bad(f"temperature must be a number from 0 to 2, not {_dumps(t)}")
+    return next(iter(given.values()), None), None if t is None else float(t)
 
 
 def _response_format(value: Any, checked: set[str]) -> str | None:
@@ -222,8 +228,7 @@ def _row(endpoint: str, body: dict[str, Any], formats: set[str]) -> dict[str, An
         row = {"messages": _messages(body.get("messages"))} if endpoint == _CHAT else {}
         if endpoint == _COMPLETIONS:
             row["prompt"] = _one_text(body, "prompt")
-        row["max_tokens"] = _max_tokens(body)
-        row["temperature"] = _temperature(body.get("temperature"))
+        row["max_tokens"], row["temperature"] = _limits(body)
         row["response_format"] = _response_format(body.get("response_format"), formats)
     row["model"] = body["model"]
     skipped = _CONSUMED[endpoint] | (set() if endpoint == _EMBEDDINGS else _UNSUPPORTED.keys())
@@ -363,23 +368,24 @@ def openai_lines(batch: pa.RecordBatch, endpoint: str, created: int) -> Iterator
             continue
         used, made, model = prompt_tokens[i] or 0, completion_tokens[i] or 0, models[i] or ""
         if vector is not None:
-            usage = _dumps({"prompt_tokens": used, "total_tokens": used})
+            usage_text = _dumps({"prompt_tokens": used, "total_tokens": used})
             item = f'{{"object":"embedding","index":0,"embedding":[{",".join(vector)}]}}'
-            body = f'{{"object":"list","data":[{item}],"model":{_dumps(model)},"usage":{usage}}}'
+            body = f'{{"object":"list","data":[{item}],"model":{_dumps(model)},"usage":{usage_text}}}'
         else:
             chat = endpoint == _CHAT
             message = {"role": "assistant", "content": outputs[i], "refusal": None}
             choice: dict[str, Any] = {"index": 0, **({"message": message} if chat else {"text": outputs[i] or ""})}
             choice |= {"logprobs": None, "finish_reason": finishes[i] or "stop"}
-            body = _dumps(
-                {
-                    "id": f"{'chatcmpl' if chat else 'cmpl'}-{digest[:24]}",
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "usage": {"prompt_tokens": used, "completion_tokens": made, "total_tokens": used + made},
-                }
-            )
+            kind, prefix = ("chat.completion", "chatcmpl") if chat else ("text_completion", "cmpl")
+            usage = {"prompt_tokens": used, "completion_tokens": made, "total_tokens": used + made}
+            top = {"id": f"{prefix}-{digest[:24]}", "object": kind, "created": created, "model": model}
+            body = _dumps({**top, "choices": [choice], "usage": usage})
         response = f'{{"status_code":200,"request_id":{_dumps(digest[24:56])},"body":{body}}}'
         yield False, f'{head}"response":{response},"error":null}}\n'.encode()
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """An error-file line for a request that has no result row (a batch stopped before it)."""
+    digest = hashlib.sha256(custom_id.encode()).hexdigest()
+    error = _dumps({"code": code, "message": message})
+    return f'{{"id":{_dumps("batch_req_" + digest[:24])},"custom_id":{_dumps(custom_id)},"response":null,"error":{error}}}\n'.encode()

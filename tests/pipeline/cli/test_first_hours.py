@@ -160,7 +160,7 @@ def test_exports_write_the_format_asked_for_and_errors_alone(tmp_path: Path) -> 
     assert spotlane("run", str(path), "--model", model_folder(tmp_path), env=STUB).returncode == 0
 
     assert spotlane("results", "latest", "--to", str(tmp_path / "all.csv")).returncode == 0
-    assert spotlane("results", "latest", "--to", str(tmp_path / "errors.jsonl"), "--errors").returncode == 0
+    assert spotlane("results", "latest", "--errors", str(tmp_path / "errors.jsonl")).returncode == 0
 
     lines = (tmp_path / "all.csv").read_text().splitlines()
     assert lines[0].startswith('"id","output"') and len(lines) == 4

@@ -90,7 +90,7 @@ def test_an_export_never_lands_in_the_jobs_own_storage_and_appears_whole(tmp_pat
     with pytest.raises(Exception, match="inside spotlane's storage"):
         api.export_results(runtime, job_id, part)
     out = tmp_path / "out.parquet"
-    assert api.export_results(runtime, job_id, str(out)) == 5
+    assert api.export_results(runtime, job_id, str(out)).rows == 5
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 
 

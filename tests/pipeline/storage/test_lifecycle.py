@@ -164,7 +164,7 @@ def test_results_age_from_warm_to_cold_to_deleted_and_sql_always_points_at_them(
     assert _verify_against_manifest(cold_results) == 24
     info = api.results(runtime, job_id)
     assert info.tier == "cold" and all(u.startswith(cold_results) for u in info.files)
-    assert api.export_results(runtime, job_id, str(tmp_path / "export.parquet")) == 24
+    assert api.export_results(runtime, job_id, str(tmp_path / "export.parquet")).rows == 24
 
     # Readable where it lies, as a dataset (the manifest's leading '_' keeps it out).
     fs, path = url_to_fs(cold_results)
@@ -256,7 +256,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     assert _actions(runtime, job_id)[-1] == ("move_to_cold", "started")
     assert _job(runtime, job_id).result_url == warm
     assert _verify_against_manifest(warm) == 24
-    assert api.export_results(runtime, job_id, str(tmp_path / "during.parquet")) == 24
+    assert api.export_results(runtime, job_id, str(tmp_path / "during.parquet")).rows == 24
 
     # 2. The next sweep finishes it, then dies after switching SQL, before deleting warm.
     monkeypatch.setattr(moving, "copy_file", real_copy)
@@ -280,7 +280,7 @@ def test_a_crash_mid_move_loses_nothing_and_the_next_sweep_completes_it(
     assert ("move_to_cold", "done") in [(a.action, a.status) for a in report.actions]
     assert not _exists(runtime.storage.job_url(job_id, "warm"))
     assert [a for a in _actions(runtime, job_id) if a[0] == "move_to_cold"] == [("move_to_cold", "done")]
-    assert api.export_results(runtime, job_id, str(tmp_path / "after.parquet")) == 24
+    assert api.export_results(runtime, job_id, str(tmp_path / "after.parquet")).rows == 24
 
 
 def test_a_damaged_warm_file_is_reported_not_archived(tier_root: str, tmp_path: Path, tiny_model: Path) -> None:
@@ -369,7 +369,7 @@ def test_results_with_the_old_manifest_name_are_still_read_and_moved(
     assert ("move_to_cold", "done") in {(a.action, a.status) for a in report.actions}
     info = api.results(runtime, job_id)
     assert info.tier == "cold" and info.manifest["rows"] == 7
-    assert api.export_results(runtime, job_id, str(tmp_path / "old.parquet")) == 7
+    assert api.export_results(runtime, job_id, str(tmp_path / "old.parquet")).rows == 7
 
 
 def test_a_result_version_written_during_a_move_is_not_deleted_with_the_copied_files(
@@ -483,7 +483,7 @@ def test_a_move_racing_a_resume_and_a_new_finalization_leaves_the_new_results_wh
     # The next sweep retries the move, finds results that are not due yet, and leaves them.
     lifecycle.sweep(runtime)
     job = _job(runtime, job_id)
-    assert job.result_tier == "warm" and api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 20
+    assert job.result_tier == "warm" and api.export_results(runtime, job_id, str(tmp_path / "out.parquet")).rows == 20
 
 
 def test_a_results_folder_still_being_written_is_neither_copied_nor_deleted(
@@ -504,4 +504,4 @@ def test_a_results_folder_still_being_written_is_neither_copied_nor_deleted(
     assert (writing / "part-00000.parquet").exists()
     cold_job = Path(url_to_fs(runtime.storage.job_url(job_id, "cold"))[1])
     assert not (cold_job / "results-v2-0000abcd").exists()
-    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 5
+    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")).rows == 5

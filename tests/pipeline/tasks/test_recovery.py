@@ -191,7 +191,7 @@ def test_a_local_input_is_copied_at_submit_so_changing_it_afterwards_changes_not
     from pipeline import api
 
     assert api.job_status(runtime, job_id).input_url == str(path)  # status shows what the user gave
-    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")) == 20
+    assert api.export_results(runtime, job_id, str(tmp_path / "out.parquet")).rows == 20
 
 
 def test_a_hung_engine_stops_heartbeating_and_hands_its_shard_back(store_url: str, tmp_path: Path) -> None:

@@ -86,10 +86,15 @@ def learn(
     is_api: bool,
 ) -> None:
     """Report a committed chunk to the router's observations (advisory: never fails)."""
-    answered = [(r, c) for r, c in zip(chunk.runnable, completions, strict=True) if c.error is None]
+    # ``completions`` are the chunk's rows (``merge``d): rows that could not run, and
+    # answers quarantined for failing their schema, carry an error.
+    paired = [(r, c) for r, c in zip(chunk.requests, completions, strict=True) if r is not None]
+    answered = [(r, c) for r, c in paired if c.error is None]
     ok = [c for _, c in answered]
     first = [(r, c) for r, c in answered if not c.reasks]  # sizes learnt from first asks only
-    structured = [c for r, c in answered if r.response_schema is not None]
+    structured = [
+        c for r, c in paired if r.response_schema is not None and (c.error is None or c.error.startswith("schema:"))
+    ]
     try:
         with session_scope(runtime.engine) as session:
             learning.record_checkpoint(

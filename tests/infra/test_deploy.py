@@ -50,7 +50,7 @@ def test_compose_services_consume_only_queues_the_settings_define(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     services = _spotlane_services(compose)
-    assert {"migrate", "control", "gpu-worker", "scheduler"} <= set(services)
+    assert {"migrate", "control", "gpu-worker", "scheduler", "serve"} <= set(services)
 
     for name, service in services.items():
         settings = _settings_from(service["environment"], monkeypatch)
@@ -72,6 +72,23 @@ def test_compose_has_every_real_service_with_health_checks_and_ordering(compose:
     assert "flower" in services and "prometheus" in services
     images = {s["image"] for s in _spotlane_services(compose).values()}
     assert len(images) == 1
+
+
+def test_compose_serves_the_api_on_loopback_with_a_health_check_after_the_migration(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve = compose["services"]["serve"]
+    settings = _settings_from(serve["environment"], monkeypatch)
+
+    assert serve["command"] == ["serve"]
+    assert serve["image"] == compose["services"]["control"]["image"]
+    assert settings.serve.host == "0.0.0.0"  # inside the container; the host sees loopback only
+    assert serve["ports"] == [f"127.0.0.1:{settings.serve.port}:{settings.serve.port}"]
+    check = " ".join(serve["healthcheck"]["test"])
+    assert serve["healthcheck"]["test"][0] == "CMD" and "urllib" in check  # the image has no curl
+    assert f"http://127.0.0.1:{settings.serve.port}/health" in check
+    assert serve["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert serve["depends_on"]["createbuckets"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_keeps_credentials_out_of_settings_keys(compose: dict[str, Any]) -> None:
@@ -117,6 +134,8 @@ def test_compose_opens_nothing_to_the_world_and_pins_every_image(compose: dict[s
     """Review H6: MinIO, Flower and Prometheus were published on every interface, with
     default credentials, unauthenticated Flower and :latest images."""
     text = (ROOT / "docker-compose.yml").read_text()
+    published = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert {"minio", "serve", "flower", "prometheus"} <= published
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)
@@ -267,3 +286,67 @@ def test_the_k8s_broker_has_a_password_a_volume_and_a_network_policy(k8s: list[d
     assert "SPOTLANE_BROKER__URL" not in config  # it carries the password: a Secret
     triggers = [t for d in k8s if d["kind"] == "ScaledObject" for t in d["spec"]["triggers"]]
     assert all(t["authenticationRef"] == {"name": "spotlane-redis"} for t in triggers)
+
+
+def test_the_api_runs_two_replicas_behind_a_cluster_ip_service_ready_on_health(
+    k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-serve")
+    [container] = _containers(serve)
+    config = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spotlane-config")
+    settings = _settings_from({**config["data"], **{e["name"]: e["value"] for e in container["env"]}}, monkeypatch)
+    [service] = [d for d in k8s if d["kind"] == "Service" and d["metadata"]["name"] == "spotlane-serve"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    assert serve["spec"]["replicas"] == 2
+    assert container["args"] == ["serve"] and container["image"] == "spotlane"
+    assert {"configMapRef": {"name": "spotlane-config"}} in container["envFrom"]
+    assert settings.serve.host == "0.0.0.0" and ports["http"] == settings.serve.port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert service["spec"]["type"] == "ClusterIP"  # never LoadBalancer or NodePort
+    assert service["spec"]["selector"] == serve["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [{"name": "http", "port": settings.serve.port, "targetPort": "http"}]
+
+
+def test_the_api_port_is_let_through_the_policy_that_closes_broker_clients(k8s: list[dict[str, Any]]) -> None:
+    """Every broker client is selected by the spotlane-metrics policy, which admits only
+    Prometheus: without a policy of its own the API would take no connection at all."""
+    serve = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "spotlane-serve")
+    labels = serve["spec"]["template"]["metadata"]["labels"]
+    policies = [d["spec"] for d in k8s if d["kind"] == "NetworkPolicy"]
+
+    admitting = [
+        p
+        for p in policies
+        if all(labels.get(k) == v for k, v in p["podSelector"]["matchLabels"].items())
+        and any({"port": 8000} in rule.get("ports", []) for rule in p.get("ingress", []))
+    ]
+    assert admitting
+
+
+def _kustomize() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if (
+        shutil.which("kubectl")
+        and subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True).returncode == 0
+    ):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.skipif(_kustomize() is None, reason="no kustomize (kustomize or kubectl kustomize)")
+def test_kustomize_builds_every_workload_in_the_namespace_on_the_pinned_image() -> None:
+    result = subprocess.run([*(_kustomize() or []), str(K8S)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+
+    named = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", "spotlane-serve"), ("Service", "spotlane-serve")} <= named
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "spotlane", doc["metadata"]["name"]
+        for container in _containers(doc):
+            assert container["image"] != "spotlane", doc["metadata"]["name"]  # the images: entry replaced it

@@ -381,3 +381,39 @@ def test_config_errors_name_the_setting_and_odd_devices_are_refused(tmp_path: Pa
 
     assert device.returncode == 2 and "worker.device" in device.stderr
     assert tiers.returncode == 2 and "setting ''" not in tiers.stderr and "must be separate places" in tiers.stderr
+
+
+def test_run_takes_an_openai_batch_file_and_results_write_openais_output_and_error_files(tmp_path: Path) -> None:
+    """Issue 15: a team's existing batch JSONL runs as it is; the results come back in OpenAI's format."""
+    model = model_folder(tmp_path)
+    path = tmp_path / "requests.jsonl"
+    lines = [
+        {
+            "custom_id": "q1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        },
+        {
+            "custom_id": "q2",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": "   "}]},
+        },
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ran = spotlane("run", str(path), env=STUB)  # no --model: the lines name it
+    assert ran.returncode == 0, ran.stderr
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    exported = spotlane("results", "latest", "--format", "openai", "--to", str(out), "--errors", str(err))
+    assert exported.returncode == 0, exported.stderr
+    answered = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = [json.loads(line) for line in err.read_text().splitlines()]
+    assert [a["custom_id"] for a in answered] == ["q1"] and answered[0]["response"]["body"][
+        "object"
+    ] == "chat.completion"
+    assert [f["custom_id"] for f in failed] == ["q2"] and failed[0]["error"]["code"] == "request_failed"
+
+    path.write_text(json.dumps(lines[0]) + "\n" + "{not json\n")
+    refused = spotlane("run", str(path), env=STUB)
+    assert refused.returncode == 2 and "line 2" in refused.stderr and str(path) in refused.stderr

@@ -8,7 +8,8 @@ torch, transformers or ``workers`` (the CLI aside, which starts workers).
 Subpackages: ``jobs`` (the job-facing operations), ``routing`` (pricing and the
 router), ``store`` (SQL: every state move, the ledger, leases), ``storage``
 (object storage, inputs, the lifecycle), ``tasks`` (what the control queue runs:
-the Celery app, finalizing, the reaper, the scheduler), ``cli``.
+the Celery app, finalizing, the reaper, the scheduler), ``serve`` (the OpenAI Files
+and Batches API, tenant keys), ``cli``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ if TYPE_CHECKING:
     from pipeline.api import (
         EXPORT_FORMATS,
         CostLine,
+        Exported,
         JobEvent,
         JobReport,
         JobSpec,
         JobSummary,
+        KeyInfo,
         Plan,
         PlanLine,
         ResultsInfo,
@@ -34,10 +37,12 @@ if TYPE_CHECKING:
         cancel,
         check_export_target,
         costs,
+        create_key,
         export_results,
         job_events,
         job_status,
         list_jobs,
+        list_keys,
         list_schedules,
         live_workers,
         plan,
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
         results,
         resume,
         retry_errors,
+        revoke_key,
         run_schedule,
         set_budget,
         submit,
@@ -56,10 +62,12 @@ if TYPE_CHECKING:
 __all__ = [
     "EXPORT_FORMATS",
     "CostLine",
+    "Exported",
     "JobEvent",
     "JobReport",
     "JobSpec",
     "JobSummary",
+    "KeyInfo",
     "Plan",
     "PlanLine",
     "ResultsInfo",
@@ -71,10 +79,12 @@ __all__ = [
     "cancel",
     "check_export_target",
     "costs",
+    "create_key",
     "export_results",
     "job_events",
     "job_status",
     "list_jobs",
+    "list_keys",
     "list_schedules",
     "live_workers",
     "plan",
@@ -82,6 +92,7 @@ __all__ = [
     "results",
     "resume",
     "retry_errors",
+    "revoke_key",
     "run_schedule",
     "set_budget",
     "submit",

@@ -205,14 +205,14 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                 if newest
                 else (StoredFile.created_at, StoredFile.id)
             )
-            if after:
-                anchor = session.get(StoredFile, after)
-                if anchor is not None:
-                    query = query.where(
-                        (StoredFile.created_at < anchor.created_at)
-                        if newest
-                        else (StoredFile.created_at > anchor.created_at)
-                    )
+            anchor = session.get(StoredFile, after) if after else None
+            if anchor is not None:  # (created_at, id) past the anchor, in the listing's order
+                at, name = anchor.created_at, anchor.id
+                query = query.where(
+                    (StoredFile.created_at < at) | ((StoredFile.created_at == at) & (StoredFile.id < name))
+                    if newest
+                    else (StoredFile.created_at > at) | ((StoredFile.created_at == at) & (StoredFile.id > name))
+                )
             rows = session.scalars(query.order_by(*ordering).limit(limit + 1)).all()
             return page([file_object(r) for r in rows], limit)
 

@@ -240,3 +240,41 @@ def test_cli_runs_a_batch_file_and_exports_openai_lines(runtime: Runtime, tmp_pa
     out = lines((tmp_path / "out.jsonl").read_bytes())
     assert [line["custom_id"] for line in out] == [f"req-{i:05d}" for i in range(12)]
     assert (tmp_path / "err.jsonl").read_bytes() == b""
+
+
+def test_a_batch_past_its_window_expires_keeping_its_rows(served: tuple[Runtime, str], tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from pipeline.tasks.reaper import reap
+    from schemas.base import utcnow
+    from schemas.tables import Job
+
+    runtime, url = served
+    sdk = client(url, runtime, "e")
+    uploaded = sdk.files.create(
+        file=chat_lines(tmp_path / "x.jsonl", 20, model_folder(tmp_path)).open("rb"), purpose="batch"
+    )
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+    job_id = batch.id.removeprefix("batch_")
+    route_job(runtime, job_id)
+    first = next(s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED)
+    with session_scope(runtime.engine) as session:
+        record = run_record(session, first.id)
+    ShardRunner(runtime).run(record)
+    with session_scope(runtime.engine) as session:  # the hour has passed
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.deadline = utcnow() - timedelta(seconds=1)
+
+    assert reap(runtime).batches_expired == 1
+    expired = sdk.batches.retrieve(batch.id)
+    assert expired.status == "expired" and expired.expired_at is not None
+    assert expired.output_file_id and expired.error_file_id
+    out = lines(sdk.files.content(expired.output_file_id).content)
+    errors = lines(sdk.files.content(expired.error_file_id).content)
+    assert len(out) == 10 and {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == 10
+
+    page = sdk.files.list(limit=1)
+    assert len(page.data) == 1 and page.has_more
+    rest = sdk.files.list(limit=10, after=page.data[0].id)
+    assert {f.id for f in page.data + rest.data} == {uploaded.id, expired.output_file_id, expired.error_file_id}

@@ -60,6 +60,20 @@ def raw(url: str, *, key: str | None = None, body: bytes | None = None) -> tuple
         return exc.code, json.loads(text), text
 
 
+def started_batch(sdk: openai.OpenAI, runtime: Runtime, path: Path, window: str) -> Any:
+    """A batch of ``path`` created through the SDK, its first shard (10 rows) run, the rest not."""
+    with path.open("rb") as fh:
+        uploaded = sdk.files.create(file=fh, purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=window)
+    job_id = batch.id.removeprefix("batch_")
+    route_job(runtime, job_id)
+    first = next(s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED)
+    with session_scope(runtime.engine) as session:
+        record = run_record(session, first.id)
+    ShardRunner(runtime).run(record)
+    return batch
+
+
 def lines(content: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in content.decode().splitlines()]
 
@@ -137,16 +151,8 @@ def test_cancel_keeps_the_finished_rows_and_lists_the_rest_as_errors(
 ) -> None:
     runtime, url = served
     sdk = client(url, runtime, "c")
-    uploaded = sdk.files.create(
-        file=chat_lines(tmp_path / "c.jsonl", 30, model_folder(tmp_path)).open("rb"), purpose="batch"
-    )
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    job_id = batch.id.removeprefix("batch_")
-    route_job(runtime, job_id)
-    first = next(s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED)
-    with session_scope(runtime.engine) as session:
-        record = run_record(session, first.id)
-    ShardRunner(runtime).run(record)  # one shard's rows answered, then the batch is cancelled
+    batch = started_batch(sdk, runtime, chat_lines(tmp_path / "c.jsonl", 30, model_folder(tmp_path)), "24h")
+    job_id = batch.id.removeprefix("batch_")  # one shard's rows answered, then the batch is cancelled
     done_rows = sum(s.rows_done for s in shards(runtime, job_id))
     assert 0 < done_rows < 30
 
@@ -251,16 +257,9 @@ def test_a_batch_past_its_window_expires_keeping_its_rows(served: tuple[Runtime,
 
     runtime, url = served
     sdk = client(url, runtime, "e")
-    uploaded = sdk.files.create(
-        file=chat_lines(tmp_path / "x.jsonl", 20, model_folder(tmp_path)).open("rb"), purpose="batch"
-    )
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+    batch = started_batch(sdk, runtime, chat_lines(tmp_path / "x.jsonl", 20, model_folder(tmp_path)), "1h")
     job_id = batch.id.removeprefix("batch_")
-    route_job(runtime, job_id)
-    first = next(s for s in shards(runtime, job_id) if s.status is ShardStatus.QUEUED)
-    with session_scope(runtime.engine) as session:
-        record = run_record(session, first.id)
-    ShardRunner(runtime).run(record)
+    uploaded = sdk.files.retrieve(batch.input_file_id)
     with session_scope(runtime.engine) as session:  # the hour has passed
         job = session.get(Job, job_id)
         assert job is not None

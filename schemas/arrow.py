@@ -47,6 +47,8 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("latency_ms", pa.float64()),
     pa.field("attempt", pa.int32()),
     pa.field("error", pa.string()),
+    #: A row answered from the answer cache (``backend`` = "cache"): the job that paid for it.
+    pa.field("cached_from", pa.string()),
 )
 
 

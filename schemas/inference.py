@@ -70,6 +70,12 @@ class Completion:
     reasks: int = 0
     #: The row's embedding (``embed`` task).
     embedding: list[float] | None = None
+    #: What answered the row when it was not this backend: ``cache`` (the answer cache).
+    source: str | None = None
+    #: For a cached answer: the job that paid for it.
+    cached_from: str | None = None
+    #: What this row would have cost had it been sent (a cached answer: what it cost then).
+    saved_usd: float = 0.0
 
     @classmethod
     def failed(cls, error: str, input_tokens: int = 0, tries: int = 1) -> Completion:

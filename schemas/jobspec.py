@@ -36,6 +36,9 @@ OPTION_NAMES = {
     "tags": "--tag",
     "response_schema": "--schema",
     "schema_retries": "--schema-retries",
+    "use_cache": "--no-cache",
+    "refresh_cache": "--refresh",
+    "incremental": "--incremental",
 }
 
 
@@ -66,6 +69,14 @@ class JobOptions(BaseModel):
     #: How often an API lane re-asks, with the validation error, for an answer that fails
     #: the schema (each attempt is paid for, reserved and counted).
     schema_retries: int = 2
+    #: Rows asked before are answered from the answer cache, and this job's answers fill it
+    #: (``[cache] enabled`` must be on, unless ``incremental``).
+    use_cache: bool = Field(default=True, validation_alias=AliasChoices("use_cache", "cache"))
+    #: Ask again what the cache holds, and replace it.
+    refresh_cache: bool = Field(default=False, validation_alias=AliasChoices("refresh_cache", "refresh"))
+    #: Ask only what was not answered before, whatever ``[cache] enabled`` says (nightly
+    #: runs of a growing table); the results still hold every row.
+    incremental: bool = False
 
     @field_validator("model")
     @classmethod

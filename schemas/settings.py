@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "DEFAULT_HOME",
     "BrokerSettings",
+    "CacheSettings",
     "DatabaseSettings",
     "ApiProvider",
     "GpuPool",
@@ -203,6 +204,16 @@ class WebhookSettings(_Section):
         return value
 
 
+class CacheSettings(_Section):
+    """The answer cache: a row asked before (same fingerprint) is answered for free."""
+
+    #: Jobs use it unless they say ``--no-cache``; ``false`` turns it off for all but
+    #: ``--incremental`` jobs and schedules.
+    enabled: bool = True
+    #: Answers older than this are asked again (and dropped by the storage sweep).
+    ttl_days: float = Field(default=30.0, gt=0)
+
+
 class JobDefaults(_Section):
     """Defaults for a job when the submitter names none."""
 
@@ -302,6 +313,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     schedules: list[Schedule] = Field(default_factory=list)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
     @classmethod

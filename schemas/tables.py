@@ -42,6 +42,7 @@ __all__ = [
     "ApiKey",
     "StoredFile",
     "WebhookDelivery",
+    "CachedAnswer",
 ]
 
 JOB_PROGRESS_VIEW = "job_progress"
@@ -116,6 +117,10 @@ class Job(Base):
     input_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     completion_window: Mapped[str | None] = mapped_column(String(16), nullable=True)
     batch_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: Rows may be answered from the answer cache, and this job's answers fill it.
+    use_cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    #: Ask again even what the cache holds, and replace it (``--refresh``).
+    refresh_cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -161,6 +166,10 @@ class Shard(Base):
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Committed rows answered without being sent (the answer cache, or a repeat of an
+    #: earlier row), and what sending them would have cost.
+    rows_cached: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    saved_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
@@ -431,3 +440,26 @@ class WebhookDelivery(Base):
         UniqueConstraint("event_id", "webhook", "attempt"),
         Index("ix_webhook_deliveries_job", "job_id"),
     )
+
+
+class CachedAnswer(Base):
+    """An answer any later row with the same fingerprint gets for free (``pipeline.store.answers``)."""
+
+    __tablename__ = "answer_cache"
+
+    #: ``schemas.fingerprint.fingerprint`` of the request.
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    #: What the answer cost when it was generated: what a row served from here saves.
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    #: The embedding of an ``embed`` row, as JSON.
+    embedding: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    model: Mapped[str] = mapped_column(Text)
+    #: The job that paid for it.
+    job_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_answer_cache_created", "created_at"),)

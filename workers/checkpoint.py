@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import write_parquet
-from pipeline.store import claims
+from pipeline.store import answers, claims
 from pipeline.store.db import is_transient, session_scope
+from schemas.base import utcnow
 from schemas.errors import LeaseLost, TransientError
+from schemas.tables import Job
 from workers.engines.base import Completion
 from workers.engines.chunks import Chunk
 from workers.heartbeat import Heartbeat
@@ -88,7 +90,11 @@ def learn(
     """Report a committed chunk to the router's observations (advisory: never fails)."""
     # ``completions`` are the chunk's rows (``merge``d): rows that could not run, and
     # answers quarantined for failing their schema, carry an error.
-    paired = [(r, c) for r, c in zip(chunk.requests, completions, strict=True) if r is not None]
+    paired = [  # the rows sent: not those answered by the cache or by an earlier row
+        (r, c)
+        for i, (r, c) in enumerate(zip(chunk.requests, completions, strict=True))
+        if r is not None and chunk.sent(i)
+    ]
     answered = [(r, c) for r, c in paired if c.error is None]
     ok = [c for _, c in answered]
     first = [(r, c) for r, c in answered if not c.reasks]  # sizes learnt from first asks only
@@ -115,3 +121,39 @@ def learn(
             )
     except Exception:  # learning is advisory; never fail a shard over it
         log.warning("could not record backend statistics", exc_info=True)
+
+
+def remember(
+    runtime: Runtime,
+    job: Job,
+    chunk: Chunk,
+    completions: Sequence[Completion],
+    model: str,
+    usd_per_second: float = 0.0,
+) -> None:
+    """Record a committed chunk's generated answers in the answer cache (advisory: never
+    fails). Errors and answers cut by ``max_tokens`` are not kept."""
+    if not job.use_cache or not chunk.fingerprints:
+        return
+    kept = [
+        answers.Answer(
+            found,
+            c.output,
+            c.finish_reason,
+            c.input_tokens,
+            c.output_tokens,
+            c.cost_usd if c.cost_usd is not None else c.compute_seconds * usd_per_second,
+            model,
+            job.id,
+            c.embedding,
+        )
+        for i, (found, c) in enumerate(zip(chunk.fingerprints, completions, strict=True))
+        if found is not None and chunk.sent(i) and c.error is None and c.finish_reason in ("stop", "embedding")
+    ]
+    if not kept:
+        return
+    try:
+        with session_scope(runtime.engine) as session:
+            answers.remember(session, kept, utcnow(), replace=job.refresh_cache)
+    except Exception:  # the cache is not worth failing a shard over
+        log.warning("could not record %d answers in the answer cache", len(kept), exc_info=True)

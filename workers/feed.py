@@ -1,8 +1,11 @@
 """Feeding a shard's rows to the engine, chunk by chunk, inside the budget.
 
-Before a chunk is sent, its worst case (every row's ``max_tokens``, a byte-bound
-prompt) is reserved against the job's budget under the job lock; a chunk that does
-not fit is cut to the rows that do, and the shard stops there (parked) if none do.
+Rows asked before are answered from the answer cache (``pipeline.store.answers``),
+and a row asking what an earlier row of its chunk asks gets that row's answer: only
+the rest are sent, and only they are reserved for. Before a chunk is sent, its worst
+case (every sent row's ``max_tokens``, a byte-bound prompt) is reserved against the
+job's budget under the job lock; a chunk that does not fit is cut to the rows that
+do, and the shard stops there (parked) if none do.
 """
 
 from __future__ import annotations
@@ -11,15 +14,20 @@ import json
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
+from pipeline.jobs.models import model_identity
 from pipeline.routing import observations as learning
 from pipeline.routing.estimate import profile_requests
 from pipeline.routing.pricing import reasked_worst_case_usd, worst_case_usd
 from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet
-from pipeline.store import claims
+from pipeline.store import answers, claims
 from pipeline.store.db import session_scope
 from schemas.backends import ApiProvider, GpuPool
+from schemas.base import utcnow
+from schemas.fingerprint import fingerprint
+from schemas.inference import Completion
 from schemas.tables import Job
 from workers.drain import StopFlag
 from workers.engines.base import Request
@@ -58,6 +66,7 @@ def feed_chunks(
     pending: deque[tuple[Chunk, float]],
     feed: Feed,
     stats: learning.Observed | None,
+    model: str = "",
 ) -> Iterator[list[Request]]:
     """Requests chunk by chunk, each chunk's worst case reserved first (under the job
     lock); stops feeding on a drain request, a lost lease, a cancelled job, or a
@@ -70,6 +79,7 @@ def feed_chunks(
     models = list(job.models or [job.model])
     schema = json.dumps(job.response_schema) if job.response_schema is not None else None
     batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
+    asked: set[str] = set()  # fingerprints of the rows this shard has sent
     for rows in rechunk(batches, checkpoint_rows):
         while rows.num_rows:
             if stop:
@@ -90,7 +100,12 @@ def feed_chunks(
                     response_schema=schema,
                     schema_retries=job.schema_retries,
                 )
-                row_worst = [0.0 if r is None else _row_worst(backend, r, stats) for r in chunk.requests]
+                trial = set(asked)  # this chunk's rows count as asked only once it is sent
+                answer_known(runtime, job, chunk, model or job.model, trial)
+                row_worst = [
+                    _row_worst(backend, r, stats) if r is not None and chunk.sent(i) else 0.0
+                    for i, r in enumerate(chunk.requests)
+                ]
                 in_flight = sum(w for _, w in pending)
                 with session_scope(runtime.engine) as session:
                     verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
@@ -101,12 +116,52 @@ def feed_chunks(
             if verdict is not claims.ChunkVerdict.GO:
                 feed.stopped = verdict.value
                 return
+            asked = trial
             pending.append((chunk, sum(row_worst)))
             first_row += part.num_rows
             feed.fed_to = first_row
             rows = rows.slice(part.num_rows)
             yield chunk.runnable
     feed.exhausted = True
+
+
+def answer_known(runtime: Runtime, job: Job, chunk: Chunk, model: str, asked: set[str]) -> int:
+    """Fill ``chunk``'s fingerprints, the rows the answer cache answers, and the rows that
+    repeat a row of the shard sent before (``asked``, which gets this chunk's); how many
+    rows will not be sent. A ``--no-cache`` job shares nothing: every row is sent."""
+    identity = {name: model_identity(name) for name in {model, *(r.model for r in chunk.requests if r and r.model)}}
+    chunk.fingerprints = [
+        fingerprint(r, identity[r.model or model], job.task) if r is not None else None for r in chunk.requests
+    ]
+    if job.use_cache:
+        since = utcnow() - timedelta(days=runtime.settings.cache.ttl_days)
+        if job.refresh_cache:  # only answers recorded since this job began: its own, for its repeats
+            since = max(since, job.created_at)
+        with session_scope(runtime.engine) as session:
+            cached = answers.lookup(session, (f for f in chunk.fingerprints if f), since)
+        for i, found in enumerate(chunk.fingerprints):
+            if found is not None and found in cached:
+                hit = cached[found]
+                chunk.served[i] = Completion(
+                    output=hit.output,
+                    finish_reason=hit.finish_reason,
+                    input_tokens=hit.input_tokens,
+                    output_tokens=hit.output_tokens,
+                    latency_ms=0.0,
+                    cost_usd=0.0,
+                    embedding=hit.embedding,
+                    source="cache",
+                    cached_from=hit.job_id,
+                    saved_usd=hit.cost_usd,
+                )
+        for i, found in enumerate(chunk.fingerprints):
+            if found is None or i in chunk.served:
+                continue
+            if found in asked:  # by an earlier row of this shard: its answer comes back first
+                chunk.same_as[i] = found
+            else:
+                asked.add(found)
+    return len(chunk.served) + len(chunk.same_as)
 
 
 def _row_worst(backend: GpuPool | ApiProvider, request: Request, stats: learning.Observed | None) -> float:

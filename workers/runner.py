@@ -56,7 +56,7 @@ from schemas.status import AttemptOutcome, ShardStatus
 from schemas.tables import Job, Shard
 from workers import checkpoint
 from workers.drain import StopFlag
-from workers.engines.base import stream
+from workers.engines.base import Completion, stream
 from workers.engines.chunks import Chunk, build_output, merge
 from workers.engines.factory import engine_for
 from workers.feed import Feed, feed_chunks
@@ -179,12 +179,22 @@ class ShardRunner:
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[tuple[Chunk, float]] = deque()
         feed = Feed()
+        answered: dict[str, Completion] = {}  # fingerprint -> answer, for the shard's repeats
         done_to = claim.row_start + claim.rows_done
         started = time.perf_counter()
         for generated in stream(
             engine,
             feed_chunks(
-                self.runtime, self.stop, claim, job, backend, beat, pending, feed, self._stats(claim.backend, job.model)
+                self.runtime,
+                self.stop,
+                claim,
+                job,
+                backend,
+                beat,
+                pending,
+                feed,
+                self._stats(claim.backend, job.model),
+                model,
             ),
         ):
             chunk, _ = pending.popleft()
@@ -195,7 +205,7 @@ class ShardRunner:
                 claim.shard_index,
                 claim.job_id,
             )
-            completions = merge(chunk, generated)
+            completions = merge(chunk, generated, answered, usd_per_second)
             table, cost = build_output(
                 chunk,
                 completions,
@@ -214,6 +224,8 @@ class ShardRunner:
                 output_tokens=sum(c.output_tokens for c in completions),
                 cost_usd=cost,
                 url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, claim.attempt),
+                rows_cached=len(chunk.served) + len(chunk.same_as),
+                saved_usd=sum(completions[i].saved_usd for i in (*chunk.served, *chunk.same_as)),
             )
             checkpoint.persist(self.runtime, claim, table, stats, beat)
             beat.progress()
@@ -230,6 +242,7 @@ class ShardRunner:
             checkpoint.learn(
                 self.runtime, claim.backend, model, chunk, completions, stats, seconds, isinstance(backend, ApiProvider)
             )
+            checkpoint.remember(self.runtime, job, chunk, completions, model, usd_per_second)
             done_to = chunk.first_row + table.num_rows
         if beat.lost.is_set():
             raise LeaseLost(f"shard {claim.shard_index} of job {claim.job_id}: lease lost")

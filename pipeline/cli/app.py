@@ -136,6 +136,16 @@ SchemaRetriesOpt = Annotated[
     int,
     typer.Option("--schema-retries", help="API lanes: re-ask an answer that fails the schema up to N times."),
 ]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Ask every row, even those the answer cache holds; keep nothing.")
+]
+RefreshOpt = Annotated[
+    bool, typer.Option("--refresh", help="Ask every row again and replace what the answer cache holds.")
+]
+IncrementalOpt = Annotated[
+    bool,
+    typer.Option("--incremental", help="Ask only rows not answered before (the cache on, whatever the config says)."),
+]
 
 
 def _deadline(text: str | None) -> datetime | None:
@@ -172,6 +182,9 @@ def job_spec(
     schema: Path | None = None,
     choices: str | None = None,
     schema_retries: int = 2,
+    no_cache: bool = False,
+    refresh: bool = False,
+    incremental: bool = False,
 ) -> JobSpec:
     """The job options of a command line, as the one ``JobSpec`` (refused naming the option)."""
     if schema is not None and choices is not None:
@@ -187,6 +200,9 @@ def job_spec(
     return JobSpec(
         response_schema=response_schema,
         schema_retries=schema_retries,
+        use_cache=not no_cache,
+        refresh_cache=refresh,
+        incremental=incremental,
         model=model or [],
         max_tokens=max_tokens,
         temperature=temperature,

@@ -141,6 +141,9 @@ def costs(
             f"{line['output_tokens']:,}",
         )
     console.print(table)
+    for line in lines:
+        if line.get(by.value) == "cache" and "saved_usd" in line:
+            console.print(f"the answer cache answered {line['rows']:,} rows: ${line['saved_usd']:.4f} saved")
 
 
 @app.command()

@@ -43,7 +43,9 @@ def summary_line(report: JobReport, wall_seconds: float) -> str:
         f"job {report.job_id} {report.status}: {ok} rows ok, {report.rows_failed} failed"
         f"{'' if report.rows_done == report.rows_total else f', {report.rows_total - report.rows_done} not done'}; "
         f"tokens in {report.input_tokens:,} / out {report.output_tokens:,}; "
-        f"cost ${report.cost_usd:.4f}; wall {wall_seconds:.1f}s"
+        f"cost ${report.cost_usd:.4f}"
+        f"{f' ({report.rows_cached:,} rows from the cache, ${report.saved_usd:.4f} saved)' if report.rows_cached else ''}"
+        f"; wall {wall_seconds:.1f}s"
     )
 
 
@@ -68,6 +70,8 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     )
     head.add_row("tokens", f"in {report.input_tokens:,} / out {report.output_tokens:,}")
     head.add_row("cost", f"${report.cost_usd:.4f}")
+    if report.rows_cached:
+        head.add_row("cache", f"{report.rows_cached:,} rows answered without asking; ${report.saved_usd:.4f} saved")
     if report.result_url:
         head.add_row("results", escape(report.result_url))
     if report.error:

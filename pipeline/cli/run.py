@@ -26,9 +26,12 @@ from pipeline.cli.app import (
     BudgetOpt,
     ChoicesOpt,
     DeadlineOpt,
+    IncrementalOpt,
     InputArg,
     MaxTokensOpt,
     ModelOpt,
+    NoCacheOpt,
+    RefreshOpt,
     SchemaOpt,
     SchemaRetriesOpt,
     ShardOpt,
@@ -120,6 +123,9 @@ def run(
     schema: SchemaOpt = None,
     choices: ChoicesOpt = None,
     schema_retries: SchemaRetriesOpt = 2,
+    no_cache: NoCacheOpt = False,
+    refresh: RefreshOpt = False,
+    incremental: IncrementalOpt = False,
     output: Annotated[
         str | None,
         typer.Option("--output", "-o", help="Also export the results to this file (.parquet, .csv or .jsonl)."),
@@ -160,6 +166,9 @@ def run(
             schema=schema,
             choices=choices,
             schema_retries=schema_retries,
+            no_cache=no_cache,
+            refresh=refresh,
+            incremental=incremental,
         )
         job_id = api.submit(runtime, input_url, **spec.options())
     log_path = runtime.settings.home / "logs" / f"run-{job_id}.log"
@@ -246,6 +255,9 @@ def submit(
     schema: SchemaOpt = None,
     choices: ChoicesOpt = None,
     schema_retries: SchemaRetriesOpt = 2,
+    no_cache: NoCacheOpt = False,
+    refresh: RefreshOpt = False,
+    incremental: IncrementalOpt = False,
 ) -> None:
     """Validate the input, create the job and enqueue it; print the job id."""
     spec = job_spec(
@@ -260,6 +272,9 @@ def submit(
         schema=schema,
         choices=choices,
         schema_retries=schema_retries,
+        no_cache=no_cache,
+        refresh=refresh,
+        incremental=incremental,
     )
     job_id = api.submit(_runtime(), input_url, **spec.options())
     console.print(job_id)

@@ -11,13 +11,15 @@ like a mistyped local path, the nearest folder that is a model.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 from schemas.errors import ModelError
 
-__all__ = ["resolve_model"]
+__all__ = ["model_identity", "resolve_model"]
 
 #: Seconds the hub gets to say whether it knows a model id.
 HUB_TIMEOUT = 5.0
@@ -106,3 +108,19 @@ def _ask_the_hub(name: str, hint: str) -> str:
             model=name,
         ) from None
     return name
+
+
+@lru_cache(maxsize=64)
+def model_identity(name: str) -> str:
+    """What a model's answers depend on, for fingerprints: a local folder by the hash of its
+    ``config.json`` and its weight files' names and sizes (the same weights copied elsewhere
+    are the same model; retrained weights are not), anything else by its name."""
+    path = Path(name).expanduser()
+    config = path / "config.json"
+    if not config.is_file():
+        return name
+    digest = hashlib.sha256(config.read_bytes())
+    for weights in sorted(path.iterdir()):
+        if weights.suffix in (".safetensors", ".bin", ".pt", ".gguf") or weights.name.endswith(".index.json"):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"folder:{digest.hexdigest()[:32]}"

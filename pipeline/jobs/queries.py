@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import read_manifest
@@ -119,6 +119,10 @@ class JobReport:
     result_url: str | None
     error: str | None
     shards: list[dict[str, Any]] = field(default_factory=list)
+    #: Rows answered without being sent (the answer cache, or a repeat of an earlier row)
+    #: and what sending them would have cost.
+    rows_cached: int = 0
+    saved_usd: float = 0.0
 
     @property
     def is_final(self) -> bool:
@@ -145,6 +149,11 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
             .mappings()
             .one()
         )
+        rows_cached, saved = session.execute(
+            select(func.coalesce(func.sum(Shard.rows_cached), 0), func.coalesce(func.sum(Shard.saved_usd), 0.0)).where(
+                Shard.job_id == job_id
+            )
+        ).one()
         shards: list[dict[str, Any]] = []
         if with_shards:
             for shard in session.execute(
@@ -185,6 +194,8 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
             result_url=job.result_url,
             error=job.error,
             shards=shards,
+            rows_cached=int(rows_cached),
+            saved_usd=float(saved),
         )
 
 

@@ -283,6 +283,8 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
                     input_file_id=request.input_file_id,
                     completion_window=request.completion_window,
                     batch_metadata=request.batch_metadata,
+                    use_cache=(settings.cache.enabled and request.use_cache) or request.incremental,
+                    refresh_cache=request.refresh_cache,
                     created_at=now,
                     updated_at=now,
                 )

@@ -46,6 +46,8 @@ class SweepReport:
     deferred: int = 0
     #: Another sweep holds the lease; this one did nothing.
     locked: bool = False
+    #: Answer-cache entries past ``cache.ttl_days`` dropped.
+    cache_dropped: int = 0
     #: Failed actions past ``MAX_ATTEMPTS`` that sweeps no longer retry.
     given_up: int = 0
 
@@ -60,6 +62,7 @@ class SweepReport:
             "deferred": self.deferred,
             "locked": self.locked,
             "given_up": self.given_up,
+            "cache_dropped": self.cache_dropped,
             "actions": [asdict(a) for a in self.actions],
         }
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -40,7 +40,7 @@ from pipeline.storage.objects import (
     list_files,
     remove_tree,
 )
-from pipeline.store import leases
+from pipeline.store import answers, leases
 from pipeline.store.db import session_scope
 from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
@@ -242,6 +242,9 @@ def sweep(
 
     try:
         _sweep(runtime, report, now, dry_run, retry_failed, heartbeat)
+        if not dry_run:  # answers past cache.ttl_days are asked again anyway: drop them
+            with session_scope(runtime.engine) as session:
+                report.cache_dropped = answers.purge(session, now - timedelta(days=runtime.settings.cache.ttl_days))
     finally:
         if not dry_run:
             leases.release(runtime.engine, SWEEP_LEASE, owner)

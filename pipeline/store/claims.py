@@ -187,6 +187,9 @@ class CheckpointStats:
     output_tokens: int
     cost_usd: float
     url: str
+    #: Rows answered without being sent (cache, repeats) and what they would have cost.
+    rows_cached: int = 0
+    saved_usd: float = 0.0
 
 
 def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float) -> None:
@@ -206,6 +209,8 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
             input_tokens=Shard.input_tokens + stats.input_tokens,
             output_tokens=Shard.output_tokens + stats.output_tokens,
             cost_usd=Shard.cost_usd + stats.cost_usd,
+            rows_cached=Shard.rows_cached + stats.rows_cached,
+            saved_usd=Shard.saved_usd + stats.saved_usd,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             updated_at=now,
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -39,16 +39,28 @@ def rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
 
 @dataclass
 class Chunk:
-    """One checkpoint's rows, their requests, and why the others cannot run."""
+    """One checkpoint's rows, their requests, and why the others cannot run.
+
+    Rows are sent to the engine unless they cannot run, or were answered already:
+    ``served`` (from the answer cache) or ``same_as`` (they ask what an earlier row of
+    the shard asks, by fingerprint, and get its answer at no cost).
+    """
 
     first_row: int
     table: pa.Table
     requests: list[Request | None]
     problems: list[str | None]
+    served: dict[int, Completion] = field(default_factory=dict)
+    same_as: dict[int, str] = field(default_factory=dict)
+    #: Each row's fingerprint (``schemas.fingerprint``), None where it has none.
+    fingerprints: list[str | None] = field(default_factory=list)
+
+    def sent(self, i: int) -> bool:
+        return self.requests[i] is not None and i not in self.served and i not in self.same_as
 
     @property
     def runnable(self) -> list[Request]:
-        return [r for r in self.requests if r is not None]
+        return [r for i, r in enumerate(self.requests) if r is not None and self.sent(i)]
 
     @property
     def prompt_chars(self) -> int:
@@ -144,14 +156,37 @@ def _bad_request(kind: str, body: Any) -> str | None:
     return None
 
 
-def merge(chunk: Chunk, generated: Sequence[Completion]) -> list[Completion]:
+def merge(
+    chunk: Chunk,
+    generated: Sequence[Completion],
+    answered: dict[str, Completion] | None = None,
+    usd_per_second: float = 0.0,
+) -> list[Completion]:
     """Completions for every row of ``chunk``: generated ones (each answer checked against
-    its schema), error rows for the rest."""
+    its schema), cached ones, a repeated row's copy of its first row's answer (at no cost:
+    that row paid; ``saved_usd`` says what it would have cost), error rows for the rest.
+
+    ``answered`` (fingerprint -> completion) holds the shard's rows answered so far, and
+    gets this chunk's: a repeat finds its first row there, in this chunk or an earlier one.
+    """
+    answered = {} if answered is None else answered
     produced = iter(generated)
-    return [
-        _checked(request, next(produced)) if request is not None else Completion.failed(problem or "invalid row")
-        for request, problem in zip(chunk.requests, chunk.problems, strict=True)
-    ]
+    done: list[Completion] = []
+    for i, (request, problem) in enumerate(zip(chunk.requests, chunk.problems, strict=True)):
+        if request is None:
+            done.append(Completion.failed(problem or "invalid row"))
+        elif i in chunk.served:
+            done.append(chunk.served[i])
+        elif i in chunk.same_as:
+            first = answered[chunk.same_as[i]]
+            cost = first.cost_usd if first.cost_usd is not None else first.compute_seconds * usd_per_second
+            done.append(replace(first, cost_usd=0.0, compute_seconds=0.0, latency_ms=0.0, saved_usd=cost))
+        else:
+            done.append(_checked(request, next(produced)))
+            asked = chunk.fingerprints[i] if chunk.fingerprints else None
+            if asked is not None:
+                answered[asked] = done[-1]
+    return done
 
 
 def _checked(request: Request, completion: Completion) -> Completion:
@@ -190,12 +225,13 @@ def build_output(
         "finish_reason": [c.finish_reason for c in completions],
         "input_tokens": [c.input_tokens for c in completions],
         "output_tokens": [c.output_tokens for c in completions],
-        "backend": [backend] * n,
+        "backend": [c.source or backend for c in completions],
         "model": [m or model for m in row_models],
         "cost_usd": costs,
         "latency_ms": [c.latency_ms for c in completions],
         "attempt": [attempt] * n,
         "error": [c.error for c in completions],
+        "cached_from": [c.cached_from for c in completions],
     }
     kept = chunk.table.select(list(carried)) if carried else None
     schema = output_schema(kept.schema if kept is not None else None, embed=embed)

@@ -1,0 +1,48 @@
+"""A request's fingerprint: everything that decides its answer, hashed.
+
+Two rows with the same fingerprint get the same answer: the normalised prompt or
+messages (Unicode NFC, outer whitespace stripped), the model's identity (a local
+folder by its config and weight files, a hub id or a provider's model name as
+named), the task, ``max_tokens``, the temperature and the JSON Schema with its
+re-asks. Rows sampled at a temperature above 0 get none: spotlane takes no seed, so
+two of them are two different questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+
+from schemas.inference import Request
+
+__all__ = ["FINGERPRINT_VERSION", "fingerprint"]
+
+#: Part of every fingerprint: a change to what goes in makes every old one a miss.
+FINGERPRINT_VERSION = 1
+
+
+def _text(value: str | None) -> str:
+    return unicodedata.normalize("NFC", value or "").strip()
+
+
+def fingerprint(request: Request, model_identity: str, task: str) -> str | None:
+    """The hex SHA-256 fingerprint of ``request`` on the model ``model_identity``; None
+    for a row that must not share its answer (sampled above temperature 0)."""
+    if request.temperature > 0:
+        return None
+    asked: object
+    if request.messages is not None:
+        asked = [[_text(m.get("role")), _text(m.get("content"))] for m in request.messages]
+    else:
+        asked = _text(request.prompt)
+    key = [
+        FINGERPRINT_VERSION,
+        model_identity,
+        task,
+        asked,
+        request.max_tokens if task != "embed" else 0,
+        request.response_schema,
+        request.schema_retries if request.response_schema is not None else 0,
+    ]
+    return hashlib.sha256(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,171 @@
+"""Never pay twice: repeated rows generated once, a result cache across jobs, on SQLite and PostgreSQL.
+
+The API lane against a local OpenAI-compatible server (each request counted and
+billed by its usage), the real runner, the real store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import func, select, update
+
+from pipeline.jobs.costs import costs
+from pipeline.jobs.queries import job_status
+from pipeline.jobs.submit import JobRequest, submit
+from pipeline.runtime import Runtime
+from pipeline.store.db import session_scope
+from schemas.base import utcnow
+from schemas.status import JobStatus, LedgerKind
+from schemas.tables import CachedAnswer
+from tests.support import openai_server, race
+from tests.support.jobs import job_row, ledger_sum, model_folder, run_queued, stub_runtime
+
+
+@pytest.fixture
+def provider() -> Iterator[openai_server.FakeOpenAI]:
+    with openai_server.FakeOpenAI() as server:
+        yield server
+
+
+def api_runtime(store_url: str, url: str, **overrides: object) -> Runtime:
+    os.environ["CACHE_TEST_KEY"] = "sk-test"
+    api = {
+        "name": "prov",
+        "base_url": url,
+        "api_key_env": "CACHE_TEST_KEY",
+        "models": {"m": "remote-m"},
+        "input_usd_per_1m": 100.0,
+        "output_usd_per_1m": 100.0,
+        "max_retries": 0,
+    }
+    runtime, _ = stub_runtime(
+        store_url,
+        gpu_pools=[],
+        api_providers=[api],
+        worker={"checkpoint_rows": 10},
+        jobs={"rows_per_shard": 25},
+        **overrides,
+    )
+    return runtime
+
+
+def prompts_file(path: Path, prompts: list[str], **columns: list[object]) -> str:
+    table = pa.table({"id": [f"r{i:03d}" for i in range(len(prompts))], "prompt": prompts, **columns})
+    pq.write_table(table, path)
+    return str(path)
+
+
+def results(runtime: Runtime, job_id: str) -> list[dict[str, object]]:
+    job = job_row(runtime, job_id)
+    assert job.result_url is not None
+    return pq.read_table(job.result_url).to_pylist()
+
+
+def test_repeated_rows_are_asked_once_and_a_second_job_pays_nothing(
+    store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
+) -> None:
+    runtime = api_runtime(store_url, provider.url)
+    unique = [f"question number {i}" for i in range(30)]
+    asked = unique + [unique[i % 30] for i in range(20)]  # 40% of the rows repeat one
+    path = prompts_file(tmp_path / "in.parquet", asked)
+
+    first = submit(runtime, JobRequest(path, "m", max_tokens=8))
+    assert run_queued(runtime, first) is JobStatus.SUCCEEDED
+    assert provider.ok == 30  # requests = unique prompts
+    rows = results(runtime, first)
+    assert [r["id"] for r in rows] == [f"r{i:03d}" for i in range(50)]
+    by_prompt = {p: r["output"] for p, r in zip(asked, rows, strict=True) if r["cost_usd"]}
+    assert all(r["output"] == by_prompt[p] for p, r in zip(asked, rows, strict=True))  # every repeat has its answer
+    paid = ledger_sum(runtime, first, LedgerKind.CHARGE)
+    assert sum(1 for r in rows if r["cost_usd"] == 0) == 20
+
+    second = submit(runtime, JobRequest(path, "m", max_tokens=8))
+    assert run_queued(runtime, second) is JobStatus.SUCCEEDED
+    assert provider.ok == 30  # nothing asked again
+    again = results(runtime, second)
+    assert {r["backend"] for r in again} == {"cache"} and {r["cached_from"] for r in again} == {first}
+    assert [r["output"] for r in again] == [r["output"] for r in rows]
+    assert ledger_sum(runtime, second, LedgerKind.CHARGE) == 0.0 and paid > 0
+
+    changed = submit(runtime, JobRequest(path, "m", max_tokens=9))  # another max_tokens: another question
+    run_queued(runtime, changed)
+    assert provider.ok == 60
+
+    unshared = submit(runtime, JobRequest(path, "m", max_tokens=8, use_cache=False))
+    run_queued(runtime, unshared)
+    assert provider.ok == 110  # --no-cache: every row asked, repeats too
+
+    refreshed = submit(runtime, JobRequest(path, "m", max_tokens=8, refresh_cache=True))
+    run_queued(runtime, refreshed)
+    assert provider.ok == 140  # --refresh: asked again (repeats once) ...
+    later = submit(runtime, JobRequest(path, "m", max_tokens=8))
+    run_queued(runtime, later)
+    assert provider.ok == 140 and {r["cached_from"] for r in results(runtime, later)} == {refreshed}  # ... and replaced
+
+
+def test_errors_and_sampled_rows_are_never_shared_and_old_answers_expire(
+    store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
+) -> None:
+    runtime = api_runtime(store_url, provider.url)
+    path = prompts_file(
+        tmp_path / "in.parquet",
+        ["same question", "same question", "   ", "same question"],
+        temperature=[0.0, 0.0, 0.0, 0.7],
+    )
+    job_id = submit(runtime, JobRequest(path, "m", max_tokens=8))
+    run_queued(runtime, job_id)
+    assert provider.ok == 2  # the greedy pair once, the sampled row alone; the empty prompt never
+    with session_scope(runtime.engine) as session:
+        assert session.scalar(select(func.count()).select_from(CachedAnswer)) == 1
+        session.execute(update(CachedAnswer).values(created_at=utcnow() - timedelta(days=31)))  # past ttl_days
+    again = submit(runtime, JobRequest(path, "m", max_tokens=8))
+    run_queued(runtime, again)
+    assert provider.ok == 4  # expired: asked again
+
+
+def test_jobs_asking_the_same_new_questions_at_once_both_finish_and_the_cache_holds_one_answer_each(
+    store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
+) -> None:
+    runtime = api_runtime(store_url, provider.url)
+    path = prompts_file(tmp_path / "in.parquet", [f"new question {i}" for i in range(40)])
+    jobs = [submit(runtime, JobRequest(path, "m", max_tokens=8)) for _ in range(2)]
+
+    statuses = race(*(lambda j=j: run_queued(runtime, j) for j in jobs))
+
+    assert statuses == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED]
+    assert 40 <= provider.ok <= 80  # either both paid for a question or one was served
+    first, second = (results(runtime, j) for j in jobs)
+    assert [r["output"] for r in first] == [r["output"] for r in second]
+    with session_scope(runtime.engine) as session:
+        assert session.scalar(select(func.count()).select_from(CachedAnswer)) == 40
+    assert ledger_sum(runtime, jobs[0], LedgerKind.CHARGE) + ledger_sum(runtime, jobs[1], LedgerKind.CHARGE) > 0
+
+
+def test_on_a_gpu_pool_a_job_answered_whole_by_the_cache_sends_nothing_and_says_what_it_saved(
+    store_url: str, tmp_path: Path
+) -> None:
+    pools = [{"name": "local", "price_per_hour": 36.0, "tokens_per_second": 100}]
+    runtime, _ = stub_runtime(store_url, gpu_pools=pools, worker={"checkpoint_rows": 10, "stub_seconds_per_row": 0.01})
+    path = prompts_file(tmp_path / "in.parquet", [f"q {i % 15}" for i in range(30)])  # each prompt twice
+    first = submit(runtime, JobRequest(path, model_folder(tmp_path), max_tokens=4))
+    assert run_queued(runtime, first) is JobStatus.SUCCEEDED
+    report = job_status(runtime, first)
+    assert report.rows_cached == 15 and report.saved_usd > 0  # the repeats, at what their first rows cost
+
+    second = submit(runtime, JobRequest(path, model_folder(tmp_path), max_tokens=4))
+    assert run_queued(runtime, second) is JobStatus.SUCCEEDED
+    rows = results(runtime, second)
+    assert len(rows) == 30 and {r["backend"] for r in rows} == {"cache"} and {r["cost_usd"] for r in rows} == {0.0}
+    assert [r["output"] for r in rows] == [r["output"] for r in results(runtime, first)]
+    again = job_status(runtime, second)
+    assert again.rows_cached == 30 and again.cost_usd == 0.0
+    assert again.saved_usd == pytest.approx(report.cost_usd + report.saved_usd)
+    line = [c for c in costs(runtime, job_id=second) if c.get("backend") == "cache"]
+    assert line and line[0]["rows"] == 30

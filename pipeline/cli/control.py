@@ -100,6 +100,11 @@ def plan(
         if result.finish
         else "nothing can run"
     )
+    if result.rows_answered:
+        console.print(
+            f"{result.rows - result.rows_answered:,} unique requests to send; {result.rows_answered:,} rows are "
+            "answered by the answer cache or repeat an earlier row (free, left out of the estimate)"
+        )
     if result.blocked:
         console.print(f"[yellow]{result.blocked} shard(s) would wait: the budget does not cover them[/yellow]")
     for note in result.notes:

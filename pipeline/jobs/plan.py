@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 from pipeline.jobs.models import resolve_model
 from pipeline.jobs.submit import plan_shards
 from pipeline.routing.estimate import profile_rows
-from pipeline.routing.router import choose, quotes_for
+from pipeline.routing.router import choose, quotes_for, sharing_of
 from pipeline.runtime import Runtime
 from pipeline.storage.input_files import expand_input, stitch_inputs
 from pipeline.storage.inputs import inspect_input
@@ -51,6 +51,8 @@ class Plan:
     worst_case_usd: float = 0.0
     finish: datetime | None = None
     blocked: int = 0
+    #: Rows that will not be sent: held by the answer cache, or repeating an earlier row.
+    rows_answered: int = 0
     by_backend: dict[str, PlanLine] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +87,9 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
             tags=spec.tags,
             response_schema=spec.response_schema,
             schema_retries=spec.schema_retries,
+            use_cache=(settings.cache.enabled and spec.use_cache) or spec.incremental,
+            refresh_cache=spec.refresh_cache,
+            task=spec.task,
         )
 
 
@@ -100,10 +105,14 @@ def _plan(
     tags: dict[str, Any] | None,
     response_schema: dict[str, Any] | None = None,
     schema_retries: int = 0,
+    use_cache: bool = True,
+    refresh_cache: bool = False,
+    task: str = "generate",
 ) -> Plan:
     settings = runtime.settings
     info = inspect_input(url)
     per_shard = rows_per_shard or settings.jobs.rows_per_shard
+    now = utcnow()
     job = Job(
         id="plan",
         model=models[0],
@@ -115,6 +124,10 @@ def _plan(
         tags=tags or {},
         response_schema=response_schema,
         schema_retries=schema_retries,
+        use_cache=use_cache,
+        refresh_cache=refresh_cache,
+        task=task,
+        created_at=now,
         rows_total=info.rows,
         rows_per_shard=per_shard,
         shard_count=0,
@@ -122,14 +135,22 @@ def _plan(
     )
     ranges = plan_shards(info.rows, per_shard)
     result = Plan(rows=info.rows, shards=len(ranges))
-    now = utcnow()
     backlog: dict[str, float] = defaultdict(float)
+    asked: set[str] = set()  # the fingerprints of the shards priced so far
     with session_scope(runtime.engine) as session:
         for start, end in ranges:
             profile = profile_rows(
-                info.url, start, end, info.kind, job.max_tokens, job.model, job.response_schema is not None
+                info.url,
+                start,
+                end,
+                info.kind,
+                job.max_tokens,
+                job.model,
+                job.response_schema is not None,
+                sharing_of(job),
             )
-            quotes = quotes_for(session, settings, job, profile, [], now)
+            quotes = quotes_for(session, settings, job, profile, [], now, asked)
+            result.rows_answered += profile.answered_rows
             if not quotes:
                 raise InputError(f"no backend serves model {models[0]!r} (see gpu_pools and api_providers)")
             choice = choose(

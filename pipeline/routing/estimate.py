@@ -23,11 +23,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.jobs.models import model_identity
 from pipeline.storage.inputs import iter_rows, open_parquet
 from schemas.backends import input_token_bound
+from schemas.errors import InputError
+from schemas.fingerprint import fingerprint
 from schemas.inference import Request
+from schemas.structured import schema_of_response_format
 
-__all__ = ["FOOTER_CHARS_PER_TOKEN", "ShardProfile", "count_tokens", "profile_requests", "profile_rows"]
+__all__ = ["FOOTER_CHARS_PER_TOKEN", "ShardProfile", "Sharing", "count_tokens", "profile_requests", "profile_rows"]
 
 
 #: Characters per token between the input's footer (column bytes) and ``Job.est_prompt_tokens``:
@@ -58,6 +62,16 @@ class ShardProfile:
     #: Rows whose answer follows a JSON Schema (the job's, or the row's own
     #: ``response_format``): an API lane may ask them again.
     structured_rows: int = 0
+    #: Each row's fingerprint (``schemas.fingerprint``) when the job shares answers.
+    fingerprints: list[str | None] = field(default_factory=list)
+    #: Rows that will not be sent: repeats of an earlier row of the shard, and rows the
+    #: answer cache holds (the router counts them). The estimate leaves them out.
+    answered_rows: int = 0
+
+    @property
+    def sent_share(self) -> float:
+        """The share of the rows that will be sent (what the estimate counts)."""
+        return 1.0 - self.answered_rows / self.rows if self.rows else 1.0
 
     def worst_row(self) -> ShardProfile:
         """A one-row profile no row of these exceeds (what starting one row needs)."""
@@ -152,16 +166,64 @@ def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], li
     return [_render(v or []) for v in values], [max(1, len(v or [])) for v in values]
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """What a row's fingerprint needs besides the row: the job's defaults."""
+
+    model: str
+    task: str
+    temperature: float
+    #: The job's schema as JSON text, and its re-asks.
+    schema: str | None
+    retries: int
+
+
+def _fingerprints(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sharing: Sharing) -> list[str | None]:
+    columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+    absent = [None] * batch.num_rows
+    found: list[str | None] = []
+    for i, body in enumerate(columns[kind]):
+        own = columns.get("response_format", absent)[i]
+        schema = sharing.schema
+        if own is not None:
+            try:
+                parsed = schema_of_response_format(own)
+            except InputError:
+                parsed = None
+            schema = json.dumps(parsed) if parsed is not None else None
+        model = columns.get("model", absent)[i] or sharing.model
+        temperature = columns.get("temperature", absent)[i]
+        request = Request(
+            prompt=body if kind == "prompt" else None,
+            messages=(body or []) if kind == "messages" else None,
+            max_tokens=columns.get("max_tokens", absent)[i] or default_max_tokens,
+            temperature=sharing.temperature if temperature is None else float(temperature),
+            response_schema=schema,
+            schema_retries=sharing.retries if schema is not None else 0,
+        )
+        found.append(fingerprint(request, model_identity(model), sharing.task) if body is not None else None)
+    return found
+
+
 def profile_rows(
-    url: str, start: int, end: int, kind: str, default_max_tokens: int, model: str, job_schema: bool = False
+    url: str,
+    start: int,
+    end: int,
+    kind: str,
+    default_max_tokens: int,
+    model: str,
+    job_schema: bool = False,
+    sharing: Sharing | None = None,
 ) -> ShardProfile:
     """Profile rows ``[start, end)`` of ``url``; memory bounded by a read batch.
 
     ``job_schema``: the job has a schema, so every row follows one (a row's own
     ``response_format`` of type ``text`` frees it, which the profile leaves counted).
+    ``sharing``: the job shares answers; each row's fingerprint is kept.
     """
     names = open_parquet(url).schema_arrow.names
-    columns = [kind] + [c for c in ("max_tokens", "model", "response_format") if c in names]
+    wanted = ("max_tokens", "model", "response_format") + (("temperature",) if sharing else ())
+    columns = [kind] + [c for c in wanted if c in names]
     profile = ShardProfile()
     context = context_length(model)
     exact: int | None = 0
@@ -201,5 +263,7 @@ def profile_rows(
         if exact is not None:
             counted = count_tokens(model, texts)
             exact = None if counted is None else exact + counted
+        if sharing is not None:
+            profile.fingerprints.extend(_fingerprints(batch, kind, default_max_tokens, sharing))
     profile.prompt_tokens = exact
     return profile

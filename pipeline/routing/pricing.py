@@ -7,7 +7,9 @@ half a shard at the preemption rate). ``capacity`` is the pool's ``max_workers``
 
 API provider: cost = tokens at the provider's per-million prices; time = rows at
 the sustainable request rate (the tightest of concurrency / latency, rpm, tpm);
-``capacity`` 1, since the rate already counts concurrency. Rows with a schema are
+``capacity`` 1, since the rate already counts concurrency. Rows that will not be
+sent (a repeat of an earlier row, an answer the cache holds: ``profile.answered_rows``)
+are left out of the estimate, never out of the worst case. Rows with a schema are
 asked again when an answer fails it: the estimate adds the expected re-asks (the
 learnt re-ask rate, ``routing.reask_rate`` until observed, at most
 ``schema_retries`` a row), each priced as the row's prompt grown by its answer and
@@ -74,8 +76,9 @@ def quote(
     """
     chars_per_token = (stats.chars_per_token if stats and stats.chars_per_token else None) or routing.chars_per_token
     fill = stats.output_fill if stats and stats.output_fill is not None else 1.0
-    tokens_in = profile.input_tokens(chars_per_token)
-    tokens_out = profile.output_tokens(fill)
+    # Rows answered without being sent (repeats, the answer cache) cost nothing.
+    tokens_in = int(profile.input_tokens(chars_per_token) * profile.sent_share)
+    tokens_out = int(profile.output_tokens(fill) * profile.sent_share)
     if backend.max_prompt_tokens is not None:
         longest = profile.longest_prompt_chars / chars_per_token
         if longest > backend.max_prompt_tokens:
@@ -99,15 +102,16 @@ def quote(
             row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats),
         )
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
-    per_request = (tokens_in + tokens_out) / max(profile.rows, 1)
+    sent_rows = max(profile.rows - profile.answered_rows, 1)
+    per_request = (tokens_in + tokens_out) / sent_rows
     rate = backend.requests_per_second(per_request, latency)
     reasks = 0.0
     if schema_retries and profile.structured_rows:
         learnt = stats.reask_rate if stats and stats.reask_rate is not None else routing.reask_rate
-        reasks = min(float(schema_retries), learnt) * profile.structured_rows
+        reasks = min(float(schema_retries), learnt) * profile.structured_rows * profile.sent_share
     # A re-ask sends the row's prompt, its answer and a note, and is answered again.
-    reask_in = (tokens_in + tokens_out) / max(profile.rows, 1) + REASK_NOTE_BYTES / chars_per_token
-    reask_out = tokens_out / max(profile.rows, 1)
+    reask_in = (tokens_in + tokens_out) / sent_rows + REASK_NOTE_BYTES / chars_per_token
+    reask_out = tokens_out / sent_rows
     extra_in, extra_out = int(reasks * reask_in), int(reasks * reask_out)
     return Quote(
         backend.name,
@@ -115,7 +119,7 @@ def quote(
         backend.queue,
         model,
         max(0.0, api_cost(backend, tokens_in + extra_in, tokens_out + extra_out)),
-        (profile.rows + reasks) / rate,
+        (profile.rows - profile.answered_rows + reasks) / rate,
         1,
         tokens_in + extra_in,
         tokens_out + extra_out,

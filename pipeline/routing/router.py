@@ -29,6 +29,7 @@ MILP, ``pipeline.routing.solver``) from the footer's size estimate.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,11 +40,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.routing import observations as learning
-from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, profile_rows
+from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, Sharing, profile_rows
 from pipeline.routing.pricing import Quote, quote
 from pipeline.routing.solver import cheapest_on_time
 from pipeline.runtime import Runtime
-from pipeline.store import leases, ledger, transitions
+from pipeline.store import answers, leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
 from schemas.backends import ApiProvider, GpuPool
@@ -139,8 +140,17 @@ def candidates(
 
 
 def quotes_for(
-    session: Session, settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], now: datetime
+    session: Session,
+    settings: Settings,
+    job: Job,
+    profile: ShardProfile,
+    excluded: Iterable[str],
+    now: datetime,
+    asked: set[str] | None = None,
 ) -> list[Quote]:
+    """Every backend's price for ``profile``. ``asked``: fingerprints of the job's rows
+    priced before (earlier shards), whose repeats the cache will answer."""
+    profile.answered_rows = _answered(session, settings, job, profile, now, set() if asked is None else asked)
     stats = {}
     cooling: set[str] = set()
     for backend in settings.backends:
@@ -156,6 +166,38 @@ def quotes_for(
         if priced is not None:
             found.append(priced)
     return found
+
+
+def sharing_of(job: Job) -> Sharing | None:
+    """What fingerprints of the job's rows need, if the job shares answers."""
+    if not job.use_cache:
+        return None
+    schema = json.dumps(job.response_schema) if job.response_schema is not None else None
+    return Sharing(job.model, job.task, job.temperature, schema, job.schema_retries)
+
+
+def _answered(
+    session: Session, settings: Settings, job: Job, profile: ShardProfile, now: datetime, seen: set[str]
+) -> int:
+    """Rows of ``profile`` that will not be sent: held by the answer cache, or repeating a
+    row priced before (``seen``: this shard's, and the job's earlier shards', whose
+    answers the cache holds by the time a later shard asks; ``workers.feed.answer_known``
+    does the same). ``seen`` gets this shard's fingerprints."""
+    if not job.use_cache or not profile.fingerprints:
+        return 0
+    since = now - timedelta(days=settings.cache.ttl_days)
+    if job.refresh_cache:
+        since = max(since, job.created_at or now)
+    cached = answers.lookup(session, (f for f in profile.fingerprints if f), since)
+    answered = 0
+    for found in profile.fingerprints:
+        if found is None:
+            continue
+        if found in cached or found in seen:
+            answered += 1
+        else:
+            seen.add(found)
+    return answered
 
 
 def _backlog(session: Session) -> dict[str, float]:
@@ -207,6 +249,7 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
         ).all()
     planned = _plan(runtime, job_id, shards) if job.deadline is not None and shards else {}
     queued = 0
+    asked: set[str] = set()  # the fingerprints of the shards routed so far
     paused = False
     for shard_id, index, start, end, excluded in shards:
         if not renew():
@@ -215,7 +258,14 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
         # Profiled one shard at a time: the first shard is queued after reading its
         # own rows, not the whole input.
         profile = profile_rows(
-            job.input_url, start, end, job.input_kind, job.max_tokens, job.model, job.response_schema is not None
+            job.input_url,
+            start,
+            end,
+            job.input_kind,
+            job.max_tokens,
+            job.model,
+            job.response_schema is not None,
+            sharing_of(job),
         )
         with session_scope(runtime.engine) as session:
             job = transitions.lock_job(session, job_id)  # routers, claims and commits of this job take turns
@@ -225,7 +275,7 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 transitions.block_pending(session, job_id)
                 return queued
             now = db_now(session)
-            quotes = quotes_for(session, settings, job, profile, excluded or [], now)
+            quotes = quotes_for(session, settings, job, profile, excluded or [], now, asked)
             if not quotes:
                 _fail_unroutable(session, job, shard_id, index, excluded or [])
                 continue

@@ -17,11 +17,13 @@ import pytest
 from sqlalchemy import func, select, update
 
 from pipeline.jobs.costs import costs
+from pipeline.jobs.plan import plan
 from pipeline.jobs.queries import job_status
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.runtime import Runtime
 from pipeline.store.db import session_scope
 from schemas.base import utcnow
+from schemas.jobspec import JobSpec
 from schemas.status import JobStatus, LedgerKind
 from schemas.tables import CachedAnswer
 from tests.support import openai_server, race
@@ -75,6 +77,10 @@ def test_repeated_rows_are_asked_once_and_a_second_job_pays_nothing(
     unique = [f"question number {i}" for i in range(30)]
     asked = unique + [unique[i % 30] for i in range(20)]  # 40% of the rows repeat one
     path = prompts_file(tmp_path / "in.parquet", asked)
+    fresh = plan(runtime, path, JobSpec(model="m", max_tokens=8))
+    unshared = plan(runtime, path, JobSpec(model="m", max_tokens=8, use_cache=False))
+    assert fresh.rows_answered == 20 and unshared.rows_answered == 0  # 20 rows repeat an earlier row
+    assert fresh.cost_usd == pytest.approx(unshared.cost_usd * 30 / 50, rel=0.05)
 
     first = submit(runtime, JobRequest(path, "m", max_tokens=8))
     assert run_queued(runtime, first) is JobStatus.SUCCEEDED
@@ -86,6 +92,9 @@ def test_repeated_rows_are_asked_once_and_a_second_job_pays_nothing(
     paid = ledger_sum(runtime, first, LedgerKind.CHARGE)
     assert sum(1 for r in rows if r["cost_usd"] == 0) == 20
 
+    planned = plan(runtime, path, JobSpec(model="m", max_tokens=8))
+    assert planned.rows_answered == 50 and planned.cost_usd == 0.0  # all held by the cache now
+    assert planned.worst_case_usd > 0  # the worst case never counts on the cache
     second = submit(runtime, JobRequest(path, "m", max_tokens=8))
     assert run_queued(runtime, second) is JobStatus.SUCCEEDED
     assert provider.ok == 30  # nothing asked again

@@ -80,7 +80,11 @@ def test_prompts_that_cost_four_times_the_estimate_never_spend_past_the_budget(
     path = tmp_path / "cjk.parquet"
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(100)], "prompt": [CJK] * 100}), path)
     budget = 5.0
-    job_id = submit(runtime, JobRequest(str(path), "m", max_tokens=8, rows_per_shard=20, budget_usd=budget))
+    # The same prompt on every row: the answer cache would ask it once (use_cache=False: every row pays).
+    job_id = submit(
+        runtime,
+        JobRequest(str(path), "m", max_tokens=8, rows_per_shard=20, budget_usd=budget, use_cache=False),
+    )
 
     highest = drive_to_the_end(runtime, job_id, budget)
 

@@ -175,6 +175,7 @@ def test_on_a_gpu_pool_a_job_answered_whole_by_the_cache_sends_nothing_and_says_
     assert [r["output"] for r in rows] == [r["output"] for r in results(runtime, first)]
     again = job_status(runtime, second)
     assert again.rows_cached == 30 and again.cost_usd == 0.0
+    assert (again.input_tokens, again.output_tokens) == (0, 0)  # nothing was sent
     assert again.saved_usd == pytest.approx(report.cost_usd + report.saved_usd)
     line = [c for c in costs(runtime, job_id=second) if c.get("backend") == "cache"]
     assert line and line[0]["rows"] == 30

@@ -43,6 +43,8 @@ class ContinuousHFEngine(HFEngine):
         return managers[temperature]
 
     def _execute(self, items: list[BatchItem], prompts: dict[int, list[int]]) -> dict[int, Completion]:
+        if not items:  # every row of the chunk was answered already (the answer cache, repeats)
+            return {}
         # transformers' continuous batching takes no logits processor: a row with a
         # schema runs on the batched path of the same model, constrained.
         constrained = [item for item in items if item.schema]

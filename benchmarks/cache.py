@@ -61,7 +61,8 @@ def job(rt: Runtime, server: FakeOpenAI, path: str, **options: Any) -> tuple[int
     before = server.ok
     report = run(rt, path, "m", max_tokens=16, **options)
     assert report.status == "succeeded", report.error
-    rows = pq.read_metadata(api.results(rt, report.job_id).files[0]).num_rows if report.result_url else 0
+    files = api.results(rt, report.job_id).files if report.result_url else []
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
     return server.ok - before, report.cost_usd, rows, report
 
 

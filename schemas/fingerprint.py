@@ -1,29 +1,25 @@
 """A request's fingerprint: everything that decides its answer, hashed.
 
-Two rows with the same fingerprint get the same answer: the normalised prompt or
-messages (Unicode NFC, outer whitespace stripped), the model's identity (a local
-folder by its config and weight files, a hub id or a provider's model name as
-named), the task, ``max_tokens``, the temperature and the JSON Schema with its
-re-asks. Rows sampled at a temperature above 0 get none: spotlane takes no seed, so
-two of them are two different questions.
+Two rows with the same fingerprint get the same answer: the prompt, or every field
+of every message, exactly as they are sent (no whitespace or Unicode folding: for a
+raw completion a trailing space changes the answer), the identity of the model on
+its lane (``pipeline.jobs.models.lane_identity``: a local folder by its files' contents,
+a provider's own model name at its URL), the task, ``max_tokens`` and the JSON Schema
+with its re-asks. Rows sampled at a temperature above 0 get none: spotlane takes no
+seed, so two of them are two different questions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import unicodedata
 
 from schemas.inference import Request
 
 __all__ = ["FINGERPRINT_VERSION", "fingerprint"]
 
 #: Part of every fingerprint: a change to what goes in makes every old one a miss.
-FINGERPRINT_VERSION = 1
-
-
-def _text(value: str | None) -> str:
-    return unicodedata.normalize("NFC", value or "").strip()
+FINGERPRINT_VERSION = 2
 
 
 def fingerprint(request: Request, model_identity: str, task: str) -> str | None:
@@ -33,9 +29,9 @@ def fingerprint(request: Request, model_identity: str, task: str) -> str | None:
         return None
     asked: object
     if request.messages is not None:
-        asked = [[_text(m.get("role")), _text(m.get("content"))] for m in request.messages]
+        asked = [sorted(m.items()) for m in request.messages]
     else:
-        asked = _text(request.prompt)
+        asked = request.prompt or ""
     key = [
         FINGERPRINT_VERSION,
         model_identity,

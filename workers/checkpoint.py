@@ -12,8 +12,7 @@ from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import write_parquet
 from pipeline.store import answers, claims
-from pipeline.store.db import is_transient, session_scope
-from schemas.base import utcnow
+from pipeline.store.db import db_now, is_transient, session_scope
 from schemas.errors import LeaseLost, TransientError
 from schemas.tables import Job
 from workers.engines.base import Completion
@@ -108,8 +107,8 @@ def learn(
                 backend,
                 model,
                 runtime.settings.routing,
-                rows=stats.row_count,
-                rows_failed=stats.rows_failed,
+                rows=len(paired),  # the rows sent: a cached or repeated row says nothing of the lane
+                rows_failed=sum(1 for _, c in paired if c.error is not None),
                 prompt_chars=sum(r.prompt_chars for r, _ in first),
                 input_tokens=sum(c.input_tokens for _, c in first),
                 output_tokens=sum(c.output_tokens for _, c in first),
@@ -154,6 +153,6 @@ def remember(
         return
     try:
         with session_scope(runtime.engine) as session:
-            answers.remember(session, kept, utcnow(), replace=job.refresh_cache)
+            answers.remember(session, kept, db_now(session), replace=job.refresh_cache)
     except Exception:  # the cache is not worth failing a shard over
         log.warning("could not record %d answers in the answer cache", len(kept), exc_info=True)

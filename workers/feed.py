@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from pipeline.jobs.models import model_identity
+from pipeline.jobs.models import lane_identity
 from pipeline.routing import observations as learning
 from pipeline.routing.estimate import profile_requests
 from pipeline.routing.pricing import reasked_worst_case_usd, worst_case_usd
@@ -101,7 +101,7 @@ def feed_chunks(
                     schema_retries=job.schema_retries,
                 )
                 trial = set(asked)  # this chunk's rows count as asked only once it is sent
-                answer_known(runtime, job, chunk, model or job.model, trial)
+                answer_known(runtime, job, chunk, backend, model or job.model, trial)
                 row_worst = [
                     _row_worst(backend, r, stats) if r is not None and chunk.sent(i) else 0.0
                     for i, r in enumerate(chunk.requests)
@@ -125,11 +125,14 @@ def feed_chunks(
     feed.exhausted = True
 
 
-def answer_known(runtime: Runtime, job: Job, chunk: Chunk, model: str, asked: set[str]) -> int:
+def answer_known(
+    runtime: Runtime, job: Job, chunk: Chunk, backend: GpuPool | ApiProvider, model: str, asked: set[str]
+) -> int:
     """Fill ``chunk``'s fingerprints, the rows the answer cache answers, and the rows that
     repeat a row of the shard sent before (``asked``, which gets this chunk's); how many
     rows will not be sent. A ``--no-cache`` job shares nothing: every row is sent."""
-    identity = {name: model_identity(name) for name in {model, *(r.model for r in chunk.requests if r and r.model)}}
+    names = {model, *(r.model for r in chunk.requests if r and r.model)}
+    identity = {name: lane_identity(backend, name) for name in names}
     chunk.fingerprints = [
         fingerprint(r, identity[r.model or model], job.task) if r is not None else None for r in chunk.requests
     ]

@@ -17,9 +17,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from schemas.backends import ApiProvider, GpuPool
 from schemas.errors import ModelError
 
-__all__ = ["model_identity", "resolve_model"]
+__all__ = ["lane_identity", "model_identity", "resolve_model"]
 
 #: Seconds the hub gets to say whether it knows a model id.
 HUB_TIMEOUT = 5.0
@@ -110,17 +111,41 @@ def _ask_the_hub(name: str, hint: str) -> str:
     return name
 
 
+#: Files of a model folder whose contents decide its answers besides the weights.
+_DECIDING = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+#: Bytes of each weight file read, at its start (the safetensors header: names, shapes,
+#: dtypes) and at its end: a retrained checkpoint of the same shapes differs there.
+_SAMPLE = 1 << 20
+
+
 @lru_cache(maxsize=64)
 def model_identity(name: str) -> str:
-    """What a model's answers depend on, for fingerprints: a local folder by the hash of its
-    ``config.json`` and its weight files' names and sizes (the same weights copied elsewhere
-    are the same model; retrained weights are not), anything else by its name."""
+    """What a model's answers depend on, for fingerprints: a local folder by the contents of
+    its config, tokenizer, chat template and generation config, and each weight file's
+    size and first and last MiB (the same files copied elsewhere are the same model;
+    weights retrained in place are not); anything else (a hub id, a provider's name) by
+    its name."""
     path = Path(name).expanduser()
-    config = path / "config.json"
-    if not config.is_file():
+    if not (path / "config.json").is_file():
         return name
-    digest = hashlib.sha256(config.read_bytes())
-    for weights in sorted(path.iterdir()):
-        if weights.suffix in (".safetensors", ".bin", ".pt", ".gguf") or weights.name.endswith(".index.json"):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    digest = hashlib.sha256()
+    for item in sorted(path.iterdir()):
+        if item.name in _DECIDING:
+            digest.update(item.name.encode() + b"\0" + item.read_bytes())
+        elif item.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            size = item.stat().st_size
+            with item.open("rb") as fh:
+                head = fh.read(_SAMPLE)
+                fh.seek(max(0, size - _SAMPLE))
+                tail = fh.read(_SAMPLE)
+            digest.update(f"{item.name}:{size}".encode() + head + tail)
     return f"folder:{digest.hexdigest()[:32]}"
+
+
+def lane_identity(backend: GpuPool | ApiProvider, model: str) -> str:
+    """The model as a lane runs it: a provider's own model name at its URL (two providers
+    may map one name to different models, and they answer a prompt as a chat), a GPU
+    pool's model by ``model_identity`` (any pool running the same files answers alike)."""
+    if isinstance(backend, ApiProvider):
+        return f"api:{backend.base_url}:{backend.models.get(model, model)}"
+    return f"local:{model_identity(model)}"

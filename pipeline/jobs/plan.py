@@ -90,6 +90,7 @@ def plan(runtime: Runtime, input_url: str, spec: JobSpec) -> Plan:
             use_cache=(settings.cache.enabled and spec.use_cache) or spec.incremental,
             refresh_cache=spec.refresh_cache,
             task=spec.task,
+            temperature=spec.temperature,
         )
 
 
@@ -108,6 +109,7 @@ def _plan(
     use_cache: bool = True,
     refresh_cache: bool = False,
     task: str = "generate",
+    temperature: float | None = None,
 ) -> Plan:
     settings = runtime.settings
     info = inspect_input(url)
@@ -120,7 +122,7 @@ def _plan(
         input_url=info.url,
         input_kind=info.kind,
         max_tokens=max_tokens or settings.jobs.max_tokens,
-        temperature=0.0,
+        temperature=settings.jobs.temperature if temperature is None else temperature,
         tags=tags or {},
         response_schema=response_schema,
         schema_retries=schema_retries,
@@ -150,7 +152,6 @@ def _plan(
                 sharing_of(job),
             )
             quotes = quotes_for(session, settings, job, profile, [], now, asked)
-            result.rows_answered += profile.answered_rows
             if not quotes:
                 raise InputError(f"no backend serves model {models[0]!r} (see gpu_pools and api_providers)")
             choice = choose(
@@ -165,6 +166,7 @@ def _plan(
                 result.blocked += 1
                 continue
             q = choice.quote
+            result.rows_answered += q.answered_rows
             backlog[q.backend] += q.seconds
             result.cost_usd += q.cost_usd
             result.worst_case_usd += q.reserve_usd

@@ -63,6 +63,7 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
         input_url, models, max_tokens = job.input_url, list(job.models or [job.model]), job.max_tokens
         temperature, task, tags = job.temperature, job.task, dict(job.tags or {})
         response_schema, schema_retries = job.response_schema, job.schema_retries
+        use_cache = job.use_cache
     wanted = pa.array(failed)
     source = open_parquet(input_url)
     pieces = [
@@ -88,6 +89,8 @@ def retry_errors(runtime: Runtime, job_id: str) -> tuple[str, int]:
             retry_of=job_id,
             response_schema=response_schema,
             schema_retries=schema_retries,
+            use_cache=use_cache,  # a --no-cache job's retry neither reads nor fills it
+            incremental=use_cache and not runtime.settings.cache.enabled,  # and keeps what the parent had
         ),
     )
     return child, subset.num_rows

@@ -23,11 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.jobs.models import model_identity
 from pipeline.storage.inputs import iter_rows, open_parquet
 from schemas.backends import input_token_bound
 from schemas.errors import InputError
-from schemas.fingerprint import fingerprint
 from schemas.inference import Request
 from schemas.structured import schema_of_response_format
 
@@ -62,8 +60,9 @@ class ShardProfile:
     #: Rows whose answer follows a JSON Schema (the job's, or the row's own
     #: ``response_format``): an API lane may ask them again.
     structured_rows: int = 0
-    #: Each row's fingerprint (``schemas.fingerprint``) when the job shares answers.
-    fingerprints: list[str | None] = field(default_factory=list)
+    #: Each row's request (None: it cannot run), when the job shares answers: the router
+    #: fingerprints them per lane (``schemas.fingerprint``).
+    asked: list[Asked | None] = field(default_factory=list)
     #: Rows that will not be sent: repeats of an earlier row of the shard, and rows the
     #: answer cache holds (the router counts them). The estimate leaves them out.
     answered_rows: int = 0
@@ -168,7 +167,7 @@ def _texts(column: pa.ChunkedArray | pa.Array, kind: str) -> tuple[list[str], li
 
 @dataclass(frozen=True)
 class Sharing:
-    """What a row's fingerprint needs besides the row: the job's defaults."""
+    """What a row's fingerprint needs besides the row and the lane: the job's defaults."""
 
     model: str
     task: str
@@ -178,10 +177,19 @@ class Sharing:
     retries: int
 
 
-def _fingerprints(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sharing: Sharing) -> list[str | None]:
+@dataclass(frozen=True)
+class Asked:
+    """A row as the router sees it for fingerprints: its request and the model it names."""
+
+    request: Request
+    #: The row's own model; None: the shard's.
+    model: str | None
+
+
+def _asked(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sharing: Sharing) -> list[Asked | None]:
     columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
     absent = [None] * batch.num_rows
-    found: list[str | None] = []
+    found: list[Asked | None] = []
     for i, body in enumerate(columns[kind]):
         own = columns.get("response_format", absent)[i]
         schema = sharing.schema
@@ -191,7 +199,7 @@ def _fingerprints(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sha
             except InputError:
                 parsed = None
             schema = json.dumps(parsed) if parsed is not None else None
-        model = columns.get("model", absent)[i] or sharing.model
+        model = columns.get("model", absent)[i]
         temperature = columns.get("temperature", absent)[i]
         request = Request(
             prompt=body if kind == "prompt" else None,
@@ -201,7 +209,7 @@ def _fingerprints(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sha
             response_schema=schema,
             schema_retries=sharing.retries if schema is not None else 0,
         )
-        found.append(fingerprint(request, model_identity(model), sharing.task) if body is not None else None)
+        found.append(Asked(request, model) if body is not None else None)
     return found
 
 
@@ -264,6 +272,6 @@ def profile_rows(
             counted = count_tokens(model, texts)
             exact = None if counted is None else exact + counted
         if sharing is not None:
-            profile.fingerprints.extend(_fingerprints(batch, kind, default_max_tokens, sharing))
+            profile.asked.extend(_asked(batch, kind, default_max_tokens, sharing))
     profile.prompt_tokens = exact
     return profile

@@ -58,6 +58,8 @@ class Quote:
     reserve_usd: float = 0.0
     #: The worst case of the shard's costliest row: what starting it needs at least.
     row_reserve_usd: float = 0.0
+    #: Rows this lane would not be sent (the answer cache holds them, or they repeat).
+    answered_rows: int = 0
 
 
 def quote(
@@ -100,6 +102,7 @@ def quote(
             tokens_out,
             reserve_usd=worst_case_usd(backend, profile, stats),
             row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats),
+            answered_rows=profile.answered_rows,
         )
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     sent_rows = max(profile.rows - profile.answered_rows, 1)
@@ -125,6 +128,7 @@ def quote(
         tokens_out + extra_out,
         reserve_usd=_api_worst_case(backend, profile, schema_retries),
         row_reserve_usd=_api_worst_case(backend, profile.worst_row(), schema_retries),
+        answered_rows=profile.answered_rows,
     )
 
 

@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from pipeline.jobs.models import lane_identity
 from pipeline.routing import observations as learning
 from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, Sharing, profile_rows
 from pipeline.routing.pricing import Quote, quote
@@ -48,6 +49,7 @@ from pipeline.store import answers, leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
 from schemas.backends import ApiProvider, GpuPool
+from schemas.fingerprint import fingerprint
 from schemas.settings import Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
@@ -150,7 +152,6 @@ def quotes_for(
 ) -> list[Quote]:
     """Every backend's price for ``profile``. ``asked``: fingerprints of the job's rows
     priced before (earlier shards), whose repeats the cache will answer."""
-    profile.answered_rows = _answered(session, settings, job, profile, now, set() if asked is None else asked)
     stats = {}
     cooling: set[str] = set()
     for backend in settings.backends:
@@ -160,11 +161,18 @@ def quotes_for(
             if seen is not None and seen.cooling(now):
                 cooling.add(backend.name)
     found: list[Quote] = []
+    priced_keys: set[str] = set()
     for backend, model in candidates(settings, job, profile, excluded, cooling):
         retries = job.schema_retries if profile.structured_rows else 0
+        profile.answered_rows, keys = _answered(
+            session, settings, job, profile, backend, model, now, set() if asked is None else asked
+        )
+        priced_keys |= keys
         priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries)
         if priced is not None:
             found.append(priced)
+    if asked is not None:
+        asked |= priced_keys
     return found
 
 
@@ -177,27 +185,46 @@ def sharing_of(job: Job) -> Sharing | None:
 
 
 def _answered(
-    session: Session, settings: Settings, job: Job, profile: ShardProfile, now: datetime, seen: set[str]
-) -> int:
-    """Rows of ``profile`` that will not be sent: held by the answer cache, or repeating a
-    row priced before (``seen``: this shard's, and the job's earlier shards', whose
-    answers the cache holds by the time a later shard asks; ``workers.feed.answer_known``
-    does the same). ``seen`` gets this shard's fingerprints."""
-    if not job.use_cache or not profile.fingerprints:
-        return 0
+    session: Session,
+    settings: Settings,
+    job: Job,
+    profile: ShardProfile,
+    backend: GpuPool | ApiProvider,
+    model: str,
+    now: datetime,
+    seen: set[str],
+) -> tuple[int, set[str]]:
+    """Rows of ``profile`` that will not be sent on ``backend``: held by the answer cache
+    for that lane, or repeating a row priced before (``seen``: this shard's, and the job's
+    earlier shards', whose answers the cache holds by the time a later shard asks, when
+    shards run one after another; ``workers.feed.answer_known`` does the same), and this
+    shard's fingerprints, for ``seen`` once every lane is priced."""
+    if not job.use_cache or not profile.asked:
+        return 0, set()
+    identity: dict[str, str] = {}
+    found: list[str | None] = []
+    for row in profile.asked:
+        if row is None:
+            found.append(None)
+            continue
+        name = row.model or model
+        if name not in identity:
+            identity[name] = lane_identity(backend, name)
+        found.append(fingerprint(row.request, identity[name], job.task))
     since = now - timedelta(days=settings.cache.ttl_days)
     if job.refresh_cache:
         since = max(since, job.created_at or now)
-    cached = answers.lookup(session, (f for f in profile.fingerprints if f), since)
+    cached = answers.lookup(session, (f for f in found if f), since)
     answered = 0
-    for found in profile.fingerprints:
-        if found is None:
+    mine: set[str] = set()
+    for key in found:
+        if key is None:
             continue
-        if found in cached or found in seen:
+        if key in cached or key in seen or key in mine:
             answered += 1
         else:
-            seen.add(found)
-    return answered
+            mine.add(key)
+    return answered, mine
 
 
 def _backlog(session: Session) -> dict[str, float]:

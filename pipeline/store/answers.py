@@ -71,9 +71,18 @@ def lookup(session: Session, fingerprints: Iterable[str], since: datetime) -> di
 
 
 def remember(session: Session, answers: Sequence[Answer], now: datetime, *, replace: bool = False) -> None:
-    """Record ``answers``; a fingerprint already recorded keeps its answer unless ``replace``."""
+    """Record ``answers``; a fingerprint already recorded keeps its answer unless ``replace``.
+
+    Written in batches (a statement's parameters are bounded) in fingerprint order (two
+    writers of overlapping answers lock rows in one order: no deadlock)."""
     if not answers:
         return
+    ordered = sorted({a.fingerprint: a for a in answers}.values(), key=lambda a: a.fingerprint)
+    for start in range(0, len(ordered), _BATCH):
+        _insert(session, ordered[start : start + _BATCH], now, replace)
+
+
+def _insert(session: Session, answers: Sequence[Answer], now: datetime, replace: bool) -> None:
     values = [
         {
             "fingerprint": a.fingerprint,
@@ -87,7 +96,7 @@ def remember(session: Session, answers: Sequence[Answer], now: datetime, *, repl
             "job_id": a.job_id,
             "created_at": now,
         }
-        for a in {a.fingerprint: a for a in answers}.values()
+        for a in answers
     ]
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert

@@ -257,9 +257,9 @@ def _write_results(
             if response_schema is not None or per_row:
                 table = with_parsed(table, response_schema, as_text=per_row)
             if writer is None:
-                schema = table.schema
+                schema = _with_output_fields(table.schema)
                 writer = ResultWriter(folder, schema, runtime.storage.storage_class("warm"))
-            table = table.cast(schema)
+            table = _fit(table, schema)
             rows += table.num_rows
             rows_failed += part.rows_failed
             writer.write(table)
@@ -279,3 +279,19 @@ def _write_results(
     if written != rows:
         raise StoreError(f"wrote {written} rows but read {rows} from the parts")
     return rows, rows_failed, files, schema
+
+
+def _with_output_fields(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every output field (a part written before a field was added lacks it)."""
+    for position, wanted in enumerate(output_schema()):
+        if wanted.name not in schema.names:
+            schema = schema.insert(position, wanted)
+    return schema
+
+
+def _fit(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: a column it lacks (a part from an older worker) is all null."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)

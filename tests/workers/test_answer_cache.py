@@ -179,3 +179,27 @@ def test_on_a_gpu_pool_a_job_answered_whole_by_the_cache_sends_nothing_and_says_
     assert again.saved_usd == pytest.approx(report.cost_usd + report.saved_usd)
     line = [c for c in costs(runtime, job_id=second) if c.get("backend") == "cache"]
     assert line and line[0]["rows"] == 30
+
+
+def test_a_part_written_before_cached_from_existed_still_finalizes(store_url: str, tmp_path: Path) -> None:
+    """An upgrade while a job runs: a part from an older worker lacks the new output column."""
+    from pipeline.storage.objects import filesystem
+    from pipeline.tasks.finalize import finalize_job
+    from schemas.tables import Checkpoint
+
+    runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 5})
+    path = prompts_file(tmp_path / "in.parquet", [f"q {i}" for i in range(10)])
+    job_id = submit(runtime, JobRequest(path, model_folder(tmp_path), max_tokens=4))
+    run_queued(runtime, job_id, finalize=False)
+    with session_scope(runtime.engine) as session:
+        first = session.scalars(select(Checkpoint.url).order_by(Checkpoint.first_row)).first()
+    assert first is not None
+    fs, part = filesystem(first)
+    with fs.open(part, "rb") as fh:
+        old = pq.read_table(fh).drop_columns(["cached_from"])
+    with fs.open(part, "wb") as fh:
+        pq.write_table(old, fh)
+
+    assert finalize_job(runtime, job_id) is JobStatus.SUCCEEDED
+    rows = results(runtime, job_id)
+    assert [r["id"] for r in rows] == [f"r{i:03d}" for i in range(10)] and {r["cached_from"] for r in rows} == {None}

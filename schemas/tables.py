@@ -121,6 +121,10 @@ class Job(Base):
     use_cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
     #: Ask again even what the cache holds, and replace it (``--refresh``).
     refresh_cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    #: Set when the job's results are written: rows answered without being sent (the answer
+    #: cache, repeats of an earlier row) and what sending them would have cost.
+    rows_cached: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    saved_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -36,6 +36,8 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("use_cache", sa.Boolean(), nullable=False, server_default="1"))
         batch.add_column(sa.Column("refresh_cache", sa.Boolean(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("rows_cached", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("saved_usd", sa.Float(), nullable=False, server_default="0"))
     with op.batch_alter_table("shards") as batch:
         batch.add_column(sa.Column("rows_cached", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("saved_usd", sa.Float(), nullable=False, server_default="0"))
@@ -49,6 +51,8 @@ def downgrade() -> None:
         batch.drop_column("saved_usd")
         batch.drop_column("rows_cached")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("saved_usd")
+        batch.drop_column("rows_cached")
         batch.drop_column("refresh_cache")
         batch.drop_column("use_cache")
     op.execute(JOB_PROGRESS_V1)

@@ -123,11 +123,22 @@ def model_identity(name: str) -> str:
     """What a model's answers depend on, for fingerprints: a local folder by the contents of
     its config, tokenizer, chat template and generation config, and each weight file's
     size and first and last MiB (the same files copied elsewhere are the same model;
-    weights retrained in place are not); anything else (a hub id, a provider's name) by
-    its name."""
+    weights retrained in place are not); a hub id by the snapshot of it in the local cache
+    (so its revision counts), or by its name if none is cached; a provider's model by its
+    name."""
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        return name
+        if _looks_like_path(name) or name.count("/") > 1:
+            return name
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a hub id (a provider's model name): its name is its identity
+            return name
+        if not isinstance(cached, str):
+            return name
+        path = Path(cached).parent  # .../models--org--name/snapshots/<revision>
     digest = hashlib.sha256()
     for item in sorted(path.iterdir()):
         if item.name in _DECIDING:

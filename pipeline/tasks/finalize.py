@@ -137,7 +137,16 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         shards = {
             s.id: s
             for s in session.execute(
-                select(Shard.id, Shard.shard_index, Shard.row_start, Shard.row_end, Shard.status, Shard.error)
+                select(
+                    Shard.id,
+                    Shard.shard_index,
+                    Shard.row_start,
+                    Shard.row_end,
+                    Shard.status,
+                    Shard.error,
+                    Shard.rows_cached,
+                    Shard.saved_usd,
+                )
                 .where(Shard.job_id == job_id)
                 .order_by(Shard.shard_index)
             ).all()
@@ -151,6 +160,8 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
         per_row = "response_format" in open_parquet(input_url).schema_arrow.names
     except (InputError, OSError):  # the input is gone or changed: the parts are what counts here
         per_row = False
+    rows_cached = sum(s.rows_cached for s in shards.values())
+    saved_usd = float(sum(s.saved_usd for s in shards.values()))
     folder = runtime.storage.new_results_url(job_id)
     try:
         rows, rows_failed, files, schema = _write_results(
@@ -167,6 +178,8 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
             "rows_ok": rows - rows_failed,
             "rows_failed": rows_failed,
             "rows_missing": rows_total - rows,
+            "rows_cached": rows_cached,
+            "saved_usd": saved_usd,
             "files": files,
             "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
             "arrow_schema": schema.to_string(show_schema_metadata=False),
@@ -208,6 +221,8 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
             result_tier="warm",
             rows_ok=rows - rows_failed,
             rows_failed=rows_failed,
+            rows_cached=rows_cached,
+            saved_usd=saved_usd,
             error=error,
         )
     if not switched:

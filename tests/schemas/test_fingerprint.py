@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.jobs.models import lane_identity, model_identity
 from schemas.backends import ApiProvider, GpuPool
 from schemas.fingerprint import fingerprint
@@ -47,3 +49,26 @@ def test_a_lane_is_part_of_the_model_and_weights_retrained_in_place_are_another_
     lanes = {lane_identity(one, "m"), lane_identity(two, "m"), lane_identity(GpuPool(name="local"), "m")}
     assert len(lanes) == 3  # one name, three models: a chat on two providers, a raw continuation on a GPU
     assert lane_identity(GpuPool(name="a"), str(folder)) == lane_identity(GpuPool(name="b"), str(folder))
+
+
+def test_a_hub_model_is_the_snapshot_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hub
+
+    def snapshot(revision: str, weights: bytes) -> None:
+        repo = tmp_path / "models--org--tiny"
+        (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        (repo / "snapshots" / revision / "config.json").write_text('{"model_type": "llama"}')
+        (repo / "snapshots" / revision / "model.safetensors").write_bytes(weights)
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    model_identity.cache_clear()
+    assert model_identity("org/tiny") == "org/tiny"  # nothing cached: its name
+    snapshot("aaaa", b"\x01" * 64)
+    model_identity.cache_clear()
+    first = model_identity("org/tiny")
+    snapshot("bbbb", b"\x02" * 64)  # a new revision becomes main
+    model_identity.cache_clear()
+    assert first.startswith("folder:") and model_identity("org/tiny") not in (first, "org/tiny")
+    model_identity.cache_clear()

@@ -6,6 +6,7 @@ billed by its usage), the real runner, the real store.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -177,6 +178,10 @@ def test_on_a_gpu_pool_a_job_answered_whole_by_the_cache_sends_nothing_and_says_
     assert again.rows_cached == 30 and again.cost_usd == 0.0
     assert (again.input_tokens, again.output_tokens) == (0, 0)  # nothing was sent
     assert again.saved_usd == pytest.approx(report.cost_usd + report.saved_usd)
+    job = job_row(runtime, second)  # the job row and the manifest say so too
+    assert job.rows_cached == 30 and job.saved_usd == pytest.approx(again.saved_usd)
+    manifest = json.loads(Path(str(job.result_url).removeprefix("file://"), "_manifest.json").read_text())
+    assert manifest["rows_cached"] == 30 and manifest["saved_usd"] == pytest.approx(again.saved_usd)
     line = [c for c in costs(runtime, job_id=second) if c.get("backend") == "cache"]
     assert line and line[0]["rows"] == 30
 

@@ -31,6 +31,7 @@ __all__ = [
     "load_schema",
     "parsed_column",
     "schema_of_response_format",
+    "schema_text_of_response_format",
     "validate_answer",
 ]
 
@@ -90,6 +91,14 @@ def _unconstrainable(schema: dict[str, Any]) -> str:
     except Exception as exc:  # llguidance reports unsupported schemas in its own exception types
         return str(exc)
     return str(llguidance.LLMatcher.validate_grammar(grammar) or "")
+
+
+@lru_cache(maxsize=256)
+def schema_text_of_response_format(text: str) -> str | None:
+    """``schema_of_response_format`` as the JSON text requests carry; parsed once per
+    process (rows repeat a handful of formats), not once per row."""
+    found = schema_of_response_format(text)
+    return json.dumps(found) if found is not None else None
 
 
 def schema_of_response_format(text: str) -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ import json
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 from pipeline.jobs.models import lane_identity
 from pipeline.routing import observations as learning
@@ -137,9 +136,7 @@ def answer_known(
         fingerprint(r, identity[r.model or model], job.task) if r is not None else None for r in chunk.requests
     ]
     if job.use_cache:
-        since = utcnow() - timedelta(days=runtime.settings.cache.ttl_days)
-        if job.refresh_cache:  # only answers recorded since this job began: its own, for its repeats
-            since = max(since, job.created_at)
+        since = answers.usable_since(utcnow(), runtime.settings.cache.ttl_days, job.created_at, job.refresh_cache)
         with session_scope(runtime.engine) as session:
             cached = answers.lookup(session, (f for f in chunk.fingerprints if f), since)
         for i, found in enumerate(chunk.fingerprints):

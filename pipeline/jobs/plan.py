@@ -16,7 +16,8 @@ from typing import Any, TypedDict
 from pipeline.jobs.models import resolve_model
 from pipeline.jobs.submit import plan_shards
 from pipeline.routing.estimate import profile_rows
-from pipeline.routing.router import choose, quotes_for, sharing_of
+from pipeline.routing.router import choose, quotes_for
+from pipeline.routing.sharing import sharing_of
 from pipeline.runtime import Runtime
 from pipeline.storage.input_files import expand_input, stitch_inputs
 from pipeline.storage.inputs import inspect_input

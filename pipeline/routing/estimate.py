@@ -27,7 +27,7 @@ from pipeline.storage.inputs import iter_rows, open_parquet
 from schemas.backends import input_token_bound
 from schemas.errors import InputError
 from schemas.inference import Request
-from schemas.structured import schema_of_response_format
+from schemas.structured import schema_text_of_response_format
 
 __all__ = ["FOOTER_CHARS_PER_TOKEN", "ShardProfile", "Sharing", "count_tokens", "profile_requests", "profile_rows"]
 
@@ -195,10 +195,9 @@ def _asked(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sharing: S
         schema = sharing.schema
         if own is not None:
             try:
-                parsed = schema_of_response_format(own)
-            except InputError:
-                parsed = None
-            schema = json.dumps(parsed) if parsed is not None else None
+                schema = schema_text_of_response_format(own)
+            except InputError:  # checked at submit; a row refused there never runs
+                schema = None
         model = columns.get("model", absent)[i]
         temperature = columns.get("temperature", absent)[i]
         request = Request(

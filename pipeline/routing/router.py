@@ -29,7 +29,6 @@ MILP, ``pipeline.routing.solver``) from the footer's size estimate.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,17 +38,16 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.jobs.models import lane_identity
 from pipeline.routing import observations as learning
-from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, Sharing, profile_rows
+from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, profile_rows
 from pipeline.routing.pricing import Quote, quote
+from pipeline.routing.sharing import answered_rows, sharing_of
 from pipeline.routing.solver import cheapest_on_time
 from pipeline.runtime import Runtime
-from pipeline.store import answers, leases, ledger, transitions
+from pipeline.store import leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
 from schemas.backends import ApiProvider, GpuPool
-from schemas.fingerprint import fingerprint
 from schemas.settings import Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
@@ -164,7 +162,7 @@ def quotes_for(
     priced_keys: set[str] = set()
     for backend, model in candidates(settings, job, profile, excluded, cooling):
         retries = job.schema_retries if profile.structured_rows else 0
-        profile.answered_rows, keys = _answered(
+        profile.answered_rows, keys = answered_rows(
             session, settings, job, profile, backend, model, now, set() if asked is None else asked
         )
         priced_keys |= keys
@@ -174,57 +172,6 @@ def quotes_for(
     if asked is not None:
         asked |= priced_keys
     return found
-
-
-def sharing_of(job: Job) -> Sharing | None:
-    """What fingerprints of the job's rows need, if the job shares answers."""
-    if not job.use_cache:
-        return None
-    schema = json.dumps(job.response_schema) if job.response_schema is not None else None
-    return Sharing(job.model, job.task, job.temperature, schema, job.schema_retries)
-
-
-def _answered(
-    session: Session,
-    settings: Settings,
-    job: Job,
-    profile: ShardProfile,
-    backend: GpuPool | ApiProvider,
-    model: str,
-    now: datetime,
-    seen: set[str],
-) -> tuple[int, set[str]]:
-    """Rows of ``profile`` that will not be sent on ``backend``: held by the answer cache
-    for that lane, or repeating a row priced before (``seen``: this shard's, and the job's
-    earlier shards', whose answers the cache holds by the time a later shard asks, when
-    shards run one after another; ``workers.feed.answer_known`` does the same), and this
-    shard's fingerprints, for ``seen`` once every lane is priced."""
-    if not job.use_cache or not profile.asked:
-        return 0, set()
-    identity: dict[str, str] = {}
-    found: list[str | None] = []
-    for row in profile.asked:
-        if row is None:
-            found.append(None)
-            continue
-        name = row.model or model
-        if name not in identity:
-            identity[name] = lane_identity(backend, name)
-        found.append(fingerprint(row.request, identity[name], job.task))
-    since = now - timedelta(days=settings.cache.ttl_days)
-    if job.refresh_cache:
-        since = max(since, job.created_at or now)
-    cached = answers.lookup(session, (f for f in found if f), since)
-    answered = 0
-    mine: set[str] = set()
-    for key in found:
-        if key is None:
-            continue
-        if key in cached or key in seen or key in mine:
-            answered += 1
-        else:
-            mine.add(key)
-    return answered, mine
 
 
 def _backlog(session: Session) -> dict[str, float]:

@@ -109,11 +109,9 @@ def _status(session: Session, job: Job) -> str:
 
 def batch_object(session: Session, job: Job) -> dict[str, Any]:
     status = _status(session, job)
-    if job.status.is_final or job.status is JobStatus.FINALIZING:
+    if job.status.is_final and job.status is not JobStatus.CANCELLED:  # what the results hold
         done, failed = job.rows_ok + job.rows_failed, job.rows_failed
-    else:
-        done, failed = 0, 0
-    if not job.status.is_final or job.status is JobStatus.CANCELLED:
+    else:  # what the shards have committed so far
         done, failed = (
             int(v)
             for v in session.execute(

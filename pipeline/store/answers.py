@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from schemas.tables import CachedAnswer
 
-__all__ = ["Answer", "lookup", "purge", "remember"]
+__all__ = ["Answer", "lookup", "purge", "remember", "usable_since"]
 
 #: Fingerprints per lookup query.
 _BATCH = 500
@@ -43,6 +43,13 @@ class Answer:
     model: str
     job_id: str
     embedding: list[float] | None = None
+
+
+def usable_since(now: datetime, ttl_days: float, job_created: datetime | None, refresh: bool) -> datetime:
+    """The oldest answer a job may be served: ``ttl_days`` back; for a ``--refresh`` job,
+    only answers recorded since it began (its own, for its repeats)."""
+    since = now - timedelta(days=ttl_days)
+    return max(since, job_created) if refresh and job_created is not None else since
 
 
 def lookup(session: Session, fingerprints: Iterable[str], since: datetime) -> dict[str, Answer]:

@@ -28,7 +28,16 @@ from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry, Job, Shard
 from workers.runner import ShardRunner
 
-__all__ = ["Sent", "job_row", "model_folder", "run_queued", "shards", "stub_runtime", "worker_process"]
+__all__ = [
+    "Sent",
+    "job_row",
+    "model_folder",
+    "provider_runtime",
+    "run_queued",
+    "shards",
+    "stub_runtime",
+    "worker_process",
+]
 
 
 def model_folder(tmp_path: Path) -> str:
@@ -64,6 +73,27 @@ def stub_runtime(
 
     runtime.send = record  # type: ignore[method-assign]
     return runtime, sent
+
+
+def provider_runtime(
+    store_url: str, url: str, *, usd_per_1m: float, worker: dict[str, Any] | None = None, **overrides: Any
+) -> Runtime:
+    """``stub_runtime`` with no GPU pool and one paid provider ``prov`` at ``url`` (a local
+    OpenAI-compatible server), serving model ``m`` at ``usd_per_1m`` in and out, no retries."""
+    os.environ["SPOTLANE_TEST_PROVIDER_KEY"] = "sk-test"
+    api = {
+        "name": "prov",
+        "base_url": url,
+        "api_key_env": "SPOTLANE_TEST_PROVIDER_KEY",
+        "models": {"m": "remote-m"},
+        "input_usd_per_1m": usd_per_1m,
+        "output_usd_per_1m": usd_per_1m,
+        "max_retries": 0,
+    }
+    runtime, _ = stub_runtime(
+        store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10, **(worker or {})}, **overrides
+    )
+    return runtime
 
 
 def shards(runtime: Runtime, job_id: str) -> list[Shard]:

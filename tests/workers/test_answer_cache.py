@@ -7,7 +7,6 @@ billed by its usage), the real runner, the real store.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ from schemas.jobspec import JobSpec
 from schemas.status import JobStatus, LedgerKind
 from schemas.tables import CachedAnswer
 from tests.support import openai_server, race
-from tests.support.jobs import job_row, ledger_sum, model_folder, run_queued, stub_runtime
+from tests.support.jobs import job_row, ledger_sum, model_folder, provider_runtime, run_queued, stub_runtime
 
 
 @pytest.fixture
@@ -37,26 +36,8 @@ def provider() -> Iterator[openai_server.FakeOpenAI]:
         yield server
 
 
-def api_runtime(store_url: str, url: str, **overrides: object) -> Runtime:
-    os.environ["CACHE_TEST_KEY"] = "sk-test"
-    api = {
-        "name": "prov",
-        "base_url": url,
-        "api_key_env": "CACHE_TEST_KEY",
-        "models": {"m": "remote-m"},
-        "input_usd_per_1m": 100.0,
-        "output_usd_per_1m": 100.0,
-        "max_retries": 0,
-    }
-    runtime, _ = stub_runtime(
-        store_url,
-        gpu_pools=[],
-        api_providers=[api],
-        worker={"checkpoint_rows": 10},
-        jobs={"rows_per_shard": 25},
-        **overrides,
-    )
-    return runtime
+def api_runtime(store_url: str, url: str) -> Runtime:
+    return provider_runtime(store_url, url, usd_per_1m=100.0, jobs={"rows_per_shard": 25})
 
 
 def prompts_file(path: Path, prompts: list[str], **columns: list[object]) -> str:

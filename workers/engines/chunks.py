@@ -5,16 +5,14 @@ Pure data plumbing between the Parquet file and an engine; no I/O and no state.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
 
 from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
-from schemas.structured import schema_of_response_format, validate_answer
+from schemas.structured import schema_text_of_response_format, validate_answer
 from workers.engines.base import Completion, Request
 
 __all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
@@ -94,7 +92,7 @@ def prepare(
     problems: list[str | None] = []
     for i in range(table.num_rows):
         own = columns.get("response_format", absent)[i]
-        schema = _row_schema(own) if own is not None else response_schema
+        schema = schema_text_of_response_format(own) if own is not None else response_schema
         max_tokens = columns.get("max_tokens", absent)[i]
         temperature = columns.get("temperature", absent)[i]
         model = columns.get("model", absent)[i]
@@ -126,14 +124,6 @@ def prepare(
             )
         )
     return Chunk(first_row, table, requests, problems)
-
-
-@lru_cache(maxsize=256)
-def _row_schema(response_format: str) -> str | None:
-    """A row's ``response_format`` as the schema text requests carry (checked at submit;
-    parsed once per process, not once per chunk)."""
-    found = schema_of_response_format(response_format)
-    return json.dumps(found) if found is not None else None
 
 
 #: Chat roles a request may carry (OpenAI's; templates refuse others, or worse, accept them).

@@ -8,7 +8,6 @@ OpenAI-compatible server that bills what real providers bill.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -30,7 +29,15 @@ from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry
 from tests.support import openai_server, race, spotlane, write_prompts
-from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, model_folder, shards, stub_runtime
+from tests.support.jobs import (
+    drive_to_the_end,
+    job_row,
+    ledger_sum,
+    model_folder,
+    provider_runtime,
+    shards,
+    stub_runtime,
+)
 from workers.runner import ShardRunner
 
 CJK = "請幫我總結這張關於帳單錯誤的支援工單並提出解決方案" * 4  # 100 characters, 300 UTF-8 bytes
@@ -58,18 +65,7 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[openai_server.FakeOpen
 
 
 def _runtime(store_url: str, url: str, **worker: Any) -> Runtime:
-    os.environ["BUDGET_TEST_KEY"] = "sk-test"
-    api = {
-        "name": "prov",
-        "base_url": url,
-        "api_key_env": "BUDGET_TEST_KEY",
-        "models": {"m": "remote-m"},
-        "input_usd_per_1m": 1000.0,
-        "output_usd_per_1m": 1000.0,
-        "max_retries": 0,
-    }
-    runtime, _ = stub_runtime(store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10, **worker})
-    return runtime
+    return provider_runtime(store_url, url, usd_per_1m=1000.0, worker=worker)
 
 
 def test_prompts_that_cost_four_times_the_estimate_never_spend_past_the_budget(

@@ -9,7 +9,6 @@ provider.
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +27,16 @@ from pipeline.store.db import session_scope
 from pipeline.store.transitions import run_record
 from schemas.status import LedgerKind, ShardStatus
 from tests.support import openai_server
-from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, model_folder, run_queued, shards, stub_runtime
+from tests.support.jobs import (
+    drive_to_the_end,
+    job_row,
+    ledger_sum,
+    model_folder,
+    provider_runtime,
+    run_queued,
+    shards,
+    stub_runtime,
+)
 from tests.support.serve import chat_lines, serving
 from workers.runner import ShardRunner
 
@@ -194,18 +202,8 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_line(served: tuple[Run
 
 def test_a_keys_budget_caps_all_its_batches_together(store_url: str, tmp_path: Path) -> None:
     """Two batches of one key on a paid provider: together they never hold or spend past the key's budget."""
-    os.environ["SERVE_TEST_KEY"] = "sk-provider"
     with openai_server.FakeOpenAI() as provider:
-        api = {
-            "name": "prov",
-            "base_url": provider.url,
-            "api_key_env": "SERVE_TEST_KEY",
-            "models": {"m": "remote-m"},
-            "input_usd_per_1m": 200.0,
-            "output_usd_per_1m": 200.0,
-            "max_retries": 0,
-        }
-        runtime, _ = stub_runtime(store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 5})
+        runtime = provider_runtime(store_url, provider.url, usd_per_1m=200.0, worker={"checkpoint_rows": 5})
         with serving(runtime) as url:
             sdk = client(url, runtime, "capped", budget_usd=0.05)
             jobs = []

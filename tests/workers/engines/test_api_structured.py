@@ -4,7 +4,6 @@ the reason, every attempt paid for and reserved ahead, the budget never passed."
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from schemas.inference import Request
 from schemas.status import LedgerKind
 from schemas.structured import choices_schema
 from tests.support import openai_server
-from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, shards, stub_runtime
+from tests.support.jobs import drive_to_the_end, job_row, ledger_sum, provider_runtime, shards
 from workers.engines.chunks import Chunk, merge
 from workers.engines.openai_http import APIEngine
 
@@ -98,18 +97,7 @@ def test_invalid_answers_are_asked_again_with_the_reason_and_every_attempt_is_co
 
 
 def _runtime(store_url: str, url: str) -> Runtime:
-    os.environ["STRUCTURED_TEST_KEY"] = "sk-test"
-    api = {
-        "name": "prov",
-        "base_url": url,
-        "api_key_env": "STRUCTURED_TEST_KEY",
-        "models": {"m": "remote-m"},
-        "input_usd_per_1m": 100.0,
-        "output_usd_per_1m": 100.0,
-        "max_retries": 0,
-    }
-    runtime, _ = stub_runtime(store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10})
-    return runtime
+    return provider_runtime(store_url, url, usd_per_1m=100.0)
 
 
 def test_a_schema_job_on_an_api_lane_reserves_every_reask_and_never_passes_its_budget(

@@ -24,10 +24,12 @@ from schemas.errors import NotFound, StoreError
 from schemas.records import (
     DELIVER_WEBHOOKS,
     FINALIZE_JOB,
+    POLL_BATCHES,
     ROUTE_JOB,
     RUN_SHARD,
     DeliverWebhooks,
     FinalizeJob,
+    PollBatches,
     RouteJob,
     RunShard,
     TaskRecord,
@@ -157,6 +159,10 @@ class Runtime:
     def send_finalize(self, job_id: str) -> bool:
         """Ask the control plane to finalize the job (or finish a retry job's merge)."""
         return self._send_after_commit(FINALIZE_JOB, FinalizeJob(job_id=job_id), self.settings.control_queue)
+
+    def send_poll_batches(self) -> bool:
+        """Ask the control plane to look at the provider batches that are due."""
+        return self._send_after_commit(POLL_BATCHES, PollBatches(), self.settings.control_queue)
 
     def send_webhooks(self) -> bool:
         """Ask the control plane to post the job events due to ``[[webhooks]]`` (none configured: nothing sent)."""

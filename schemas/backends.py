@@ -8,21 +8,29 @@ Two kinds of backend, one namespace of names:
   and output tokens; paced by requests and tokens per minute. The API key is read
   from the environment variable named by ``api_key_env`` when a request is made;
   the key itself is never part of the settings.
+- ``ProviderBatchLane``: a provider's batch API (``[api_providers.batch]``), a lane of
+  its own called ``<provider>.batch``: the same models at a discount, answered
+  within a completion window. Not configured apart: derived from its provider.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "BATCH_LANE_SUFFIX",
     "MESSAGE_OVERHEAD_TOKENS",
     "REQUEST_OVERHEAD_TOKENS",
     "ApiProvider",
+    "Backend",
+    "BatchLane",
     "GpuPool",
+    "ProviderBatchLane",
     "RoutingRule",
     "RoutingSettings",
     "Section",
@@ -117,6 +125,35 @@ class GpuPool(Section):
         return model
 
 
+class BatchLane(Section):
+    """A provider's batch API: its models at a discount, answered within a window.
+
+    ``format = "openai"``: Files + Batches as OpenAI defines them (OpenAI, Together,
+    Fireworks, vLLM and SGLang servers, ``spotlane serve``). The limits are one
+    provider batch's; a shard larger than them is cut, and the rest routed again.
+    """
+
+    #: The fraction of the synchronous prices the batch lane bills (0.5: half price).
+    discount: float = Field(default=0.5, gt=0, le=1)
+    #: The completion window, hours: a provider batch still open after it expires.
+    window_hours: float = Field(default=24.0, gt=0, le=24 * 7)
+    format: Literal["openai"] = "openai"
+    #: The most requests, and bytes of JSONL, in one provider batch.
+    max_requests: int = Field(default=50_000, ge=1)
+    max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    #: The most prompt tokens (bounded by bytes) this lane may have enqueued at the
+    #: provider at once, all models together (None: no limit).
+    max_enqueued_tokens: int | None = Field(default=None, ge=1)
+    #: Seconds between looks at an open provider batch.
+    poll_seconds: float = Field(default=60.0, gt=0)
+    #: A provider batch still open this many minutes before its job's deadline is
+    #: cancelled, and its unfinished rows go to another lane.
+    fallback_minutes: float = Field(default=60.0, ge=0)
+    #: The percentile of observed turnarounds the router plans with (the window until
+    #: five provider batches have finished).
+    turnaround_percentile: float = Field(default=90.0, gt=0, le=100)
+
+
 class ApiProvider(Section):
     """An OpenAI-compatible chat-completions endpoint."""
 
@@ -141,6 +178,8 @@ class ApiProvider(Section):
     #: Prior seconds per request, replaced by observation.
     latency_seconds: float = Field(default=2.0, gt=0)
     max_prompt_tokens: int | None = Field(default=None, ge=1)
+    #: Its batch API, a lane of its own (``<name>.batch``); None: it has none.
+    batch: BatchLane | None = None
 
     @field_validator("name")
     @classmethod
@@ -183,6 +222,55 @@ class ApiProvider(Section):
         if self.tpm and tokens_per_request > 0:
             limits.append(self.tpm / 60.0 / tokens_per_request)
         return min(limits)
+
+
+#: A provider's batch lane is named ``<provider><BATCH_LANE_SUFFIX>``.
+BATCH_LANE_SUFFIX = ".batch"
+
+
+@dataclass(frozen=True, eq=False)
+class ProviderBatchLane:
+    """A provider's batch API as a backend: ``<provider>.batch``, for rules, costs and SQL.
+
+    No worker waits on it: its shards are submitted from the control queue and
+    collected by a periodic control task.
+    """
+
+    kind: ClassVar[str] = "batch"
+    provider: ApiProvider
+    #: The control queue: submitting a provider batch takes seconds, not a GPU.
+    queue: str
+
+    @property
+    def name(self) -> str:
+        return self.provider.name + BATCH_LANE_SUFFIX
+
+    @property
+    def lane(self) -> BatchLane:
+        if self.provider.batch is None:  # pragma: no cover - built only for providers with one
+            raise ValueError(f"provider {self.provider.name!r} has no batch lane")
+        return self.provider.batch
+
+    @property
+    def models(self) -> dict[str, str]:
+        return self.provider.models
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        return self.provider.max_prompt_tokens
+
+    def serves(self, model: str) -> bool:
+        return self.provider.serves(model)
+
+    def serves_row(self, model: str, job_models: list[str]) -> bool:
+        return self.provider.serves_row(model, job_models)
+
+    def provider_model(self, model: str) -> str:
+        return self.provider.provider_model(model)
+
+
+#: Any lane a shard can be routed to.
+Backend = GpuPool | ApiProvider | ProviderBatchLane
 
 
 class RoutingRule(Section):

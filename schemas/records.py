@@ -19,9 +19,11 @@ __all__ = [
     "ROUTE_JOB",
     "RUN_SHARD",
     "DELIVER_WEBHOOKS",
+    "POLL_BATCHES",
     "SCHEDULES_TICK",
     "STORAGE_SWEEP",
     "DeliverWebhooks",
+    "PollBatches",
     "FinalizeJob",
     "RouteJob",
     "RunShard",
@@ -38,6 +40,7 @@ SCHEDULES_TICK = "spotlane.schedules_tick"
 STORAGE_SWEEP = "spotlane.storage_sweep"
 #: Post the job events due to ``[[webhooks]]`` (``pipeline.jobs.webhooks``), without a payload.
 DELIVER_WEBHOOKS = "spotlane.deliver_webhooks"
+POLL_BATCHES = "spotlane.poll_batches"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,3 +93,9 @@ class FinalizeJob(TaskRecord):
 @dataclass(frozen=True, slots=True)
 class DeliverWebhooks(TaskRecord):
     """Post the job events due to ``[[webhooks]]`` (they are read from the jobs themselves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollBatches(TaskRecord):
+    """Look at the provider batches that are due (read from ``provider_batches``), and
+    collect those the provider has ended."""

@@ -29,7 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from schemas.backends import ApiProvider, GpuPool, RoutingSettings, default_pools
+from schemas.backends import ApiProvider, Backend, GpuPool, ProviderBatchLane, RoutingSettings, default_pools
 from schemas.backends import Section as _Section
 from schemas.environment import ENV_PREFIX, config_path, known_env_names, warn_unknown_env
 from schemas.errors import ConfigError
@@ -359,7 +359,7 @@ class Settings(BaseSettings):
         twice = sorted({n for n in schedule_names if schedule_names.count(n) > 1})
         if twice:
             raise ValueError(f"schedules: the name {twice[0]!r} is used twice")
-        known = set(names)
+        known = set(names) | {lane.name for lane in self.batch_lanes}
         for i, rule in enumerate(self.routing.rules):
             unknown = sorted(set(rule.backends) - known)
             if unknown:
@@ -380,23 +380,29 @@ class Settings(BaseSettings):
                 return pool
         raise ConfigError(f"no GPU pool named {name!r} in gpu_pools", setting="gpu_pools")
 
-    def backend(self, name: str) -> GpuPool | ApiProvider:
-        """The GPU pool or API provider called ``name``."""
+    def backend(self, name: str) -> Backend:
+        """The GPU pool, API provider or provider batch lane called ``name``."""
         for backend in self.backends:
             if backend.name == name:
                 return backend
         raise ConfigError(f"no backend named {name!r} in gpu_pools or api_providers", setting="gpu_pools")
 
     @property
-    def backends(self) -> list[GpuPool | ApiProvider]:
-        found: list[GpuPool | ApiProvider] = [*self.gpu_pools]
+    def batch_lanes(self) -> list[ProviderBatchLane]:
+        """The providers' batch APIs, each a lane ``<provider>.batch`` on the control queue."""
+        return [ProviderBatchLane(p, self.control_queue) for p in self.api_providers if p.batch is not None]
+
+    @property
+    def backends(self) -> list[Backend]:
+        found: list[Backend] = [*self.gpu_pools]
         found.extend(self.api_providers)
+        found.extend(self.batch_lanes)
         return found
 
     @property
     def queues(self) -> list[str]:
         """Every queue a worker that does everything consumes."""
-        return [self.control_queue, *(b.queue for b in self.backends)]
+        return list(dict.fromkeys([self.control_queue, *(b.queue for b in self.backends)]))
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, with credentials masked."""

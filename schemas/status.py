@@ -26,6 +26,7 @@ __all__ = [
     "AttemptOutcome",
     "JobStatus",
     "LedgerKind",
+    "ProviderBatchStatus",
     "RunStatus",
     "ShardStatus",
     "StorageActionKind",
@@ -150,3 +151,27 @@ class RunStatus(str, Enum):
     SUBMITTED = "submitted"
     SKIPPED = "skipped"
     FAILED = "failed"
+
+
+class ProviderBatchStatus(str, Enum):
+    """A provider batch as spotlane tracks it (the provider's own status is kept beside it).
+
+    creating ─▶ submitted ─▶ (cancelling) ─▶ collected
+       │ (recorded before the provider is asked: a submitter that died is found out
+       ▼  by the batch's metadata and adopted, never created twice)    abandoned
+    """
+
+    #: Recorded, with its marker, before the file is uploaded and the batch created.
+    CREATING = "creating"
+    #: The provider has it; the poller looks at it every ``poll_seconds``.
+    SUBMITTED = "submitted"
+    #: Asked to stop (the job was cancelled, or its deadline is at risk); what finished is kept.
+    CANCELLING = "cancelling"
+    #: Its rows were committed, and the rest sent back to the router.
+    COLLECTED = "collected"
+    #: The provider never ended it after a cancel: its rows went elsewhere.
+    ABANDONED = "abandoned"
+
+    @property
+    def is_open(self) -> bool:
+        return self in (ProviderBatchStatus.CREATING, ProviderBatchStatus.SUBMITTED, ProviderBatchStatus.CANCELLING)

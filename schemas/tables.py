@@ -21,6 +21,7 @@ from schemas.status import (
     AttemptOutcome,
     JobStatus,
     LedgerKind,
+    ProviderBatchStatus,
     RunStatus,
     ShardStatus,
     StorageActionKind,
@@ -43,6 +44,7 @@ __all__ = [
     "StoredFile",
     "WebhookDelivery",
     "CachedAnswer",
+    "ProviderBatch",
 ]
 
 JOB_PROGRESS_VIEW = "job_progress"
@@ -234,6 +236,58 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("shard_id", "first_row"),)
+
+
+class ProviderBatch(Base):
+    """One batch at a provider's batch API, for the rows ``[first_row, row_end)`` of a shard.
+
+    Written with its ``marker`` before the provider is asked, so a submitter killed
+    between creating the batch and recording its id is found out (the provider
+    batch carries the marker in its metadata) and adopted, never created twice.
+    """
+
+    __tablename__ = "provider_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"))
+    #: The shard attempt that owns it (an adopting attempt takes it over).
+    attempt: Mapped[int] = mapped_column(Integer)
+    #: The lane, ``<provider>.batch``.
+    backend: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(Text)
+    #: Ours, unique: the provider batch's ``metadata.spotlane_marker`` and its file's name.
+    marker: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[ProviderBatchStatus] = mapped_column(_state(ProviderBatchStatus))
+    first_row: Mapped[int] = mapped_column(Integer)
+    row_end: Mapped[int] = mapped_column(Integer)
+    #: Requests sent (rows the cache answers, or repeats, are not).
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: Prompt tokens enqueued, bounded by bytes (what the lane's ``max_enqueued_tokens`` counts).
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    batch_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: What the provider last said (validating, in_progress, completed, expired, ...).
+    provider_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    #: Past this, an open batch is cancelled: its window ends, or the job's deadline is at risk.
+    give_up_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_poll_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    #: When the provider ended it (its turnaround, for the router, is this less ``submitted_at``).
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    collected_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    rows_answered: Mapped[int] = mapped_column(Integer, default=0)
+    #: Rows sent back to the router (expired, cancelled, failed, or an answer that fails its schema).
+    rows_returned: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("ix_provider_batches_status_poll", "status", "next_poll_at"),
+        Index("ix_provider_batches_shard", "shard_id"),
+        Index("ix_provider_batches_backend_ended", "backend", "ended_at"),
+    )
 
 
 class CostLedgerEntry(Base):

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from pipeline.jobs.models import lane_identity
 from pipeline.routing import observations as learning
 from pipeline.routing.estimate import profile_requests
@@ -23,7 +25,7 @@ from pipeline.runtime import Runtime
 from pipeline.storage.inputs import iter_rows, open_parquet
 from pipeline.store import answers, claims
 from pipeline.store.db import session_scope
-from schemas.backends import ApiProvider, GpuPool
+from schemas.backends import ApiProvider, Backend
 from schemas.base import utcnow
 from schemas.fingerprint import fingerprint
 from schemas.inference import Completion
@@ -33,10 +35,10 @@ from workers.engines.base import Request
 from workers.engines.chunks import Chunk, prepare, rechunk
 from workers.heartbeat import Heartbeat
 
-__all__ = ["Feed", "feed_chunks"]
+__all__ = ["Feed", "answer_known", "feed_chunks", "input_columns", "prepare_rows", "row_worst", "rows_within"]
 
 
-def _rows_within(costs: Sequence[float], room: float) -> int:
+def rows_within(costs: Sequence[float], room: float) -> int:
     """How many of the first ``costs`` fit in ``room`` together."""
     total = 0.0
     for i, cost in enumerate(costs):
@@ -60,7 +62,7 @@ def feed_chunks(
     stop: StopFlag,
     claim: claims.Claim,
     job: Job,
-    backend: GpuPool | ApiProvider,
+    backend: Backend,
     beat: Heartbeat,
     pending: deque[tuple[Chunk, float]],
     feed: Feed,
@@ -70,13 +72,9 @@ def feed_chunks(
     """Requests chunk by chunk, each chunk's worst case reserved first (under the job
     lock); stops feeding on a drain request, a lost lease, a cancelled job, or a
     budget that cannot cover the next chunk (``feed`` says which)."""
-    names = open_parquet(job.input_url).schema_arrow.names
-    requested = [c for c in ("max_tokens", "temperature", "model", "response_format") if c in names]
-    columns = list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
+    columns = input_columns(job)
     checkpoint_rows = runtime.settings.worker.checkpoint_rows
     first_row = feed.fed_to = claim.row_start + claim.rows_done
-    models = list(job.models or [job.model])
-    schema = json.dumps(job.response_schema) if job.response_schema is not None else None
     batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
     asked: set[str] = set()  # fingerprints of the rows this shard has sent
     for rows in rechunk(batches, checkpoint_rows):
@@ -89,26 +87,17 @@ def feed_chunks(
                 return
             part = rows
             while True:
-                chunk = prepare(
-                    part,
-                    first_row,
-                    kind=job.input_kind,
-                    default_max_tokens=job.max_tokens,
-                    default_temperature=job.temperature,
-                    serves=lambda m: backend.serves_row(m, models),
-                    response_schema=schema,
-                    schema_retries=job.schema_retries,
-                )
+                chunk = prepare_rows(job, part, first_row, backend)
                 trial = set(asked)  # this chunk's rows count as asked only once it is sent
                 answer_known(runtime, job, chunk, backend, model or job.model, trial)
-                row_worst = [
-                    _row_worst(backend, r, stats) if r is not None and chunk.sent(i) else 0.0
+                worst = [
+                    row_worst(backend, r, stats) if r is not None and chunk.sent(i) else 0.0
                     for i, r in enumerate(chunk.requests)
                 ]
                 in_flight = sum(w for _, w in pending)
                 with session_scope(runtime.engine) as session:
-                    verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(row_worst))
-                fit = _rows_within(row_worst, room - in_flight)
+                    verdict, room = claims.reserve_chunk(session, claim, in_flight + sum(worst))
+                fit = rows_within(worst, room - in_flight)
                 if verdict is not claims.ChunkVerdict.NO_BUDGET or not 0 < fit < part.num_rows:
                     break
                 part = part.slice(0, fit)  # send the rows the budget still covers; the rest stop the shard
@@ -116,7 +105,7 @@ def feed_chunks(
                 feed.stopped = verdict.value
                 return
             asked = trial
-            pending.append((chunk, sum(row_worst)))
+            pending.append((chunk, sum(worst)))
             first_row += part.num_rows
             feed.fed_to = first_row
             rows = rows.slice(part.num_rows)
@@ -124,9 +113,30 @@ def feed_chunks(
     feed.exhausted = True
 
 
-def answer_known(
-    runtime: Runtime, job: Job, chunk: Chunk, backend: GpuPool | ApiProvider, model: str, asked: set[str]
-) -> int:
+def input_columns(job: Job) -> list[str]:
+    """The input columns a shard's rows are read with: the id, the prompt, the per-row
+    settings the file has, and the columns carried to the results."""
+    names = open_parquet(job.input_url).schema_arrow.names
+    requested = [c for c in ("max_tokens", "temperature", "model", "response_format") if c in names]
+    return list(dict.fromkeys(["id", job.input_kind, *requested, *job.carried_columns]))
+
+
+def prepare_rows(job: Job, table: pa.Table, first_row: int, backend: Backend) -> Chunk:
+    """``prepare`` with the job's defaults, for ``backend``."""
+    models = list(job.models or [job.model])
+    return prepare(
+        table,
+        first_row,
+        kind=job.input_kind,
+        default_max_tokens=job.max_tokens,
+        default_temperature=job.temperature,
+        serves=lambda m: backend.serves_row(m, models),
+        response_schema=json.dumps(job.response_schema) if job.response_schema is not None else None,
+        schema_retries=job.schema_retries,
+    )
+
+
+def answer_known(runtime: Runtime, job: Job, chunk: Chunk, backend: Backend, model: str, asked: set[str]) -> int:
     """Fill ``chunk``'s fingerprints, the rows the answer cache answers, and the rows that
     repeat a row of the shard sent before (``asked``, which gets this chunk's); how many
     rows will not be sent. A ``--no-cache`` job shares nothing: every row is sent."""
@@ -164,8 +174,9 @@ def answer_known(
     return len(chunk.served) + len(chunk.same_as)
 
 
-def _row_worst(backend: GpuPool | ApiProvider, request: Request, stats: learning.Observed | None) -> float:
-    """The most one row can cost: an API row with a schema, with every re-ask it may take."""
+def row_worst(backend: Backend, request: Request, stats: learning.Observed | None = None) -> float:
+    """The most one row can cost: an API row with a schema, with every re-ask it may take
+    (none on a batch lane: an answer that fails there goes back to the router)."""
     profile = profile_requests([request])
     if isinstance(backend, ApiProvider) and request.schema_retries:
         bound = profile.input_bound(exact_tokenizer=False)

@@ -3,7 +3,7 @@
 No broker and no other job: the job's own messages (route, run a shard,
 finalize) are delivered to this process's inbox instead of a queue, and handled
 here in order, by the same router, shard runner and finalizer the distributed
-workers use. Shards of other jobs are never touched. A stop request (SIGINT,
+workers use; while it waits, the job's provider batches are polled here too. Shards of other jobs are never touched. A stop request (SIGINT,
 SIGTERM, SIGHUP of ``spotlane run``) drains like a worker's: the chunk in hand is
 committed and the shard handed back; the caller then cancels the job so that
 ``spotlane resume`` (or ``spotlane run --job``) continues it later.
@@ -29,6 +29,7 @@ from pipeline.tasks.finalize import finalize_job
 from schemas.records import FINALIZE_JOB, ROUTE_JOB, RUN_SHARD, FinalizeJob, RouteJob, RunShard, TaskRecord
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
+from workers.batch_lane import poll
 from workers.drain import StopFlag
 from workers.runner import ShardRunner
 
@@ -66,6 +67,7 @@ class InlineRun:
                 if self._settled():
                     return
                 self._recover()
+                poll(self._runtime, self.job_id)  # the job's provider batches that are due
                 if not self._inbox:
                     time.sleep(self.idle_seconds)
                 continue

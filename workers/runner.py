@@ -24,6 +24,10 @@ the backend itself fails (the model will not load, the provider is down or refus
 the key), the shard goes back to the router, which will not pick that backend for
 it again. If the budget cannot cover the next chunk, the shard is parked: back to
 the router, which blocks it and pauses the job if nothing else of the job runs.
+
+A shard on a provider's batch lane is claimed the same way and handed to the
+provider (``workers.batch_lane``): submitted, it stays running under the provider's
+lease, and the worker is free.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pipeline.storage.inputs import check_identity
 from pipeline.store import claims, transitions
 from pipeline.store.db import is_transient, session_scope
 from pipeline.store.identity import owner_id
-from schemas.backends import ApiProvider, GpuPool
+from schemas.backends import ApiProvider, Backend, GpuPool, ProviderBatchLane
 from schemas.base import utcnow
 from schemas.errors import (
     ConfigError,
@@ -167,13 +171,17 @@ class ShardRunner:
         self,
         claim: claims.Claim,
         job: Job,
-        backend: GpuPool | ApiProvider,
+        backend: Backend,
         model: str,
         beat: Heartbeat,
         hang_after: float,
     ) -> ShardStatus | None:
         settings = self.runtime.settings
         check_identity(job.input_url, job.input_identity)
+        if isinstance(backend, ProviderBatchLane):  # submitted, then the provider's: no slot waits
+            from workers.batch_lane import submit
+
+            return submit(self.runtime, claim, job, backend, model, beat)
         engine = engine_for(backend, model, settings.worker, job.task)
         beat.progress(hang_after)  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0

@@ -3,7 +3,8 @@
 The control plane sends tasks by name (``schemas.records``) and never imports
 this module; a worker process (``workers.process``) calls ``register`` once. Each
 body decodes its record and calls one function: the router, the shard runner,
-the finalizer, the reaper, the scheduler's tick or the storage sweep.
+the finalizer, the reaper, the provider batches' poller, the scheduler's tick or
+the storage sweep.
 
 What the process shares between its tasks and its signal handlers lives in one
 ``WorkerState``: the drain flag, the shutdown grace and its watchdog, the shard
@@ -24,6 +25,7 @@ from celery.exceptions import Reject
 from schemas.records import (
     DELIVER_WEBHOOKS,
     FINALIZE_JOB,
+    POLL_BATCHES,
     REAP,
     ROUTE_JOB,
     RUN_SHARD,
@@ -125,6 +127,12 @@ def register(app: Celery, runtime: Runtime, state: WorkerState) -> None:
 
         DeliverWebhooks.decode(payload)
         return deliver_due(runtime)
+
+    @app.task(name=POLL_BATCHES)
+    def poll_batches(*_: Any) -> int:
+        from workers.batch_lane import poll
+
+        return poll(runtime)
 
     @app.task(name=SCHEDULES_TICK)
     def schedules_tick(*_: Any) -> int:

@@ -85,7 +85,7 @@ def export_sources(runtime: Runtime, job_id: str) -> list[str]:
                     select(Checkpoint.url)
                     .join(Shard, Shard.id == Checkpoint.shard_id)
                     .where(Shard.job_id == job_id)
-                    .order_by(Shard.shard_index, Checkpoint.first_row)
+                    .order_by(Shard.row_start, Checkpoint.first_row)
                 ).scalars()
             )
     return results(runtime, job_id).files
@@ -160,7 +160,7 @@ def write_openai(runtime: Runtime, job_id: str, out: Any | None, err: Any | None
         input_url = job.input_url
         ranges = [
             (s.row_start + s.rows_done, s.row_end)
-            for s in session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)).all()
+            for s in session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.row_start)).all()
         ]
     created = int(time.time())
     counts = [0, 0]

@@ -17,7 +17,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from schemas.backends import ApiProvider, GpuPool
+from schemas.backends import ApiProvider, Backend, ProviderBatchLane
 from schemas.errors import ModelError
 
 __all__ = ["lane_identity", "model_identity", "resolve_model"]
@@ -153,10 +153,13 @@ def model_identity(name: str) -> str:
     return f"folder:{digest.hexdigest()[:32]}"
 
 
-def lane_identity(backend: GpuPool | ApiProvider, model: str) -> str:
+def lane_identity(backend: Backend, model: str) -> str:
     """The model as a lane runs it: a provider's own model name at its URL (two providers
-    may map one name to different models, and they answer a prompt as a chat), a GPU
-    pool's model by ``model_identity`` (any pool running the same files answers alike)."""
+    may map one name to different models, and they answer a prompt as a chat; its batch
+    lane runs the same model), a GPU pool's model by ``model_identity`` (any pool
+    running the same files answers alike)."""
+    if isinstance(backend, ProviderBatchLane):
+        backend = backend.provider
     if isinstance(backend, ApiProvider):
         return f"api:{backend.base_url}:{backend.models.get(model, model)}"
     return f"local:{model_identity(model)}"

@@ -157,7 +157,7 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
         shards: list[dict[str, Any]] = []
         if with_shards:
             for shard in session.execute(
-                select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)
+                select(Shard).where(Shard.job_id == job_id).order_by(Shard.row_start)
             ).scalars():
                 shards.append(
                     {

@@ -11,6 +11,7 @@ that fails ``cooldown_failures`` shards in a row is cooled down for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,9 +22,14 @@ from sqlalchemy.orm import Session
 
 from schemas.backends import RoutingSettings
 from schemas.base import utcnow
-from schemas.tables import BackendStats
+from schemas.tables import BackendStats, ProviderBatch
 
-__all__ = ["Observed", "observed", "record_checkpoint", "record_shard_end"]
+__all__ = ["MIN_TURNAROUNDS", "Observed", "observed", "record_checkpoint", "record_shard_end", "turnaround"]
+
+#: Provider batches a batch lane must have seen end before its observed turnaround
+#: replaces the window; and the most recent ones read.
+MIN_TURNAROUNDS = 5
+TURNAROUNDS_READ = 50
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,28 @@ def observed(session: Session, backend: str, model: str) -> Observed | None:
         row.samples,
         row.reask_rate,
     )
+
+
+def turnaround(session: Session, lane: str, percentile: float) -> float | None:
+    """The ``percentile`` (nearest rank) of the lane's recent turnarounds, seconds, from
+    submitting a provider batch to the provider ending it (completed, expired, or
+    cancelled by us at the deadline's risk: a lower bound, counted all the same);
+    None until ``MIN_TURNAROUNDS`` are known."""
+    rows = session.execute(
+        select(ProviderBatch.submitted_at, ProviderBatch.ended_at)
+        .where(
+            ProviderBatch.backend == lane,
+            ProviderBatch.ended_at.is_not(None),
+            ProviderBatch.submitted_at.is_not(None),
+            ProviderBatch.provider_status.in_(("completed", "expired", "cancelled")),
+        )
+        .order_by(ProviderBatch.ended_at.desc())
+        .limit(TURNAROUNDS_READ)
+    ).all()
+    if len(rows) < MIN_TURNAROUNDS:
+        return None
+    seconds = sorted(max(0.0, (ended - sent).total_seconds()) for sent, ended in rows if sent and ended)
+    return seconds[max(0, math.ceil(percentile / 100.0 * len(seconds)) - 1)]
 
 
 def _ensure(session: Session, backend: str, model: str) -> None:

@@ -15,6 +15,14 @@ learnt re-ask rate, ``routing.reask_rate`` until observed, at most
 ``schema_retries`` a row), each priced as the row's prompt grown by its answer and
 the note, and answered again.
 
+Provider batch lane (``<provider>.batch``): the provider's token prices times its
+``discount``; time is the lane's turnaround (``turnaround``: the learnt high
+percentile, the completion window until observed), the same for every shard, since
+the provider runs them side by side: a batch quote carries it as ``turnaround`` and
+the deadline checks it alone. A row is asked once there (no re-ask inside a
+batch): an answer that fails its schema goes back to the router, so its worst
+case is one attempt.
+
 Observed figures (``pipeline.routing.observations``) replace the configured priors.
 
 Each quote carries an estimate and bounds. ``cost_usd`` is the estimate (learnt
@@ -34,7 +42,15 @@ from dataclasses import dataclass
 
 from pipeline.routing.estimate import ShardProfile
 from pipeline.routing.observations import Observed
-from schemas.backends import REASK_NOTE_BYTES, ApiProvider, GpuPool, RoutingSettings, reask_token_bound
+from schemas.backends import (
+    REASK_NOTE_BYTES,
+    ApiProvider,
+    Backend,
+    GpuPool,
+    ProviderBatchLane,
+    RoutingSettings,
+    reask_token_bound,
+)
 
 __all__ = ["PREFILL_WEIGHT", "Quote", "api_cost", "quote", "reasked_worst_case_usd", "worst_case_usd"]
 
@@ -60,21 +76,26 @@ class Quote:
     row_reserve_usd: float = 0.0
     #: Rows this lane would not be sent (the answer cache holds them, or they repeat).
     answered_rows: int = 0
+    #: A provider batch lane's turnaround, seconds: the shard is done that long after it
+    #: is sent, whatever else the lane holds (None: ``seconds`` at ``capacity``, after the backlog).
+    turnaround: float | None = None
 
 
 def quote(
-    backend: GpuPool | ApiProvider,
+    backend: Backend,
     model: str,
     profile: ShardProfile,
     stats: Observed | None,
     routing: RoutingSettings,
     schema_retries: int = 0,
+    turnaround: float | None = None,
 ) -> Quote | None:
     """The price of ``profile`` on ``backend``; None if the backend refuses the rows.
 
     ``schema_retries``: an API lane may ask each row with a schema
     (``profile.structured_rows``) again that often; the worst cases hold every
-    attempt, the estimate the expected re-asks.
+    attempt, the estimate the expected re-asks. ``turnaround``: a batch lane's learnt
+    turnaround (None: its window).
     """
     chars_per_token = (stats.chars_per_token if stats and stats.chars_per_token else None) or routing.chars_per_token
     fill = stats.output_fill if stats and stats.output_fill is not None else 1.0
@@ -103,6 +124,23 @@ def quote(
             reserve_usd=worst_case_usd(backend, profile, stats),
             row_reserve_usd=worst_case_usd(backend, profile.worst_row(), stats),
             answered_rows=profile.answered_rows,
+        )
+    if isinstance(backend, ProviderBatchLane):
+        seconds = turnaround if turnaround is not None else backend.lane.window_hours * 3600.0
+        return Quote(
+            backend.name,
+            "batch",
+            backend.queue,
+            model,
+            max(0.0, api_cost(backend.provider, tokens_in, tokens_out) * backend.lane.discount),
+            seconds,
+            1,
+            tokens_in,
+            tokens_out,
+            reserve_usd=worst_case_usd(backend, profile),
+            row_reserve_usd=worst_case_usd(backend, profile.worst_row()),
+            answered_rows=profile.answered_rows,
+            turnaround=seconds,
         )
     latency = (stats.latency_seconds if stats and stats.latency_seconds else None) or backend.latency_seconds
     sent_rows = max(profile.rows - profile.answered_rows, 1)
@@ -153,8 +191,10 @@ def reasked_worst_case_usd(provider: ApiProvider, input_bound: int, max_tokens: 
     return sum(api_cost(provider, input_bound + k * grow, max_tokens) for k in range(retries + 1))
 
 
-def worst_case_usd(backend: GpuPool | ApiProvider, profile: ShardProfile, stats: Observed | None = None) -> float:
+def worst_case_usd(backend: Backend, profile: ShardProfile, stats: Observed | None = None) -> float:
     """The most ``backend`` can bill for ``profile``'s rows (see the module docstring)."""
+    if isinstance(backend, ProviderBatchLane):
+        return worst_case_usd(backend.provider, profile) * backend.lane.discount
     if isinstance(backend, ApiProvider):
         # The provider's tokenizer is not ours to know: bound by bytes.
         return max(0.0, api_cost(backend, profile.input_bound(exact_tokenizer=False), profile.max_tokens))

@@ -25,6 +25,11 @@ seconds whatever the input's size:
 
 With a deadline, the job's pending shards are first assigned together (an exact
 MILP, ``pipeline.routing.solver``) from the footer's size estimate.
+
+A provider's batch lane (``<provider>.batch``) is priced at its discount and finishes
+a shard its turnaround after it is sent (the learnt high percentile, the window
+until observed), whatever else it holds: it is on time when that turnaround is, and
+full when its enqueued prompt tokens would pass ``max_enqueued_tokens``.
 """
 
 from __future__ import annotations
@@ -47,10 +52,10 @@ from pipeline.runtime import Runtime
 from pipeline.store import leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
-from schemas.backends import ApiProvider, GpuPool
+from schemas.backends import Backend, GpuPool, ProviderBatchLane
 from schemas.settings import Settings
-from schemas.status import JobStatus, ShardStatus
-from schemas.tables import Job, Shard
+from schemas.status import JobStatus, ProviderBatchStatus, ShardStatus
+from schemas.tables import Job, ProviderBatch, Shard
 
 __all__ = [
     "Choice",
@@ -90,6 +95,8 @@ def choose(
         return Choice(None, "no backend fits the remaining budget")
 
     def finish(q: Quote) -> datetime:
+        if q.turnaround is not None:  # a provider batch lane: every batch side by side
+            return now + timedelta(seconds=q.turnaround)
         return now + timedelta(seconds=(backlog_seconds.get(q.backend, 0.0) + q.seconds) / q.capacity)
 
     if deadline is None:
@@ -106,25 +113,33 @@ def choose(
 
 
 def plan_on_time(
-    quotes: Sequence[Sequence[Quote]], backlog_seconds: dict[str, float], now: datetime, deadline: datetime
+    quotes: Sequence[Sequence[Quote]],
+    backlog_seconds: dict[str, float],
+    now: datetime,
+    deadline: datetime,
+    room_tokens: dict[str, float] | None = None,
 ) -> list[Quote] | None:
-    """The cheapest assignment of all ``quotes`` rows that finishes by ``deadline`` (exact)."""
+    """The cheapest assignment of all ``quotes`` rows that finishes by ``deadline`` (exact).
+
+    A batch lane's quote takes part only if its turnaround ends before the deadline;
+    ``room_tokens``: what each batch lane with a limit may still enqueue."""
     horizon = (deadline - now).total_seconds()
-    capacity = {q.backend: q.capacity for row in quotes for q in row}
+    usable = [[q for q in row if q.turnaround is None or q.turnaround <= horizon] for row in quotes]
+    capacity = {q.backend: q.capacity for row in usable for q in row if q.turnaround is None}
     room = {b: horizon - backlog_seconds.get(b, 0.0) / c for b, c in capacity.items()}
-    return cheapest_on_time(quotes, room)
+    return cheapest_on_time(usable, room, room_tokens=room_tokens)
 
 
 def candidates(
     settings: Settings, job: Job, profile: ShardProfile, excluded: Iterable[str], cooling: set[str]
-) -> list[tuple[GpuPool | ApiProvider, str]]:
+) -> list[tuple[Backend, str]]:
     """(backend, model) pairs allowed for this shard, rules and exclusions applied."""
     models = job.models or [job.model]
     allowed: set[str] | None = None
     for rule in settings.routing.rules:
         if any(rule.matches(m, job.tags or {}) for m in models):
             allowed = set(rule.backends) if allowed is None else allowed & set(rule.backends)
-    pairs: list[tuple[GpuPool | ApiProvider, str]] = []
+    pairs: list[tuple[Backend, str]] = []
     for backend in settings.backends:
         if backend.name in excluded or (allowed is not None and backend.name not in allowed):
             continue
@@ -166,12 +181,30 @@ def quotes_for(
             session, settings, job, profile, backend, model, now, set() if asked is None else asked
         )
         priced_keys |= keys
-        priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries)
+        turnaround = None
+        if isinstance(backend, ProviderBatchLane):
+            if _enqueue_room(session, backend) < profile.input_bound(exact_tokenizer=False):
+                continue  # the provider holds as many tokens of ours as it takes
+            turnaround = learning.turnaround(session, backend.name, backend.lane.turnaround_percentile)
+        priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries, turnaround)
         if priced is not None:
             found.append(priced)
     if asked is not None:
         asked |= priced_keys
     return found
+
+
+def _enqueue_room(session: Session, lane: ProviderBatchLane) -> float:
+    """Prompt tokens ``lane`` may still enqueue at the provider (infinite without a limit)."""
+    if lane.lane.max_enqueued_tokens is None:
+        return float("inf")
+    open_states = [s for s in ProviderBatchStatus if s.is_open]
+    enqueued = session.execute(
+        select(func.coalesce(func.sum(ProviderBatch.input_tokens), 0)).where(
+            ProviderBatch.backend == lane.name, ProviderBatch.status.in_(open_states)
+        )
+    ).scalar_one()
+    return float(lane.lane.max_enqueued_tokens - int(enqueued))
 
 
 def _backlog(session: Session) -> dict[str, float]:
@@ -386,7 +419,9 @@ def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any]) -> dict[int, tup
             quotes_for(session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now)
             for _, _, start, end, excluded in shards
         ]
-        assignment = plan_on_time(rows, _backlog(session), now, job.deadline)
+        limited = {lane.name: _enqueue_room(session, lane) for lane in runtime.settings.batch_lanes}
+        room_tokens = {name: room for name, room in limited.items() if room != float("inf")}
+        assignment = plan_on_time(rows, _backlog(session), now, job.deadline, room_tokens)
     if assignment is None:
         return {}
     return {sid: (q.backend, q.model) for (sid, *_), q in zip(shards, assignment, strict=True)}

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from pipeline.jobs.models import lane_identity
 from pipeline.routing.estimate import ShardProfile, Sharing
 from pipeline.store import answers
-from schemas.backends import ApiProvider, GpuPool
+from schemas.backends import Backend
 from schemas.fingerprint import fingerprint
 from schemas.settings import Settings
 from schemas.tables import Job
@@ -34,7 +34,7 @@ def answered_rows(
     settings: Settings,
     job: Job,
     profile: ShardProfile,
-    backend: GpuPool | ApiProvider,
+    backend: Backend,
     model: str,
     now: datetime,
     seen: set[str],

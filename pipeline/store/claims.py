@@ -34,6 +34,7 @@ __all__ = [
     "end_shard",
     "hand_back",
     "heartbeat",
+    "owned",
     "reroute_shard",
     "reserve_chunk",
 ]
@@ -119,7 +120,7 @@ def claim_shard(
     )
 
 
-def _owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:
+def owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:
     """The fence: the shard is running under this very claim (owner and attempt)."""
     return (
         Shard.id == claim.shard_id,
@@ -134,7 +135,7 @@ def heartbeat(session: Session, claim: Claim, lease_seconds: float) -> bool:
     now = db_now(session)
     result = session.execute(
         update(Shard)
-        .where(*_owned(claim))
+        .where(*owned(claim))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
     return matched(result) == 1
@@ -163,7 +164,7 @@ def reserve_chunk(session: Session, claim: Claim, need_usd: float) -> tuple[Chun
     job = transitions.lock_job(session, claim.job_id)
     if job is None or job.status is JobStatus.CANCELLED:
         return ChunkVerdict.CANCELLED, 0.0
-    if session.execute(select(Shard.id).where(*_owned(claim))).scalar_one_or_none() is None:
+    if session.execute(select(Shard.id).where(*owned(claim))).scalar_one_or_none() is None:
         return ChunkVerdict.LOST, 0.0
     ok, room = ledger.reserve_chunk(
         session,
@@ -202,7 +203,7 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
     now = db_now(session)
     result = session.execute(
         update(Shard)
-        .where(*_owned(claim), Shard.row_start + Shard.rows_done == stats.first_row)
+        .where(*owned(claim), Shard.row_start + Shard.rows_done == stats.first_row)
         .values(
             rows_done=Shard.rows_done + stats.row_count,
             rows_failed=Shard.rows_failed + stats.rows_failed,
@@ -290,7 +291,7 @@ def end_shard(
         values["finished_at"] = now
     if new is ShardStatus.PENDING:
         values |= {"backend": None, "queue": None}
-    result = session.execute(update(Shard).where(*_owned(claim)).values(**values))
+    result = session.execute(update(Shard).where(*owned(claim)).values(**values))
     if matched(result) != 1:
         return False
     transitions.end_attempt(session, claim.shard_id, claim.attempt, outcome, error)
@@ -309,13 +310,13 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
     """
     check_shard_move((ShardStatus.RUNNING,), ShardStatus.PENDING)
     now = db_now(session)
-    shard = session.execute(select(Shard).where(*_owned(claim))).scalar_one_or_none()
+    shard = session.execute(select(Shard).where(*owned(claim))).scalar_one_or_none()
     if shard is None:
         return False
     excluded = sorted({*(shard.excluded_backends or []), claim.backend})
     result = session.execute(
         update(Shard)
-        .where(*_owned(claim))
+        .where(*owned(claim))
         .values(
             status=ShardStatus.PENDING,
             lease_owner=None,

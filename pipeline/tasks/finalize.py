@@ -132,7 +132,7 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
             )
             .join(Shard, Shard.id == Checkpoint.shard_id)
             .where(Shard.job_id == job_id)
-            .order_by(Shard.shard_index, Checkpoint.first_row)
+            .order_by(Shard.row_start, Checkpoint.first_row)  # input order (a cut shard's tail has a later index)
         ).all()
         shards = {
             s.id: s
@@ -148,7 +148,7 @@ def _finalize(runtime: Runtime, job_id: str, owner: str, lease: str) -> JobStatu
                     Shard.saved_usd,
                 )
                 .where(Shard.job_id == job_id)
-                .order_by(Shard.shard_index)
+                .order_by(Shard.row_start)
             ).all()
         }
         job = session.get(Job, job_id)

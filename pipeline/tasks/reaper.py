@@ -28,6 +28,9 @@ Jobs:
 - a ``spotlane serve`` batch still open at the end of its completion window is
   cancelled as expired (its finished rows are kept, like OpenAI's).
 
+Provider batches (a batch lane's shards at the provider) that are due a look, or
+whose job was cancelled, are handed to the control queue's ``poll_batches``.
+
 Events due to ``[[webhooks]]`` (a job ended or paused; a failed delivery whose
 backoff has passed) are handed to the control queue's ``deliver_webhooks``.
 """
@@ -48,8 +51,8 @@ from pipeline.store import identity, transitions
 from pipeline.store.db import db_now, session_scope
 from schemas.errors import ConfigError
 from schemas.records import RunShard
-from schemas.status import JobStatus, ShardStatus
-from schemas.tables import Job, Lease, Shard
+from schemas.status import JobStatus, ProviderBatchStatus, ShardStatus
+from schemas.tables import Job, Lease, ProviderBatch, Shard
 
 __all__ = ["ReapReport", "reap"]
 
@@ -68,6 +71,8 @@ class ReapReport:
     merges: int = 0
     #: Serve batches cancelled at the end of their completion window.
     batches_expired: int = 0
+    #: Provider batches due a look (one ``poll_batches`` is sent for them all).
+    provider_batches_due: int = 0
 
     def __bool__(self) -> bool:
         return any(vars(self).values())
@@ -93,6 +98,7 @@ def reap(runtime: Runtime) -> ReapReport:
         runtime.send_run(record)
     _drive_jobs(runtime, report)
     _expire_batches(runtime, report)
+    _poll_due(runtime, report)
     if runtime.settings.webhooks:
         with session_scope(runtime.engine) as session:
             if due_events(session, runtime.settings.webhooks):
@@ -120,6 +126,25 @@ def _expire_batches(runtime: Runtime, report: ReapReport) -> None:
                 report.batches_expired += 1
     if due:
         runtime.send_webhooks()
+
+
+def _poll_due(runtime: Runtime, report: ReapReport) -> None:
+    with session_scope(runtime.engine) as session:
+        due = session.execute(
+            select(func.count())
+            .select_from(ProviderBatch)
+            .join(Job, Job.id == ProviderBatch.job_id)
+            .where(
+                ProviderBatch.status.in_((ProviderBatchStatus.SUBMITTED, ProviderBatchStatus.CANCELLING)),
+                or_(
+                    ProviderBatch.next_poll_at <= db_now(session),
+                    and_(ProviderBatch.status == ProviderBatchStatus.SUBMITTED, Job.status == JobStatus.CANCELLED),
+                ),
+            )
+        ).scalar_one()
+    if due:
+        report.provider_batches_due = int(due)
+        runtime.send_poll_batches()
 
 
 def _expire_leases(runtime: Runtime, report: ReapReport) -> list[RunShard]:

@@ -76,10 +76,17 @@ def stub_runtime(
 
 
 def provider_runtime(
-    store_url: str, url: str, *, usd_per_1m: float, worker: dict[str, Any] | None = None, **overrides: Any
+    store_url: str,
+    url: str,
+    *,
+    usd_per_1m: float,
+    worker: dict[str, Any] | None = None,
+    batch: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Runtime:
     """``stub_runtime`` with no GPU pool and one paid provider ``prov`` at ``url`` (a local
-    OpenAI-compatible server), serving model ``m`` at ``usd_per_1m`` in and out, no retries."""
+    OpenAI-compatible server), serving model ``m`` at ``usd_per_1m`` in and out, no retries;
+    ``batch``: its batch lane ``prov.batch`` (``[api_providers.batch]``)."""
     os.environ["SPOTLANE_TEST_PROVIDER_KEY"] = "sk-test"
     api = {
         "name": "prov",
@@ -89,6 +96,7 @@ def provider_runtime(
         "input_usd_per_1m": usd_per_1m,
         "output_usd_per_1m": usd_per_1m,
         "max_retries": 0,
+        **({"batch": batch} if batch is not None else {}),
     }
     runtime, _ = stub_runtime(
         store_url, gpu_pools=[], api_providers=[api], worker={"checkpoint_rows": 10, **(worker or {})}, **overrides

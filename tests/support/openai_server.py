@@ -5,11 +5,19 @@ told to misbehave: a script of status codes for the first requests (429s, 500s),
 malformed bodies, a requests-per-minute limit it enforces with 429 + Retry-After,
 or being down altogether. It counts what it saw (requests, peak concurrency,
 429s sent, authorization headers) so tests can assert on the client's manners.
+
+It also serves OpenAI's Files + Batches API (``/v1/files``, ``/v1/batches``): each
+batch created ends ``batch_delay`` seconds later as ``batch_script`` says, in order
+(``complete``; ``fail``; ``expire``: only every other request answered, the rest
+``batch_expired``; ``hold``: in progress until cancelled, then ``cancelled`` with
+every other request answered), and ``create_delay`` holds the answer to a create
+after the batch exists (a client killed in between never learns its id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import deque
@@ -44,6 +52,13 @@ class FakeOpenAI:
     ok: int = 0
     auth_headers: set[str] = field(default_factory=set)
     accepted_at: deque[float] = field(default_factory=deque)
+    # the batch API
+    batch_script: list[str] = field(default_factory=list)
+    batch_delay: float = 0.0
+    create_delay: float = 0.0
+    files: dict[str, bytes] = field(default_factory=dict)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cancels: int = 0
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -60,6 +75,12 @@ class FakeOpenAI:
     async def _start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files/{file_id}/content", self._content)
+        app.router.add_post("/v1/batches", self._create_batch)
+        app.router.add_get("/v1/batches", self._list_batches)
+        app.router.add_get("/v1/batches/{batch_id}", self._get_batch)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self._cancel_batch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=4096)
@@ -128,6 +149,122 @@ class FakeOpenAI:
                 "total_tokens": sum(self.usage),
             }
         return web.json_response(answer)
+
+    # -- Files + Batches --------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        return self.required_key is None or request.headers.get("Authorization") == f"Bearer {self.required_key}"
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
+        form = await request.post()
+        upload = form["file"]
+        content = upload.file.read()  # type: ignore[union-attr]
+        file_id = f"file-{len(self.files) + 1}"
+        self.files[file_id] = content
+        name = getattr(upload, "filename", "input.jsonl")
+        return web.json_response({"id": file_id, "object": "file", "bytes": len(content), "filename": name})
+
+    async def _content(self, request: web.Request) -> web.Response:
+        found = self.files.get(request.match_info["file_id"])
+        if found is None:
+            return web.json_response({"error": {"message": "no such file"}}, status=404)
+        return web.Response(body=found, content_type="application/jsonl")
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
+        body = await request.json()
+        if body.get("input_file_id") not in self.files:
+            return web.json_response({"error": {"message": "no such input file"}}, status=400)
+        number = len(self.batches) + 1
+        batch = {
+            "id": f"batch_{number}",
+            "object": "batch",
+            "endpoint": body.get("endpoint"),
+            "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window"),
+            "status": "in_progress",
+            "created_at": int(time.time()),
+            "metadata": body.get("metadata") or {},
+            "output_file_id": None,
+            "error_file_id": None,
+            "outcome": self.batch_script[number - 1] if number <= len(self.batch_script) else "complete",
+            "due": time.monotonic() + self.batch_delay,
+        }
+        self.batches[batch["id"]] = batch
+        if self.create_delay:
+            await asyncio.sleep(self.create_delay)
+        return web.json_response(self._public(batch))
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        newest = sorted(self.batches.values(), key=lambda b: int(b["id"].split("_")[1]), reverse=True)
+        after = request.query.get("after")
+        if after:
+            ids = [b["id"] for b in newest]
+            newest = newest[ids.index(after) + 1 :] if after in ids else []
+        limit = int(request.query.get("limit", "20"))
+        page = [self._public(self._advance(b)) for b in newest[:limit]]
+        return web.json_response({"object": "list", "data": page, "has_more": len(newest) > limit})
+
+    async def _get_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "no such batch"}}, status=404)
+        return web.json_response(self._public(self._advance(batch)))
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "no such batch"}}, status=404)
+        self.cancels += 1
+        if batch["status"] in ("validating", "in_progress", "finalizing"):
+            self._end(batch, "cancelled", answer_every=2)
+        return web.json_response(self._public(batch))
+
+    @staticmethod
+    def _public(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if k not in ("outcome", "due")}
+
+    def _advance(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if batch["status"] != "in_progress" or time.monotonic() < batch["due"] or batch["outcome"] == "hold":
+            return batch
+        if batch["outcome"] == "fail":
+            batch["status"] = "failed"
+            batch["failed_at"] = int(time.time())
+        elif batch["outcome"] == "expire":
+            self._end(batch, "expired", answer_every=2)
+        else:
+            self._end(batch, "completed", answer_every=1)
+        return batch
+
+    def _end(self, batch: dict[str, Any], status: str, answer_every: int) -> None:
+        output: list[bytes] = []
+        errors: list[bytes] = []
+        lines = self.files[batch["input_file_id"]].splitlines()
+        for n, raw in enumerate(lines):
+            line = json.loads(raw)
+            if n % answer_every == 0:
+                answer = _answer(line["body"])
+                if self.usage is not None:
+                    answer["usage"] = {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1]}
+                response = {"status_code": 200, "request_id": f"req_{n}", "body": answer}
+                output.append(
+                    json.dumps({"custom_id": line["custom_id"], "response": response, "error": None}).encode()
+                )
+            else:
+                code = "batch_expired" if status == "expired" else "batch_cancelled"
+                error = {"code": code, "message": f"this request was not run: {code}"}
+                errors.append(json.dumps({"custom_id": line["custom_id"], "response": None, "error": error}).encode())
+        for kind, content in (("output_file_id", output), ("error_file_id", errors)):
+            if content:
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = b"\n".join(content) + b"\n"
+                batch[kind] = file_id
+        batch["status"] = status
+        batch[f"{status}_at"] = int(time.time())
+        batch["request_counts"] = {"total": len(lines), "completed": len(output), "failed": len(errors)}
 
 
 def _answer(body: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from schemas.arrow import EMBEDDING_TYPE, OUTPUT_FIELDS, output_schema
 from schemas.structured import schema_text_of_response_format, validate_answer
 from workers.engines.base import Completion, Request
 
-__all__ = ["Chunk", "build_output", "merge", "prepare", "rechunk"]
+__all__ = ["Chunk", "build_output", "check_answer", "merge", "prepare", "rechunk"]
 
 
 def rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
@@ -172,14 +172,14 @@ def merge(
             cost = first.cost_usd if first.cost_usd is not None else first.compute_seconds * usd_per_second
             done.append(replace(first, cost_usd=0.0, compute_seconds=0.0, latency_ms=0.0, saved_usd=cost))
         else:
-            done.append(_checked(request, next(produced)))
+            done.append(check_answer(request, next(produced)))
             asked = chunk.fingerprints[i] if chunk.fingerprints else None
             if asked is not None:
                 answered[asked] = done[-1]
     return done
 
 
-def _checked(request: Request, completion: Completion) -> Completion:
+def check_answer(request: Request, completion: Completion) -> Completion:
     """A structured answer that is cut short or fails its schema becomes an error row that
     keeps its text (and its tokens and cost: it was generated and paid for)."""
     if request.response_schema is None or completion.error is not None:

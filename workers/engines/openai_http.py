@@ -43,7 +43,7 @@ from schemas.errors import ProviderError
 from schemas.structured import validate_answer
 from workers.engines.base import Completion, Request
 
-__all__ = ["APIEngine", "TokenBucket", "retry_after"]
+__all__ = ["APIEngine", "TokenBucket", "chat_body", "retry_after", "usage_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +188,7 @@ class APIEngine:
         return list(request.messages or [{"role": "user", "content": request.prompt or ""}])
 
     def _body(self, request: Request, messages: list[dict[str, str]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.provider.provider_model(request.model or self.model),
-            "messages": messages,
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-        }
-        if request.response_schema is not None:
-            schema = json.loads(request.response_schema)
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
-            }
-        return body
+        return chat_body(self.provider, request.model or self.model, request, messages)
 
     async def _one(self, request: Request) -> Completion:
         model = request.model or self.model
@@ -328,10 +316,7 @@ class APIEngine:
         """Usage within what the request can be billed: at least 0, at most its prompt's
         bound (``input_token_bound``) and its ``max_tokens``. A provider (or a proxy)
         reporting more is logged, and charged the bound the budget reserved."""
-        text = sum(
-            len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "") for m in messages
-        )
-        most_in = input_token_bound(text, len(messages), 1)
+        most_in = usage_bound(messages)
         clamped = (min(max(0, tokens_in), most_in), min(max(0, tokens_out), request.max_tokens))
         if clamped != (tokens_in, tokens_out):
             log.warning(
@@ -344,6 +329,31 @@ class APIEngine:
                 *clamped,
             )
         return clamped
+
+
+def chat_body(provider: ApiProvider, model: str, request: Request, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The chat-completions body of ``request`` for ``provider`` (our ``model`` mapped to its own)."""
+    body: dict[str, Any] = {
+        "model": provider.provider_model(model),
+        "messages": messages,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+    }
+    if request.response_schema is not None:
+        schema = json.loads(request.response_schema)
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema, "strict": True},
+        }
+    return body
+
+
+def usage_bound(messages: Sequence[dict[str, str]]) -> int:
+    """The most prompt tokens a provider can bill for ``messages`` (``input_token_bound``)."""
+    text = sum(
+        len((m.get("content") or "").encode("utf-8", "surrogatepass")) + len(m.get("role") or "") for m in messages
+    )
+    return input_token_bound(text, len(messages), 1)
 
 
 def _cut(text: str, most_bytes: int) -> str:

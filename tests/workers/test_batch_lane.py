@@ -24,14 +24,17 @@ from pipeline.jobs.control import cancel
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
+from pipeline.serve.keys import create_key
 from pipeline.store.db import session_scope
+from pipeline.store.transitions import run_record
 from pipeline.tasks.finalize import finalize_job
 from pipeline.tasks.reaper import reap
 from schemas.base import utcnow
 from schemas.status import JobStatus, LedgerKind, ProviderBatchStatus, ShardStatus
 from schemas.tables import ProviderBatch
-from tests.support.jobs import job_row, ledger_sum, provider_runtime, shards
+from tests.support.jobs import job_row, ledger_sum, model_folder, provider_runtime, run_queued, shards, stub_runtime
 from tests.support.openai_server import FakeOpenAI
+from tests.support.serve import serving
 from workers.batch_lane import poll
 from workers.runner import ShardRunner
 
@@ -70,8 +73,6 @@ def drive(runtime: Runtime, job_id: str, seconds: float = 30.0) -> JobStatus | N
         for shard in shards(runtime, job_id):
             if shard.status is ShardStatus.QUEUED:
                 with session_scope(runtime.engine) as session:
-                    from pipeline.store.transitions import run_record
-
                     record = run_record(session, shard.id)
                 runner.run(record)
         poll(runtime, job_id)
@@ -197,8 +198,6 @@ def test_cancelling_the_job_cancels_its_provider_batches(store_url: str, tmp_pat
     route_job(runtime, job_id)
     (shard,) = shards(runtime, job_id)
     with session_scope(runtime.engine) as session:
-        from pipeline.store.transitions import run_record
-
         record = run_record(session, shard.id)
     assert ShardRunner(runtime).run(record) is ShardStatus.RUNNING  # at the provider; the worker is free
     assert len(provider.batches) == 1
@@ -216,3 +215,38 @@ def test_cancelling_the_job_cancels_its_provider_batches(store_url: str, tmp_pat
     pending = [s for s in now if s.status is ShardStatus.PENDING]
     assert sum(s.row_end - s.row_start for s in pending) == 13
     assert all("prov.batch" not in s.excluded_backends for s in pending)  # the lane did not fail
+
+
+def test_spotlane_serve_is_a_real_batch_lane_for_another_spotlane(
+    tmp_path: Path, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One spotlane (SQLite) routes to the batch API of another (``spotlane serve`` over its
+    own job store and stub workers): Files + Batches as OpenAI's clients know them."""
+    far, _ = stub_runtime(f"sqlite:///{tmp_path / 'far.db'}", jobs={"rows_per_shard": 100})
+    _, secret = create_key(far, "near")
+    folder = model_folder(tmp_path)
+    with serving(far) as url:
+        near = provider_runtime(
+            f"sqlite:///{tmp_path / 'near.db'}",
+            url,
+            usd_per_1m=PRICE,
+            batch={"poll_seconds": 0.05},
+            jobs={"rows_per_shard": 25},
+        )
+        near.settings.api_providers[0].models = {"m": folder}  # the far side's model
+        monkeypatch.setenv("SPOTLANE_TEST_PROVIDER_KEY", secret)
+        job_id = submit(near, JobRequest(prompts(tmp_path / "in.parquet", 25), "m", max_tokens=8))
+        route_job(near, job_id)
+        (shard,) = shards(near, job_id)
+        with session_scope(near.engine) as session:
+            record = run_record(session, shard.id)
+        assert ShardRunner(near).run(record) is ShardStatus.RUNNING
+        (recorded,) = provider_batches(near, job_id)
+        far_job = (recorded.batch_id or "").removeprefix("batch_")
+        assert job_row(far, far_job).batch_metadata == {"spotlane_marker": recorded.marker, "spotlane_job": job_id}
+        assert run_queued(far, far_job) is JobStatus.SUCCEEDED  # the far side's workers answer it
+        assert drive(near, job_id) is JobStatus.SUCCEEDED
+    rows = results(near, job_id)
+    assert [r["id"] for r in rows] == [f"r{i:03d}" for i in range(25)]
+    assert {r["backend"] for r in rows} == {"prov.batch"} and all(r["error"] is None for r in rows)
+    assert provider.requests == 0

@@ -14,7 +14,13 @@ generous, medium and tight deadlines. For each mix:
   the plan, and the fallback when the plan is infeasible);
 - single API: everything on the cheapest provider that meets the deadline.
 
-    python benchmarks/routing_cost.py [--mixes 12] [--shards 60]
+Then nightly mixes (bigger shards, deadlines of 8 to 12 hours) with each provider's
+batch lane (half price, a 24 h window): the cost with the lanes (their turnaround
+learnt at a p90 of one hour, OpenRouter's measured figure), with the lanes before
+anything was learnt (the window as turnaround: they cannot be on time), without
+them, and the optimum with them (an independent MILP again).
+
+    python benchmarks/routing_cost.py [--mixes 12] [--shards 60] [--nightly 8]
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.routing.estimate import ShardProfile  # noqa: E402
 from pipeline.routing.pricing import Quote, quote  # noqa: E402
 from pipeline.routing.router import choose, plan_on_time  # noqa: E402
-from schemas.backends import ApiProvider, GpuPool, RoutingSettings  # noqa: E402
+from schemas.backends import ApiProvider, Backend, BatchLane, GpuPool, ProviderBatchLane, RoutingSettings  # noqa: E402
 from schemas.base import utcnow  # noqa: E402
 
-BACKENDS: list[GpuPool | ApiProvider] = [
+BACKENDS: list[Backend] = [
     GpuPool(name="a10g-spot", price_per_hour=0.45, tokens_per_second=900, max_workers=4, preemption_rate=0.10),
     GpuPool(name="h100-spot", price_per_hour=2.50, tokens_per_second=6000, max_workers=2, preemption_rate=0.05),
     ApiProvider(
@@ -69,6 +75,16 @@ BACKENDS: list[GpuPool | ApiProvider] = [
         latency_seconds=1.0,
     ),
 ]
+
+
+#: Each provider's batch lane: half price within 24 h.
+LANES: list[Backend] = [
+    ProviderBatchLane(b.model_copy(update={"batch": BatchLane(discount=0.5, window_hours=24)}), "control")
+    for b in BACKENDS
+    if isinstance(b, ApiProvider)
+]
+#: The lanes' turnaround once learnt (p90 of observed batches): an hour.
+LEARNT_P90 = 3600.0
 
 
 def make_mix(rng: random.Random, shards: int) -> list[ShardProfile]:
@@ -106,29 +122,34 @@ def spotlane_plan(quotes: list[list[Quote]], horizon: float, *, greedy: bool = F
     return total, late
 
 
-def optimal(quotes: list[list[Quote]], horizon: float) -> float | None:
+def optimal(quotes: list[list[Quote]], horizon: float, backends: list[Backend] = BACKENDS) -> float | None:
+    """A batch lane's shard fits when its turnaround does (the provider runs batches side by side)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    names = [b.name for b in BACKENDS]
+    names = [b.name for b in backends]
     n, m = len(quotes), len(names)
     cost = np.zeros(n * m)
     seconds = np.zeros(n * m)
+    usable = np.zeros(n * m)
     for i, row in enumerate(quotes):
         for q in row:
             j = names.index(q.backend)
             cost[i * m + j], seconds[i * m + j] = q.cost_usd, q.seconds
+            usable[i * m + j] = 1.0 if q.turnaround is None or q.turnaround <= horizon else 0.0
     assign = np.zeros((n, n * m))
     for i in range(n):
         assign[i, i * m : (i + 1) * m] = 1
     capacity = np.zeros((m, n * m))
     limits = np.zeros(m)
-    for j, backend in enumerate(BACKENDS):
+    for j, backend in enumerate(backends):
+        if isinstance(backend, ProviderBatchLane):
+            continue  # no shared capacity: the turnaround bound above
         capacity[j, j::m] = seconds[j::m]
         limits[j] = horizon * (backend.max_workers if isinstance(backend, GpuPool) else 1)
     result = milp(
         cost,
         integrality=np.ones(n * m),
-        bounds=Bounds(0, 1),
+        bounds=Bounds(0, usable),
         constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(capacity, 0, limits)],
     )
     return float(result.fun) if result.success else None
@@ -145,10 +166,73 @@ def single_api(quotes: list[list[Quote]], horizon: float) -> tuple[float, bool]:
     return cost, late
 
 
+def make_nightly(rng: random.Random, shards: int) -> list[ShardProfile]:
+    """A nightly job's shards: thousands of rows each (1.8M rows in all by default), more than
+    the spot pools can answer by morning."""
+    profiles = []
+    for _ in range(shards):
+        rows = rng.choice([5000, 10000, 20000])
+        max_tokens = rng.choice([256, 512])
+        profiles.append(
+            ShardProfile(
+                rows=rows,
+                prompt_chars=rows * rng.randint(800, 4000),
+                max_tokens=rows * max_tokens,
+                longest_prompt_chars=4000,
+            )
+        )
+    return profiles
+
+
+def nightly(mixes: int, shards: int) -> None:
+    routing = RoutingSettings()
+    rng = random.Random(11)
+    print(
+        f"\nnightly: {shards} shards, deadlines of 8-12 h, each provider's batch lane at half price "
+        f"(p90 turnaround {LEARNT_P90 / 3600:.0f} h once learnt, the 24 h window before)"
+    )
+    print(
+        f"{'mix':>3} {'hours':>5} {'without $':>10} {'prior $':>9} {'lanes $':>9} {'optimal $':>10} "
+        f"{'lanes/without':>13} {'lanes/optimal':>13} {'rows at lanes':>13}"
+    )
+    saved, gaps = [], []
+    for mix in range(mixes):
+        profiles = make_nightly(rng, shards)
+        hours = rng.choice([8, 9, 10, 11, 12])
+        horizon = hours * 3600.0
+        base = [[q for b in BACKENDS if (q := quote(b, "m", p, None, routing)) is not None] for p in profiles]
+        learnt = [
+            row + [q for b in LANES if (q := quote(b, "m", p, None, routing, turnaround=LEARNT_P90)) is not None]
+            for row, p in zip(base, profiles)
+        ]
+        prior = [
+            row + [q for b in LANES if (q := quote(b, "m", p, None, routing)) is not None]
+            for row, p in zip(base, profiles)
+        ]
+        without, _ = spotlane_plan(base, horizon)
+        before, _ = spotlane_plan(prior, horizon)
+        ours, late = spotlane_plan(learnt, horizon)
+        best = optimal(learnt, horizon, [*BACKENDS, *LANES])
+        plan = plan_on_time(learnt, {}, utcnow(), utcnow() + timedelta(seconds=horizon)) or []
+        at_lanes = sum(p.rows for p, q in zip(profiles, plan) if q.kind == "batch")
+        share = at_lanes / sum(p.rows for p in profiles)
+        saved.append(ours / without)
+        if best:
+            gaps.append(ours / best)
+        print(
+            f"{mix:>3} {hours:>5} {without:>10.2f} {before:>9.2f} {ours:>9.2f} {best or float('nan'):>10.2f} "
+            f"{ours / without:>13.3f} {ours / best if best else float('nan'):>13.3f} {share:>12.0%}"
+            f"{' late' if late else ''}"
+        )
+    print(f"\nwith the lanes / without: mean {np.mean(saved):.3f}, best {min(saved):.3f}, worst {max(saved):.3f}")
+    print(f"with the lanes / optimal: mean {np.mean(gaps):.4f}, worst {max(gaps):.4f} over {len(gaps)} nights")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixes", type=int, default=12)
     parser.add_argument("--shards", type=int, default=60)
+    parser.add_argument("--nightly", type=int, default=8, help="nightly mixes with batch lanes (0: none)")
     args = parser.parse_args()
     routing = RoutingSettings()
     rng = random.Random(7)
@@ -184,6 +268,8 @@ def main() -> None:
         f"single API / optimal: mean {np.mean(api_ratios):.2f}, best {min(api_ratios):.2f} "
         f"over the {len(api_ratios)} cases where one API alone meets the deadline"
     )
+    if args.nightly:
+        nightly(args.nightly, args.shards * 3)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.jobs.control import cancel
+from pipeline.jobs.plan import plan
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
@@ -30,6 +31,7 @@ from pipeline.store.transitions import run_record
 from pipeline.tasks.finalize import finalize_job
 from pipeline.tasks.reaper import reap
 from schemas.base import utcnow
+from schemas.jobspec import JobSpec
 from schemas.status import JobStatus, LedgerKind, ProviderBatchStatus, ShardStatus
 from schemas.tables import ProviderBatch
 from tests.support.jobs import job_row, ledger_sum, model_folder, provider_runtime, run_queued, shards, stub_runtime
@@ -64,11 +66,14 @@ def prompts(path: Path, n: int) -> str:
     return str(path)
 
 
-def drive(runtime: Runtime, job_id: str, seconds: float = 30.0) -> JobStatus | None:
-    """What the workers and the poller do: route, run queued shards, poll, until every shard is final."""
+def drive(runtime: Runtime, job_id: str, seconds: float = 30.0, within: float | None = None) -> JobStatus | None:
+    """What the workers and the poller do: route, run queued shards, poll, until every shard
+    is final; ``within``: reserved + spent is checked against it at every turn."""
     runner = ShardRunner(runtime)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if within is not None:
+            assert ledger_sum(runtime, job_id) <= within + 1e-9
         route_job(runtime, job_id)
         for shard in shards(runtime, job_id):
             if shard.status is ShardStatus.QUEUED:
@@ -250,3 +255,55 @@ def test_spotlane_serve_is_a_real_batch_lane_for_another_spotlane(
     assert [r["id"] for r in rows] == [f"r{i:03d}" for i in range(25)]
     assert {r["backend"] for r in rows} == {"prov.batch"} and all(r["error"] is None for r in rows)
     assert provider.requests == 0
+
+
+def test_a_provider_that_lies_about_usage_is_charged_no_more_than_each_request_can_cost(
+    store_url: str, tmp_path: Path, provider: FakeOpenAI
+) -> None:
+    provider.usage = (10**7, 10**7)  # every answer claims ten million tokens each way
+    runtime = lane_runtime(store_url, provider.url)
+    job_id = submit(runtime, JobRequest(prompts(tmp_path / "in.parquet", 20), "m", max_tokens=8))
+    assert drive(runtime, job_id) is JobStatus.SUCCEEDED
+    rows = results(runtime, job_id)
+    assert {r["output_tokens"] for r in rows} == {8}  # clamped to max_tokens
+    assert max(r["input_tokens"] for r in rows) < 100  # clamped to the prompt's byte bound
+    spent = ledger_sum(runtime, job_id, LedgerKind.CHARGE)
+    assert spent == pytest.approx(sum(r["cost_usd"] for r in rows))
+    assert spent < 20 * 110 / 1e6 * PRICE * 0.5
+
+
+def test_a_budget_that_covers_part_of_a_shard_sends_those_rows_and_never_more(
+    store_url: str, tmp_path: Path, provider: FakeOpenAI
+) -> None:
+    runtime = lane_runtime(store_url, provider.url, rows_per_shard=40)
+    path = prompts(tmp_path / "in.parquet", 40)
+    worst = plan(runtime, path, JobSpec(model="m", max_tokens=8)).worst_case_usd
+    budget = worst * 0.3  # a third of the shard's worst case
+    job_id = submit(runtime, JobRequest(path, "m", max_tokens=8, budget_usd=budget))
+    route_job(runtime, job_id)
+    (shard,) = shards(runtime, job_id)
+    with session_scope(runtime.engine) as session:
+        record = run_record(session, shard.id)
+    assert ShardRunner(runtime).run(record) is ShardStatus.RUNNING
+    (recorded,) = provider_batches(runtime, job_id)
+    assert 0 < recorded.requests < 40 and recorded.row_end - recorded.first_row == recorded.requests
+    assert ledger_sum(runtime, job_id) <= budget + 1e-9  # reserved (the sent rows' worst case) within it
+    cut = shards(runtime, job_id)
+    assert sorted((s.row_start, s.row_end) for s in cut) == [(0, recorded.row_end), (recorded.row_end, 40)]
+
+    # Answers cost far less than their worst case: what comes back pays for the rest.
+    assert drive(runtime, job_id, within=budget) is JobStatus.SUCCEEDED
+    assert [r["id"] for r in results(runtime, job_id)] == [f"r{i:03d}" for i in range(40)]
+    assert len(provider.batches) >= 2
+
+
+def test_a_shard_larger_than_the_lanes_limits_is_cut_into_provider_batches_that_fit(
+    store_url: str, tmp_path: Path, provider: FakeOpenAI
+) -> None:
+    runtime = lane_runtime(store_url, provider.url, rows_per_shard=25, max_requests=10, max_bytes=2048)
+    job_id = submit(runtime, JobRequest(prompts(tmp_path / "in.parquet", 25), "m", max_tokens=8))
+    assert drive(runtime, job_id) is JobStatus.SUCCEEDED
+    assert [r["id"] for r in results(runtime, job_id)] == [f"r{i:03d}" for i in range(25)]
+    sizes = [len(provider.files[b["input_file_id"]]) for b in provider.batches.values()]
+    counts = [provider.files[b["input_file_id"]].count(b"\n") for b in provider.batches.values()]
+    assert max(sizes) <= 2048 and max(counts) <= 10 and sum(counts) == 25

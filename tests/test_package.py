@@ -90,7 +90,7 @@ def test_the_readme_configuration_lists_every_setting_with_its_default() -> None
 
     from pydantic import BaseModel
 
-    from schemas.backends import ApiProvider, GpuPool
+    from schemas.backends import ApiProvider, BatchLane, GpuPool
     from schemas.schedules import Schedule
     from schemas.settings import Settings
 
@@ -129,6 +129,12 @@ def test_the_readme_configuration_lists_every_setting_with_its_default() -> None
                 shown |= set(entry)
         problems += [f"[[{key}]] {k} is not shown" for k in sorted(set(model.model_fields) - shown - {"kind", "queue"})]
         problems += [f"[[{key}]] {k} is not a setting" for k in sorted(shown - set(model.model_fields))]
+    lanes = [entry["batch"] for block in blocks for entry in block.get("api_providers", []) if "batch" in entry]
+    for key, option in BatchLane.model_fields.items():
+        if not any(key in lane for lane in lanes):
+            problems.append(f"[api_providers.batch] {key} is not shown")
+        elif option.default is not None and not any(lane.get(key) == option.default for lane in lanes if key in lane):
+            problems.append(f"[api_providers.batch] {key} is never shown with its default {option.default!r}")
 
     assert problems == []
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipeline.jobs.control import cancel
 from pipeline.jobs.plan import plan
@@ -33,7 +33,7 @@ from pipeline.tasks.reaper import reap
 from schemas.base import utcnow
 from schemas.jobspec import JobSpec
 from schemas.status import JobStatus, LedgerKind, ProviderBatchStatus, ShardStatus
-from schemas.tables import ProviderBatch
+from schemas.tables import ProviderBatch, Shard
 from tests.support.jobs import job_row, ledger_sum, model_folder, provider_runtime, run_queued, shards, stub_runtime
 from tests.support.openai_server import FakeOpenAI
 from tests.support.serve import serving
@@ -307,3 +307,31 @@ def test_a_shard_larger_than_the_lanes_limits_is_cut_into_provider_batches_that_
     sizes = [len(provider.files[b["input_file_id"]]) for b in provider.batches.values()]
     counts = [provider.files[b["input_file_id"]].count(b"\n") for b in provider.batches.values()]
     assert max(sizes) <= 2048 and max(counts) <= 10 and sum(counts) == 25
+
+
+def test_a_poller_away_past_the_lease_loses_nothing_the_next_attempt_adopts_the_batch(
+    store_url: str, tmp_path: Path, provider: FakeOpenAI
+) -> None:
+    runtime = lane_runtime(store_url, provider.url)
+    job_id = submit(runtime, JobRequest(prompts(tmp_path / "in.parquet", 20), "m", max_tokens=8))
+    route_job(runtime, job_id)
+    (shard,) = shards(runtime, job_id)
+    with session_scope(runtime.engine) as session:
+        record = run_record(session, shard.id)
+    assert ShardRunner(runtime).run(record) is ShardStatus.RUNNING
+    held = ledger_sum(runtime, job_id)
+    with session_scope(runtime.engine) as session:  # nobody polled until the provider's lease ran out
+        session.execute(
+            update(Shard).where(Shard.id == shard.id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    assert reap(runtime).expired == 1  # queued again on the lane, as a lost attempt
+
+    assert drive(runtime, job_id) is JobStatus.SUCCEEDED
+    assert len(provider.batches) == 1  # adopted, not created again
+    (recorded,) = provider_batches(runtime, job_id)
+    assert recorded.attempt == 2 and recorded.status is ProviderBatchStatus.COLLECTED
+    rows = results(runtime, job_id)
+    assert [r["id"] for r in rows] == [f"r{i:03d}" for i in range(20)]
+    spent = ledger_sum(runtime, job_id, LedgerKind.CHARGE)
+    assert spent == pytest.approx(sum(r["cost_usd"] for r in rows)) and 0 < spent < held
+    assert ledger_sum(runtime, job_id) == pytest.approx(spent)  # the lost attempt's hold moved, then came back

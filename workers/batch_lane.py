@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
@@ -43,6 +44,7 @@ from pipeline.storage.inputs import iter_rows
 from pipeline.storage.objects import write_parquet
 from pipeline.store import batches, claims, leases, transitions
 from pipeline.store.db import db_now, session_scope
+from pipeline.store.guards import matched
 from pipeline.store.identity import owner_id
 from pipeline.store.ledger import Charge
 from schemas.backends import ProviderBatchLane
@@ -51,7 +53,7 @@ from schemas.status import AttemptOutcome, JobStatus, ProviderBatchStatus, Shard
 from schemas.tables import Job, ProviderBatch
 from workers import checkpoint
 from workers.engines.base import Completion, Request
-from workers.engines.chunks import Chunk, build_output, check_answer
+from workers.engines.chunks import Chunk, build_output, check_answer, merge
 from workers.engines.openai_http import chat_body, usage_bound
 from workers.engines.provider_batch import BATCH_ENDPOINT, MARKER_KEY, BatchClient, ResultLine, parse_results
 from workers.feed import answer_known, input_columns, prepare_rows, row_worst, rows_within
@@ -180,7 +182,7 @@ def _known(runtime: Runtime, job: Job, table: pa.Table, first: int, lane: Provid
 
 
 def _record(
-    session: Any,
+    session: Session,
     claim: claims.Claim,
     job: Job,
     lane: ProviderBatchLane,
@@ -306,8 +308,8 @@ def _create(
     return ShardStatus.RUNNING
 
 
-def _updated(session: Any, fenced: tuple[Any, ...], **values: Any) -> bool:
-    return bool(session.execute(update(ProviderBatch).where(*fenced).values(**values)).rowcount == 1)
+def _updated(session: Session, fenced: tuple[Any, ...], **values: Any) -> bool:
+    return matched(session.execute(update(ProviderBatch).where(*fenced).values(**values))) == 1
 
 
 def _disown(runtime: Runtime, client: BatchClient, record_id: int, batch_id: str) -> None:
@@ -340,8 +342,6 @@ def _commit_unsent(
     beat: Heartbeat,
 ) -> ShardStatus | None:
     """Every row is answered by the cache or by an earlier row (or cannot run): commit them."""
-    from workers.engines.chunks import merge
-
     completions = merge(chunk, [], {})
     table, cost = build_output(
         chunk,
@@ -352,36 +352,12 @@ def _commit_unsent(
         usd_per_second=0.0,
         carried=job.carried_columns,
     )
-    stats = _stats(runtime, claim, chunk, completions, table, cost, claim.attempt)
+    stats = checkpoint.stats_of(runtime, claim, chunk, completions, table, cost)
     checkpoint.persist(runtime, claim, table, stats, beat)
     with session_scope(runtime.engine) as session:
         if not claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE):
             return None
     return ShardStatus.DONE
-
-
-def _stats(
-    runtime: Runtime,
-    claim: claims.Claim,
-    chunk: Chunk,
-    completions: list[Completion],
-    table: pa.Table,
-    cost: float,
-    attempt: int,
-) -> claims.CheckpointStats:
-    billed = [c for i, c in enumerate(completions) if chunk.sent(i)]
-    unsent = [completions[i] for i in (*chunk.served, *chunk.same_as)]
-    return claims.CheckpointStats(
-        first_row=chunk.first_row,
-        row_count=table.num_rows,
-        rows_failed=sum(1 for c in completions if c.error is not None),
-        input_tokens=sum(c.input_tokens for c in billed),
-        output_tokens=sum(c.output_tokens for c in billed),
-        cost_usd=cost,
-        url=runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, attempt),
-        rows_cached=len(unsent),
-        saved_usd=sum(c.saved_usd for c in unsent),
-    )
 
 
 # -- collecting ------------------------------------------------------------------------
@@ -609,7 +585,7 @@ def _collect(
             usd_per_second=0.0,
             carried=job.carried_columns,
         )
-        stats = _stats(runtime, claim, part, completions, out, cost, attempt)
+        stats = checkpoint.stats_of(runtime, claim, part, completions, out, cost, attempt)
         write_parquet(out, stats.url, runtime.storage.storage_class("hot"))
         runs.append(batches.Run(start, end, stats))
         written.append((part, completions))

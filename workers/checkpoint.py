@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import pyarrow as pa
+
 from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import write_parquet
@@ -19,9 +21,37 @@ from workers.engines.base import Completion
 from workers.engines.chunks import Chunk
 from workers.heartbeat import Heartbeat
 
-__all__ = ["charge_lost", "learn", "persist"]
+__all__ = ["charge_lost", "learn", "persist", "stats_of"]
 
 log = logging.getLogger(__name__)
+
+
+def stats_of(
+    runtime: Runtime,
+    claim: claims.Claim,
+    chunk: Chunk,
+    completions: Sequence[Completion],
+    table: pa.Table,
+    cost: float,
+    attempt: int | None = None,
+) -> claims.CheckpointStats:
+    """What a part of ``chunk``'s rows holds, for its commit; written by ``attempt`` (the
+    claim's unless given), under a new name. Tokens billed are the rows sent: a cached or
+    repeated row keeps its answer's counts in the results, but nothing was sent for it."""
+    billed = [c for i, c in enumerate(completions) if i not in chunk.served and i not in chunk.same_as]
+    unsent = [completions[i] for i in (*chunk.served, *chunk.same_as)]
+    written_by = claim.attempt if attempt is None else attempt
+    return claims.CheckpointStats(
+        first_row=chunk.first_row,
+        row_count=table.num_rows,
+        rows_failed=sum(1 for c in completions if c.error is not None),
+        input_tokens=sum(c.input_tokens for c in billed),
+        output_tokens=sum(c.output_tokens for c in billed),
+        cost_usd=cost,
+        url=runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, written_by),
+        rows_cached=len(unsent),
+        saved_usd=sum(c.saved_usd for c in unsent),
+    )
 
 
 def persist(

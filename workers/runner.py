@@ -224,20 +224,7 @@ class ShardRunner:
                 carried=job.carried_columns,
                 embed=job.task == "embed",
             )
-            # Tokens billed: the rows sent (a cached or repeated row keeps its answer's
-            # counts in the results, but nothing was sent for it).
-            billed = [c for i, c in enumerate(completions) if i not in chunk.served and i not in chunk.same_as]
-            stats = claims.CheckpointStats(
-                first_row=chunk.first_row,
-                row_count=table.num_rows,
-                rows_failed=sum(1 for c in completions if c.error is not None),
-                input_tokens=sum(c.input_tokens for c in billed),
-                output_tokens=sum(c.output_tokens for c in billed),
-                cost_usd=cost,
-                url=self.runtime.storage.part_url(claim.job_id, claim.shard_index, chunk.first_row, claim.attempt),
-                rows_cached=len(chunk.served) + len(chunk.same_as),
-                saved_usd=sum(completions[i].saved_usd for i in (*chunk.served, *chunk.same_as)),
-            )
+            stats = checkpoint.stats_of(self.runtime, claim, chunk, completions, table, cost)
             checkpoint.persist(self.runtime, claim, table, stats, beat)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()

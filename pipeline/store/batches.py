@@ -134,17 +134,7 @@ def batch_claim(session: Session, batch: ProviderBatch) -> Claim | None:
     ).scalar_one_or_none()
     if shard is None:
         return None
-    return Claim(
-        shard_id=shard.id,
-        job_id=shard.job_id,
-        shard_index=shard.shard_index,
-        row_start=shard.row_start,
-        row_end=shard.row_end,
-        rows_done=shard.rows_done,
-        attempt=shard.attempts,
-        worker_id=BATCH_OWNER,
-        backend=shard.backend or batch.backend,
-    )
+    return Claim.of(shard, BATCH_OWNER, shard.backend or batch.backend)
 
 
 def adopt(session: Session, batch_id: int, claim: Claim) -> bool:

@@ -57,6 +57,22 @@ class Claim:
     backend: str
     queued_at: datetime | None = None
 
+    @classmethod
+    def of(cls, shard: Shard, worker_id: str, backend: str) -> Claim:
+        """The claim ``worker_id`` holds on ``shard`` (its row as it is now)."""
+        return cls(
+            shard_id=shard.id,
+            job_id=shard.job_id,
+            shard_index=shard.shard_index,
+            row_start=shard.row_start,
+            row_end=shard.row_end,
+            rows_done=shard.rows_done,
+            attempt=shard.attempts,
+            worker_id=worker_id,
+            backend=backend,
+            queued_at=shard.queued_at,
+        )
+
 
 def claim_shard(
     session: Session,
@@ -106,18 +122,7 @@ def claim_shard(
     )
     transitions.set_job_status(session, shard.job_id, JobStatus.RUNNING, expected=(JobStatus.PENDING,))
     ledger.transfer(session, shard.job_id, shard_id, backend, now, None, shard.attempts)  # the router's advance
-    return Claim(
-        shard_id=shard.id,
-        job_id=shard.job_id,
-        shard_index=shard.shard_index,
-        row_start=shard.row_start,
-        row_end=shard.row_end,
-        rows_done=shard.rows_done,
-        attempt=shard.attempts,
-        worker_id=worker_id,
-        backend=backend,
-        queued_at=shard.queued_at,
-    )
+    return Claim.of(shard, worker_id, backend)
 
 
 def owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:

@@ -83,6 +83,44 @@ def test_a_job_on_an_api_provider_is_priced_from_usage_and_the_key_stays_secret(
         assert SECRET not in place
 
 
+def test_spotlane_run_waits_for_the_providers_batch_lane_and_pays_half(
+    tmp_path: Path, spotlane_home: Path, server: FakeOpenAI
+) -> None:
+    server.batch_delay = 0.5
+    config = _config(tmp_path, server, "chat-small", gpu_price=None)
+    config.write_text(config.read_text() + "[api_providers.batch]\npoll_seconds = 0.2\n")
+    path = write_prompts(tmp_path / "in.parquet", 30)
+    env = {"TEST_OPENAI_KEY": SECRET}
+
+    result = spotlane(
+        "--config",
+        str(config),
+        "run",
+        str(path),
+        "--model",
+        "chat-small",
+        "--max-tokens",
+        "8",
+        "--rows-per-shard",
+        "10",
+        "--output",
+        str(tmp_path / "out.parquet"),
+        env=env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column("id").to_pylist() == [f"row-{i:05d}" for i in range(30)]
+    assert set(table.column("backend").to_pylist()) == {"openai-local.batch"}
+    assert table.column("cost_usd").to_pylist()[0] == pytest.approx((13 / 1e6 * 0.5 + 5 / 1e6 * 1.5) * 0.5)
+    assert len(server.batches) == 3 and server.requests == 0
+    spend = json.loads(spotlane("--config", str(config), "costs", "--json", env=env).stdout)
+    assert [line["backend"] for line in spend] == ["openai-local.batch"]
+    logs = "".join(p.read_text() for p in (spotlane_home / "logs").glob("*.log"))
+    for place in (result.stdout, result.stderr, logs, _all_sql_text(spotlane_home)):
+        assert SECRET not in place
+
+
 def test_a_provider_that_is_down_hands_its_shards_to_the_gpu_pool(
     tmp_path: Path, spotlane_home: Path, server: FakeOpenAI, tiny_model: Path
 ) -> None:

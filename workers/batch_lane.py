@@ -135,6 +135,10 @@ def _submit_new(
 ) -> ShardStatus | None:
     limits = lane.lane
     first = claim.row_start + claim.rows_done
+    if first >= claim.row_end:  # every row was committed before (a redelivered task)
+        with session_scope(runtime.engine) as session:
+            ended = claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE)
+        return ShardStatus.DONE if ended else None
     table = _read(job, first, min(claim.row_end, first + limits.max_requests))
     chunk = _known(runtime, job, table, first, lane, model)
     lines: list[bytes] = []

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "BATCH_LANE_SUFFIX",
     "MESSAGE_OVERHEAD_TOKENS",
+    "PROMPT_ROLE",
     "REQUEST_OVERHEAD_TOKENS",
     "ApiProvider",
     "Backend",
@@ -47,6 +48,11 @@ __all__ = [
 #: bill, they do not estimate it.
 REQUEST_OVERHEAD_TOKENS = 48
 MESSAGE_OVERHEAD_TOKENS = 8
+
+
+#: The role a row's plain ``prompt`` is sent under: its bytes count in the prompt's bound
+#: (a provider may bill the role's tokens), as every message's role does.
+PROMPT_ROLE = "user"
 
 
 def input_token_bound(text_bytes: int, messages: int, requests: int) -> int:

@@ -263,6 +263,9 @@ class ProviderBatch(Base):
     row_end: Mapped[int] = mapped_column(Integer)
     #: Requests sent (rows the cache answers, or repeats, are not).
     requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: The rows sent, as ``[start, end)`` ranges of input rows: only their answers are
+    #: taken (and paid for); a line for any other row is ignored.
+    sent_rows: Mapped[list[list[int]]] = mapped_column(JSON, default=list)
     #: Prompt tokens enqueued, bounded by bytes (what the lane's ``max_enqueued_tokens`` counts).
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     batch_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -281,6 +284,9 @@ class ProviderBatch(Base):
     #: Rows sent back to the router (expired, cancelled, failed, or an answer that fails its schema).
     rows_returned: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Looks at it that failed in a row (a provider that answers nonsense); past
+    #: ``MAX_POLL_FAILURES`` its rows go elsewhere.
+    poll_failures: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (

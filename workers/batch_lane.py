@@ -28,6 +28,7 @@ and sends the unanswered rows back to the router with the lane excluded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -54,7 +55,7 @@ from schemas.tables import Job, ProviderBatch
 from workers import checkpoint
 from workers.engines.base import Completion, Request
 from workers.engines.chunks import Chunk, build_output, check_answer, merge
-from workers.engines.openai_http import chat_body, usage_bound
+from workers.engines.openai_http import chat_body, request_messages, usage_bound
 from workers.engines.provider_batch import BATCH_ENDPOINT, MARKER_KEY, BatchClient, ResultLine, parse_results
 from workers.feed import answer_known, input_columns, prepare_rows, row_worst, rows_within
 from workers.heartbeat import Heartbeat
@@ -82,12 +83,8 @@ def _read(job: Job, start: int, end: int) -> pa.Table:
     return pa.Table.from_batches(list(iter_rows(job.input_url, start, end, input_columns(job))))
 
 
-def _messages(request: Request) -> list[dict[str, str]]:
-    return list(request.messages or [{"role": "user", "content": request.prompt or ""}])
-
-
 def _line(lane: ProviderBatchLane, model: str, row: int, request: Request) -> bytes:
-    body = chat_body(lane.provider, request.model or model, request, _messages(request))
+    body = chat_body(lane.provider, request.model or model, request, request_messages(request))
     line = {"custom_id": custom_id(row), "method": "POST", "url": BATCH_ENDPOINT, "body": body}
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
@@ -200,7 +197,8 @@ def _record(
     give_up = now + timedelta(hours=limits.window_hours)
     if job.deadline is not None:
         give_up = min(give_up, job.deadline - timedelta(minutes=limits.fallback_minutes))
-    sent = [r for i, r in enumerate(chunk.requests) if r is not None and chunk.sent(i)]
+    offsets = [i for i, r in enumerate(chunk.requests) if r is not None and chunk.sent(i)]
+    sent = [r for r in (chunk.requests[i] for i in offsets) if r is not None]
     record = ProviderBatch(
         job_id=claim.job_id,
         shard_id=claim.shard_id,
@@ -211,8 +209,9 @@ def _record(
         status=ProviderBatchStatus.CREATING,
         first_row=first,
         row_end=first + count,
-        requests=len(sent),
-        input_tokens=sum(usage_bound(_messages(r)) for r in sent),
+        requests=len(offsets),
+        sent_rows=batches.ranges_of([first + i for i in offsets]),
+        input_tokens=sum(usage_bound(request_messages(r)) for r in sent),
         created_at=now,
         give_up_at=give_up,
         next_poll_at=now,
@@ -398,9 +397,32 @@ def poll(runtime: Runtime, job_id: str | None = None) -> int:
         except (TransientError, ProviderError, ConfigError) as exc:
             log.warning("provider batch %s: %s; looked at again later", record_id, exc)
             _later(runtime, record_id)
+        except Exception:  # one batch the provider answers nonsense for never stops the others
+            log.exception("provider batch %s could not be read; looked at again later", record_id)
+            _failed(runtime, record_id)
         finally:
             leases.release(runtime.engine, lease, owner)
     return looked
+
+
+def _failed(runtime: Runtime, record_id: int) -> None:
+    """Count a look that failed; past ``MAX_POLL_FAILURES`` in a row the batch is given up
+    on (its rows go elsewhere; its reservation stays held: the provider may bill it)."""
+    with session_scope(runtime.engine) as session:
+        record = session.get(ProviderBatch, record_id)
+        if record is None:
+            return
+        record.poll_failures += 1
+        failures = record.poll_failures
+        claim = batches.batch_claim(session, record)
+        job = session.get(Job, record.job_id)
+        session.expunge(record)
+    _later(runtime, record_id)
+    lane = runtime.settings.backend(record.backend)
+    if failures >= batches.MAX_POLL_FAILURES and claim is not None and job is not None:
+        if isinstance(lane, ProviderBatchLane):
+            with contextlib.suppress(Exception):  # tried again at the next look
+                _abandon(runtime, claim, lane, record, f"could not be read {failures} times in a row")
 
 
 def _later(runtime: Runtime, record_id: int, seconds: float | None = None) -> None:
@@ -437,10 +459,10 @@ def _poll_one(runtime: Runtime, record_id: int) -> None:
     if status in ENDED:
         _collect(runtime, client, claim, job, lane, record, found)
         return
-    values: dict[str, Any] = {"provider_status": status[:32] or None}
+    values: dict[str, Any] = {"provider_status": status[:32] or None, "poll_failures": 0}
     if status == "cancelling" or record.status is ProviderBatchStatus.CANCELLING:
         if now > record.give_up_at + batches.CANCEL_GRACE:
-            _abandon(runtime, claim, job, lane, record)
+            _abandon(runtime, claim, lane, record, "did not end after it was cancelled")
             return
     elif job.status is JobStatus.CANCELLED or now >= record.give_up_at:
         why = "its job was cancelled" if job.status is JobStatus.CANCELLED else "it would end too late"
@@ -469,12 +491,16 @@ class _Answers:
     output_tokens: int = 0
 
 
-def _answers(chunk: Chunk, lines: dict[str, ResultLine], lane: ProviderBatchLane, model: str) -> _Answers:
-    """Each row's answer, error row, or None (not answered: back to the router)."""
+def _answers(chunk: Chunk, lines: dict[str, ResultLine], lane: ProviderBatchLane, sent: set[int]) -> _Answers:
+    """Each row's answer, error row, or None (not answered: back to the router). Only the
+    rows ``sent`` (chunk-relative) take a line, and only theirs are paid for."""
+    for i in sent:  # asked at the provider, whatever the cache holds now
+        chunk.served.pop(i, None)
+        chunk.same_as.pop(i, None)
     found = _Answers([])
     first_answer: dict[str, Completion] = {}
     for i, request in enumerate(chunk.requests):
-        line = lines.get(custom_id(chunk.first_row + i))
+        line = lines.get(custom_id(chunk.first_row + i)) if i in sent else None
         done: Completion | None = None
         fingerprint = chunk.fingerprints[i] if chunk.fingerprints else None
         if request is None:
@@ -497,8 +523,8 @@ def _answers(chunk: Chunk, lines: dict[str, ResultLine], lane: ProviderBatchLane
                 done = replace(first, cost_usd=0.0, compute_seconds=0.0, latency_ms=0.0, saved_usd=saved)
         elif line is not None and line.final:
             done = Completion.failed(f"provider refused the request: {line.error or f'HTTP {line.status_code}'}")
-        if done is not None and fingerprint is not None and i not in chunk.same_as and i not in chunk.served:
-            first_answer[fingerprint] = done
+        if done is not None and fingerprint is not None and i not in chunk.same_as:
+            first_answer.setdefault(fingerprint, done)
         found.completions.append(done)
     return found
 
@@ -512,11 +538,12 @@ def _completion(lane: ProviderBatchLane, request: Request, line: ResultLine) -> 
         text = choice["message"]["content"]
         usage = body["usage"]
         tokens_in, tokens_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-        if not isinstance(text, str):
+        finish = choice.get("finish_reason") or "stop"
+        if not isinstance(text, str) or not isinstance(finish, str):
             return None
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    most_in = usage_bound(_messages(request))
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError):
+        return None  # not a chat completion (infinite usage, a list for a message): asked elsewhere
+    most_in = usage_bound(request_messages(request))
     clamped = min(max(0, tokens_in), most_in), min(max(0, tokens_out), request.max_tokens)
     if clamped != (tokens_in, tokens_out):
         log.warning(
@@ -532,7 +559,7 @@ def _completion(lane: ProviderBatchLane, request: Request, line: ResultLine) -> 
     cost = (clamped[0] * p.input_usd_per_1m + clamped[1] * p.output_usd_per_1m) / 1e6 * lane.lane.discount
     return Completion(
         output=text,
-        finish_reason=choice.get("finish_reason") or "stop",
+        finish_reason=finish[:32],
         input_tokens=clamped[0],
         output_tokens=clamped[1],
         latency_ms=0.0,
@@ -569,7 +596,8 @@ def _collect(
             lines.update(parse_results(client.content(str(found[key]))))
     table = _read(job, record.first_row, record.row_end)
     chunk = _known(runtime, job, table, record.first_row, lane, record.model)
-    got = _answers(chunk, lines, lane, record.model)
+    sent = {row - record.first_row for row in batches.rows_in(record.sent_rows)}
+    got = _answers(chunk, lines, lane, sent)
     spans = batches.runs_of([c is not None for c in got.completions], record.first_row)
     runs: list[batches.Run] = []
     written: list[tuple[Chunk, list[Completion]]] = []
@@ -633,10 +661,10 @@ def _collect(
     _after(runtime, claim.job_id)
 
 
-def _abandon(runtime: Runtime, claim: claims.Claim, job: Job, lane: ProviderBatchLane, record: ProviderBatch) -> None:
-    """A cancelled provider batch that never ended: its rows go elsewhere; its reservation
-    stays held until the job ends (the provider may still bill it)."""
-    note = f"provider batch {record.batch_id} did not end after it was cancelled: its rows go back to the router"
+def _abandon(runtime: Runtime, claim: claims.Claim, lane: ProviderBatchLane, record: ProviderBatch, why: str) -> None:
+    """A provider batch given up on (cancelled but never ended, or unreadable): its rows go
+    elsewhere; its reservation stays held until the job ends (the provider may still bill it)."""
+    note = f"provider batch {record.batch_id} {why}: its rows go back to the router"
     runs = [batches.Run(record.first_row, record.row_end)]
     billed = Charge(claim.job_id, claim.shard_id, lane.name, 0.0, attempt=claim.attempt)
     with session_scope(runtime.engine) as session:

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("first_row", sa.Integer(), nullable=False),
         sa.Column("row_end", sa.Integer(), nullable=False),
         sa.Column("requests", sa.Integer(), nullable=False),
+        sa.Column("sent_rows", sa.JSON(), nullable=False),
         sa.Column("input_tokens", sa.Integer(), nullable=False),
         sa.Column("batch_id", sa.String(128), nullable=True),
         sa.Column("input_file_id", sa.String(128), nullable=True),
@@ -45,6 +46,7 @@ def upgrade() -> None:
         sa.Column("rows_answered", sa.Integer(), nullable=False),
         sa.Column("rows_returned", sa.Integer(), nullable=False),
         sa.Column("cost_usd", sa.Float(), nullable=False),
+        sa.Column("poll_failures", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
     )
     op.create_index("ix_provider_batches_status_poll", "provider_batches", ["status", "next_poll_at"])

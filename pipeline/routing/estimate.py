@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.storage.inputs import iter_rows, open_parquet
-from schemas.backends import input_token_bound
+from schemas.backends import PROMPT_ROLE, input_token_bound
 from schemas.errors import InputError
 from schemas.inference import Request
 from schemas.structured import schema_text_of_response_format
@@ -104,7 +104,8 @@ def profile_requests(requests: Sequence[Request]) -> ShardProfile:
     profile = ShardProfile()
     for r in requests:
         text = r.prompt if r.messages is None else _render(r.messages)
-        size = len((text or "").encode("utf-8", "surrogatepass"))
+        # A message's role counts in its bound; rendered messages hold theirs.
+        size = len((text or "").encode("utf-8", "surrogatepass")) + (len(PROMPT_ROLE) if r.messages is None else 0)
         messages = len(r.messages) if r.messages is not None else 1
         profile.rows += 1
         profile.prompt_chars += len(text or "")
@@ -237,7 +238,8 @@ def profile_rows(
     for batch in iter_rows(url, start, end, columns):
         texts, messages = _texts(batch.column(kind), kind)
         lengths = [len(t) for t in texts]
-        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+        role = len(PROMPT_ROLE) if kind == "prompt" else 0  # rendered messages hold their roles
+        sizes = [len(t.encode("utf-8", "surrogatepass")) + role for t in texts]
         profile.rows += len(texts)
         profile.messages += sum(messages)
         profile.prompt_chars += sum(lengths)

@@ -34,12 +34,15 @@ from schemas.tables import Checkpoint, Job, ProviderBatch, Shard, ShardAttempt
 __all__ = [
     "BATCH_OWNER",
     "CANCEL_GRACE",
+    "MAX_POLL_FAILURES",
     "MAX_RUNS",
     "OPEN",
     "Run",
     "adopt",
     "batch_claim",
     "hand_to_provider",
+    "ranges_of",
+    "rows_in",
     "runs_of",
     "settle",
     "split_shard",
@@ -54,7 +57,26 @@ CANCEL_GRACE = timedelta(hours=1)
 #: unanswered ones are asked again rather than cut out).
 MAX_RUNS = 16
 
+#: Looks at a provider batch that may fail in a row (its provider answers what cannot be
+#: read) before its rows go elsewhere.
+MAX_POLL_FAILURES = 10
+
 OPEN = tuple(s for s in ProviderBatchStatus if s.is_open)
+
+
+def ranges_of(rows: Sequence[int]) -> list[list[int]]:
+    """Sorted row numbers as ``[start, end)`` ranges."""
+    ranges: list[list[int]] = []
+    for row in sorted(rows):
+        if ranges and ranges[-1][1] == row:
+            ranges[-1][1] = row + 1
+        else:
+            ranges.append([row, row + 1])
+    return ranges
+
+
+def rows_in(ranges: Sequence[Sequence[int]]) -> set[int]:
+    return {row for start, end in ranges for row in range(start, end)}
 
 
 @dataclass(frozen=True)
@@ -227,14 +249,14 @@ def settle(
         return False
     now = db_now(session)
     excluded = sorted({*(shard.excluded_backends or []), claim.backend}) if exclude else shard.excluded_backends
-    unattributed = billed.cost_usd - sum(r.part.cost_usd for r in runs if r.part is not None)
+    unattributed = max(0.0, billed.cost_usd - sum(r.part.cost_usd for r in runs if r.part is not None))
     first = runs[0]
     values: dict[str, object] = {
         "row_end": first.end,
         "lease_owner": None,
         "lease_expires_at": None,
         "updated_at": now,
-        "cost_usd": Shard.cost_usd + max(0.0, unattributed),
+        "cost_usd": Shard.cost_usd + unattributed,
     }
     if first.part is not None:
         part = first.part
@@ -246,24 +268,28 @@ def settle(
             "rows_failed": Shard.rows_failed + part.rows_failed,
             "input_tokens": Shard.input_tokens + part.input_tokens,
             "output_tokens": Shard.output_tokens + part.output_tokens,
-            "cost_usd": Shard.cost_usd + part.cost_usd + max(0.0, unattributed),
+            "cost_usd": Shard.cost_usd + part.cost_usd + unattributed,
             "rows_cached": Shard.rows_cached + part.rows_cached,
             "saved_usd": Shard.saved_usd + part.saved_usd,
         }
-        _checkpoint(session, shard.id, claim.attempt, part, now)
+    else:
+        values |= {"status": ShardStatus.PENDING, "backend": None, "queue": None, "excluded_backends": excluded}
+        values["error"] = note
+    # The fence first: nothing is written unless the claim still holds (a reaper that
+    # took the shard back between the read above and here leaves this a no-op).
+    fenced = (*owned(claim), Shard.row_start + Shard.rows_done == first.start, Shard.row_end == runs[-1].end)
+    if matched(session.execute(update(Shard).where(*fenced).values(**values))) != 1:
+        return False
+    if first.part is not None:
+        _checkpoint(session, shard.id, claim.attempt, first.part, now)
         transitions.end_attempt(session, shard.id, claim.attempt, AttemptOutcome.DONE, None)
         session.execute(
             update(ShardAttempt)
             .where(ShardAttempt.shard_id == shard.id, ShardAttempt.attempt == claim.attempt)
-            .values(rows_processed=ShardAttempt.rows_processed + part.row_count)
+            .values(rows_processed=ShardAttempt.rows_processed + first.part.row_count)
         )
     else:
-        values |= {"status": ShardStatus.PENDING, "backend": None, "queue": None, "excluded_backends": excluded}
-        values["error"] = note
         transitions.end_attempt(session, shard.id, claim.attempt, AttemptOutcome.FAILED, note)
-    result = session.execute(update(Shard).where(*owned(claim)).values(**values))
-    if matched(result) != 1:
-        return False
     for run in runs[1:]:
         if run.part is None:
             new = _new_shard(session, shard, run.start, run.end, now, status=ShardStatus.PENDING, error=note)

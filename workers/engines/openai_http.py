@@ -38,12 +38,18 @@ from typing import Any
 
 import aiohttp
 
-from schemas.backends import REASK_ANSWER_BYTES_PER_TOKEN, REASK_NOTE_BYTES, ApiProvider, input_token_bound
+from schemas.backends import (
+    PROMPT_ROLE,
+    REASK_ANSWER_BYTES_PER_TOKEN,
+    REASK_NOTE_BYTES,
+    ApiProvider,
+    input_token_bound,
+)
 from schemas.errors import ProviderError
 from schemas.structured import validate_answer
 from workers.engines.base import Completion, Request
 
-__all__ = ["APIEngine", "TokenBucket", "chat_body", "retry_after", "usage_bound"]
+__all__ = ["APIEngine", "TokenBucket", "chat_body", "request_messages", "retry_after", "usage_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +191,7 @@ class APIEngine:
         return text.replace(self._key, "***") if self._key else text
 
     def _messages(self, request: Request) -> list[dict[str, str]]:
-        return list(request.messages or [{"role": "user", "content": request.prompt or ""}])
+        return request_messages(request)
 
     def _body(self, request: Request, messages: list[dict[str, str]]) -> dict[str, Any]:
         return chat_body(self.provider, request.model or self.model, request, messages)
@@ -329,6 +335,11 @@ class APIEngine:
                 *clamped,
             )
         return clamped
+
+
+def request_messages(request: Request) -> list[dict[str, str]]:
+    """The chat messages a request sends: its own, or its prompt as one ``PROMPT_ROLE`` message."""
+    return list(request.messages or [{"role": PROMPT_ROLE, "content": request.prompt or ""}])
 
 
 def chat_body(provider: ApiProvider, model: str, request: Request, messages: list[dict[str, str]]) -> dict[str, Any]:

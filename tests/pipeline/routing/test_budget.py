@@ -25,6 +25,7 @@ from pipeline.routing.router import route_job
 from pipeline.runtime import Runtime
 from pipeline.store import claims, transitions
 from pipeline.store.db import session_scope
+from schemas.backends import PROMPT_ROLE, input_token_bound
 from schemas.errors import InputError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import CostLedgerEntry
@@ -114,6 +115,24 @@ def test_a_provider_that_bills_beyond_any_bound_is_charged_the_bound_and_stopped
     drive_to_the_end(runtime, job_id, 2.0)
 
     assert 0 < ledger_sum(runtime, job_id, LedgerKind.CHARGE) <= 2.0
+
+
+def test_the_reservation_counts_every_token_the_clamp_lets_a_provider_bill(
+    store_url: str, tmp_path: Path, provider: openai_server.FakeOpenAI
+) -> None:
+    """Found attacking the batch lane: the clamp counted a plain prompt's role ("user") in
+    its bound, the reservation did not, so a provider billing every request's whole bound
+    spent 4 tokens a row past what was held. A budget of exactly the old reservation."""
+    runtime = _runtime(store_url, provider.url)
+    provider.usage = (10**9, 10**9)
+    path = write_prompts(tmp_path / "in.parquet", 20)
+    prompts = [str(p) for p in pq.read_table(path).column("prompt").to_pylist()]
+    budget = sum(input_token_bound(len(p.encode()), 1, 1) + 8 for p in prompts) * 1000.0 / 1e6
+    job_id = submit(runtime, JobRequest(str(path), "m", max_tokens=8, rows_per_shard=20, budget_usd=budget))
+
+    assert drive_to_the_end(runtime, job_id, budget) <= budget + 1e-9
+    billed = sum(input_token_bound(len(p.encode()) + len(PROMPT_ROLE), 1, 1) + 8 for p in prompts[:19]) / 1e3
+    assert ledger_sum(runtime, job_id, LedgerKind.CHARGE) == pytest.approx(billed)  # 19 rows fit, at their bound
 
 
 def test_the_budget_lowered_while_a_shard_runs_parks_it_at_its_next_chunk(

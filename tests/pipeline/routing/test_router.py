@@ -22,7 +22,7 @@ from pipeline.routing.router import choose, route_job
 from pipeline.runtime import Runtime
 from pipeline.store import claims, db
 from pipeline.store.db import session_scope
-from schemas.backends import input_token_bound
+from schemas.backends import PROMPT_ROLE, input_token_bound
 from schemas.base import utcnow
 from schemas.jobspec import JobSpec
 from schemas.status import AttemptOutcome, JobStatus, ShardStatus
@@ -100,9 +100,9 @@ def test_choose_takes_the_cheapest_quote_within_budget() -> None:
 
 def _worst_on_slow(path: Path, rows: range) -> float:
     """The worst case of rows on the "slow" pool: every max_tokens, and a prompt of as
-    many tokens as it has UTF-8 bytes plus the chat template's (prefill at 0.1)."""
+    many tokens as it has UTF-8 bytes (its role's too) plus the chat template's (prefill at 0.1)."""
     prompts = pq.read_table(path).column("prompt").to_pylist()
-    text = sum(len(prompts[i].encode()) for i in rows)
+    text = sum(len(prompts[i].encode()) + len(PROMPT_ROLE) for i in rows)
     tokens = 100 * len(rows) + PREFILL_WEIGHT * input_token_bound(text, len(rows), len(rows))
     return tokens / 10 / 3600 * 3.6
 

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from pipeline.api import JobReport
 
-__all__ = ["job_table", "progress_bar", "summary_line"]
+__all__ = ["job_table", "live_line", "progress_bar", "summary_line"]
 
 
 def progress_bar(console: Console, total: int) -> Progress:
@@ -49,6 +49,15 @@ def summary_line(report: JobReport, wall_seconds: float) -> str:
     )
 
 
+def live_line(report: JobReport) -> str:
+    """``12.5 rows/s, ETA 16:40 UTC, $0.0123 spent`` (rate over the last minutes)."""
+    live = report.live
+    if live is None:
+        return ""
+    eta = f"ETA {live.eta[11:16]} UTC" if live.eta else "ETA unknown"
+    return f"{live.rows_per_second:,.1f} rows/s, {eta}, ${live.spent_usd:.4f} spent"
+
+
 def job_table(report: JobReport, max_shards: int = 50) -> Group:
     head = Table(show_header=False, box=None)
     head.add_column(no_wrap=True)
@@ -70,6 +79,16 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
     )
     head.add_row("tokens", f"in {report.input_tokens:,} / out {report.output_tokens:,}")
     head.add_row("cost", f"${report.cost_usd:.4f}")
+    live = report.live
+    if live is not None and not report.is_final:
+        head.add_row("rate", live_line(report))
+        head.add_row(
+            "projected",
+            f"${live.projected_usd:.4f} (${live.projected_low_usd:.4f}-${live.projected_high_usd:.4f}, "
+            f"{'from the rows done' if live.basis == 'observed' else 'the router estimate'})",
+        )
+        if live.stalled:
+            head.add_row("stalled", Text(live.stalled_reason or "no progress", style="yellow"))
     if report.rows_cached:
         head.add_row("cache", f"{report.rows_cached:,} rows answered without asking; ${report.saved_usd:.4f} saved")
     if report.result_url:

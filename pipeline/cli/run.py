@@ -235,9 +235,12 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
         while True:
             report = api.job_status(runtime, job_id, with_shards=False)
             elapsed = max(time.monotonic() - started, 1e-6)
-            bar.update(task, completed=report.rows_done, tokens_s=f"{report.output_tokens / elapsed:,.0f} tok/s")
-            if report.is_final or not thread.is_alive():
+            spent = f", ${report.live.spent_usd:.4f} of ~${report.live.projected_usd:.4f}" if report.live else ""
+            bar.update(task, completed=report.rows_done, tokens_s=f"{report.output_tokens / elapsed:,.0f} tok/s{spent}")
+            if report.is_final:
                 return report
+            if not thread.is_alive():  # it may have ended the job after the read above: read again
+                return api.job_status(runtime, job_id, with_shards=False)
             time.sleep(0.1)
 
 

@@ -135,19 +135,36 @@ def results(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+    partial: Annotated[
+        bool,
+        typer.Option(
+            "--partial", help="With --to: the rows committed so far, while the job runs (says which are missing)."
+        ),
+    ] = False,
 ) -> None:
-    """Where a finished job's results are, or export them (a stopped job's finished rows too)."""
+    """Where a finished job's results are, or export them (a stopped job's finished rows too,
+    a running job's rows so far with --partial)."""
     runtime = _runtime(writes=False)
     job_id = _job(runtime, job_id)
+    if partial and not (to or errors):
+        raise typer.BadParameter("--partial exports: give --to FILE (or --errors FILE)", param_hint="--partial")
     if to or errors:
         for target in (to, errors):
             if target:
                 api.check_export_target(target, fmt)
-        rows, failed = api.export_results(runtime, job_id, to, errors_to=errors, fmt=fmt)
+        exported = api.export_results(runtime, job_id, to, errors_to=errors, fmt=fmt, partial=partial)
+        if as_json:
+            console.print_json(json.dumps(exported._asdict()))
+            return
         if to:
-            console.print(f"exported {rows} rows to {escape(to)}")
+            console.print(f"exported {exported.rows} rows to {escape(to)}")
         if errors:
-            console.print(f"exported {failed} error rows to {escape(errors)}")
+            console.print(f"exported {exported.errors} error rows to {escape(errors)}")
+        if partial and exported.missing:
+            spans = ", ".join(f"{a}-{b - 1}" for a, b in exported.missing[:10])
+            more = f" and {len(exported.missing) - 10} more ranges" if len(exported.missing) > 10 else ""
+            left = sum(b - a for a, b in exported.missing)
+            console.print(f"{left} rows not committed yet (input rows {spans}{more})")
         return
     info = api.results(runtime, job_id)
     if as_json:

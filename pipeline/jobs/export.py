@@ -25,9 +25,10 @@ from sqlalchemy import select
 
 from pipeline.jobs.queries import results
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import canonical_url, iter_rows
+from pipeline.storage.inputs import canonical_url, iter_rows, open_parquet
 from pipeline.storage.objects import filesystem, open_new
 from pipeline.storage.openai_batch import error_line, openai_lines
+from pipeline.storage.results import with_parsed
 from pipeline.store.db import session_scope
 from schemas.errors import InputError, NotFound, StoreError
 from schemas.status import JobStatus
@@ -71,15 +72,16 @@ def check_export_target(to: str, fmt: str | None = None) -> str:
     return fmt
 
 
-def export_sources(runtime: Runtime, job_id: str) -> list[str]:
+def export_sources(runtime: Runtime, job_id: str, *, partial: bool = False) -> list[str]:
     """The files holding the job's rows in input order: its results, or, for a job
-    stopped before it had any (cancelled, failed, paused), its committed parts."""
+    stopped before it had any (cancelled, failed, paused), or any job not finished yet
+    when ``partial``, its committed parts."""
     with session_scope(runtime.engine) as session:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
         stopped = job.result_url is None and job.status in (JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED)
-        if stopped and job.checkpoints_purged_at is None:
+        if (stopped or (partial and job.result_url is None)) and job.checkpoints_purged_at is None:
             return list(
                 session.execute(
                     select(Checkpoint.url)
@@ -91,10 +93,34 @@ def export_sources(runtime: Runtime, job_id: str) -> list[str]:
     return results(runtime, job_id).files
 
 
+def missing_rows(runtime: Runtime, job_id: str) -> list[tuple[int, int]]:
+    """The input rows ``[start, end)`` no committed part holds yet, in order."""
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (see `spotlane jobs`)")
+        if job.result_url is not None:
+            return []
+        spans = session.execute(
+            select(Shard.row_start + Shard.rows_done, Shard.row_end)
+            .where(Shard.job_id == job_id, Shard.row_start + Shard.rows_done < Shard.row_end)
+            .order_by(Shard.row_start)
+        ).all()
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((int(start), int(end)))
+    return merged
+
+
 class Exported(NamedTuple):
     #: Rows written to ``to``, and to ``errors_to``.
     rows: int
     errors: int
+    #: A partial export: the input rows ``[start, end)`` not committed yet.
+    missing: list[tuple[int, int]] = []
 
 
 def export_results(
@@ -104,11 +130,13 @@ def export_results(
     *,
     errors_to: str | None = None,
     fmt: str | None = None,
+    partial: bool = False,
 ) -> Exported:
     """Write a job's rows to ``to`` and its error rows to ``errors_to`` (see the module
     docstring); return how many rows went to each.
 
-    A finished job's results, or a stopped job's finished rows. Neither file may lie
+    A finished job's results, or a stopped job's finished rows; ``partial``: a running
+    job's rows committed so far, in input order (``Exported.missing`` says which are not). Neither file may lie
     inside spotlane's own storage tiers (it could replace a part or a result file),
     and each appears whole or not at all.
     """
@@ -123,11 +151,14 @@ def export_results(
                 raise StoreError(f"{target} is inside spotlane's storage ({tier} tier): export somewhere else")
     with contextlib.ExitStack() as stack:
         sinks = {t: stack.enter_context(open_new(canonical_url(t))) for t in targets}
+        missing = missing_rows(runtime, job_id) if partial else []
         if fmt == "openai":
+            if partial:
+                raise InputError("--partial exports Parquet, CSV or JSON Lines; OpenAI's format is for finished jobs")
             return Exported(*write_openai(runtime, job_id, sinks.get(to or ""), sinks.get(errors_to or "")))
         writers = {t: stack.enter_context(_RowWriter(sinks[t], formats[t])) for t in targets}
         counts = {t: 0 for t in targets}
-        for batch in _batches(runtime, job_id):
+        for batch in _batches(runtime, job_id, partial=partial):
             if to:
                 writers[to].write(batch)
                 counts[to] += len(batch)
@@ -136,14 +167,27 @@ def export_results(
                 if len(failed):
                     writers[errors_to].write(failed)
                     counts[errors_to] += len(failed)
-        return Exported(counts.get(to or "", 0), counts.get(errors_to or "", 0))
+        return Exported(counts.get(to or "", 0), counts.get(errors_to or "", 0), missing)
 
 
-def _batches(runtime: Runtime, job_id: str) -> Iterator[pa.RecordBatch]:
-    for url in export_sources(runtime, job_id):
+def _batches(runtime: Runtime, job_id: str, *, partial: bool = False) -> Iterator[pa.RecordBatch]:
+    """The rows of ``export_sources``; parts get the ``parsed`` column the results have."""
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        schema, input_url = (job.response_schema, job.input_url) if job is not None else (None, "")
+    per_row: bool | None = None
+    for url in export_sources(runtime, job_id, partial=partial):
         fs, path = filesystem(url)
         with fs.open(path, "rb") as fh:
-            yield from pq.ParquetFile(fh).iter_batches(batch_size=65536)
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536):
+                if "parsed" not in batch.schema.names:  # a part: parsed as the finalizer does
+                    if per_row is None:
+                        per_row = "response_format" in open_parquet(input_url).schema_arrow.names
+                    if schema is not None or per_row:
+                        table = with_parsed(pa.Table.from_batches([batch]), schema, as_text=per_row)
+                        yield from table.to_batches()
+                        continue
+                yield batch
 
 
 def write_openai(runtime: Runtime, job_id: str, out: Any | None, err: Any | None) -> tuple[int, int]:

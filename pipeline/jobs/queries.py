@@ -9,9 +9,10 @@ from typing import Any, TypedDict
 
 from sqlalchemy import func, select, text
 
+from pipeline.jobs.progress import Live, live
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import read_manifest
-from pipeline.store.db import session_scope
+from pipeline.store.db import db_now, session_scope
 from schemas.errors import NotFound, StoreError
 from schemas.status import JobStatus
 from schemas.tables import JOB_PROGRESS_VIEW, Job, Shard, ShardAttempt
@@ -123,6 +124,8 @@ class JobReport:
     #: and what sending them would have cost.
     rows_cached: int = 0
     saved_usd: float = 0.0
+    #: Rate, ETA, cost so far and projected, and whether it is stalled (``pipeline.jobs.progress``).
+    live: Live | None = None
 
     @property
     def is_final(self) -> bool:
@@ -196,6 +199,7 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
             shards=shards,
             rows_cached=int(rows_cached),
             saved_usd=float(saved),
+            live=live(session, runtime.settings, job, int(progress["rows_done"]), db_now(session)),
         )
 
 

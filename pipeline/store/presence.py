@@ -15,11 +15,12 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from pipeline.store.db import db_now, session_scope
 from schemas.tables import WorkerPresence
 
-__all__ = ["announce", "consumers", "leave", "renew"]
+__all__ = ["announce", "consumers", "consumers_in", "leave", "renew"]
 
 #: Missed renewals after which a worker counts as gone.
 MISSED = 3
@@ -59,6 +60,11 @@ def leave(engine: Engine, owner: str) -> None:
 def consumers(engine: Engine, queue: str, interval_seconds: float) -> int:
     """How many live workers consume ``queue``."""
     with session_scope(engine) as session:
-        since = db_now(session) - timedelta(seconds=interval_seconds * MISSED)
-        rows = session.execute(select(WorkerPresence.queues).where(WorkerPresence.seen_at >= since)).scalars().all()
+        return consumers_in(session, queue, interval_seconds)
+
+
+def consumers_in(session: Session, queue: str, interval_seconds: float) -> int:
+    """``consumers`` inside the caller's transaction."""
+    since = db_now(session) - timedelta(seconds=interval_seconds * MISSED)
+    rows = session.execute(select(WorkerPresence.queues).where(WorkerPresence.seen_at >= since)).scalars().all()
     return sum(1 for queues in rows if queue in (queues or []))

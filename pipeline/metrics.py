@@ -1,17 +1,35 @@
-"""Prometheus metrics of a worker process.
+"""Prometheus metrics: a worker process's counters, and the job store's gauges.
 
 Counters and histograms live in the process's default registry; a worker serves
-them on ``metrics.port`` (``/metrics``) when that is set. Labels are low-cardinality
-by design: backend and outcome, never job or shard ids.
+them on ``metrics.port`` (``/metrics``) when that is set. Their labels are
+low-cardinality by design: backend and outcome, never job or shard ids.
+
+``StoreCollector`` reads the job store at each scrape (one process registers it:
+``spotlane scheduler``, one per deployment): per job not yet finished, its rows,
+budget, spend and seconds since its last committed part (so the number of series
+is bounded by the jobs running); per backend, whether it is cooling down and its
+observed preemption rate against its prior; per queue, the shards waiting in it and
+the live workers consuming it; per batch lane, its open provider batches. The alert
+rules in ``infra/prometheus/alerts.yml`` and the Grafana dashboard read these.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
 
 __all__ = [
+    "CACHE_ROWS",
     "CHECKPOINT_SECONDS",
     "COST_USD",
+    "LEASE_EXPIRIES",
     "QUEUE_WAIT_SECONDS",
     "ROWS",
     "SCHEDULE_RUNS",
@@ -19,8 +37,10 @@ __all__ = [
     "STORAGE_ACTIONS",
     "STORAGE_BYTES",
     "TOKENS",
+    "StoreCollector",
     "observe_checkpoint",
     "serve",
+    "watch_store",
 ]
 
 ROWS = Counter("spotlane_rows", "Rows answered, by backend and outcome (ok or error).", ["backend", "outcome"])
@@ -52,6 +72,13 @@ SCHEDULE_RUNS = Counter(
     ["schedule", "status"],
 )
 
+LEASE_EXPIRIES = Counter(
+    "spotlane_lease_expiries", "Shards taken back from a holder whose lease ran out or whose process is gone."
+)
+CACHE_ROWS = Counter(
+    "spotlane_cache_rows", "Rows answered without being sent (the answer cache, or a repeat), by backend.", ["backend"]
+)
+
 _SERVING: set[int] = set()
 
 
@@ -72,3 +99,32 @@ def observe_checkpoint(
     TOKENS.labels(backend, "output").inc(output_tokens)
     COST_USD.labels(backend).inc(cost_usd)
     CHECKPOINT_SECONDS.labels(backend).observe(seconds)
+
+
+class StoreCollector(Collector):
+    """Gauges read from the job store at each scrape (see the module doc)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from pipeline.store.db import db_now, session_scope
+        from pipeline.store.gauges import read_gauges
+
+        with session_scope(self.runtime.engine) as session:
+            gauges = read_gauges(session, self.runtime.settings, db_now(session))
+        for gauge in gauges:
+            family = GaugeMetricFamily(gauge.name, gauge.help, labels=gauge.labels)
+            for labels, value in gauge.samples:
+                family.add_metric(labels, value)
+            yield family
+
+
+_WATCHED: set[int] = set()
+
+
+def watch_store(runtime: Runtime) -> None:
+    """Register the job store's gauges in this process's registry (once)."""
+    if id(runtime) not in _WATCHED:
+        REGISTRY.register(StoreCollector(runtime))
+        _WATCHED.add(id(runtime))

@@ -119,13 +119,17 @@ def run_worker(
 
 def run_scheduler(runtime: Runtime, *, loglevel: str = "INFO") -> None:
     """Celery beat: sends the periodic tasks (reaper sweep, schedules tick, storage
-    lifecycle sweep) to the control queue.
+    lifecycle sweep) to the control queue, and serves the job store's gauges on
+    ``metrics.port`` (``pipeline.metrics.StoreCollector``).
 
     Run one per deployment; a second one only sends duplicate ticks, which the
     tasks make harmless. Its own state lives in ``<home>/beat-schedule``; the
     schedules' state lives in SQL.
     """
     runtime.settings.home.mkdir(parents=True, exist_ok=True)
+    # One per deployment: the job store's gauges (jobs, backends, queues) are served here.
+    metrics.watch_store(runtime)
+    metrics.serve(runtime.settings.metrics.port, runtime.settings.metrics.address)
     beat = runtime.celery.Beat(
         schedule=str(runtime.settings.home / "beat-schedule"),
         loglevel=loglevel,

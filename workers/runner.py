@@ -226,6 +226,8 @@ class ShardRunner:
             )
             stats = checkpoint.stats_of(self.runtime, claim, chunk, completions, table, cost)
             checkpoint.persist(self.runtime, claim, table, stats, beat)
+            if stats.rows_cached:
+                metrics.CACHE_ROWS.labels(claim.backend).inc(stats.rows_cached)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
             metrics.observe_checkpoint(

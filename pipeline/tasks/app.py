@@ -15,8 +15,9 @@ renewed every ``worker.heartbeat_seconds``) is what actually guards ownership, a
 the reaper re-queues a shard whose lease expired. A redelivered duplicate is
 harmless: the claim is a guarded UPDATE.
 
-The embedded default uses kombu's filesystem transport: queues are folders under
-``<home>/broker``, shared by every process on the machine, no server needed.
+The embedded default uses kombu's filesystem transport (``pipeline.tasks.fs_transport``:
+messages renamed into place whole): queues are folders under ``<home>/broker``,
+shared by every process on the machine, no server needed.
 """
 
 from __future__ import annotations
@@ -94,4 +95,6 @@ def make_celery(runtime: Runtime) -> Celery:
         beat_schedule=_beat_schedule(runtime),
         timezone="UTC",
     )
+    if settings.embedded_broker:
+        app.conf.broker_transport = "pipeline.tasks.fs_transport:Transport"
     return app

@@ -45,6 +45,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Exists, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from pipeline import metrics
 from pipeline.jobs.webhooks import EXPIRED, due_events
 from pipeline.runtime import Runtime
 from pipeline.store import identity, transitions
@@ -162,6 +163,7 @@ def _expire_leases(runtime: Runtime, report: ReapReport) -> list[RunShard]:
             if transitions.expire_lease(session, shard_id, owner_dead=dead_here):
                 sent.append(transitions.run_record(session, shard_id))
                 report.expired += 1
+                metrics.LEASE_EXPIRIES.inc()
     return sent
 
 

@@ -107,7 +107,12 @@ def _compose_client() -> list[str] | None:
     return None
 
 
-_PASSWORDS = {"POSTGRES_PASSWORD": "pg-pass", "MINIO_ROOT_PASSWORD": "minio-pass", "FLOWER_PASSWORD": "flower-pass"}
+_PASSWORDS = {
+    "POSTGRES_PASSWORD": "pg-pass",
+    "MINIO_ROOT_PASSWORD": "minio-pass",
+    "FLOWER_PASSWORD": "flower-pass",
+    "GRAFANA_PASSWORD": "grafana-pass",
+}
 
 
 @pytest.mark.skipif(_compose_client() is None, reason="no compose client (docker compose or docker-compose)")
@@ -135,7 +140,7 @@ def test_compose_opens_nothing_to_the_world_and_pins_every_image(compose: dict[s
     default credentials, unauthenticated Flower and :latest images."""
     text = (ROOT / "docker-compose.yml").read_text()
     published = {name for name, service in compose["services"].items() if service.get("ports")}
-    assert {"minio", "serve", "flower", "prometheus"} <= published
+    assert {"minio", "serve", "flower", "prometheus", "grafana"} <= published
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)

@@ -38,6 +38,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "Exported",
     "check_export_target",
+    "error_rows",
     "export_results",
     "export_sources",
     "write_openai",
@@ -168,6 +169,21 @@ def export_results(
                     writers[errors_to].write(failed)
                     counts[errors_to] += len(failed)
         return Exported(counts.get(to or "", 0), counts.get(errors_to or "", 0), missing)
+
+
+def error_rows(runtime: Runtime, job_id: str, most: int) -> list[dict[str, Any]]:
+    """The job's first ``most`` rows with an error (``id``, ``error``, ``backend``), from its
+    results or the parts committed so far; none before anything was committed."""
+    found: list[dict[str, Any]] = []
+    try:
+        for batch in _batches(runtime, job_id, partial=True):
+            failed = batch.filter(pc.is_valid(batch.column("error"))).select(["id", "error", "backend"])
+            found.extend(failed.to_pylist()[: most - len(found)])
+            if len(found) >= most:
+                break
+    except NotFound:  # no results and no parts (purged, or nothing committed)
+        return found
+    return found
 
 
 def _batches(runtime: Runtime, job_id: str, *, partial: bool = False) -> Iterator[pa.RecordBatch]:

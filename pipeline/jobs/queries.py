@@ -203,12 +203,16 @@ def job_status(runtime: Runtime, job_id: str, *, with_shards: bool = True) -> Jo
         )
 
 
-def list_jobs(runtime: Runtime, limit: int = 20, status: str | None = None) -> list[JobSummary]:
-    """The newest jobs first."""
+def list_jobs(
+    runtime: Runtime, limit: int = 20, status: str | None = None, api_key_id: str | None = None
+) -> list[JobSummary]:
+    """The newest jobs first (``api_key_id``: only that serve key's)."""
     with session_scope(runtime.engine) as session:
         query = select(Job).order_by(Job.created_at.desc()).limit(limit)
         if status:
             query = query.where(Job.status == JobStatus(status))
+        if api_key_id is not None:
+            query = query.where(Job.api_key_id == api_key_id)
         jobs = session.execute(query).scalars().all()
         return [
             JobSummary(

@@ -7,7 +7,8 @@ temporary file, never whole in memory; refused past ``serve.max_file_bytes``), a
 everything else is the job store, so any number of replicas run behind a load
 balancer. Every request needs ``Authorization: Bearer <key>`` (``spotlane keys
 create``); a key sees only its own files and batches (another's are 404, as if they
-did not exist), an admin key sees all. Errors have OpenAI's shape
+did not exist), an admin key sees all. ``/`` is a read-only jobs page for a
+browser (``pipeline.serve.pages``). Errors have OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``) and never carry a traceback.
 """
 
@@ -39,6 +40,7 @@ from pipeline.serve.batches import (
     parse_window,
 )
 from pipeline.serve.keys import KeyInfo, authenticate
+from pipeline.serve.pages import add_pages
 from pipeline.storage.objects import filesystem, write_options
 from pipeline.storage.openai_batch import ENDPOINTS
 from pipeline.store.db import session_scope
@@ -330,4 +332,5 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         status = 404 if isinstance(exc, NotFound) else 400
         return _error(status, str(exc))
 
+    add_pages(app, rt)  # the read-only jobs page: /, /jobs/<id>
     return app

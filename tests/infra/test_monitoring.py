@@ -126,3 +126,14 @@ def test_the_store_gauges_show_a_job_near_its_budget_a_quiet_job_and_a_queue_nob
     assert _sample(registry, "spotlane_queue_consumers", queue="gpu.local") == 0.0  # SpotlaneQueueWithoutConsumer
     assert _sample(registry, "spotlane_backend_cooling", backend="local") == 0.0
     assert _sample(registry, "spotlane_job_rows", job=job_id, state="total") == 10.0
+
+
+def test_kubernetes_gets_the_same_alert_rules_and_scrapes_the_scheduler() -> None:
+    rules = yaml.safe_load(RULES.read_text())
+    documents = list(yaml.safe_load_all((ROOT / "infra/k8s/monitoring.yaml").read_text()))
+    (rule,) = [d for d in documents if d and d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == rules["groups"]
+    scheduler = yaml.safe_load((ROOT / "infra/k8s/scheduler.yaml").read_text())
+    template = scheduler["spec"]["template"]
+    assert template["metadata"]["labels"]["spotlane.io/metrics"] == "true"
+    assert template["spec"]["containers"][0]["ports"][0]["name"] == "metrics"

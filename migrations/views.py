@@ -3,7 +3,7 @@ drop and re-create them around a SQLite table rebuild (a view pins its tables)."
 
 from __future__ import annotations
 
-__all__ = ["JOB_PROGRESS_V1"]
+__all__ = ["JOB_PROGRESS_V1", "RATE_WINDOW_SECONDS", "job_progress_v2"]
 
 JOB_PROGRESS_V1 = """
 CREATE VIEW job_progress AS
@@ -32,4 +32,39 @@ SELECT
 FROM jobs j
 LEFT JOIN shards s ON s.job_id = j.id
 GROUP BY j.id, j.status, j.model, j.rows_total, j.created_at, j.started_at, j.finished_at
+"""
+
+
+#: The window ``job_progress.rows_per_second`` counts committed rows over.
+RATE_WINDOW_SECONDS = 300
+
+
+def job_progress_v2(dialect: str) -> str:
+    """V1's columns, and what a running job looks like now: ``spent_usd`` (charged),
+    ``last_commit_at``, ``rows_per_second`` (rows committed in the last five minutes /
+    300) and ``seconds_left`` at that rate. The database's clock; SQLite stores UTC
+    without a zone, as text that sorts."""
+    since = (
+        f"datetime('now', '-{RATE_WINDOW_SECONDS} seconds')"
+        if dialect == "sqlite"
+        else f"now() - interval '{RATE_WINDOW_SECONDS} seconds'"
+    )
+    inner = JOB_PROGRESS_V1.replace("CREATE VIEW job_progress AS\n", "").replace(
+        "    j.finished_at AS finished_at\nFROM jobs j",
+        f"""    j.finished_at AS finished_at,
+    COALESCE((SELECT SUM(l.amount_usd) FROM cost_ledger l
+              WHERE l.job_id = j.id AND l.kind = 'charge'), 0) AS spent_usd,
+    (SELECT MAX(c.created_at) FROM checkpoints c JOIN shards cs ON cs.id = c.shard_id
+     WHERE cs.job_id = j.id) AS last_commit_at,
+    CAST(COALESCE((SELECT SUM(c.row_count) FROM checkpoints c JOIN shards cs ON cs.id = c.shard_id
+                   WHERE cs.job_id = j.id AND c.created_at >= {since}), 0) AS DOUBLE PRECISION)
+        / {RATE_WINDOW_SECONDS} AS rows_per_second
+FROM jobs j""",
+    )
+    return f"""
+CREATE VIEW job_progress AS
+SELECT p.*,
+       CASE WHEN p.rows_per_second > 0 AND p.rows_done < p.rows_total
+            THEN (p.rows_total - p.rows_done) / p.rows_per_second END AS seconds_left
+FROM ({inner}) p
 """

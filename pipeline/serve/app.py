@@ -294,7 +294,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             job_id = own_job(session, key, batch).id
         ensure_output_files(rt, job_id)
         with session_scope(rt.engine) as session:
-            return batch_object(session, own_job(session, key, batch))
+            return batch_object(session, own_job(session, key, batch), rt.settings)
 
     @app.get("/v1/batches")
     def list_batches(key: Tenant, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> Any:

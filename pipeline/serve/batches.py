@@ -22,11 +22,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipeline.jobs.export import write_openai
+from pipeline.jobs.progress import live
 from pipeline.jobs.webhooks import EXPIRED
 from pipeline.runtime import Runtime
 from pipeline.storage.objects import filesystem, write_options
-from pipeline.store.db import session_scope
+from pipeline.store.db import db_now, session_scope
 from schemas.errors import InputError
+from schemas.settings import Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard, StoredFile
 
@@ -107,7 +109,11 @@ def _status(session: Session, job: Job) -> str:
     return _STATUS.get(job.status, "in_progress")
 
 
-def batch_object(session: Session, job: Job) -> dict[str, Any]:
+def batch_object(session: Session, job: Job, settings: Settings | None = None) -> dict[str, Any]:
+    """OpenAI's batch object for ``job``. With ``settings``, a batch still running also
+    carries its live numbers in ``metadata`` (strings, as OpenAI's metadata holds):
+    ``spotlane_rows_per_second``, ``spotlane_eta``, ``spotlane_spent_usd``,
+    ``spotlane_projected_usd`` and, when it has stalled, ``spotlane_stalled``."""
     status = _status(session, job)
     if job.status.is_final and job.status is not JobStatus.CANCELLED:  # what the results hold
         done, failed = job.rows_ok + job.rows_failed, job.rows_failed
@@ -154,8 +160,23 @@ def batch_object(session: Session, job: Job) -> dict[str, Any]:
         "cancelling_at": _ts(ended) if status in ("cancelling", "cancelled") else None,
         "cancelled_at": _ts(ended) if status == "cancelled" else None,
         "request_counts": {"total": job.rows_total, "completed": done - failed, "failed": failed},
-        "metadata": job.batch_metadata,
+        "metadata": _with_live(session, settings, job, done) if settings is not None else job.batch_metadata,
     }
+
+
+def _with_live(session: Session, settings: Settings, job: Job, done: int) -> dict[str, Any] | None:
+    if job.status.is_final:
+        return job.batch_metadata
+    now = live(session, settings, job, done, db_now(session))
+    numbers = {
+        "spotlane_rows_per_second": f"{now.rows_per_second:.3f}",
+        "spotlane_eta": now.eta or "",
+        "spotlane_spent_usd": f"{now.spent_usd:.6f}",
+        "spotlane_projected_usd": f"{now.projected_usd:.6f}",
+    }
+    if now.stalled:
+        numbers["spotlane_stalled"] = (now.stalled_reason or "no progress")[:500]
+    return {**(job.batch_metadata or {}), **numbers}
 
 
 def ensure_output_files(runtime: Runtime, job_id: str) -> None:

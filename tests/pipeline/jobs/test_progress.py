@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from pipeline.jobs.export import export_results
 from pipeline.jobs.queries import job_status, results
@@ -54,6 +54,17 @@ def test_halfway_the_rate_eta_and_projection_come_from_the_rows_done(
     assert live.projected_low_usd <= live.projected_usd <= live.projected_high_usd
     assert [(b.backend, b.rows_done) for b in live.by_backend] == [("prov", 20)]
     assert not live.stalled
+    with runtime.engine.connect() as conn:  # the same, for SQL users (rate over a fixed five minutes)
+        view = conn.execute(
+            text(
+                "select rows_done, spent_usd, rows_per_second, seconds_left, last_commit_at "
+                "from job_progress where job_id = :id"
+            ),
+            {"id": job_id},
+        ).one()
+    assert view.rows_done == 20 and view.spent_usd == pytest.approx(live.spent_usd)
+    assert view.rows_per_second == pytest.approx(20 / 300) and view.seconds_left == pytest.approx(20 / (20 / 300))
+    assert view.last_commit_at is not None
 
     assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED
     done = job_status(runtime, job_id).live

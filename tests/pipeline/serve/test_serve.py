@@ -275,3 +275,17 @@ def test_a_batch_past_its_window_expires_keeping_its_rows(served: tuple[Runtime,
     assert len(page.data) == 1 and page.has_more
     rest = sdk.files.list(limit=10, after=page.data[0].id)
     assert {f.id for f in page.data + rest.data} == {uploaded.id, expired.output_file_id, expired.error_file_id}
+
+
+def test_a_running_batch_carries_its_live_numbers_in_its_metadata(served: tuple[Runtime, str], tmp_path: Path) -> None:
+    runtime, url = served
+    sdk = client(url, runtime, "team-live")
+    batch = started_batch(sdk, runtime, chat_lines(tmp_path / "live.jsonl", 30, model_folder(tmp_path)), "24h")
+
+    running = sdk.batches.retrieve(batch.id)
+    assert running.status == "in_progress" and running.request_counts is not None
+    assert running.request_counts.completed == 10
+    meta = running.metadata or {}
+    assert float(meta["spotlane_rows_per_second"]) > 0 and meta["spotlane_eta"]
+    assert float(meta["spotlane_spent_usd"]) >= 0 and float(meta["spotlane_projected_usd"]) >= 0
+    assert all(isinstance(v, str) for v in meta.values())  # OpenAI's metadata holds strings

@@ -233,7 +233,9 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
         task = bar.add_task(job_id[-6:], total=report.rows_total, tokens_s="")
         started = time.monotonic()
         while True:
+            read_at = time.monotonic()
             report = api.job_status(runtime, job_id, with_shards=False)
+            reading = time.monotonic() - read_at
             elapsed = max(time.monotonic() - started, 1e-6)
             spent = f", ${report.live.spent_usd:.4f} of ~${report.live.projected_usd:.4f}" if report.live else ""
             bar.update(task, completed=report.rows_done, tokens_s=f"{report.output_tokens / elapsed:,.0f} tok/s{spent}")
@@ -241,7 +243,7 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
                 return report
             if not thread.is_alive():  # it may have ended the job after the read above: read again
                 return api.job_status(runtime, job_id, with_shards=False)
-            time.sleep(0.1)
+            time.sleep(max(0.1, 4 * reading))  # a big job's status read takes longer: read it less often
 
 
 @app.command()

@@ -87,6 +87,14 @@ def job_table(report: JobReport, max_shards: int = 50) -> Group:
             f"${live.projected_usd:.4f} (${live.projected_low_usd:.4f}-${live.projected_high_usd:.4f}, "
             f"{'from the rows done' if live.basis == 'observed' else 'the router estimate'})",
         )
+        if len(live.by_backend) > 1:
+            head.add_row(
+                "by backend",
+                "; ".join(
+                    f"{b.backend} {b.rows_done:,} rows ({b.rows_per_second:,.1f}/s, ${b.spent_usd:.4f})"
+                    for b in live.by_backend
+                ),
+            )
         if live.stalled:
             head.add_row("stalled", Text(live.stalled_reason or "no progress", style="yellow"))
     if report.rows_cached:

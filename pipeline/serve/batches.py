@@ -74,6 +74,18 @@ def _ts(at: datetime | None) -> int | None:
     return int(at.timestamp()) if at is not None else None
 
 
+def _expires_at(job: Job) -> int | None:
+    """``created_at`` + the window, as OpenAI reports it (the deadline itself was taken an
+    instant before the job row's creation: in whole seconds the two could differ by one)."""
+    created = _ts(job.created_at)
+    if job.completion_window and created is not None:
+        try:
+            return created + int(parse_window(job.completion_window).total_seconds())
+        except InputError:
+            pass
+    return _ts(job.deadline)
+
+
 def file_object(row: StoredFile) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -152,7 +164,7 @@ def batch_object(session: Session, job: Job, settings: Settings | None = None) -
         "error_file_id": f"file-{job.id}-errors" if f"file-{job.id}-errors" in files else None,
         "created_at": _ts(job.created_at),
         "in_progress_at": _ts(job.started_at),
-        "expires_at": _ts(job.deadline),
+        "expires_at": _expires_at(job),
         "finalizing_at": _ts(job.updated_at) if job.status is JobStatus.FINALIZING else None,
         "completed_at": _ts(ended) if status == "completed" else None,
         "failed_at": _ts(ended) if status == "failed" else None,

@@ -30,8 +30,10 @@ from pipeline.storage.objects import filesystem, open_new
 from pipeline.storage.openai_batch import error_line, openai_lines
 from pipeline.storage.results import with_parsed
 from pipeline.store.db import session_scope
+from schemas.arrow import output_schema
 from schemas.errors import InputError, NotFound, StoreError
 from schemas.status import JobStatus
+from schemas.structured import arrow_type
 from schemas.tables import Checkpoint, Job, Shard
 
 __all__ = [
@@ -157,7 +159,8 @@ def export_results(
             if partial:
                 raise InputError("--partial exports Parquet, CSV or JSON Lines; OpenAI's format is for finished jobs")
             return Exported(*write_openai(runtime, job_id, sinks.get(to or ""), sinks.get(errors_to or "")))
-        writers = {t: stack.enter_context(_RowWriter(sinks[t], formats[t])) for t in targets}
+        empty = _results_schema(runtime, job_id)  # what a file of no rows holds
+        writers = {t: stack.enter_context(_RowWriter(sinks[t], formats[t], empty)) for t in targets}
         counts = {t: 0 for t in targets}
         for batch in _batches(runtime, job_id, partial=partial):
             if to:
@@ -171,6 +174,26 @@ def export_results(
         return Exported(counts.get(to or "", 0), counts.get(errors_to or "", 0), missing)
 
 
+def _results_schema(runtime: Runtime, job_id: str) -> pa.Schema | None:
+    """The columns of the job's results, as the finalizer writes them (None if unknown)."""
+    with session_scope(runtime.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        carried, task, schema, input_url = list(job.carried_columns), job.task, job.response_schema, job.input_url
+    try:
+        names = open_parquet(input_url).schema_arrow
+    except (OSError, InputError, StoreError):
+        return output_schema(None, embed=task == "embed")
+    kept = pa.schema([names.field(c) for c in carried if c in names.names]) if carried else None
+    fields = output_schema(kept, embed=task == "embed")
+    per_row = "response_format" in names.names
+    if schema is not None or per_row:
+        kind = pa.string() if per_row or schema is None else arrow_type(schema)
+        fields = fields.append(pa.field("parsed", kind))
+    return fields
+
+
 def error_rows(runtime: Runtime, job_id: str, most: int) -> list[dict[str, Any]]:
     """The job's first ``most`` rows with an error (``id``, ``error``, ``backend``), from its
     results or the parts committed so far; none before anything was committed."""
@@ -181,7 +204,7 @@ def error_rows(runtime: Runtime, job_id: str, most: int) -> list[dict[str, Any]]
             found.extend(failed.to_pylist()[: most - len(found)])
             if len(found) >= most:
                 break
-    except NotFound:  # no results and no parts (purged, or nothing committed)
+    except (StoreError, OSError):  # no results and no parts (deleted, purged, a part gone meanwhile)
         return found
     return found
 
@@ -246,8 +269,8 @@ def write_openai(runtime: Runtime, job_id: str, out: Any | None, err: Any | None
 class _RowWriter:
     """Record batches to Parquet, CSV (nested values as JSON text) or JSON Lines."""
 
-    def __init__(self, sink: Any, fmt: str) -> None:
-        self.sink, self.fmt = sink, fmt
+    def __init__(self, sink: Any, fmt: str, empty: pa.Schema | None = None) -> None:
+        self.sink, self.fmt, self.empty = sink, fmt, empty
         self._writer: Any = None
 
     def __enter__(self) -> _RowWriter:
@@ -268,6 +291,8 @@ class _RowWriter:
                 self.sink.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
 
     def __exit__(self, *exc: object) -> None:
+        if self._writer is None and self.fmt == "parquet" and self.empty is not None and exc[0] is None:
+            self._writer = pq.ParquetWriter(self.sink, self.empty, compression="zstd")  # no rows: still Parquet
         if self._writer is not None:
             self._writer.close()
 

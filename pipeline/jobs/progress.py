@@ -142,7 +142,7 @@ def live(session: Session, settings: Settings, job: Job, rows_done: int, now: da
             ProviderBatch.job_id == job.id, ProviderBatch.status.in_([s for s in ProviderBatchStatus if s.is_open])
         )
     ).scalar_one()
-    if at_provider is not None and not final:
+    if at_provider is not None and at_provider > now and not final:  # a late poller's past give-up says nothing
         eta = at_provider if eta is None else max(eta, at_provider)
     if committed_rows:
         mean = committed_cost / committed_rows

@@ -17,6 +17,7 @@ Policy allows this site's own stylesheet and nothing else.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ from pipeline.jobs.queries import JobReport, job_status, list_jobs
 from pipeline.runtime import Runtime
 from pipeline.serve.keys import KeyInfo, authenticate
 from pipeline.store.db import session_scope
-from schemas.errors import NotFound
+from schemas.errors import StoreError
 from schemas.tables import Job
 
 __all__ = ["COOKIE", "add_pages"]
@@ -126,24 +127,42 @@ def add_pages(app: FastAPI, runtime: Runtime) -> None:
         folder = tempfile.mkdtemp(prefix="spotlane-download-")
         target = os.path.join(folder, f"{job_id}.parquet")
         try:
-            export_results(runtime, job_id, target, partial=True)
-        except NotFound:
-            os.rmdir(folder)
-            return _html("missing.html", status=404, title="No results yet", key=key, job_id=job_id)
+            exported = export_results(runtime, job_id, target, partial=True)
+        except (StoreError, OSError):  # results deleted, parts purged, a part gone meanwhile
+            exported = None
+        if exported is None or not exported.rows:
+            _remove(folder)
+            return _html("missing.html", status=404, title="No rows to download yet", key=key, job_id=job_id)
         background.add_task(_remove, folder)
-        return FileResponse(target, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet")
+        return FileResponse(
+            target,
+            media_type="application/vnd.apache.parquet",
+            filename=f"{job_id}.parquet",
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
 
     @app.post("/login")
-    def login(key: Annotated[str, Form()] = "") -> Response:
+    def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
+        if not _same_site(request):
+            return _html("login.html", status=403, title="Sign in", problem="Sign in from this page.")
         found = authenticate(runtime, key.strip())
         if found is None:
             return _html("login.html", status=401, title="Sign in", problem="That key is not a live spotlane key.")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", max_age=12 * 3600)
+        response.set_cookie(
+            COOKIE,
+            key.strip(),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            max_age=12 * 3600,
+        )
         return response
 
     @app.post("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        if not _same_site(request):
+            return _html("login.html", status=403, title="Sign in", problem="Sign out from this page.")
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -153,7 +172,18 @@ def add_pages(app: FastAPI, runtime: Runtime) -> None:
         return Response((_HERE / "static" / "spotlane.css").read_text(), media_type="text/css", headers=_HEADERS)
 
 
+def _same_site(request: Request) -> bool:
+    """A form post from this site (or from no browser at all): never one another site made
+    a browser send (``Sec-Fetch-Site``, else ``Origin``), so no site can sign a browser in
+    with its own key, or out."""
+    fetched = request.headers.get("sec-fetch-site")
+    if fetched is not None:
+        return fetched in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return origin is None
+    return origin.rstrip("/") == f"{request.url.scheme}://{request.url.netloc}"
+
+
 def _remove(folder: str) -> None:
-    for name in os.listdir(folder):
-        os.unlink(os.path.join(folder, name))
-    os.rmdir(folder)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -106,11 +106,28 @@ class GpuPool(Section):
     preemption_rate: float = Field(default=0.0, ge=0, le=1)
     #: Longest prompt (tokens) this pool accepts; longer rows go elsewhere.
     max_prompt_tokens: int | None = Field(default=None, ge=1)
+    #: ``in_process``: transformers in the worker (``worker.engine`` says how). ``server``:
+    #: an OpenAI-compatible inference server beside the worker on the same node (vLLM,
+    #: SGLang, TGI as a sidecar) at ``server_url``, kept full of requests.
+    engine: Literal["in_process", "server"] = "in_process"
+    server_url: str = "http://127.0.0.1:8000/v1"
+    #: The most requests in flight to the server; the window adapts below it (AIMD).
+    server_max_concurrency: int = Field(default=256, ge=1)
+    #: Seconds a worker waits for the server's health (``<server root>/health``) before
+    #: it takes a shard; a server that is not up by then leaves the shard queued.
+    server_start_seconds: float = Field(default=600.0, gt=0)
 
     @field_validator("name")
     @classmethod
     def _name_is_queue_safe(cls, value: str) -> str:
         return _queue_safe(value)
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/@]+", value):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8000/v1 (no credentials)")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _default_queue(self) -> GpuPool:

@@ -99,6 +99,18 @@ class ShardRunner:
         except ConfigError:
             log.warning("a task for backend %r, which this worker's config does not have: skipped", task.backend)
             return None
+        if isinstance(backend, GpuPool) and backend.engine == "server":
+            from workers.engines.server import wait_healthy
+
+            if not wait_healthy(backend.server_url, backend.server_start_seconds):
+                # Not claimed: the shard stays queued and the reaper sends it again.
+                log.warning(
+                    "pool %s: its server at %s is not healthy; shard %s left queued",
+                    backend.name,
+                    backend.server_url,
+                    task.shard_id,
+                )
+                return None
         with session_scope(self.runtime.engine) as session:
             claim = claims.claim_shard(
                 session, task.shard_id, self.worker_id, settings.worker.lease_seconds, task.backend, task.attempt

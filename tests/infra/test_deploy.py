@@ -355,3 +355,28 @@ def test_kustomize_builds_every_workload_in_the_namespace_on_the_pinned_image() 
             assert doc["metadata"]["namespace"] == "spotlane", doc["metadata"]["name"]
         for container in _containers(doc):
             assert container["image"] != "spotlane", doc["metadata"]["name"]  # the images: entry replaced it
+
+
+def test_the_vllm_sidecar_shapes_drive_the_pools_own_server(compose: dict[str, Any]) -> None:
+    """Compose's `vllm` profile and the k8s `vllm` overlay: vLLM beside the worker on one
+    localhost, its /health gating the worker, the pool set to engine = "server" there."""
+    import json
+
+    from schemas.backends import GpuPool
+
+    worker = compose["services"]["gpu-worker-vllm"]
+    assert worker["network_mode"] == "service:vllm" and worker["profiles"] == ["vllm"]
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy"
+    (pool,) = [GpuPool(**p) for p in json.loads(worker["environment"]["SPOTLANE_GPU_POOLS"])]
+    assert pool.engine == "server" and pool.server_url == "http://127.0.0.1:8000/v1"
+    assert "/health" in " ".join(compose["services"]["vllm"]["healthcheck"]["test"])
+
+    overlay = yaml.safe_load((ROOT / "infra/k8s/vllm/kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../"]
+    patch = yaml.safe_load((ROOT / "infra/k8s/vllm" / overlay["patches"][0]["path"]).read_text())
+    containers = {c["name"]: c for c in patch["spec"]["template"]["spec"]["containers"]}
+    assert containers["vllm"]["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert containers["vllm"]["image"].split(":")[1] not in ("", "latest")
+    env = {e["name"]: e["value"] for e in containers["worker"]["env"]}
+    (pool,) = [GpuPool(**p) for p in json.loads(env["SPOTLANE_GPU_POOLS"])]
+    assert pool.engine == "server" and pool.server_url.startswith("http://127.0.0.1:8000")

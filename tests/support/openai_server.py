@@ -43,6 +43,8 @@ class FakeOpenAI:
     usage: tuple[int, int] | None = None
     malformed_first: int = 0
     down: bool = False
+    #: Requests answered before the server goes away (503 from then on); None: never.
+    down_after: int | None = None
     required_key: str | None = None
     # what was seen
     requests: int = 0
@@ -52,6 +54,10 @@ class FakeOpenAI:
     ok: int = 0
     auth_headers: set[str] = field(default_factory=set)
     accepted_at: deque[float] = field(default_factory=deque)
+    #: An inference server's manners: each request in flight adds this much latency (its
+    #: batch grows), and ``/health`` answers 503 until ``healthy_at`` (time.monotonic()).
+    latency_per_in_flight: float = 0.0
+    healthy_at: float | None = None
     # the batch API
     batch_script: list[str] = field(default_factory=list)
     batch_delay: float = 0.0
@@ -75,6 +81,7 @@ class FakeOpenAI:
     async def _start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_get("/health", self._health)
         app.router.add_post("/v1/files", self._upload)
         app.router.add_get("/v1/files/{file_id}/content", self._content)
         app.router.add_post("/v1/batches", self._create_batch)
@@ -120,7 +127,7 @@ class FakeOpenAI:
         self.auth_headers.add(request.headers.get("Authorization", ""))
         if self.required_key is not None and request.headers.get("Authorization") != f"Bearer {self.required_key}":
             return web.json_response({"error": {"message": "invalid api key"}}, status=401)
-        if self.down:
+        if self.down or (self.down_after is not None and number > self.down_after):
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
         if number <= len(self.script) and self.script[number - 1] != 200:
             status = self.script[number - 1]
@@ -133,8 +140,8 @@ class FakeOpenAI:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.latency:
-                await asyncio.sleep(self.latency)
+            if self.latency or self.latency_per_in_flight:
+                await asyncio.sleep(self.latency + self.latency_per_in_flight * self.in_flight)
         finally:
             self.in_flight -= 1
         if number <= self.malformed_first:
@@ -149,6 +156,10 @@ class FakeOpenAI:
                 "total_tokens": sum(self.usage),
             }
         return web.json_response(answer)
+
+    async def _health(self, _: web.Request) -> web.Response:
+        up = not self.down and (self.healthy_at is None or time.monotonic() >= self.healthy_at)
+        return web.Response(status=200 if up else 503, text="ok" if up else "loading")
 
     # -- Files + Batches --------------------------------------------------------------
 

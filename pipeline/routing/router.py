@@ -49,12 +49,12 @@ from pipeline.routing.pricing import Quote, quote
 from pipeline.routing.sharing import answered_rows, sharing_of
 from pipeline.routing.solver import cheapest_on_time
 from pipeline.runtime import Runtime
-from pipeline.store import leases, ledger, transitions
+from pipeline.store import batches, leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
 from schemas.backends import Backend, GpuPool, ProviderBatchLane
 from schemas.settings import Settings
-from schemas.status import JobStatus, ProviderBatchStatus, ShardStatus
+from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, ProviderBatch, Shard
 
 __all__ = [
@@ -198,10 +198,9 @@ def _enqueue_room(session: Session, lane: ProviderBatchLane) -> float:
     """Prompt tokens ``lane`` may still enqueue at the provider (infinite without a limit)."""
     if lane.lane.max_enqueued_tokens is None:
         return float("inf")
-    open_states = [s for s in ProviderBatchStatus if s.is_open]
     enqueued = session.execute(
         select(func.coalesce(func.sum(ProviderBatch.input_tokens), 0)).where(
-            ProviderBatch.backend == lane.name, ProviderBatch.status.in_(open_states)
+            ProviderBatch.backend == lane.name, ProviderBatch.status.in_(batches.OPEN)
         )
     ).scalar_one()
     return float(lane.lane.max_enqueued_tokens - int(enqueued))

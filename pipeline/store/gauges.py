@@ -12,10 +12,10 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipeline.store import presence
+from pipeline.store import batches, presence
 from schemas.backends import GpuPool
 from schemas.settings import Settings
-from schemas.status import JobStatus, LedgerKind, ProviderBatchStatus, ShardStatus
+from schemas.status import JobStatus, LedgerKind, ShardStatus
 from schemas.tables import BackendStats, Checkpoint, CostLedgerEntry, Job, ProviderBatch, Shard
 
 __all__ = ["Gauge", "read_gauges"]
@@ -130,7 +130,7 @@ def read_gauges(session: Session, settings: Settings, now: datetime) -> list[Gau
     open_batches = dict(
         session.execute(
             select(ProviderBatch.backend, func.count())
-            .where(ProviderBatch.status.in_([s for s in ProviderBatchStatus if s.is_open]))
+            .where(ProviderBatch.status.in_(batches.OPEN))
             .group_by(ProviderBatch.backend)
         ).all()
     )

@@ -90,13 +90,14 @@ __all__ = [
 ]
 
 
-def submit(runtime: Runtime, input_url: str, model: str | list[str], **options: Any) -> str:
+def submit(runtime: Runtime, input_url: str, model: str | list[str], *, announce: bool = True, **options: Any) -> str:
     """Validate ``input_url``, create the job and enqueue it; return the job id.
 
     ``options`` are ``schemas.jobspec.JobSpec``'s fields: task, max_tokens,
     temperature, rows_per_shard, budget_usd, deadline (a UTC datetime), tags.
+    ``announce=False``: send no message to the workers (the caller works the job).
     """
-    return _submit.submit(runtime, _submit.JobRequest(input_url, model, **options))
+    return _submit.submit(runtime, _submit.JobRequest(input_url, model, **options), announce=announce)
 
 
 def live_workers(runtime: Runtime, queue: str | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 class Runtime:
     settings: Settings
     _celery: Any = field(default=None, repr=False)
+    #: Where this runtime's messages go instead of the broker (a process working one job
+    #: here, ``workers.inline``); None: to Celery.
+    outbox: Callable[[str, TaskRecord, str], None] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, config: str | Path | None = None, *, create: bool = True, **overrides: Any) -> Runtime:
@@ -124,6 +128,9 @@ class Runtime:
 
     def send(self, name: str, record: TaskRecord, queue: str) -> None:
         """Enqueue task ``name`` with ``record`` as its only argument (raises if the broker fails)."""
+        if self.outbox is not None:
+            self.outbox(name, record, queue)
+            return
         self.celery.send_task(name, args=[record.encode()], queue=queue)
 
     def _send_after_commit(self, name: str, record: TaskRecord, queue: str) -> bool:

@@ -119,6 +119,9 @@ class StorageSettings(_Section):
     #: A sweep starts no new action after this many seconds; the rest waits for the
     #: next sweep, so routing and finalizing on the control queue are not held up.
     sweep_max_seconds: float = Field(default=600.0, gt=0)
+    #: Part files the finalizer reads at once (an object store answers each GET in tens
+    #: of milliseconds: one at a time, a 10M-row job's 40,000 parts take half an hour).
+    read_concurrency: int = Field(default=32, ge=1, le=256)
 
     @model_validator(mode="after")
     def _storage_classes(self) -> StorageSettings:
@@ -225,8 +228,12 @@ class JobDefaults(_Section):
 class WorkerSettings(_Section):
     """How workers run shards."""
 
-    #: Rows per part file and checkpoint commit: the most work a crash can redo.
+    #: Rows per part file and checkpoint commit at first, and at least: a fast lane's
+    #: parts grow until one holds about ``checkpoint_seconds`` of work (at most
+    #: ``checkpoint_max_rows`` rows), the most work a crash can redo.
     checkpoint_rows: int = Field(default=256, ge=1)
+    checkpoint_seconds: float = Field(default=10.0, gt=0)
+    checkpoint_max_rows: int = Field(default=8192, ge=1)
     #: Seconds a claimed shard stays owned without a heartbeat.
     lease_seconds: float = Field(default=60.0, gt=0)
     #: Seconds between heartbeats; must be well under ``lease_seconds``.

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import pyarrow as pa
-from jsonschema.exceptions import SchemaError
 
 from schemas.errors import InputError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 __all__ = [
     "arrow_type",
@@ -67,10 +68,12 @@ def load_schema(schema: str | dict[str, Any] | type, *, option: str = "--schema"
             raise InputError(f"{option}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(schema, dict):
         raise InputError(f"{option}: a JSON Schema is an object, not {type(schema).__name__}")
+    import jsonschema  # on use: a command that reads no schema does not pay its import
+
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
-    except SchemaError as exc:
+    except jsonschema.exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "the top level"
         keyword = exc.path[-1] if exc.path else exc.validator
         raise InputError(f"{option}: keyword {keyword!r} at {where}: {exc.message}") from None
@@ -124,6 +127,8 @@ def schema_of_response_format(text: str) -> dict[str, Any] | None:
 
 @lru_cache(maxsize=64)
 def _validator(schema_text: str) -> jsonschema.protocols.Validator:
+    import jsonschema
+
     schema = json.loads(schema_text)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)

@@ -191,6 +191,7 @@ class Shard(Base):
         UniqueConstraint("job_id", "shard_index"),
         Index("ix_shards_job_status", "job_id", "status"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),
+        Index("ix_shards_status_queue", "status", "queue", "queued_at"),
     )
 
     @property
@@ -314,7 +315,10 @@ class CostLedgerEntry(Base):
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_cost_ledger_job", "job_id", "kind"),)
+    __table_args__ = (
+        Index("ix_cost_ledger_job", "job_id", "kind"),
+        Index("ix_cost_ledger_shard", "shard_id", "attempt"),
+    )
 
 
 class BackendStats(Base):

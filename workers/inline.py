@@ -51,8 +51,7 @@ class InlineRun:
     def __post_init__(self) -> None:
         # A runtime of its own, whose messages land in this process's inbox.
         self._inbox: deque[tuple[str, TaskRecord]] = deque()
-        self._runtime = Runtime(self.runtime.settings)
-        self._runtime.send = self._deliver  # type: ignore[method-assign]
+        self._runtime = Runtime(self.runtime.settings, outbox=self._deliver)
         self._runner = ShardRunner(self._runtime, stop=self.stop)
 
     def _deliver(self, name: str, record: TaskRecord, queue: str) -> None:

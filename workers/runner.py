@@ -2,7 +2,7 @@
 
     claim (guarded UPDATE queued -> running on this backend and attempt, lease)   someone else has it? stop
     check the input is the file validated at submit (size, ETag or mtime)
-    for each chunk of ``checkpoint_rows`` rows after the last commit:
+    for each chunk after the last commit (``checkpoint_rows`` rows, growing to ~``checkpoint_seconds`` of work):
         budget: the shard's reservation covers the chunk's worst case (under the job lock)
         generate -> write part-<first_row>-a<attempt>-<token>.parquet (hot tier) -> commit (fenced)
     finish (running -> done) -> last shard? enqueue finalize; pending shards left? route
@@ -90,6 +90,8 @@ class ShardRunner:
         self.stop = stop if stop is not None else StopFlag()
         self.worker_id = wid or owner_id()
         self.on_hung = on_hung
+        #: The chunk size learnt on each (backend, model), carried from shard to shard.
+        self._chunk_rows: dict[tuple[str, str], int] = {}
 
     def run(self, task: RunShard) -> ShardStatus | None:
         """Run ``task``'s shard if this worker wins the claim; return its new status."""
@@ -198,7 +200,7 @@ class ShardRunner:
         beat.progress(hang_after)  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[tuple[Chunk, float]] = deque()
-        feed = Feed()
+        feed = Feed(chunk_rows=self._chunk_rows.get((claim.backend, model), 0))
         answered: dict[str, Completion] = {}  # fingerprint -> answer, for the shard's repeats
         done_to = claim.row_start + claim.rows_done
         started = time.perf_counter()
@@ -216,6 +218,7 @@ class ShardRunner:
                 self._stats(claim.backend, job.model),
                 model,
             ),
+            stopped=lambda: bool(self.stop),
         ):
             chunk, _ = pending.popleft()
             log.info(
@@ -242,6 +245,8 @@ class ShardRunner:
                 metrics.CACHE_ROWS.labels(claim.backend).inc(stats.rows_cached)
             beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
+            feed.learn(table.num_rows, seconds, settings.worker)
+            self._chunk_rows[(claim.backend, model)] = feed.chunk_rows
             metrics.observe_checkpoint(
                 claim.backend,
                 stats.row_count,

@@ -170,7 +170,7 @@ def run(
             refresh=refresh,
             incremental=incremental,
         )
-        job_id = api.submit(runtime, input_url, **spec.options())
+        job_id = api.submit(runtime, input_url, announce=False, **spec.options())  # worked here, not sent
     log_path = runtime.settings.home / "logs" / f"run-{job_id}.log"
     err.print(f"job [bold]{job_id}[/bold] {'continued' if job else 'submitted'} (log: {escape(str(log_path))})")
     stop = StopFlag()

@@ -201,12 +201,14 @@ def _first_row_with(url: str, model: str) -> int | None:
     return None
 
 
-def submit(runtime: Runtime, request: JobRequest) -> str:
+def submit(runtime: Runtime, request: JobRequest, *, announce: bool = True) -> str:
     """Create the job and its shards, enqueue routing, and return the job id.
 
     An OpenAI batch JSONL input (told by its content) is converted at submit; its
     endpoint sets the task, and its lines' models are the job's when the request
-    names none (``model=[]``).
+    names none (``model=[]``). ``announce=False``: no routing message is sent (the
+    caller routes the job itself, as ``spotlane run`` does; were it to die first, the
+    job is pending in SQL, and the reaper or ``spotlane run --job`` routes it).
     """
     settings = runtime.settings
     refuse_credentials(request.input_url)
@@ -319,5 +321,6 @@ def submit(runtime: Runtime, request: JobRequest) -> str:
         return job_id  # the same scheduled run, submitted twice at once: one job
     # A broker that fails now is not the submit's failure: the job is recorded, and
     # the reaper routes a pending job whose message was lost.
-    runtime.send_route(job_id)
+    if announce:
+        runtime.send_route(job_id)
     return job_id

@@ -15,8 +15,10 @@ and the parts of a shard against each other (contiguous from the shard's first
 row; all of them for a done shard). The manifest counts the rows actually
 written. Any mismatch fails the job loudly; it is never ``succeeded``.
 
-Parts are streamed into files of at most ``RESULT_FILE_ROWS`` rows, in row groups
-of ``ROW_GROUP_ROWS`` rows; memory is bounded by one row group. Final status:
+Parts are read ``storage.read_concurrency`` at a time (in order, each handed over as
+the ones before it are written) and streamed into files of at most
+``RESULT_FILE_ROWS`` rows, in row groups of ``ROW_GROUP_ROWS`` rows; memory is bounded
+by one row group and the parts being read. Final status:
 ``succeeded``, ``succeeded_with_errors`` (some rows have an ``error``) or
 ``failed`` (a shard failed: the rows that were done are still in the results).
 
@@ -30,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -263,11 +267,8 @@ def _write_results(
     writer: ResultWriter | None = None
     rows = rows_failed = 0
     try:
-        for part in parts:
+        for part, table in _read_parts(parts, runtime.settings.storage.read_concurrency):
             renew()
-            fs, path = filesystem(part.url)
-            with fs.open(path, "rb") as fh:
-                table = pq.read_table(fh)
             check_part(part, table, ids)
             if response_schema is not None or per_row:
                 table = with_parsed(table, response_schema, as_text=per_row)
@@ -294,6 +295,31 @@ def _write_results(
     if written != rows:
         raise StoreError(f"wrote {written} rows but read {rows} from the parts")
     return rows, rows_failed, files, schema
+
+
+def _read_part(url: str) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh)
+
+
+def _read_parts(parts: Sequence[Any], at_once: int) -> Iterator[tuple[Any, pa.Table]]:
+    """Each part with its table, in order, ``at_once`` of them being read ahead."""
+    with ThreadPoolExecutor(at_once, thread_name_prefix="spotlane-read") as pool:
+        ahead: deque[tuple[Any, Future[pa.Table]]] = deque()
+        source = iter(parts)
+        try:
+            for part in source:
+                ahead.append((part, pool.submit(_read_part, part.url)))
+                if len(ahead) >= at_once:
+                    first, table = ahead.popleft()
+                    yield first, table.result()
+            while ahead:
+                first, table = ahead.popleft()
+                yield first, table.result()
+        finally:
+            for _, future in ahead:
+                future.cancel()
 
 
 def _with_output_fields(schema: pa.Schema) -> pa.Schema:

@@ -168,33 +168,47 @@ def _expire_leases(runtime: Runtime, report: ReapReport) -> list[RunShard]:
 
 
 def _resend_lost(runtime: Runtime, report: ReapReport) -> list[RunShard]:
+    """Queued shards that waited too long, only as many per queue as the broker is missing
+    (a long, healthy queue is not resent): two counts per queue, then only those rows."""
     sent: list[RunShard] = []
     with session_scope(runtime.engine) as session:
         stale = db_now(session) - timedelta(seconds=runtime.settings.worker.requeue_after_seconds)
-        waiting = session.execute(
-            select(Shard.id, Shard.queued_at, Shard.queue)
-            .where(Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale)
-            .order_by(Shard.queued_at)
-        ).all()
-        queued_per_queue = (
+        waiting = dict(
+            session.execute(
+                select(Shard.queue, func.count())
+                .where(Shard.status == ShardStatus.QUEUED, Shard.queued_at < stale)
+                .group_by(Shard.queue)
+            ).all()
+        )
+        queued = (
             dict(
                 session.execute(
-                    select(Shard.queue, func.count()).where(Shard.status == ShardStatus.QUEUED).group_by(Shard.queue)
+                    select(Shard.queue, func.count())
+                    .where(Shard.status == ShardStatus.QUEUED, Shard.queue.in_([q for q in waiting if q]))
+                    .group_by(Shard.queue)
                 ).all()
             )
-            if waiting
+            if any(waiting)
             else {}
         )
-    # Only as many as the broker is missing: a long, healthy queue is not resent.
-    missing = {q: max(0, n - _depth(runtime, q)) for q, n in queued_per_queue.items() if q}
-    for shard_id, queued_at, queue in waiting:
-        if queued_at is None or queue is None or not missing.get(queue):
+    missing = {q: min(waiting[q], max(0, n - _depth(runtime, q))) for q, n in queued.items() if q}
+    for queue, count in missing.items():
+        if not count:
             continue
-        missing[queue] -= 1
         with session_scope(runtime.engine) as session:
-            if transitions.requeue_stale(session, shard_id, queued_at):
-                sent.append(transitions.run_record(session, shard_id))
-                report.resent += 1
+            oldest = session.execute(
+                select(Shard.id, Shard.queued_at)
+                .where(Shard.status == ShardStatus.QUEUED, Shard.queue == queue, Shard.queued_at < stale)
+                .order_by(Shard.queued_at)
+                .limit(count)
+            ).all()
+        for shard_id, queued_at in oldest:
+            if queued_at is None:
+                continue
+            with session_scope(runtime.engine) as session:
+                if transitions.requeue_stale(session, shard_id, queued_at):
+                    sent.append(transitions.run_record(session, shard_id))
+                    report.resent += 1
     return sent
 
 

@@ -29,7 +29,7 @@ def _config(tmp_path: Path, server: FakeOpenAI, model: str, gpu_price: float | N
     config = tmp_path / "spotlane.toml"
     config.write_text(
         pools
-        + "[worker]\ncheckpoint_rows = 10\n"
+        + "[worker]\ncheckpoint_rows = 10\ncheckpoint_max_rows = 10\n"
         + ("" if gpu_price is None else f'[[gpu_pools]]\nname = "local"\nprice_per_hour = {gpu_price}\n')
         + f'[[api_providers]]\nname = "openai-local"\nbase_url = "{server.url}"\napi_key_env = "TEST_OPENAI_KEY"\n'
         + "input_usd_per_1m = 0.5\noutput_usd_per_1m = 1.5\nmax_retries = 2\nmax_concurrency = 8\n"

@@ -65,6 +65,7 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
         "SPOTLANE_WORKER__ENGINE": "stub",
         "SPOTLANE_WORKER__STUB_SECONDS_PER_ROW": "0.05",
         "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(CHECKPOINT),
+        "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": str(CHECKPOINT),  # the redone work is bounded by it
         "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "1",
         "SPOTLANE_WORKER__LEASE_SECONDS": "4",
         "SPOTLANE_WORKER__HEARTBEAT_SECONDS": "1",
@@ -174,7 +175,9 @@ def test_kills_drains_restarts_freezes_a_killed_finalizer_and_a_lost_message_los
                 if frozen is not None:
                     time.sleep(0.2)  # inside a chunk
                     os.kill(frozen.pid, signal.SIGSTOP)
-                    taker = start(SPOTLANE_WORKER__CHECKPOINT_ROWS="7")  # another checkpoint size takes over
+                    taker = start(
+                        SPOTLANE_WORKER__CHECKPOINT_ROWS="7", SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS="7"
+                    )  # another checkpoint size takes over
                     time.sleep(7)  # past the lease: the reaper re-queues, the taker claims
                     frozen.send_signal(signal.SIGCONT)
                     workers.append(taker)

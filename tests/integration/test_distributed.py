@@ -73,7 +73,7 @@ def test_the_same_task_delivered_twice_at_once_runs_once(
 def test_two_worker_processes_finish_a_multi_shard_job_over_redis_postgres_and_s3(
     distributed_env: dict[str, str], tmp_path: Path, tiny_model: Path
 ) -> None:
-    env = {**distributed_env, "SPOTLANE_WORKER__CHECKPOINT_ROWS": "10"}
+    env = {**distributed_env, "SPOTLANE_WORKER__CHECKPOINT_ROWS": "10", "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": "10"}
     assert spotlane("db", "upgrade", env=env).returncode == 0
     bucket = distributed_env["SPOTLANE_STORAGE__HOT"].rsplit("/", 1)[0]
     input_url = _upload(
@@ -139,6 +139,7 @@ def test_a_worker_rides_out_a_redis_restart_and_the_job_completes(
         "SPOTLANE_DATABASE__URL": postgres_url,
         "SPOTLANE_BROKER__URL": server.url,
         "SPOTLANE_WORKER__CHECKPOINT_ROWS": "5",
+        "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": "5",
         "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
         "SPOTLANE_WORKER__REAP_INTERVAL_SECONDS": "2",
     }

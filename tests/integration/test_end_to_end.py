@@ -125,7 +125,11 @@ def test_killing_the_worker_mid_job_and_restarting_it_gives_every_id_exactly_onc
 ) -> None:
     rows, checkpoint = 240, 10
     path = write_prompts(tmp_path / "in.parquet", rows)
-    env = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint), "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
+    env = {
+        "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint),
+        "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": str(checkpoint),
+        "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
+    }
     submitted = spotlane(
         "submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "80", "--max-tokens", "24", env=env
     )
@@ -191,7 +195,11 @@ def test_sigterm_drains_the_worker_at_a_checkpoint_and_the_next_worker_resumes(
 ) -> None:
     rows, checkpoint = 160, 10
     path = write_prompts(tmp_path / "in.parquet", rows)
-    env = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint), "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
+    env = {
+        "SPOTLANE_WORKER__CHECKPOINT_ROWS": str(checkpoint),
+        "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": str(checkpoint),
+        "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
+    }
     job_id = spotlane(
         "submit", str(path), "--model", str(tiny_model), "--rows-per-shard", "160", "--max-tokens", "24", env=env
     ).stdout.strip()

@@ -59,10 +59,15 @@ def stub_runtime(
     store_url: str, *, worker: dict[str, Any] | None = None, deliver: bool = False, **overrides: Any
 ) -> tuple[Runtime, Sent]:
     """A migrated runtime on the stub engine whose sends are recorded, and not
-    delivered unless ``deliver`` (then they go to the real broker too)."""
+    delivered unless ``deliver`` (then they go to the real broker too). A test that sets
+    ``checkpoint_rows`` gets parts of that size throughout (they do not grow with the
+    lane's speed) unless it sets ``checkpoint_max_rows`` too."""
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
-    runtime = Runtime.open(database={"url": store_url}, worker={"engine": "stub", **(worker or {})}, **overrides)
+    worker = {"engine": "stub", **(worker or {})}
+    if "checkpoint_rows" in worker:
+        worker.setdefault("checkpoint_max_rows", worker["checkpoint_rows"])
+    runtime = Runtime.open(database={"url": store_url}, worker=worker, **overrides)
     sent = Sent()
     broker = runtime.send
 

@@ -20,7 +20,7 @@ import asyncio
 import json
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,13 @@ class FakeOpenAI:
     #: batch grows), and ``/health`` answers 503 until ``healthy_at`` (time.monotonic()).
     latency_per_in_flight: float = 0.0
     healthy_at: float | None = None
+    #: A prefix cache (vLLM's automatic prefix caching, in small): the system prompts of
+    #: the last ``prefix_cache`` distinct openings are kept, a request whose system prompt
+    #: is kept has those tokens (one a word) reported as ``cached_tokens``; 0: no cache.
+    prefix_cache: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    _prefixes: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # the batch API
     batch_script: list[str] = field(default_factory=list)
     batch_delay: float = 0.0
@@ -137,6 +144,7 @@ class FakeOpenAI:
             self.rejected_429 += 1
             return web.json_response({"error": {"message": "rate limit"}}, status=429, headers={"Retry-After": "1"})
         body = await request.json()
+        cached = self._prefill(body)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -155,7 +163,27 @@ class FakeOpenAI:
                 "completion_tokens": self.usage[1],
                 "total_tokens": sum(self.usage),
             }
+        if self.prefix_cache:
+            answer["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return web.json_response(answer)
+
+    def _prefill(self, body: dict[str, Any]) -> int:
+        """Count the request's prompt tokens as computed or found in the prefix cache."""
+        messages = body.get("messages") or []
+        words = sum(len(str(m.get("content") or "").split()) for m in messages)
+        system = messages[0]["content"] if messages and messages[0].get("role") == "system" else None
+        cached = 0
+        if self.prefix_cache and system is not None:
+            if system in self._prefixes:
+                self._prefixes.move_to_end(system)
+                cached = len(system.split())
+            else:
+                self._prefixes[system] = None
+                while len(self._prefixes) > self.prefix_cache:
+                    self._prefixes.popitem(last=False)
+        self.prefill_tokens += words - cached
+        self.cached_tokens += cached
+        return cached
 
     async def _health(self, _: web.Request) -> web.Response:
         up = not self.down and (self.healthy_at is None or time.monotonic() >= self.healthy_at)

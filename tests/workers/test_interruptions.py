@@ -150,7 +150,12 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     )  # noqa: SIM115
 
 
-SLOW = {"SPOTLANE_WORKER__CHECKPOINT_ROWS": "10", "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2"}
+# Parts of 10 rows throughout (not grown with the speed): the tests count them.
+SLOW = {
+    "SPOTLANE_WORKER__CHECKPOINT_ROWS": "10",
+    "SPOTLANE_WORKER__CHECKPOINT_MAX_ROWS": "10",
+    "SPOTLANE_WORKER__MAX_BATCH_ROWS": "2",
+}
 
 
 def _finish_with_another_worker(env: dict[str, str], tmp_path: Path, home: Path, job_id: str) -> None:

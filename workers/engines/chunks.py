@@ -5,7 +5,7 @@ Pure data plumbing between the Parquet file and an engine; no I/O and no state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,19 +18,23 @@ from workers.engines.base import Completion, Request
 __all__ = ["Chunk", "build_output", "check_answer", "merge", "prepare", "rechunk"]
 
 
-def rechunk(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
-    """Tables of exactly ``size`` rows (the last may be shorter)."""
+def rechunk(batches: Iterator[pa.RecordBatch], size: int | Callable[[], int]) -> Iterator[pa.Table]:
+    """Tables of exactly ``size`` rows (the last may be shorter); a callable ``size`` is
+    asked again for each table."""
     pending: list[pa.RecordBatch] = []
     count = 0
+    wanted = size if callable(size) else lambda: size
+    target = max(1, wanted())
     for batch in batches:
         while len(batch):
-            take = min(size - count, len(batch))
+            take = min(target - count, len(batch))
             pending.append(batch.slice(0, take))
             count += take
             batch = batch.slice(take)
-            if count == size:
+            if count == target:
                 yield pa.Table.from_batches(pending)
                 pending, count = [], 0
+                target = max(1, wanted())
     if pending:
         yield pa.Table.from_batches(pending)
 

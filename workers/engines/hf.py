@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.errors import ModelError
 from workers.engines.base import Completion, Request
-from workers.engines.batching import BatchItem, plan_batches
+from workers.engines.batching import BatchItem, plan_batches, prefix_groups
 from workers.engines.grammar import GrammarError, Grammars
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: Models kept loaded per process, least recently used dropped first: rows may
 #: name models of their own, and each loaded model holds its weights.
 MAX_LOADED = 2
+#: A shared opening shorter than this is run with each row (a pass of its own costs more).
+MIN_SHARED_PREFIX = 16
 _ENGINES: OrderedDict[tuple[str, str, str], HFEngine] = OrderedDict()
 _LOCK = Lock()
 
@@ -71,9 +73,15 @@ class HFEngine:
         token_budget: int = 32768,
         max_batch_rows: int = 64,
         compile: bool = False,
+        prefix_reuse: bool = True,
     ) -> None:
         torch, transformers = _import_torch()
         self.model = model
+        #: Compute a micro-batch's shared opening once (``_generate_batch``).
+        self.prefix_reuse = prefix_reuse
+        #: Prompt tokens the model ran (prefill) and those it took from a shared prefix's cache.
+        self.prefill_tokens = 0
+        self.prefill_reused = 0
         self.device = _pick_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
@@ -132,6 +140,7 @@ class HFEngine:
         results: list[Completion | None] = [None] * len(requests)
         prompts: dict[int, list[int]] = {}
         items: list[BatchItem] = []
+        groups = prefix_groups(requests) if self.prefix_reuse else [None] * len(requests)
         for i, request in enumerate(requests):
             try:
                 ids = self._prompt_ids(request)
@@ -157,7 +166,9 @@ class HFEngine:
                     results[i] = Completion.failed(f"response_format: {exc}")
                     continue
             prompts[i] = ids
-            items.append(BatchItem(i, len(ids), max_new, float(request.temperature), request.response_schema))
+            items.append(
+                BatchItem(i, len(ids), max_new, float(request.temperature), request.response_schema, groups[i])
+            )
         for index, completion in self._execute(items, prompts).items():
             results[index] = completion
         return [r if r is not None else Completion.failed("no result") for r in results]
@@ -201,16 +212,50 @@ class HFEngine:
             log.warning("batch of %d rows failed (%s); retrying row by row", len(batch), exc)
             return [c for item in batch for c in self._run_batch([item], prompts)]
 
+    def _shared_prefix(self, batch: list[BatchItem], prompts: dict[int, list[int]]) -> int:
+        """How many leading tokens every row of ``batch`` shares (0: too few to be worth a
+        pass of their own); at least one token of each row is left to run with the batch."""
+        if not self.prefix_reuse or len(batch) < 2 or batch[0].prefix is None:
+            return 0
+        rows = [prompts[it.index] for it in batch]
+        most = min(len(r) for r in rows) - 1
+        shared = 0
+        first = rows[0]
+        while shared < most and all(r[shared] == first[shared] for r in rows):
+            shared += 1
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
     def _generate_batch(self, batch: list[BatchItem], prompts: dict[int, list[int]]) -> list[Completion]:
-        torch, _ = _import_torch()
+        """One micro-batch. Rows are left-padded, except when they share a prefix: then the
+        prefix is run once, its KV cache copied to every row, and the rows laid out as
+        ``prefix | padding | rest`` (the padding masked out, positions counted over the
+        real tokens only), which gives the same tokens as running each row whole."""
+        torch, transformers = _import_torch()
+        shared = self._shared_prefix(batch, prompts)
         width = max(it.prompt_tokens for it in batch)
         max_new = max(it.max_new_tokens for it in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, item in enumerate(batch):
             ids = prompts[item.index]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+            input_ids[row, width - len(ids) + shared :] = torch.tensor(ids[shared:], dtype=torch.long)
+            attention[row, width - len(ids) + shared :] = 1
+            if shared:
+                input_ids[row, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
+                attention[row, :shared] = 1
+        extra: dict[str, Any] = {}
+        if shared:
+            from transformers.generation import utils as generation
+
+            # transformers 5 renames the models' ``past_key_values`` to ``cache``.
+            cache_kwarg = "cache" if "cache" in getattr(generation, "ALL_CACHE_NAMES", ()) else "past_key_values"
+            cache = transformers.DynamicCache()
+            with torch.inference_mode():
+                self.lm(input_ids=input_ids[:1, :shared].to(self.device), use_cache=True, **{cache_kwarg: cache})
+            cache.batch_repeat_interleave(len(batch))
+            extra[cache_kwarg] = cache
+        self.prefill_tokens += sum(it.prompt_tokens for it in batch) - shared * (len(batch) - 1)
+        self.prefill_reused += shared * (len(batch) - 1)
         temperature = batch[0].temperature
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -229,6 +274,7 @@ class HFEngine:
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None,
                 use_cache=True,
+                **extra,
                 **sampling,
             )
         elapsed = time.perf_counter() - started

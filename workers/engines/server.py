@@ -13,7 +13,9 @@ It is the API engine underneath (``workers.engines.openai_http``: retries, re-as
 for schemas, the usage clamp, chunks overlapped) with three differences: the window
 above instead of a fixed concurrency; the rows are priced by the GPU's time, not by
 tokens (each chunk's rows share the wall time since the previous chunk came back);
-and no key: the server is the worker's own.
+and no key: the server is the worker's own. A chunk's rows go out grouped by their
+opening (``workers.engines.batching.prefix_groups``), so that the rows sharing a system
+prompt reach the server together and its prefix cache serves the prompt once.
 
 ``wait_healthy`` polls ``<server root>/health`` (vLLM's, SGLang's and TGI's) until it
 answers 200: the shard runner calls it before it claims a shard, so a worker whose
@@ -33,6 +35,7 @@ from types import TracebackType
 from schemas.backends import ApiProvider, GpuPool
 from schemas.errors import ProviderError
 from workers.engines.base import Completion, Request
+from workers.engines.batching import grouped_order
 from workers.engines.openai_http import APIEngine
 
 __all__ = ["AdaptiveWindow", "ServerEngine", "health_url", "wait_healthy"]
@@ -104,6 +107,9 @@ class AdaptiveWindow:
 class ServerEngine(APIEngine):
     """Chat completions on the pool's own inference server, priced by GPU time."""
 
+    #: Send a chunk's rows grouped by their opening (off: in input order, for comparison).
+    group_prefixes = True
+
     def __init__(self, pool: GpuPool, model: str, served_model: str | None = None) -> None:
         self.pool = pool
         server = ApiProvider(
@@ -132,7 +138,12 @@ class ServerEngine(APIEngine):
         """A chunk in which the server failed any row beyond retries is not committed: the
         server is the worker's own, and one that stops answering is going away (out of
         memory, killed); the shard moves on from its last checkpoint."""
-        results = await super()._chunk(requests)
+        order = (
+            grouped_order(requests) if self.group_prefixes else list(range(len(requests)))
+        )  # a prefix group's rows back to back: the server's prefix cache hits
+        answered = await super()._chunk([requests[i] for i in order])
+        where = {i: position for position, i in enumerate(order)}
+        results = [answered[where[i]] for i in range(len(requests))]
         gone = [c for c in results if c.error and c.error.startswith("provider unavailable")]
         if gone:
             raise ProviderError(f"the inference server of pool {self.pool.name!r} stopped answering: {gone[0].error}")

@@ -219,7 +219,8 @@ def test_odd_job_ids_in_urls_are_escaped_and_never_reach_a_file(world: World) ->
         f"..%2F{world.a_job}",
         f"{world.a_job}%00",
         f"{world.a_job}%20",
-        f"{world.a_job.upper()}",
+        # Another case (an id whose hex tail happens to be all digits has none: 6% of them).
+        *([world.a_job.upper()] if world.a_job.upper() != world.a_job else []),
         f"{world.b_job}'%20OR%20'1'%3D'1",
         "%25",
     ]

@@ -45,7 +45,11 @@ def _runtime(store_url: str, root: str, **storage: Any) -> Runtime:
     if not store_url.startswith("sqlite"):
         db.upgrade(db.engine_for(store_url))
     tiers = {tier: f"{root}/{tier}" for tier in ("hot", "warm", "cold")}
-    return Runtime.open(database={"url": store_url}, storage={**tiers, **storage}, worker={"checkpoint_rows": 5})
+    return Runtime.open(
+        database={"url": store_url},
+        storage={**tiers, **storage},
+        worker={"checkpoint_rows": 5, "checkpoint_max_rows": 5},
+    )
 
 
 def _finished_job(runtime: Runtime, tmp_path: Path, tiny_model: Path, rows: int = 24) -> str:

@@ -49,6 +49,17 @@ def test_migrations_create_every_table_and_the_progress_view(runtime: Runtime) -
     assert db.current_revision(runtime.engine) == db.head_revision()
 
 
+def test_the_head_every_command_checks_is_alembics_own() -> None:
+    from alembic.script import ScriptDirectory
+
+    # migrations.HEAD spares each command Alembic's import; a new migration must move it.
+    assert db.head_revision() == ScriptDirectory(str(db.MIGRATIONS_DIR)).get_current_head()
+
+
+def test_an_empty_store_has_no_revision(tmp_path: Path) -> None:
+    assert db.current_revision(db.engine_for(f"sqlite:///{tmp_path / 'empty.db'}")) is None
+
+
 def test_migrations_downgrade_to_nothing_and_back(runtime: Runtime) -> None:
     from alembic import command
 

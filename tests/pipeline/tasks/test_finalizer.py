@@ -43,7 +43,9 @@ def test_a_slow_finalizer_keeps_its_lease_and_no_second_one_starts(
     """H2: the grace ran from updated_at, which a working finalizer never renewed; the
     reaper started a second one that truncated the first one's file in place."""
     runtime, sent = stub_runtime(
-        store_url, worker={"checkpoint_rows": 10, "finalize_grace_seconds": 1.0, "requeue_after_seconds": 0.1}
+        store_url,
+        worker={"checkpoint_rows": 10, "finalize_grace_seconds": 1.0, "requeue_after_seconds": 0.1},
+        storage={"read_concurrency": 1},  # one part at a time: the finalizer stays slow
     )
     job_id = submit(
         runtime,

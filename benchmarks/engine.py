@@ -15,6 +15,12 @@ asked for; padding and overshoot do not count.
 
     python benchmarks/engine.py [--rows 96] [--hidden 256] [--layers 4] [--arms abcde]
 On a GPU machine: --hidden 2048 --layers 16 --heads 16 (about 1B parameters) --rows 512.
+
+On CUDA it also prints the memory-bandwidth bound: a decode step reads every weight
+once, so a batch of B rows makes at most ``B x bandwidth / weight bytes`` tokens a
+second (the KV cache's reads ignored, so the true bound is lower); the spotlane
+engine's arm is set against it at its batch size (``worker.max_batch_rows``, 64).
+``--bandwidth-gbs`` gives the GPU's bandwidth where its name is not in ``BANDWIDTH_GBS``.
 """
 
 from __future__ import annotations
@@ -183,6 +189,28 @@ def arm_end_to_end(path: Path, rows: list[tuple[str, int]], work: Path) -> float
     return (datetime.fromisoformat(str(done)) - datetime.fromisoformat(str(started))).total_seconds()
 
 
+#: Peak memory bandwidth (GB/s) of GPUs by a part of their name, from the vendors' sheets.
+BANDWIDTH_GBS = {
+    "H200": 4800.0,
+    "H100 SXM": 3350.0,
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100": 1555.0,
+    "L40S": 864.0,
+    "A10G": 600.0,
+    "L4": 300.0,
+    "T4": 320.0,
+}
+
+
+def bandwidth_bound(device_name: str, weight_bytes: int, given_gbs: float | None) -> float | None:
+    """Decode tokens/s of one row in a batch at the memory-bandwidth limit (None: unknown GPU)."""
+    gbs = given_gbs or next((v for k, v in BANDWIDTH_GBS.items() if k in device_name), None)
+    return None if gbs is None else gbs * 1e9 / weight_bytes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=96)
@@ -191,6 +219,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--arms", default="abcde")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None)
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,6 +232,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.1f}M parameters, {device}, {dtype}, torch threads {torch.get_num_threads()}")
+    per_row = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        per_row = bandwidth_bound(name, weight_bytes, args.bandwidth_gbs)
+        if per_row is not None:
+            print(
+                f"GPU {name}: {weight_bytes / 1e9:.2f} GB of weights; memory-bandwidth bound {per_row:,.0f} "
+                f"tokens/s a row, {64 * per_row:,.0f} at a batch of 64"
+            )
     names = {
         "a": "naive generate",
         "b": "pipeline(batch=16)",
@@ -231,6 +270,9 @@ def main() -> None:
             print(f"(d) / best of (a)-(c): {results['d'] / max(baselines):.2f}x")
         if "d" in results and "e" in results:
             print(f"(e) / (d): {results['e'] / results['d']:.2f}")
+        if per_row is not None and "d" in results:
+            bound = min(64, len(rows)) * per_row
+            print(f"(d) / memory-bandwidth bound at a batch of {min(64, len(rows))}: {results['d'] / bound:.1%}")
 
 
 if __name__ == "__main__":

@@ -414,10 +414,17 @@ def _plan(runtime: Runtime, job_id: str, shards: Sequence[Any]) -> dict[int, tup
         if job is None or job.deadline is None:
             return {}
         now = db_now(session)
-        rows = [
-            quotes_for(session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now)
-            for _, _, start, end, excluded in shards
-        ]
+        # Shards of one size and exclusions price the same from the footer: each kind is
+        # quoted once (20,000 shards are a handful of kinds, not 20,000 rounds of queries).
+        priced: dict[tuple[int, tuple[str, ...]], list[Quote]] = {}
+        rows = []
+        for _, _, start, end, excluded in shards:
+            kind = (end - start, tuple(sorted(excluded or [])))
+            if kind not in priced:
+                priced[kind] = quotes_for(
+                    session, runtime.settings, job, _rough_profile(job, end - start), excluded or [], now
+                )
+            rows.append(priced[kind])
         limited = {lane.name: _enqueue_room(session, lane) for lane in runtime.settings.batch_lanes}
         room_tokens = {name: room for name, room in limited.items() if room != float("inf")}
         assignment = plan_on_time(rows, _backlog(session), now, job.deadline, room_tokens)

@@ -339,3 +339,30 @@ def test_a_router_and_claiming_workers_racing_on_postgres_never_deadlock(postgre
 
     assert errors == []
     assert {s.status for s in _shards(runtime, job_id)} == {ShardStatus.DONE}
+
+
+def test_the_deadline_plan_prices_each_kind_of_shard_once_not_each_shard(store_url: str, tmp_path: Path) -> None:
+    """The plan before the first shard is queued: its queries do not grow with the shards."""
+    from sqlalchemy import event
+
+    from pipeline.routing import router
+
+    runtime = _runtime(store_url)
+    statements = {}
+    for shards in (20, 400):
+        path = write_prompts(tmp_path / f"in-{shards}.parquet", shards * 5)
+        job_id = submit(
+            runtime,
+            JobRequest(str(path), "tiny", rows_per_shard=5, max_tokens=100, deadline=utcnow() + timedelta(hours=1)),
+        )
+        pending = [(s.id, s.shard_index, s.row_start, s.row_end, s.excluded_backends) for s in _shards(runtime, job_id)]
+        seen: list[str] = []
+        listen = partial(event.listen, runtime.engine, "before_cursor_execute")
+        listen(counter := lambda *args: seen.append(args[2]))
+        try:
+            planned = router._plan(runtime, job_id, pending)
+        finally:
+            event.remove(runtime.engine, "before_cursor_execute", counter)
+        assert len(planned) == shards  # every shard has its backend
+        statements[shards] = len(seen)
+    assert statements[400] == statements[20]

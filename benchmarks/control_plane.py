@@ -33,8 +33,10 @@ Reported per size, and as growth across sizes (1M/100k, 10M/1M):
 7. SQL statements per row: this process by phase, the workers by phase (checkpoint
    commits, the shard loop, heartbeat and presence threads).
 
-This process's own polling (progress, the parts' URLs) goes through an engine of
-its own that is not counted. Everything is removed at the end, Ctrl-C included
+This process's own polling (progress, the parts' URLs, and an ``ANALYZE`` every
+``--analyze-every`` seconds, standing in for autovacuum, which some servers run
+with off: without statistics the answer cache lookup scans every cached answer)
+goes through an engine of its own that is not counted. Everything is removed at the end, Ctrl-C included
 (``--keep``: keep the databases and the work folder, logs and stats included).
 
     python benchmarks/control_plane.py [--rows 100000 1000000 10000000] [--rows-per-shard 500] [--workers 4]
@@ -326,6 +328,17 @@ class Services:
         finally:
             client.close()
 
+    def setting(self, name: str) -> str:
+        """A PostgreSQL server setting (``SHOW``)."""
+        from sqlalchemy import text
+
+        admin = self._admin()
+        try:
+            with admin.connect() as conn:
+                return str(conn.execute(text(f"SHOW {name}")).scalar_one())
+        finally:
+            admin.dispose()
+
     def _admin(self) -> Any:
         from sqlalchemy import create_engine
 
@@ -463,7 +476,7 @@ def stop_workers(started: list[Worker]) -> None:
 
 def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Probe) -> dict[str, float]:
     import fsspec
-    from sqlalchemy import create_engine, func, select
+    from sqlalchemy import create_engine, func, select, text
 
     from pipeline.jobs.submit import JobRequest, submit
     from pipeline.routing.router import route_job
@@ -573,7 +586,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
         routing = threading.Thread(target=route_all, daemon=True, name="bench-router")
         routing.start()
         reaps: list[float] = []
-        last_reap = time.perf_counter()
+        last_reap = last_analyze = time.perf_counter()
         last_print = last_progress_at = time.perf_counter()
         last_done = -1
         while True:
@@ -592,6 +605,10 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
                 break
             if route_error:
                 raise route_error[0]
+            if args.analyze_every and now - last_analyze >= args.analyze_every:
+                with monitor.begin() as conn:  # what autovacuum would do (off on some servers)
+                    conn.execute(text("ANALYZE"))
+                last_analyze = time.perf_counter()
             if now - last_reap >= args.reap_every:
                 with probe.phase("reap"):
                     t = time.perf_counter()
@@ -684,7 +701,14 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             "SQL/row, total": (sum(bench_sql.values()) + sum(worker_sql.values())) / rows,
         }
         bench_times = probe.snapshot()["timings"]
-        for label in ("route: profile rows", "route: quotes", "route: answer cache lookup", "route: committed_usd"):
+        for label in (
+            "route: profile rows",
+            "route: quotes",
+            "route: answer cache lookup",
+            "route: fingerprints",
+            "route: answer cache SQL",
+            "route: committed_usd",
+        ):
             figures[f"  {label} (ms/shard)"] = sum(t for _, t in bench_times.get(label, [])) / max(shards, 1) * 1000
         figures["  route: job lock, p99 (ms)"] = _pct([t for _, t in bench_times.get("lock_job", [])], 0.99) * 1000
         locks = [s for st in stats for s in st.get("timings", {}).get("lock_job", [])]
@@ -731,7 +755,8 @@ def report(results: dict[int, dict[str, float]], args: argparse.Namespace) -> No
     width = max(len(m) for m in metrics) + 2
     print(
         f"\nControl plane on PostgreSQL + Redis + S3 (moto), stub engine, {args.workers} workers, "
-        f"{args.rows_per_shard} rows a shard, cache {'off' if args.no_cache else 'on'}:"
+        f"{args.rows_per_shard} rows a shard, cache {'off' if args.no_cache else 'on'}, autovacuum {args.autovacuum}, "
+        f"ANALYZE {f'every {args.analyze_every:g} s' if args.analyze_every else 'never'} while a job runs:"
     )
     print(f"{'':<{width}}" + "".join(f"{f'{n:,} rows':>16}" for n in sizes))
     for m in metrics:
@@ -766,6 +791,12 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=500, help="500: 10M rows are 20,000 shards")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (the data plane)")
     parser.add_argument("--reap-every", type=float, default=5.0, help="seconds between timed reaper sweeps")
+    parser.add_argument(
+        "--analyze-every",
+        type=float,
+        default=30.0,
+        help="seconds between ANALYZEs of the job store while a job runs, standing in for autovacuum (0: never)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="turn the answer cache off (it is on by default)")
     parser.add_argument("--quick", action="store_true", help="one run of 20k rows: a smoke test")
     parser.add_argument("--keep", action="store_true", help="keep the databases and the work folder")
@@ -791,14 +822,18 @@ def main() -> None:
     probe = Probe()
     probe.install()
     import pipeline.routing.router as router
-    from pipeline.store import ledger, transitions
+    import pipeline.routing.sharing as sharing
+    from pipeline.store import answers, ledger, transitions
 
     probe.timed(router, "profile_rows", "route: profile rows")
     probe.timed(router, "answered_rows", "route: answer cache lookup")
+    probe.timed(sharing, "fingerprint", "route: fingerprints")
+    probe.timed(answers, "lookup", "route: answer cache SQL")
     probe.timed(router, "quotes_for", "route: quotes")
     probe.timed(ledger, "committed_usd", "route: committed_usd")
     probe.timed(transitions, "lock_job", "lock_job")
     services = Services(args.workdir, args.postgres, args.redis, args.keep)
+    args.autovacuum = services.setting("autovacuum")
     results: dict[int, dict[str, float]] = {}
     try:
         services.start()

@@ -62,8 +62,10 @@ class Feed:
     chunk_rows: int = 0
 
     def learn(self, rows: int, seconds: float, settings: WorkerSettings) -> None:
-        """A chunk of ``rows`` took ``seconds`` from the previous one: size the next
-        (at most four times this one, never under ``checkpoint_rows``)."""
+        """The engine ran ``rows`` rows of a chunk in ``seconds`` (since the previous one):
+        size the next (at most four times this one, never under ``checkpoint_rows``). Rows
+        the answer cache served cost nothing and are not counted: a chunk of them teaches
+        nothing."""
         if rows <= 0:
             return
         fitting = rows * settings.checkpoint_seconds / max(seconds, 1e-3)

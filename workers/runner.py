@@ -141,8 +141,12 @@ class ShardRunner:
             metrics.QUEUE_WAIT_SECONDS.labels(claim.backend).observe((utcnow() - claim.queued_at).total_seconds())
         beat = Heartbeat(self.runtime, claim, lambda: self._hung(claim, model))
         beat.start()
-        per_chunk = est_seconds / max(rows, 1) * settings.worker.checkpoint_rows
-        hang_after = max(settings.worker.hang_min_seconds, settings.worker.hang_factor * per_chunk * 2)
+        per_row = est_seconds / max(rows, 1)
+
+        def hang_after(chunk_rows: int) -> float:
+            """How long a chunk of ``chunk_rows`` rows may go without a commit."""
+            return max(settings.worker.hang_min_seconds, settings.worker.hang_factor * per_row * chunk_rows * 2)
+
         try:
             status = self._run_claimed(claim, job, backend, model, beat, hang_after)
         except LeaseLost as exc:
@@ -188,7 +192,7 @@ class ShardRunner:
         backend: Backend,
         model: str,
         beat: Heartbeat,
-        hang_after: float,
+        hang_after: Callable[[int], float],
     ) -> ShardStatus | None:
         settings = self.runtime.settings
         check_identity(job.input_url, job.input_identity)
@@ -197,10 +201,10 @@ class ShardRunner:
 
             return submit(self.runtime, claim, job, backend, model, beat)
         engine = engine_for(backend, model, settings.worker, job.task)
-        beat.progress(hang_after)  # the model is loaded: from now on, chunks must progress
+        feed = Feed(chunk_rows=self._chunk_rows.get((claim.backend, model), 0) or settings.worker.checkpoint_rows)
+        beat.progress(hang_after(feed.chunk_rows))  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[tuple[Chunk, float]] = deque()
-        feed = Feed(chunk_rows=self._chunk_rows.get((claim.backend, model), 0))
         answered: dict[str, Completion] = {}  # fingerprint -> answer, for the shard's repeats
         done_to = claim.row_start + claim.rows_done
         started = time.perf_counter()
@@ -243,10 +247,11 @@ class ShardRunner:
             checkpoint.persist(self.runtime, claim, table, stats, beat)
             if stats.rows_cached:
                 metrics.CACHE_ROWS.labels(claim.backend).inc(stats.rows_cached)
-            beat.progress()
             seconds, started = time.perf_counter() - started, time.perf_counter()
-            feed.learn(table.num_rows, seconds, settings.worker)
+            read_ahead = feed.chunk_rows  # the size the chunk in flight was read at
+            feed.learn(len(chunk.runnable), seconds, settings.worker)  # rows the engine ran, not the cache
             self._chunk_rows[(claim.backend, model)] = feed.chunk_rows
+            beat.progress(hang_after(max(read_ahead, feed.chunk_rows)))
             metrics.observe_checkpoint(
                 claim.backend,
                 stats.row_count,
@@ -376,6 +381,7 @@ class ShardRunner:
     def _hung(self, claim: claims.Claim, model: str) -> None:
         """From the heartbeat thread: the engine is hung. Hand the shard back (the
         stuck chunk, if it ever returns, fails its fenced commit) and let the process go."""
+        self._chunk_rows.pop((claim.backend, model), None)  # the next attempt starts from small parts again
         try:
             self._hand_back(
                 claim, model, "engine hung: no progress past its deadline", learn=True, outcome=AttemptOutcome.LOST

@@ -23,13 +23,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.storage.inputs import iter_rows, open_parquet
+from pipeline.storage.inputs import RowReader, iter_rows, open_parquet
 from schemas.backends import PROMPT_ROLE, input_token_bound
 from schemas.errors import InputError
 from schemas.inference import Request
 from schemas.structured import schema_text_of_response_format
 
-__all__ = ["FOOTER_CHARS_PER_TOKEN", "ShardProfile", "Sharing", "count_tokens", "profile_requests", "profile_rows"]
+__all__ = [
+    "FOOTER_CHARS_PER_TOKEN",
+    "ShardProfile",
+    "Sharing",
+    "count_tokens",
+    "profile_columns",
+    "profile_requests",
+    "profile_rows",
+]
 
 
 #: Characters per token between the input's footer (column bytes) and ``Job.est_prompt_tokens``:
@@ -213,6 +221,12 @@ def _asked(batch: pa.RecordBatch, kind: str, default_max_tokens: int, sharing: S
     return found
 
 
+def profile_columns(names: Sequence[str], kind: str, sharing: Sharing | None = None) -> list[str]:
+    """The input columns ``profile_rows`` reads, of a file with columns ``names``."""
+    wanted = ("max_tokens", "model", "response_format") + (("temperature",) if sharing else ())
+    return [kind] + [c for c in wanted if c in names]
+
+
 def profile_rows(
     url: str,
     start: int,
@@ -222,20 +236,26 @@ def profile_rows(
     model: str,
     job_schema: bool = False,
     sharing: Sharing | None = None,
+    reader: RowReader | None = None,
 ) -> ShardProfile:
     """Profile rows ``[start, end)`` of ``url``; memory bounded by a read batch.
+
+    ``reader``: a ``RowReader`` of ``url`` with ``profile_columns``, for profiling many
+    ranges in order off one pass over the file (the router).
 
     ``job_schema``: the job has a schema, so every row follows one (a row's own
     ``response_format`` of type ``text`` frees it, which the profile leaves counted).
     ``sharing``: the job shares answers; each row's fingerprint is kept.
     """
-    names = open_parquet(url).schema_arrow.names
-    wanted = ("max_tokens", "model", "response_format") + (("temperature",) if sharing else ())
-    columns = [kind] + [c for c in wanted if c in names]
+    if reader is None:
+        columns = profile_columns(open_parquet(url).schema_arrow.names, kind, sharing)
+        batches = iter_rows(url, start, end, columns)
+    else:
+        columns, batches = reader.columns, reader.take(start, end)
     profile = ShardProfile()
     context = context_length(model)
     exact: int | None = 0
-    for batch in iter_rows(url, start, end, columns):
+    for batch in batches:
         texts, messages = _texts(batch.column(kind), kind)
         lengths = [len(t) for t in texts]
         role = len(PROMPT_ROLE) if kind == "prompt" else 0  # rendered messages hold their roles

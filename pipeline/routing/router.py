@@ -44,11 +44,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.routing import observations as learning
-from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, profile_rows
+from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN, ShardProfile, profile_columns, profile_rows
 from pipeline.routing.pricing import Quote, quote
 from pipeline.routing.sharing import answered_rows, sharing_of
 from pipeline.routing.solver import cheapest_on_time
 from pipeline.runtime import Runtime
+from pipeline.storage.inputs import RowReader, open_parquet
 from pipeline.store import batches, leases, ledger, transitions
 from pipeline.store.db import db_now, session_scope
 from pipeline.store.identity import owner_id
@@ -154,6 +155,12 @@ def candidates(
     return warm or pairs
 
 
+#: Fingerprints of a job's earlier rows a router keeps to price repeats as answered (a
+#: 10M-row job's would take a gigabyte): past this many, later repeats are priced as new
+#: rows, a higher estimate, never a lower one (the worker reserves what it really sends).
+ASKED_MOST = 1_000_000
+
+
 def quotes_for(
     session: Session,
     settings: Settings,
@@ -189,7 +196,7 @@ def quotes_for(
         priced = quote(backend, model, profile, stats.get((backend.name, model)), settings.routing, retries, turnaround)
         if priced is not None:
             found.append(priced)
-    if asked is not None:
+    if asked is not None and len(asked) < ASKED_MOST:
         asked |= priced_keys
     return found
 
@@ -254,6 +261,16 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
             .order_by(Shard.shard_index)
         ).all()
     planned = _plan(runtime, job_id, shards) if job.deadline is not None and shards else {}
+    # One pass over the input for all the shards (in row order): each row group is read
+    # once, not once for every shard it holds.
+    reader = (
+        RowReader(
+            job.input_url,
+            profile_columns(open_parquet(job.input_url).schema_arrow.names, job.input_kind, sharing_of(job)),
+        )
+        if shards
+        else None
+    )
     queued = 0
     asked: set[str] = set()  # the fingerprints of the shards routed so far
     paused = False
@@ -272,7 +289,12 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
             job.model,
             job.response_schema is not None,
             sharing_of(job),
+            reader,
         )
+        # Priced before the job lock (the answer cache and what was learnt are read here):
+        # every checkpoint commit of the job waits for that lock.
+        with session_scope(runtime.engine) as session:
+            quotes = quotes_for(session, settings, job, profile, excluded or [], db_now(session), asked)
         with session_scope(runtime.engine) as session:
             job = transitions.lock_job(session, job_id)  # routers, claims and commits of this job take turns
             if job is None or job.status.is_final or job.status is JobStatus.FINALIZING:
@@ -281,7 +303,6 @@ def _route(runtime: Runtime, job_id: str, renew: Callable[[], bool]) -> int:
                 transitions.block_pending(session, job_id)
                 return queued
             now = db_now(session)
-            quotes = quotes_for(session, settings, job, profile, excluded or [], now, asked)
             if not quotes:
                 _fail_unroutable(session, job, shard_id, index, excluded or [])
                 continue

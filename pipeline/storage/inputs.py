@@ -30,6 +30,7 @@ from schemas.structured import schema_of_response_format
 
 __all__ = [
     "InputInfo",
+    "RowReader",
     "canonical_url",
     "check_identity",
     "input_identity",
@@ -378,4 +379,50 @@ def iter_rows(
             if b_start >= end:
                 break
             lo, hi = max(start, b_start) - b_start, min(end, b_end) - b_start
+            yield batch.slice(lo, hi - lo)
+
+
+#: A forward jump in a ``RowReader`` longer than this reopens the file at the new row
+#: (skipping whole row groups) instead of reading its way there.
+REOPEN_GAP = 65536
+
+
+class RowReader:
+    """The rows of one input, read forward once for many ranges.
+
+    ``take(start, end)`` streams rows ``[start, end)``; ascending ranges (a router
+    profiling shard after shard) continue from one open reader, so each row group is
+    fetched and decoded once for the whole job instead of once per range that touches
+    it. A range that starts before the last one ended, or far after it, reopens the
+    file. Memory: one read batch.
+    """
+
+    def __init__(self, url: str, columns: list[str]) -> None:
+        self.url = url
+        self.columns = columns
+        self._rows: Iterator[pa.RecordBatch] | None = None
+        self._pos = 0
+        self._held: pa.RecordBatch | None = None
+
+    def _open(self, start: int) -> None:
+        total = open_parquet(self.url).metadata.num_rows
+        self._rows, self._pos, self._held = iter_rows(self.url, start, total, self.columns), start, None
+
+    def take(self, start: int, end: int) -> Iterator[pa.RecordBatch]:
+        if self._rows is None or start < self._pos or start - self._pos > REOPEN_GAP:
+            self._open(start)
+        assert self._rows is not None
+        while self._pos < end:
+            batch = self._held if self._held is not None else next(self._rows, None)
+            self._held = None
+            if batch is None:
+                return
+            first, after = self._pos, self._pos + len(batch)
+            if after <= start:
+                self._pos = after
+                continue
+            lo, hi = max(start, first) - first, min(end, after) - first
+            if hi < len(batch):
+                self._held = batch.slice(hi)
+            self._pos = first + hi
             yield batch.slice(lo, hi - lo)

@@ -53,16 +53,17 @@ def usable_since(now: datetime, ttl_days: float, job_created: datetime | None, r
 
 
 def lookup(session: Session, fingerprints: Iterable[str], since: datetime) -> dict[str, Answer]:
-    """The cached answers among ``fingerprints``, recorded at ``since`` or later."""
+    """The cached answers among ``fingerprints``, recorded at ``since`` or later.
+
+    Asked by key alone, their age checked here: with ``created_at`` in the query,
+    PostgreSQL may walk the age index (every answer is recent) instead of the key."""
     wanted = sorted(set(fingerprints))
     found: dict[str, Answer] = {}
     for start in range(0, len(wanted), _BATCH):
-        rows = session.scalars(
-            select(CachedAnswer).where(
-                CachedAnswer.fingerprint.in_(wanted[start : start + _BATCH]), CachedAnswer.created_at >= since
-            )
-        ).all()
+        rows = session.scalars(select(CachedAnswer).where(CachedAnswer.fingerprint.in_(wanted[start : start + _BATCH])))
         for row in rows:
+            if row.created_at < since:
+                continue
             found[row.fingerprint] = Answer(
                 row.fingerprint,
                 row.output,

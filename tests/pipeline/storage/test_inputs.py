@@ -211,3 +211,23 @@ def test_a_worker_reads_a_shard_of_huge_prompts_a_few_rows_at_a_time(tmp_path: P
     per_row = 50_000
     assert max(len(b) for b in batches) <= BATCH_BYTES // per_row + 1
     assert sum(len(b) for b in batches) == 2000 and open_parquet(str(path)).metadata.num_rows == 2000
+
+
+def test_a_row_reader_serves_any_ranges_as_reading_each_from_scratch_would(tmp_path: Path) -> None:
+    """The router's one pass over the input: ascending shards continue one reader; a range
+    behind it, or far ahead, reopens; either way the rows are those of the range."""
+    from random import Random
+
+    from pipeline.storage.inputs import REOPEN_GAP, RowReader, iter_rows
+
+    path = str(write_prompts(tmp_path / "in.parquet", 3 * REOPEN_GAP // 2, row_group_size=10_000))
+    reader = RowReader(path, ["id"])
+    rng = Random(5)
+    total = 3 * REOPEN_GAP // 2
+    ranges = [(s, s + 500) for s in range(0, 20_000, 500)]  # a router's shards in order
+    ranges += [(s, s + rng.randint(0, 3000)) for s in (rng.randrange(total) for _ in range(40))]  # anywhere
+    ranges += [(total - 10, total + 50), (5, 5), (0, 1)]  # past the end, empty, back to the start
+    for start, end in ranges:
+        got = [i for b in reader.take(start, end) for i in b.column(0).to_pylist()]
+        want = [i for b in iter_rows(path, start, min(end, total), ["id"]) for i in b.column(0).to_pylist()]
+        assert got == want == [f"row-{n:05d}" for n in range(start, min(end, total))], (start, end)

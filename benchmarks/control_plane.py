@@ -68,6 +68,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -482,7 +483,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
     from pipeline.routing.router import route_job
     from pipeline.runtime import Runtime
     from pipeline.store import db
-    from pipeline.tasks.finalize import finalize_job
+    from pipeline.tasks.finalize import _read_parts, finalize_job
     from pipeline.tasks.reaper import reap
     from schemas.records import RUN_SHARD
     from schemas.status import ShardStatus
@@ -651,6 +652,13 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             )
         sizes = {p: int(info["size"]) for p, info in fs.find(f"{prefix}/hot", detail=True).items()}
         part_bytes = sum(sizes.get(u, 0) for u in urls)
+        # The finalizer's reading of the parts, before (one at a time) and now (read ahead).
+        reads = {}
+        for at_once in (1, runtime.settings.storage.read_concurrency):
+            t = time.perf_counter()
+            for _ in _read_parts([SimpleNamespace(url=f"s3://{u}") for u in urls], at_once):
+                pass
+            reads[at_once] = time.perf_counter() - t
         left_on_control = services.queue_length(runtime.settings.control_queue)
 
         stats = [w.read() for w in workers]
@@ -693,6 +701,9 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             "finalize (s)": finalize_s,
             "finalize: parts read (MB)": part_bytes / 1e6,
             "finalize (MB/s)": part_bytes / 1e6 / finalize_s,
+            "parts read one at a time (s)": reads[1],
+            "parts read 32 at once (s)": reads[runtime.settings.storage.read_concurrency],
+            "  read ahead: x faster": reads[1] / reads[runtime.settings.storage.read_concurrency],
             "peak RSS, this process (MiB)": bench_rss,
             "peak RSS, largest worker (MiB)": max((st.get("vmhwm_kib", 0) for st in stats), default=0) / 1024.0,
             "route/finalize msgs left on control": left_on_control,

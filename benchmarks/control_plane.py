@@ -414,6 +414,26 @@ def make_input(path: Path, rows: int) -> None:
             writer.write_table(table, row_group_size=ROW_GROUP)
 
 
+def postgres_floor(engine: Any, job_id: str, n: int = 300) -> tuple[float, float]:
+    """What PostgreSQL itself takes for the smallest commit a checkpoint could be: lock the
+    job row, insert one row, commit (fsync), on one connection: (p50 seconds, commits/s)."""
+    from sqlalchemy import text
+
+    took = []
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TEMP TABLE floor_rows (id serial PRIMARY KEY, n integer)"))
+        conn.commit()
+        started = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            conn.execute(text("UPDATE jobs SET updated_at = updated_at WHERE id = :j"), {"j": job_id})
+            conn.execute(text("INSERT INTO floor_rows (n) VALUES (:n)"), {"n": i})
+            conn.commit()
+            took.append(time.perf_counter() - t)
+        rate = n / (time.perf_counter() - started)
+    return _pct(took, 0.5), rate
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -652,6 +672,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             )
         sizes = {p: int(info["size"]) for p, info in fs.find(f"{prefix}/hot", detail=True).items()}
         part_bytes = sum(sizes.get(u, 0) for u in urls)
+        floor_p50, floor_rate = postgres_floor(monitor, job_id)
         # The finalizer's reading of the parts, before (one at a time) and now (read ahead).
         reads = {}
         for at_once in (1, runtime.settings.storage.read_concurrency):
@@ -688,6 +709,8 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             "submit -> last shard done (s)": job_s,
             "checkpoint commits/s (over the job)": len(commits) / job_s,
             "commit p50 (ms)": _pct([c[1] for c in commits], 0.5) * 1000,
+            "PostgreSQL floor: lock+insert+commit p50 (ms)": floor_p50 * 1000,
+            "PostgreSQL floor: commits/s, one connection": floor_rate,
             "commit p99 (ms)": _pct([c[1] for c in commits], 0.99) * 1000,
             "part write+commit p50 (ms)": _pct([c[1] for c in persists], 0.5) * 1000,
             "part write+commit p99 (ms)": _pct([c[1] for c in persists], 0.99) * 1000,

@@ -22,7 +22,7 @@ from pipeline.routing import observations as learning
 from pipeline.routing.estimate import profile_requests
 from pipeline.routing.pricing import reasked_worst_case_usd, worst_case_usd
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import iter_rows, open_parquet
+from pipeline.storage.inputs import RowReader, iter_rows, open_parquet
 from pipeline.store import answers, claims
 from pipeline.store.db import session_scope
 from schemas.backends import ApiProvider, Backend
@@ -60,6 +60,9 @@ class Feed:
     fed_to: int = 0
     exhausted: bool = False
     chunk_rows: int = 0
+    #: The worker's reader of this input, kept from shard to shard: shards taken in input
+    #: order continue it instead of decoding their row group from its start again.
+    reader: RowReader | None = None
 
     def learn(self, rows: int, seconds: float, settings: WorkerSettings) -> None:
         """The engine ran ``rows`` rows of a chunk in ``seconds`` (since the previous one):
@@ -88,11 +91,15 @@ def feed_chunks(
     """Requests chunk by chunk, each chunk's worst case reserved first (under the job
     lock); stops feeding on a drain request, a lost lease, a cancelled job, or a
     budget that cannot cover the next chunk (``feed`` says which)."""
-    columns = input_columns(job)
+    reader = feed.reader if feed.reader is not None and feed.reader.url == job.input_url else None
+    columns = reader.columns if reader is not None else input_columns(job)  # the runner made it for this job
     checkpoint_rows = runtime.settings.worker.checkpoint_rows
     feed.chunk_rows = feed.chunk_rows or checkpoint_rows
     first_row = feed.fed_to = claim.row_start + claim.rows_done
-    batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
+    if reader is not None:
+        batches = reader.take(first_row, claim.row_end)
+    else:
+        batches = iter_rows(job.input_url, first_row, claim.row_end, columns, batch_size=checkpoint_rows)
     asked: set[str] = set()  # fingerprints of the rows this shard has sent
     for rows in rechunk(batches, lambda: feed.chunk_rows):
         while rows.num_rows:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pipeline import metrics
 from pipeline.routing import observations as learning
 from pipeline.runtime import Runtime
-from pipeline.storage.inputs import check_identity
+from pipeline.storage.inputs import RowReader, check_identity
 from pipeline.store import claims, transitions
 from pipeline.store.db import is_transient, session_scope
 from pipeline.store.identity import owner_id
@@ -63,7 +63,7 @@ from workers.drain import StopFlag
 from workers.engines.base import Completion, stream
 from workers.engines.chunks import Chunk, build_output, merge
 from workers.engines.factory import engine_for
-from workers.feed import Feed, feed_chunks
+from workers.feed import Feed, feed_chunks, input_columns
 from workers.heartbeat import Heartbeat
 
 __all__ = ["ShardRunner"]
@@ -92,6 +92,8 @@ class ShardRunner:
         self.on_hung = on_hung
         #: The chunk size learnt on each (backend, model), carried from shard to shard.
         self._chunk_rows: dict[tuple[str, str], int] = {}
+        #: The last input read, kept open for the next shard of the same job.
+        self._reader: RowReader | None = None
 
     def run(self, task: RunShard) -> ShardStatus | None:
         """Run ``task``'s shard if this worker wins the claim; return its new status."""
@@ -201,7 +203,10 @@ class ShardRunner:
 
             return submit(self.runtime, claim, job, backend, model, beat)
         engine = engine_for(backend, model, settings.worker, job.task)
-        feed = Feed(chunk_rows=self._chunk_rows.get((claim.backend, model), 0) or settings.worker.checkpoint_rows)
+        feed = Feed(
+            chunk_rows=self._chunk_rows.get((claim.backend, model), 0) or settings.worker.checkpoint_rows,
+            reader=self._reader_of(job),
+        )
         beat.progress(hang_after(feed.chunk_rows))  # the model is loaded: from now on, chunks must progress
         usd_per_second = backend.price_per_hour / 3600.0 if isinstance(backend, GpuPool) else 0.0
         pending: deque[tuple[Chunk, float]] = deque()
@@ -377,6 +382,13 @@ class ShardRunner:
             return ShardStatus.PENDING
         self.runtime.send_run(record)
         return ShardStatus.QUEUED
+
+    def _reader_of(self, job: Job) -> RowReader:
+        """A reader of the job's input (the one kept from the last shard, if the same)."""
+        columns = input_columns(job)
+        if self._reader is None or self._reader.url != job.input_url or self._reader.columns != columns:
+            self._reader = RowReader(job.input_url, columns)
+        return self._reader
 
     def _hung(self, claim: claims.Claim, model: str) -> None:
         """From the heartbeat thread: the engine is hung. Hand the shard back (the

@@ -243,7 +243,9 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
                 return report
             if not thread.is_alive():  # it may have ended the job after the read above: read again
                 return api.job_status(runtime, job_id, with_shards=False)
-            time.sleep(max(0.1, 4 * reading))  # a big job's status read takes longer: read it less often
+            # A big job's status read takes longer: read it less often. The wait ends as soon
+            # as the runner does (the job is final then, or stopped): no tail after the last row.
+            thread.join(max(0.1, 4 * reading))
 
 
 @app.command()

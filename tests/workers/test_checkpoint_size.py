@@ -105,3 +105,48 @@ def test_parts_read_many_at_a_time_come_out_in_input_order(store_url: str, tmp_p
         results[at_once] = table.to_pylist()
     assert [r["id"] for r in results[16]] == [f"row-{i:05d}" for i in range(400)]
     assert results[16] == results[1]
+
+
+def test_a_worker_reads_on_from_shard_to_shard_and_shards_in_any_order_get_their_own_rows(
+    store_url: str, tmp_path: Path
+) -> None:
+    """One runner keeps its reader of the input between shards: in order it reads on, out of
+    order (or another job's input) it reopens; every shard gets exactly its own rows."""
+    from pipeline.routing.router import route_job
+    from pipeline.store.transitions import run_record
+    from tests.support.jobs import shards
+    from workers.runner import ShardRunner
+
+    runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 7}, jobs={"rows_per_shard": 40})
+    data = write_prompts(tmp_path / "in.parquet", 400, row_group_size=150)
+    job_id = submit(runtime, JobRequest(str(data), model_folder(tmp_path), use_cache=False))
+    other = submit(runtime, JobRequest(str(write_prompts(tmp_path / "b.parquet", 40)), model_folder(tmp_path)))
+    route_job(runtime, job_id)
+    route_job(runtime, other)
+    runner = ShardRunner(runtime)
+    mine = {s.shard_index: s.id for s in shards(runtime, job_id)}
+    theirs = [s.id for s in shards(runtime, other)]
+    readers = set()
+    for shard_id in [
+        mine[0],
+        mine[1],
+        mine[5],
+        mine[2],
+        theirs[0],
+        mine[3],
+        mine[9],
+        mine[4],
+        mine[6],
+        mine[7],
+        mine[8],
+    ]:
+        with session_scope(runtime.engine) as session:
+            record = run_record(session, shard_id)
+        runner.run(record)
+        readers.add(id(runner._reader))
+    assert len(readers) == 3  # one per input, and one again after the other job's shard
+    assert run_queued(runtime, job_id) is JobStatus.SUCCEEDED
+    out = pq.read_table(job_row(runtime, job_id).result_url, columns=["id", "output"]).to_pylist()
+    prompts = pq.read_table(data).to_pylist()
+    assert [r["id"] for r in out] == [p["id"] for p in prompts]
+    assert all(r["output"] == "stub: " + " ".join(p["prompt"].split()[:4]) for r, p in zip(out, prompts, strict=True))

@@ -725,7 +725,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             "finalize: parts read (MB)": part_bytes / 1e6,
             "finalize (MB/s)": part_bytes / 1e6 / finalize_s,
             "parts read one at a time (s)": reads[1],
-            "parts read 32 at once (s)": reads[runtime.settings.storage.read_concurrency],
+            "parts read ahead (s)": reads[runtime.settings.storage.read_concurrency],
             "  read ahead: x faster": reads[1] / reads[runtime.settings.storage.read_concurrency],
             "peak RSS, this process (MiB)": bench_rss,
             "peak RSS, largest worker (MiB)": max((st.get("vmhwm_kib", 0) for st in stats), default=0) / 1024.0,

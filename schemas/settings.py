@@ -121,7 +121,7 @@ class StorageSettings(_Section):
     sweep_max_seconds: float = Field(default=600.0, gt=0)
     #: Part files the finalizer reads at once (an object store answers each GET in tens
     #: of milliseconds: one at a time, a 10M-row job's 40,000 parts take half an hour).
-    read_concurrency: int = Field(default=32, ge=1, le=256)
+    read_concurrency: int = Field(default=16, ge=1, le=256)
 
     @model_validator(mode="after")
     def _storage_classes(self) -> StorageSettings:

@@ -332,6 +332,8 @@ def _with_output_fields(schema: pa.Schema) -> pa.Schema:
 
 def _fit(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` in ``schema``: a column it lacks (a part from an older worker) is all null."""
+    if table.schema.equals(schema):
+        return table
     columns = [
         table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema
     ]

@@ -345,31 +345,27 @@ class Services:
 
         return create_engine(self.postgres, isolation_level="AUTOCOMMIT")
 
-    def new_database(self) -> str:
+    def _as_admin(self, statement: str) -> None:
         from sqlalchemy import text
 
-        name = f"spotlane_bench_{secrets.token_hex(4)}"
         admin = self._admin()
         try:
             with admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
+                conn.execute(text(statement))
         finally:
             admin.dispose()
+
+    def new_database(self) -> str:
+        name = f"spotlane_bench_{secrets.token_hex(4)}"
+        self._as_admin(f'CREATE DATABASE "{name}"')
         self.databases.append(name)
         return self.postgres.rsplit("/", 1)[0] + f"/{name}"
 
     def drop_database(self, url: str) -> None:
-        from sqlalchemy import text
-
         name = url.rsplit("/", 1)[1]
         if self.keep or name not in self.databases:
             return
-        admin = self._admin()
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
+        self._as_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.databases.remove(name)
 
     def stop(self) -> None:

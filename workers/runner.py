@@ -94,6 +94,7 @@ class ShardRunner:
         self._chunk_rows: dict[tuple[str, str], int] = {}
         #: The last input read, kept open for the next shard of the same job.
         self._reader: RowReader | None = None
+        self._reader_job = ""
 
     def run(self, task: RunShard) -> ShardStatus | None:
         """Run ``task``'s shard if this worker wins the claim; return its new status."""
@@ -384,10 +385,10 @@ class ShardRunner:
         return ShardStatus.QUEUED
 
     def _reader_of(self, job: Job) -> RowReader:
-        """A reader of the job's input (the one kept from the last shard, if the same)."""
-        columns = input_columns(job)
-        if self._reader is None or self._reader.url != job.input_url or self._reader.columns != columns:
-            self._reader = RowReader(job.input_url, columns)
+        """A reader of the job's input: the one kept from the last shard if it was this job's
+        (its columns are the job's: no second look at the file's footer)."""
+        if self._reader is None or self._reader_job != job.id or self._reader.url != job.input_url:
+            self._reader, self._reader_job = RowReader(job.input_url, input_columns(job)), job.id
         return self._reader
 
     def _hung(self, claim: claims.Claim, model: str) -> None:

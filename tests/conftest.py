@@ -26,8 +26,11 @@ from workers.demo_model import build_tiny_model
 POSTGRES_ADMIN_URL = os.environ.get(
     "SPOTLANE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-#: A Redis database number of its own, flushed around each test that uses it.
-REDIS_URL = os.environ.get("SPOTLANE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+#: The pytest-xdist worker running this process (0 without xdist).
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+#: A Redis database number of its own (one per xdist worker: 13, 12, ...), flushed
+#: around each test that uses it.
+REDIS_URL = os.environ.get("SPOTLANE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{13 - XDIST_WORKER}")
 
 
 def service_missing(what: str, exc: BaseException) -> None:

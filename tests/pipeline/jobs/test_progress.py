@@ -71,8 +71,10 @@ def test_halfway_the_rate_eta_and_projection_come_from_the_rows_done(
     assert done is not None and done.eta is None and done.projected_usd == pytest.approx(done.spent_usd)
 
 
-def test_a_job_with_no_worker_on_its_queue_shows_as_stalled_with_the_reason(store_url: str, tmp_path: Path) -> None:
-    runtime, _ = stub_runtime(store_url, broker={"url": "redis://127.0.0.1:6379/15"})  # distributed: workers announce
+def test_a_job_with_no_worker_on_its_queue_shows_as_stalled_with_the_reason(
+    store_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    runtime, _ = stub_runtime(store_url, broker={"url": redis_url})  # distributed: workers announce
     job_id = submit(runtime, JobRequest(str(write_prompts(tmp_path / "in.parquet", 10)), model_folder(tmp_path)))
     route_job(runtime, job_id)
     live = job_status(runtime, job_id).live

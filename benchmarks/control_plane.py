@@ -41,6 +41,7 @@ goes through an engine of its own that is not counted. Everything is removed at 
 
     python benchmarks/control_plane.py [--rows 100000 1000000 10000000] [--rows-per-shard 500] [--workers 4]
     python benchmarks/control_plane.py --quick        # 20k rows: a smoke run
+    python benchmarks/control_plane.py --rows 10000000 --first-shards 200   # the first shards of 10M rows
 
 Needs PostgreSQL at ``--postgres`` (trust auth; a database is created per size) and
 ``redis-server`` on the PATH (or ``--redis``). 10M rows take hours on a small machine.
@@ -551,7 +552,8 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
     workers: list[Worker] = []
     try:
         services.flush_redis()
-        workers = start_workers(args.workers, folder, child_env)
+        if not args.first_shards:
+            workers = start_workers(args.workers, folder, child_env)
         sends: Counter[str] = Counter()
         first_run = [0.0]
         broker_send = runtime.send
@@ -602,6 +604,8 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
 
         routing = threading.Thread(target=route_all, daemon=True, name="bench-router")
         routing.start()
+        if args.first_shards:
+            return _first_shards(runtime, job_id, args.first_shards, t0, submit_s, first_run, sends, routing, rss_reset)
         reaps: list[float] = []
         last_reap = last_analyze = time.perf_counter()
         last_print = last_progress_at = time.perf_counter()
@@ -766,6 +770,37 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             fs.rm(prefix, recursive=True)
 
 
+def _first_shards(
+    runtime: Any,
+    job_id: str,
+    n: int,
+    t0: float,
+    submit_s: float,
+    first_run: list[float],
+    sends: Counter[str],
+    routing: threading.Thread,
+    rss_reset: bool,
+) -> dict[str, float]:
+    """``--first-shards``: no workers; route until ``n`` shards are queued, then cancel the
+    job (the router stops at its next shard) and report how soon the first was queued."""
+    from pipeline.jobs.control import cancel
+    from schemas.records import RUN_SHARD
+
+    while sends[RUN_SHARD] < n and routing.is_alive():
+        time.sleep(0.05)
+    queued, elapsed = sends[RUN_SHARD], time.perf_counter() - t0
+    cancel(runtime, job_id, reason="benchmark: first shards only")
+    routing.join(60)
+    first = first_run[0] - t0 if first_run[0] else float("nan")
+    return {
+        "submit (s)": submit_s,
+        "submit -> first shard queued (s)": first,
+        f"shards queued (of the first {n})": queued,
+        "routing per shard after the first (ms)": (elapsed - first) / max(queued - 1, 1) * 1000,
+        "peak RSS, this process (MiB)": _proc_status("VmHWM") / 1024.0 if rss_reset else float("nan"),
+    }
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -829,6 +864,12 @@ def main() -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="turn the answer cache off (it is on by default)")
     parser.add_argument("--quick", action="store_true", help="one run of 20k rows: a smoke test")
+    parser.add_argument(
+        "--first-shards",
+        type=int,
+        metavar="N",
+        help="no workers: route the first N shards of each size, then cancel (time to the first shard at 10M rows)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the databases and the work folder")
     parser.add_argument("--workdir", type=Path, help="where inputs, logs and stats go (default: a temporary folder)")
     parser.add_argument(

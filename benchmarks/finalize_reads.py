@@ -14,7 +14,8 @@ SQL) on moto's S3 server for a job of ``--rows`` rows, three ways in one run:
 - **now, large shards**: parts of ``worker.checkpoint_max_rows`` (8,192) rows, as a
   fast lane writes them in shards of that size or more.
 
-and, to tell the two changes apart, the 256-row parts read the new way. Prints the
+and, to tell the two changes apart, the 256-row parts read the new way; last, the store's
+own floor (every 500-row part fetched and dropped, all at once). Prints the
 time, rows/s, MB/s and the ratio to *before* of each, and the 10M-row time each
 extrapolates to (every part costs the same, so the time grows with the parts).
 
@@ -188,6 +189,17 @@ def main() -> None:
                 f"{label:<56}{len(urls):>8,}{seconds:>10.1f}{rows / seconds:>12,.0f}{size / 1e6 / seconds:>8.1f}"
                 f"{baseline / seconds:>10.1f}x{at_10m / 60:>8.1f} min"
             )
+        # The store's own floor: every part of the 500-row layout fetched and dropped, as
+        # many at once as s3fs sends (nothing parsed, nothing written).
+        urls, size = parts["shards"]
+        fs = fsspec.filesystem("s3")
+        t = time.perf_counter()
+        fs.cat([u.removeprefix("s3://") for u in urls])
+        seconds = time.perf_counter() - t
+        print(
+            f"{'the store alone: GET every 500-row part, nothing else':<56}{len(urls):>8,}{seconds:>10.1f}"
+            f"{args.rows / seconds:>12,.0f}{size / 1e6 / seconds:>8.1f}{'':>11}{seconds * 10_000_000 / args.rows / 60:>6.1f} min"
+        )
     finally:
         server.terminate()
         server.wait(10)

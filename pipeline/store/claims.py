@@ -204,8 +204,8 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
     The guard also requires the part to start exactly at the shard's resume point,
     so a part can never be committed twice or out of order.
     """
-    transitions.lock_job(session, claim.job_id)
-    now = db_now(session)
+    job = transitions.lock_job(session, claim.job_id)
+    now = job.updated_at if job is not None else db_now(session)  # the clock at the lock
     result = session.execute(
         update(Shard)
         .where(*owned(claim), Shard.row_start + Shard.rows_done == stats.first_row)

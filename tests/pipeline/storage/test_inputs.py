@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
-from pipeline.storage.inputs import inspect_input, iter_rows
+from pipeline.storage.inputs import _hashes, inspect_input, iter_rows
 from schemas.arrow import MESSAGE_TYPE
 from schemas.errors import InputError
 from tests.support import spotlane, write_prompts
@@ -74,6 +78,31 @@ def test_a_duplicate_id_is_refused_naming_both_rows(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match=r"row 250: duplicate id 'r17' \(first at row 17\)"):
         inspect_input(str(path))
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=60), st.data())
+@settings(max_examples=150, deadline=None, derandomize=True)
+def test_an_id_hashes_alike_in_any_batch_and_every_duplicate_is_found(ids: list[str], data: st.DataObject) -> None:
+    """Ids of one length hash word by word, mixed lengths byte by byte: an id must get
+    the same hash either way (the two passes and the batches differ), and a duplicate
+    anywhere in the file is refused whatever the ids look like."""
+    mixed = _hashes(pa.array(ids)).tolist()
+    for i, value in enumerate(ids):
+        assert _hashes(pa.array([value, value])).tolist()[0] == mixed[i]
+        assert _hashes(pa.array(["", value, "x" * 70]).slice(1, 1)).tolist() == [mixed[i]]
+
+    folder = Path(tempfile.mkdtemp())
+    try:
+        rows = ids + [data.draw(st.sampled_from(ids))] if data.draw(st.booleans()) else ids
+        path = folder / "in.parquet"
+        pq.write_table(pa.table({"id": rows, "prompt": ["p"] * len(rows)}), path, row_group_size=7)
+        if len(set(rows)) == len(rows):
+            assert inspect_input(str(path)).rows == len(rows)
+        else:
+            with pytest.raises(InputError, match="duplicate id"):
+                inspect_input(str(path))
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_missing_empty_and_unreadable_files_are_refused(tmp_path: Path) -> None:

@@ -781,24 +781,65 @@ def _first_shards(
     routing: threading.Thread,
     rss_reset: bool,
 ) -> dict[str, float]:
-    """``--first-shards``: no workers; route until ``n`` shards are queued, then cancel the
-    job (the router stops at its next shard) and report how soon the first was queued."""
+    """``--first-shards``: no workers; route until ``n`` shards are queued, then pause the
+    job (the router stops at its next shard) and report how soon the first was queued.
+    Then, with nothing else running, a checkpoint commit's own cost: one queued shard
+    claimed and ``COMMITS`` one-row checkpoints committed on it in a row, next to
+    PostgreSQL's smallest commit (``postgres_floor``) on the same job; then cancel."""
+    from sqlalchemy import select
+
     from pipeline.jobs.control import cancel
+    from pipeline.store import claims, transitions
+    from pipeline.store.db import session_scope
     from schemas.records import RUN_SHARD
+    from schemas.status import JobStatus, ShardStatus
+    from schemas.tables import Shard
 
     while sends[RUN_SHARD] < n and routing.is_alive():
         time.sleep(0.05)
     queued, elapsed = sends[RUN_SHARD], time.perf_counter() - t0
-    cancel(runtime, job_id, reason="benchmark: first shards only")
+    with session_scope(runtime.engine) as session:
+        transitions.set_job_status(session, job_id, JobStatus.PAUSED, expected=(JobStatus.RUNNING,))
     routing.join(60)
     first = first_run[0] - t0 if first_run[0] else float("nan")
+    rss = _proc_status("VmHWM") / 1024.0 if rss_reset else float("nan")
+
+    with session_scope(runtime.engine) as session:
+        shard_id, backend, start = session.execute(
+            select(Shard.id, Shard.backend, Shard.row_start)
+            .where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED)
+            .order_by(Shard.shard_index)
+            .limit(1)
+        ).one()
+    with session_scope(runtime.engine) as session:
+        claim = claims.claim_shard(session, shard_id, "bench-committer", 600.0, backend)
+    assert claim is not None
+    took = []
+    started = time.perf_counter()
+    for i in range(COMMITS):
+        stats = claims.CheckpointStats(start + i, 1, 0, 10, 10, 0.0, f"s3://bench/part-{i}.parquet")
+        t = time.perf_counter()
+        with session_scope(runtime.engine) as session:
+            claims.commit_checkpoint(session, claim, stats, 600.0)
+        took.append(time.perf_counter() - t)
+    rate = COMMITS / (time.perf_counter() - started)
+    floor_p50, floor_rate = postgres_floor(runtime.engine, job_id)
+    cancel(runtime, job_id, reason="benchmark: first shards only")
     return {
         "submit (s)": submit_s,
         "submit -> first shard queued (s)": first,
         f"shards queued (of the first {n})": queued,
         "routing per shard after the first (ms)": (elapsed - first) / max(queued - 1, 1) * 1000,
-        "peak RSS, this process (MiB)": _proc_status("VmHWM") / 1024.0 if rss_reset else float("nan"),
+        "peak RSS, this process (MiB)": rss,
+        "checkpoint commit alone, p50 (ms)": _pct(took, 0.5) * 1000,
+        "checkpoint commits/s, one connection": rate,
+        "PostgreSQL floor: lock+insert+commit p50 (ms)": floor_p50 * 1000,
+        "PostgreSQL floor: commits/s, one connection": floor_rate,
     }
+
+
+#: One-row checkpoints committed in a row by ``--first-shards`` (a shard holds 500 rows).
+COMMITS = 300
 
 
 # -- report -----------------------------------------------------------------------------------

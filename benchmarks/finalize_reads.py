@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,35 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from lifecycle import _start_s3  # noqa: E402  (moto's server mode, with a bucket "bench")
 
 BEFORE_PART_ROWS = 256
-
-
-def _start_s3() -> subprocess.Popen[bytes]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        server.kill()
-        raise SystemExit("moto's S3 server did not start")
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench-secret",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-    )
-    return server
 
 
 def _part(first: int, rows: int, answer_chars: int) -> pa.Table:
@@ -160,9 +131,8 @@ def main() -> None:
     settings = Settings()
     at_once = settings.storage.read_concurrency
     big = settings.worker.checkpoint_max_rows
-    server = _start_s3()
+    server, _ = _start_s3()
     try:
-        fsspec.filesystem("s3").mkdir("bench")
         layouts = {"before": BEFORE_PART_ROWS, "shards": 500, "large": big}
         parts: dict[str, tuple[list[str], int]] = {}
         for name, part_rows in layouts.items():

@@ -12,8 +12,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import ledger, transitions
@@ -198,6 +199,9 @@ class CheckpointStats:
     saved_usd: float = 0.0
 
 
+_CHECKPOINTS = cast(Table, Checkpoint.__table__)
+
+
 def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float) -> None:
     """Record a written part as committed; raise ``LeaseLost`` if we no longer own the shard.
 
@@ -208,6 +212,7 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
     now = job.updated_at if job is not None else db_now(session)  # the clock at the lock
     result = session.execute(
         update(Shard)
+        .execution_options(synchronize_session=False)
         .where(*owned(claim), Shard.row_start + Shard.rows_done == stats.first_row)
         .values(
             rows_done=Shard.rows_done + stats.row_count,
@@ -225,8 +230,9 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
         raise LeaseLost(
             f"shard {claim.shard_index} of job {claim.job_id}: lease lost before committing row {stats.first_row}"
         )
-    session.add(
-        Checkpoint(
+    # Plain statements, not the ORM's unit of work: this runs under the job's lock.
+    session.execute(
+        insert(_CHECKPOINTS).values(
             shard_id=claim.shard_id,
             first_row=stats.first_row,
             row_count=stats.row_count,
@@ -243,6 +249,7 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
         update(ShardAttempt)
         .where(ShardAttempt.shard_id == claim.shard_id, ShardAttempt.attempt == claim.attempt)
         .values(rows_processed=ShardAttempt.rows_processed + stats.row_count)
+        .execution_options(synchronize_session=False)
     )
     ledger.charge(session, _charge_of(claim, stats), now)
 

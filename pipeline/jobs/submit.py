@@ -13,10 +13,12 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from pipeline.jobs.models import resolve_model
 from pipeline.routing.estimate import FOOTER_CHARS_PER_TOKEN
@@ -201,6 +203,50 @@ def _first_row_with(url: str, model: str) -> int | None:
     return None
 
 
+#: The columns of a new shard row, and their values but the first four (job, index, rows).
+_SHARD_COLUMNS = (
+    "job_id",
+    "shard_index",
+    "row_start",
+    "row_end",
+    "status",
+    "rows_done",
+    "rows_failed",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "attempts",
+    "est_input_tokens",
+    "est_output_tokens",
+    "est_cost_usd",
+    "est_seconds",
+    "rows_cached",
+    "saved_usd",
+    "updated_at",
+)
+_SHARD_ZEROS = (0, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
+
+
+def _insert_shards(session: Session, job_id: str, ranges: list[tuple[int, int]], now: datetime) -> None:
+    """A new job's shard rows, in the submit's transaction: COPY on PostgreSQL (a 10M-row
+    job's 20,000 rows in ~0.1 s instead of an executemany's 1-2 s before the first shard
+    can be routed), a bulk INSERT elsewhere."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        statement = f"COPY {Shard.__tablename__} ({', '.join(_SHARD_COLUMNS)}, excluded_backends) FROM STDIN"
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for i, (start, end) in enumerate(ranges):
+                copy.write_row((job_id, i, start, end, ShardStatus.PENDING.value, *_SHARD_ZEROS, now, "[]"))
+        return
+    rows = [
+        dict(zip(_SHARD_COLUMNS, (job_id, i, start, end, ShardStatus.PENDING, *_SHARD_ZEROS, now), strict=True))
+        for i, (start, end) in enumerate(ranges)
+    ]
+    session.execute(insert(Shard), rows)
+
+
 def submit(runtime: Runtime, request: JobRequest, *, announce: bool = True) -> str:
     """Create the job and its shards, enqueue routing, and return the job id.
 
@@ -292,26 +338,7 @@ def submit(runtime: Runtime, request: JobRequest, *, announce: bool = True) -> s
                 )
             )
             session.flush()
-            session.execute(
-                insert(Shard),
-                [
-                    {
-                        "job_id": job_id,
-                        "shard_index": i,
-                        "row_start": start,
-                        "row_end": end,
-                        "status": ShardStatus.PENDING,
-                        "rows_done": 0,
-                        "rows_failed": 0,
-                        "input_tokens": 0,
-                        "output_tokens": 0,
-                        "cost_usd": 0.0,
-                        "attempts": 0,
-                        "updated_at": now,
-                    }
-                    for i, (start, end) in enumerate(ranges)
-                ],
-            )
+            _insert_shards(session, job_id, ranges, now)
     except IntegrityError:
         if not request.job_id:
             raise

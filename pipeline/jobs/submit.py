@@ -10,6 +10,7 @@ are recorded, so a worker can tell when the file changed after submit.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import replace
@@ -203,29 +204,24 @@ def _first_row_with(url: str, model: str) -> int | None:
     return None
 
 
-#: The columns of a new shard row; ``_SHARD_ZEROS``: the values of those between its
-#: status and ``updated_at``.
-_SHARD_COLUMNS = (
-    "job_id",
-    "shard_index",
-    "row_start",
-    "row_end",
-    "status",
-    "rows_done",
-    "rows_failed",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "attempts",
-    "est_input_tokens",
-    "est_output_tokens",
-    "est_cost_usd",
-    "est_seconds",
-    "rows_cached",
-    "saved_usd",
-    "updated_at",
-)
-_SHARD_ZEROS = (0, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
+#: What every new shard row holds besides its job, index, rows and time.
+_NEW_SHARD: dict[str, Any] = {
+    "status": ShardStatus.PENDING,
+    "rows_done": 0,
+    "rows_failed": 0,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cost_usd": 0.0,
+    "attempts": 0,
+    "est_input_tokens": 0,
+    "est_output_tokens": 0,
+    "est_cost_usd": 0.0,
+    "est_seconds": 0.0,
+    "rows_cached": 0,
+    "saved_usd": 0.0,
+    "excluded_backends": [],
+}
+_SHARD_COLUMNS = ("job_id", "shard_index", "row_start", "row_end", *_NEW_SHARD, "updated_at")
 
 
 def _insert_shards(session: Session, job_id: str, ranges: list[tuple[int, int]], now: datetime) -> None:
@@ -233,19 +229,24 @@ def _insert_shards(session: Session, job_id: str, ranges: list[tuple[int, int]],
     job's 20,000 rows in a fraction of a second, where an executemany took 1-2 s before
     the first shard could be routed), a bulk INSERT elsewhere."""
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        statement = f"COPY {Shard.__tablename__} ({', '.join(_SHARD_COLUMNS)}, excluded_backends) FROM STDIN"
-        with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            for i, (start, end) in enumerate(ranges):
-                copy.write_row((job_id, i, start, end, ShardStatus.PENDING.value, *_SHARD_ZEROS, now, "[]"))
+    if connection.dialect.name != "postgresql":
+        fixed = tuple(_NEW_SHARD.values())
+        rows = [
+            dict(zip(_SHARD_COLUMNS, (job_id, i, *span, *fixed, now), strict=True)) for i, span in enumerate(ranges)
+        ]
+        session.execute(insert(Shard), rows)
         return
-    rows = [
-        dict(zip(_SHARD_COLUMNS, (job_id, i, start, end, ShardStatus.PENDING, *_SHARD_ZEROS, now), strict=True))
-        for i, (start, end) in enumerate(ranges)
-    ]
-    session.execute(insert(Shard), rows)
+    # COPY takes text: the state by its stored value, the JSON list as JSON.
+    as_text = tuple(
+        v.value if isinstance(v, ShardStatus) else json.dumps(v) if isinstance(v, list) else v
+        for v in _NEW_SHARD.values()
+    )
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    statement = f"COPY {Shard.__tablename__} ({', '.join(_SHARD_COLUMNS)}) FROM STDIN"
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for i, (start, end) in enumerate(ranges):
+            copy.write_row((job_id, i, start, end, *as_text, now))
 
 
 def submit(runtime: Runtime, request: JobRequest, *, announce: bool = True) -> str:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import re
@@ -411,24 +412,88 @@ def make_input(path: Path, rows: int) -> None:
             writer.write_table(table, row_group_size=ROW_GROUP)
 
 
-def postgres_floor(engine: Any, job_id: str, n: int = 300) -> tuple[float, float]:
+def postgres_floor(engine: Any, job_id: str, threads: int = 1, n: int = 300) -> tuple[list[float], float]:
     """What PostgreSQL itself takes for the smallest commit a checkpoint could be: lock the
-    job row, insert one row, commit (fsync), on one connection: (p50 seconds, commits/s)."""
+    job row, insert one row, commit (fsync); ``n`` of them over ``threads`` connections at
+    once: (every commit's seconds, commits/s)."""
     from sqlalchemy import text
 
-    took = []
-    with engine.connect() as conn:
-        conn.execute(text("CREATE TEMP TABLE floor_rows (id serial PRIMARY KEY, n integer)"))
-        conn.commit()
-        started = time.perf_counter()
-        for i in range(n):
-            t = time.perf_counter()
-            conn.execute(text("UPDATE jobs SET updated_at = updated_at WHERE id = :j"), {"j": job_id})
-            conn.execute(text("INSERT INTO floor_rows (n) VALUES (:n)"), {"n": i})
+    def commits(_: int) -> list[float]:
+        took = []
+        with engine.connect() as conn:
+            conn.execute(text("CREATE TEMP TABLE IF NOT EXISTS floor_rows (id serial PRIMARY KEY, n integer)"))
             conn.commit()
-            took.append(time.perf_counter() - t)
-        rate = n / (time.perf_counter() - started)
-    return _pct(took, 0.5), rate
+            for i in range(n // threads):
+                t = time.perf_counter()
+                conn.execute(text("UPDATE jobs SET updated_at = updated_at WHERE id = :j"), {"j": job_id})
+                conn.execute(text("INSERT INTO floor_rows (n) VALUES (:n)"), {"n": i})
+                conn.commit()
+                took.append(time.perf_counter() - t)
+        return took
+
+    return _at_once(threads, commits)
+
+
+def our_sql_floor(engine: Any, on: list[tuple[Any, int]], threads: int, n: int = 300) -> tuple[list[float], float]:
+    """A checkpoint commit's own SQL on PostgreSQL with none of our Python around it: the
+    job lock and the one-statement commit (``transitions._LOCK_CLOCK``, ``claims._COMMIT``),
+    compiled once and sent through psycopg's cursor, then COMMIT; ``n`` of them over
+    ``threads`` connections at once, each on a claimed shard of ``on`` (claim, first row)."""
+    from pipeline.store import claims, transitions
+
+    lock = transitions._LOCK_CLOCK.compile(dialect=engine.dialect)
+    commit = claims._COMMIT.compile(dialect=engine.dialect)
+
+    def commits(i: int) -> list[float]:
+        claim, start = on[i]
+        took = []
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            for k in range(n // threads):
+                t = time.perf_counter()
+                cursor.execute(lock.string, lock.construct_params({"p_job_id": claim.job_id}))
+                now = cursor.fetchone()[0]
+                values = {
+                    "job_id": claim.job_id,
+                    "shard_id": claim.shard_id,
+                    "worker_id": claim.worker_id,
+                    "attempt": claim.attempt,
+                    "backend": claim.backend,
+                    "now": now,
+                    "lease_expires_at": now,
+                    **dataclasses.asdict(claims.CheckpointStats(start + k, 1, 0, 10, 10, 0.0, f"s3://raw/{k}")),
+                }
+                sent = commit._process_parameters_for_postcompile(  # the IN (...) expanded, as SQLAlchemy does
+                    commit.construct_params({f"p_{k}": v for k, v in values.items()})
+                )
+                cursor.execute(sent.statement, sent.parameters)
+                advanced = cursor.fetchone()[0]
+                raw.commit()
+                took.append(time.perf_counter() - t)
+                assert advanced == 1, "the one-statement commit did not advance its shard"
+        finally:
+            raw.close()
+        return took
+
+    return _at_once(threads, commits)
+
+
+def _at_once(threads: int, work: Any) -> tuple[list[float], float]:
+    """``work(i)`` (a list of latencies) on ``threads`` threads at once: (all latencies, how many a second)."""
+    results: list[list[float]] = [[] for _ in range(threads)]
+
+    def run(i: int) -> None:
+        results[i] = work(i)
+
+    running = [threading.Thread(target=run, args=(i,), name=f"bench-commits-{i}") for i in range(threads)]
+    started = time.perf_counter()
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    took = [x for r in results for x in r]
+    return took, len(took) / (time.perf_counter() - started)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -672,7 +737,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             )
         sizes = {p: int(info["size"]) for p, info in fs.find(f"{prefix}/hot", detail=True).items()}
         part_bytes = sum(sizes.get(u, 0) for u in urls)
-        floor_p50, floor_rate = postgres_floor(monitor, job_id)
+        floor, floor_rate = postgres_floor(monitor, job_id)
         # The finalizer's reading of the parts, before (one at a time) and now (read ahead).
         reads = {}
         for at_once in (1, runtime.settings.storage.read_concurrency):
@@ -709,7 +774,7 @@ def run_size(rows: int, args: argparse.Namespace, services: Services, probe: Pro
             "submit -> last shard done (s)": job_s,
             "checkpoint commits/s (over the job)": len(commits) / job_s,
             "commit p50 (ms)": _pct([c[1] for c in commits], 0.5) * 1000,
-            "PostgreSQL floor: lock+insert+commit p50 (ms)": floor_p50 * 1000,
+            "PostgreSQL floor: lock+insert+commit p50 (ms)": _pct(floor, 0.5) * 1000,
             "PostgreSQL floor: commits/s, one connection": floor_rate,
             "commit p99 (ms)": _pct([c[1] for c in commits], 0.99) * 1000,
             "part write+commit p50 (ms)": _pct([c[1] for c in persists], 0.5) * 1000,
@@ -784,8 +849,9 @@ def _first_shards(
     """``--first-shards``: no workers; route until ``n`` shards are queued, then pause the
     job (the router stops at its next shard) and report how soon the first was queued.
     Then, with nothing else running, a checkpoint commit's own cost: one queued shard
-    claimed and ``COMMITS`` one-row checkpoints committed on it in a row, next to
-    PostgreSQL's smallest commit (``postgres_floor``) on the same job; then cancel."""
+    claimed and ``COMMITS`` one-row checkpoints committed on it in a row, then as many
+    over ``THREADS`` shards at once, each next to PostgreSQL's smallest commit
+    (``postgres_floor``) on the same job, alone and as many at once; then cancel."""
     from sqlalchemy import select
 
     from pipeline.jobs.control import cancel
@@ -805,25 +871,41 @@ def _first_shards(
     rss = _proc_status("VmHWM") / 1024.0 if rss_reset else float("nan")
 
     with session_scope(runtime.engine) as session:
-        shard_id, backend, start = session.execute(
+        queued_shards = session.execute(
             select(Shard.id, Shard.backend, Shard.row_start)
             .where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED)
             .order_by(Shard.shard_index)
-            .limit(1)
-        ).one()
-    with session_scope(runtime.engine) as session:
-        claim = claims.claim_shard(session, shard_id, "bench-committer", 600.0, backend)
-    assert claim is not None
-    took = []
-    started = time.perf_counter()
-    for i in range(COMMITS):
-        stats = claims.CheckpointStats(start + i, 1, 0, 10, 10, 0.0, f"s3://bench/part-{i}.parquet")
-        t = time.perf_counter()
+            .limit(2 * (1 + THREADS))
+        ).all()
+    held = []
+    for shard_id, backend, start in queued_shards:
         with session_scope(runtime.engine) as session:
-            claims.commit_checkpoint(session, claim, stats, 600.0)
-        took.append(time.perf_counter() - t)
-    rate = COMMITS / (time.perf_counter() - started)
-    floor_p50, floor_rate = postgres_floor(runtime.engine, job_id)
+            claim = claims.claim_shard(session, shard_id, "bench-committer", 600.0, str(backend))
+        assert claim is not None
+        held.append((claim, start))
+
+    def commits(on: list[tuple[Any, int]], threads: int) -> tuple[list[float], float]:
+        def work(i: int) -> list[float]:
+            claim, start = on[i]
+            took = []
+            for k in range(COMMITS // threads):
+                stats = claims.CheckpointStats(
+                    start + k, 1, 0, 10, 10, 0.0, f"s3://bench/{claim.shard_id}/part-{k}.parquet"
+                )
+                t = time.perf_counter()
+                with session_scope(runtime.engine) as session:
+                    claims.commit_checkpoint(session, claim, stats, 600.0)
+                took.append(time.perf_counter() - t)
+            return took
+
+        return _at_once(threads, work)
+
+    alone, alone_rate = commits(held[:1], 1)
+    together, together_rate = commits(held[1 : 1 + THREADS], THREADS)
+    raw_alone, raw_alone_rate = our_sql_floor(runtime.engine, held[1 + THREADS : 2 + THREADS], 1)
+    raw_together, raw_together_rate = our_sql_floor(runtime.engine, held[2 + THREADS :], THREADS)
+    floor_alone, floor_alone_rate = postgres_floor(runtime.engine, job_id)
+    floor_together, floor_together_rate = postgres_floor(runtime.engine, job_id, THREADS)
     cancel(runtime, job_id, reason="benchmark: first shards only")
     return {
         "submit (s)": submit_s,
@@ -831,15 +913,26 @@ def _first_shards(
         f"shards queued (of the first {n})": queued,
         "routing per shard after the first (ms)": (elapsed - first) / max(queued - 1, 1) * 1000,
         "peak RSS, this process (MiB)": rss,
-        "checkpoint commit alone, p50 (ms)": _pct(took, 0.5) * 1000,
-        "checkpoint commits/s, one connection": rate,
-        "PostgreSQL floor: lock+insert+commit p50 (ms)": floor_p50 * 1000,
-        "PostgreSQL floor: commits/s, one connection": floor_rate,
+        "checkpoint commit alone, p50 (ms)": _pct(alone, 0.5) * 1000,
+        "checkpoint commits/s, one connection": alone_rate,
+        "its SQL alone (psycopg), p50 (ms)": _pct(raw_alone, 0.5) * 1000,
+        "its SQL alone (psycopg), commits/s": raw_alone_rate,
+        "PostgreSQL floor: lock+insert+commit p50 (ms)": _pct(floor_alone, 0.5) * 1000,
+        "PostgreSQL floor: commits/s, one connection": floor_alone_rate,
+        f"checkpoint commits/s, {THREADS} at once (one job)": together_rate,
+        f"checkpoint commit p99, {THREADS} at once (ms)": _pct(together, 0.99) * 1000,
+        f"its SQL alone (psycopg): commits/s, {THREADS} at once": raw_together_rate,
+        f"its SQL alone (psycopg): p99, {THREADS} at once (ms)": _pct(raw_together, 0.99) * 1000,
+        f"PostgreSQL floor: commits/s, {THREADS} at once": floor_together_rate,
+        f"PostgreSQL floor: p99, {THREADS} at once (ms)": _pct(floor_together, 0.99) * 1000,
     }
 
 
-#: One-row checkpoints committed in a row by ``--first-shards`` (a shard holds 500 rows).
+#: One-row checkpoints committed in a row by ``--first-shards`` (a shard holds 500 rows),
+#: on one connection, then over ``THREADS`` connections at once (threads of this process,
+#: each committing into a shard of its own of the same job, as workers do).
 COMMITS = 300
+THREADS = 4
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ database's, the job row is locked before shard rows.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, bindparam, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import ledger, transitions
@@ -128,11 +128,16 @@ def claim_shard(
 
 def owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:
     """The fence: the shard is running under this very claim (owner and attempt)."""
+    return _fence(claim.shard_id, claim.worker_id, claim.attempt)
+
+
+def _fence(shard_id: object, worker_id: object, attempt: object) -> tuple[ColumnElement[bool], ...]:
+    """``owned``'s guards, of values or of bound parameters (a statement built once)."""
     return (
-        Shard.id == claim.shard_id,
+        Shard.id == shard_id,
         Shard.status == ShardStatus.RUNNING,
-        Shard.lease_owner == claim.worker_id,
-        Shard.attempts == claim.attempt,
+        Shard.lease_owner == worker_id,
+        Shard.attempts == attempt,
     )
 
 
@@ -200,14 +205,45 @@ class CheckpointStats:
 
 
 _CHECKPOINTS = cast(Table, Checkpoint.__table__)
+_SHARDS = cast(Table, Shard.__table__)
 
 
 def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float) -> None:
     """Record a written part as committed; raise ``LeaseLost`` if we no longer own the shard.
 
     The guard also requires the part to start exactly at the shard's resume point,
-    so a part can never be committed twice or out of order.
+    so a part can never be committed twice or out of order. Every checkpoint of a
+    job waits for the job's lock, so what runs under it is kept short: on
+    PostgreSQL the lock is one statement and everything else another (``_COMMIT``).
     """
+    if session.get_bind().dialect.name == "postgresql":
+        _commit_in_one_statement(session, claim, stats, lease_seconds)
+    else:
+        _commit_statement_by_statement(session, claim, stats, lease_seconds)
+
+
+def _commit_in_one_statement(session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float) -> None:
+    """PostgreSQL: the job lock, then ``_COMMIT``; the same writes as
+    ``_commit_statement_by_statement`` (a test holds the two to it)."""
+    now = transitions.lock_job_clock(session, claim.job_id) or db_now(session)
+    values = {
+        "job_id": claim.job_id,
+        "shard_id": claim.shard_id,
+        "worker_id": claim.worker_id,
+        "attempt": claim.attempt,
+        "backend": claim.backend,
+        "now": now,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        **asdict(stats),
+    }
+    if session.connection().execute(_COMMIT, {f"p_{k}": v for k, v in values.items()}).scalar_one() != 1:
+        raise _lease_lost(claim, stats)
+
+
+def _commit_statement_by_statement(
+    session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float
+) -> None:
+    """Any database: the job lock, the fenced shard update, then each write on its own."""
     job = transitions.lock_job(session, claim.job_id)
     now = job.updated_at if job is not None else db_now(session)  # the clock at the lock
     result = session.execute(
@@ -227,9 +263,7 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
         )
     )
     if matched(result) != 1:
-        raise LeaseLost(
-            f"shard {claim.shard_index} of job {claim.job_id}: lease lost before committing row {stats.first_row}"
-        )
+        raise _lease_lost(claim, stats)
     # Plain statements, not the ORM's unit of work: this runs under the job's lock.
     session.execute(
         insert(_CHECKPOINTS).values(
@@ -252,6 +286,67 @@ def commit_checkpoint(session: Session, claim: Claim, stats: CheckpointStats, le
         .execution_options(synchronize_session=False)
     )
     ledger.charge(session, _charge_of(claim, stats), now)
+
+
+def _lease_lost(claim: Claim, stats: CheckpointStats) -> LeaseLost:
+    return LeaseLost(
+        f"shard {claim.shard_index} of job {claim.job_id}: lease lost before committing row {stats.first_row}"
+    )
+
+
+def _one_statement_commit() -> Select[int]:
+    """``commit_checkpoint``'s writes after the job lock as one PostgreSQL statement,
+    built once: the fenced shard UPDATE (``advanced``), and, only if it matched, the
+    checkpoint row, the attempt's count and the ledger's charge and release
+    (data-modifying CTEs gated on ``advanced``). It returns how many shards advanced.
+
+    Bound parameters, each with ``p_`` before its name (``ledger.charge_after``): the
+    claim's ``job_id``, ``shard_id``, ``worker_id``, ``attempt``, ``backend``;
+    ``CheckpointStats``' fields; ``now`` and ``lease_expires_at``.
+    """
+    shards, attempts = _SHARDS.c, cast(Table, ShardAttempt.__table__).c
+
+    def param(name: str, column: str | None = None, table: Table = _CHECKPOINTS) -> ColumnElement[object]:
+        return bindparam(f"p_{name}", type_=table.c[column or name].type)
+
+    counts = ("rows_failed", "input_tokens", "output_tokens", "cost_usd", "rows_cached", "saved_usd")
+    advanced = (
+        update(Shard)
+        .where(
+            *_fence(param("shard_id"), param("worker_id", "lease_owner", _SHARDS), param("attempt")),
+            Shard.row_start + Shard.rows_done == param("first_row"),
+        )
+        .values(
+            rows_done=Shard.rows_done + param("row_count"),
+            **{name: shards[name] + param(name, table=_SHARDS) for name in counts},
+            lease_expires_at=param("lease_expires_at", table=_SHARDS),
+            updated_at=param("now", "created_at"),
+        )
+        .returning(Shard.id)
+        .cte("advanced")
+    )
+    recorded = [name for name in _CHECKPOINTS.c.keys() if name != "id"]
+    checkpointed = (
+        insert(_CHECKPOINTS)
+        .from_select(
+            recorded, select(*(param("now" if n == "created_at" else n, n) for n in recorded)).select_from(advanced)
+        )
+        .cte("checkpointed")
+    )
+    counted = (
+        update(ShardAttempt)
+        .where(
+            ShardAttempt.shard_id == param("shard_id"),
+            ShardAttempt.attempt == param("attempt"),
+            exists(advanced.select()),  # by key, not joined: the plan reads one row
+        )
+        .values(rows_processed=attempts.rows_processed + param("row_count"))
+        .cte("counted")
+    )
+    return select(func.count()).select_from(advanced).add_cte(checkpointed, counted, *ledger.charge_after(advanced))
+
+
+_COMMIT = _one_statement_commit()
 
 
 def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:

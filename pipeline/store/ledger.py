@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, func, insert, select
+from sqlalchemy import CTE, ColumnElement, Table, bindparam, func, insert, literal, select, true
 from sqlalchemy.orm import Session
 
 from schemas.status import LedgerKind
@@ -43,6 +43,7 @@ __all__ = [
     "Charge",
     "budget_for",
     "charge",
+    "charge_after",
     "committed_usd",
     "fits",
     "headroom",
@@ -239,6 +240,64 @@ def charge(session: Session, work: Charge, now: datetime) -> None:
     give_back = min(reserved_usd(session, work.shard_id, work.attempt), work.cost_usd)
     if give_back > 0:
         _give_back(session, work.job_id, work.shard_id, work.backend, give_back, now, work.attempt)
+
+
+def charge_after(gate: CTE) -> tuple[CTE, CTE]:
+    """``charge`` as two data-modifying CTEs of one PostgreSQL statement, writing only
+    if ``gate`` has a row: the charge, and the release of as much of the attempt's
+    reservation (read in the statement's snapshot: the caller takes the job lock in
+    an earlier statement, so every reservation committed before it is seen).
+
+    Bound parameters, named as ``Charge``'s fields with ``p_`` before them (a
+    parameter named as a column of a table a statement updates would become a SET of
+    it): ``p_job_id``, ``p_shard_id``, ``p_backend``, ``p_cost_usd``, ``p_input_tokens``,
+    ``p_output_tokens``, ``p_attempt``; and ``p_now``.
+    """
+    col = _LEDGER.c
+
+    def param(name: str, column: str | None = None) -> ColumnElement[object]:
+        return bindparam(f"p_{name}", type_=col[column or name].type)
+
+    held = (
+        select(func.coalesce(func.sum(col.amount_usd), 0.0).label("usd"))
+        .where(
+            col.shard_id == param("shard_id"),
+            col.kind.in_((LedgerKind.RESERVE, LedgerKind.RELEASE)),
+            col.attempt == param("attempt"),
+        )
+        .cte("held")
+    )
+    whose = ["job_id", "shard_id", "backend", "attempt", "created_at", "kind", "amount_usd"]
+    who = [param("job_id"), param("shard_id"), param("backend"), param("attempt"), param("now", "created_at")]
+    charged = (
+        insert(_LEDGER)
+        .from_select(
+            [*whose, "input_tokens", "output_tokens"],
+            select(
+                *who,
+                literal(LedgerKind.CHARGE, col.kind.type),
+                param("cost_usd", "amount_usd"),
+                param("input_tokens"),
+                param("output_tokens"),
+            ).select_from(gate),
+            include_defaults=False,  # a CTE's INSERT gets no Python-side defaults: every column is given
+        )
+        .cte("charged")
+    )
+    give_back = func.least(held.c.usd, param("cost_usd", "amount_usd"))
+    released = (
+        insert(_LEDGER)
+        .from_select(
+            [*whose, "input_tokens", "output_tokens"],
+            select(*who, literal(LedgerKind.RELEASE, col.kind.type), -give_back, literal(0), literal(0))
+            .select_from(gate)
+            .join(held, true())
+            .where(give_back > 0),
+            include_defaults=False,
+        )
+        .cte("released")
+    )
+    return charged, released
 
 
 def release(

@@ -23,8 +23,9 @@ end) live in ``pipeline.store.claims``, which builds on these.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, String, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import ledger
@@ -48,6 +49,7 @@ __all__ = [
     "finish_job",
     "job_shards_final",
     "lock_job",
+    "lock_job_clock",
     "queue_shard",
     "requeue_stale",
     "resume_job",
@@ -100,6 +102,25 @@ def lock_job(session: Session, job_id: str) -> Job | None:
         .returning(Job)
         .execution_options(populate_existing=True, synchronize_session=False)
     ).scalar_one_or_none()
+
+
+def lock_job_clock(session: Session, job_id: str) -> datetime | None:
+    """``lock_job`` for a caller that needs only the clock at the lock (a checkpoint
+    commit, many a second): the same UPDATE on PostgreSQL, built once and run as a
+    plain statement, returning ``updated_at`` and no ORM object."""
+    if session.get_bind().dialect.name != "postgresql":
+        job = lock_job(session, job_id)
+        return job.updated_at if job is not None else None
+    stamp: datetime | None = session.connection().execute(_LOCK_CLOCK, {"p_job_id": job_id}).scalar_one_or_none()
+    return stamp
+
+
+_LOCK_CLOCK = (
+    update(cast(Table, Job.__table__))
+    .where(Job.id == bindparam("p_job_id", type_=String))
+    .values(updated_at=func.clock_timestamp())
+    .returning(Job.updated_at)
+)
 
 
 def start_finalizing(session: Session, job_id: str) -> bool:

@@ -127,6 +127,10 @@ class Job(Base):
     #: cache, repeats of an earlier row) and what sending them would have cost.
     rows_cached: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     saved_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    #: Spent plus still reserved, in USD: ``sum(cost_ledger.amount_usd)`` of the job, kept
+    #: by triggers on ``cost_ledger`` (migration 0012), so that the budget check under
+    #: the job lock reads one row, not a ledger that grows with every checkpoint.
+    committed_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,6 +1,7 @@
 """The cost ledger's moves: reserve (router, top-ups), charge per checkpoint, release.
 
-Reserved + spent for a job is ``sum(amount_usd)`` over its rows. Reservations are
+Reserved + spent for a job is ``sum(amount_usd)`` over its rows, which the database
+keeps on the job row as it changes (``Job.committed_usd``: migration 0012's triggers). Reservations are
 worst cases (``pipeline.routing.pricing``: every row's ``max_tokens``, and an input bound
 that holds for any tokenizer), and each belongs to a shard and one of its
 attempts:
@@ -75,12 +76,10 @@ class Charge:
 
 
 def committed_usd(session: Session, job_id: str) -> float:
-    """Spent plus still-reserved USD of a job."""
-    return float(
-        session.execute(
-            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(CostLedgerEntry.job_id == job_id)
-        ).scalar_one()
-    )
+    """Spent plus still-reserved USD of a job: the sum of its ledger, as the job row
+    holds it (``Job.committed_usd``, kept by the database on every ledger write)."""
+    committed = session.execute(select(Job.committed_usd).where(Job.id == job_id)).scalar_one_or_none()
+    return float(committed or 0.0)
 
 
 def spent_usd(session: Session, job_id: str) -> float:
@@ -134,9 +133,7 @@ def budget_for(session: Session, job: Job, committed: float | None = None) -> fl
         return job.budget_usd
     key_committed = float(
         session.execute(
-            select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0))
-            .join(Job, Job.id == CostLedgerEntry.job_id)
-            .where(Job.api_key_id == job.api_key_id)
+            select(func.coalesce(func.sum(Job.committed_usd), 0.0)).where(Job.api_key_id == job.api_key_id)
         ).scalar_one()
     )
     own = committed_usd(session, job.id) if committed is None else committed

@@ -383,15 +383,17 @@ def machine(runtime: Runtime, folder: Path, seen: Counter[str]) -> type[RuleBase
 
         @invariant()
         def reserved_plus_spent_within_the_budget(self) -> None:
-            if self.budget is None:
-                return
             with session_scope(runtime.engine) as session:
                 committed = session.execute(
                     select(func.coalesce(func.sum(CostLedgerEntry.amount_usd), 0.0)).where(
                         CostLedgerEntry.job_id == self.job_id
                     )
                 ).scalar_one()
-            assert committed <= self.budget + 1e-9
+                kept = session.execute(select(Job.committed_usd).where(Job.id == self.job_id)).scalar_one()
+            # The running total every budget check reads is the ledger's sum.
+            assert kept == pytest.approx(committed, abs=1e-9)
+            if self.budget is not None:
+                assert committed <= self.budget + 1e-9
 
         @invariant()
         def every_move_is_in_the_table(self) -> None:

@@ -228,3 +228,43 @@ def test_the_migrations_build_exactly_the_models(runtime: Runtime) -> None:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
     assert diff == []
+
+
+def test_the_job_row_keeps_its_ledgers_sum_whoever_writes_the_ledger(
+    runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Budget checks read ``jobs.committed_usd``; the database keeps it (migration 0012's
+    triggers) on inserts, updates and deletes of ledger rows, ours or anyone's."""
+    job_id = _job(runtime, tmp_path, tiny_model)
+    shard_id = _queue_all(runtime, job_id)[0]
+    with session_scope(runtime.engine) as session:
+        claim = claims.claim_shard(session, shard_id, "w", 60, "local")
+        assert claim is not None
+        claims.reserve_chunk(session, claim, 0.5)
+        claims.commit_checkpoint(session, claim, claims.CheckpointStats(0, 5, 1, 50, 70, 0.2, "file:///p"), 60)
+
+    def kept_and_summed() -> tuple[float, float]:
+        with runtime.engine.connect() as conn:
+            kept = conn.execute(text("select committed_usd from jobs where id = :id"), {"id": job_id}).scalar_one()
+            summed = conn.execute(
+                text("select coalesce(sum(amount_usd), 0) from cost_ledger where job_id = :id"), {"id": job_id}
+            ).scalar_one()
+        return float(kept), float(summed)
+
+    kept, summed = kept_and_summed()
+    assert kept == pytest.approx(summed) and summed == pytest.approx(0.5)  # 0.5 held, 0.2 of it spent
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            text(
+                "insert into cost_ledger (job_id, shard_id, backend, kind, amount_usd, input_tokens, output_tokens, "
+                "created_at) values (:id, :shard, 'x', 'charge', 1.25, 0, 0, :now)"
+            ),
+            {"id": job_id, "shard": shard_id, "now": utcnow()},
+        )
+        conn.execute(text("update cost_ledger set amount_usd = 0.75 where amount_usd = 1.25"))
+        conn.execute(text("delete from cost_ledger where kind = 'release' and job_id = :id"), {"id": job_id})
+    kept, summed = kept_and_summed()
+    assert kept == pytest.approx(summed) and summed == pytest.approx(1.45)
+    with runtime.engine.begin() as conn:  # a job's ledger goes with it, and nothing else breaks
+        conn.execute(text("delete from jobs where id = :id"), {"id": job_id})
+        assert conn.execute(text("select count(*) from cost_ledger")).scalar_one() == 0

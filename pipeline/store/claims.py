@@ -386,7 +386,8 @@ def end_shard(
     again on the same backend), given back to the shard's pool for the next attempt.
     """
     check_shard_move((ShardStatus.RUNNING,), new)
-    now = db_now(session)
+    # The job row before the shard's (its ledger rows update the job's running total).
+    now = transitions.lock_job_clock(session, claim.job_id) or db_now(session)
     values: dict[str, object] = {
         "status": new,
         "lease_owner": None,
@@ -416,7 +417,7 @@ def reroute_shard(session: Session, claim: Claim, error: str) -> bool:
     checkpoints stay: the next backend resumes after them.
     """
     check_shard_move((ShardStatus.RUNNING,), ShardStatus.PENDING)
-    now = db_now(session)
+    now = transitions.lock_job_clock(session, claim.job_id) or db_now(session)  # the job row first
     shard = session.execute(select(Shard).where(*owned(claim))).scalar_one_or_none()
     if shard is None:
         return False

@@ -384,7 +384,10 @@ def expire_lease(session: Session, shard_id: int, *, owner_dead: bool = False) -
 def back_to_router(session: Session, shard_id: int) -> bool:
     """preempted -> pending: the router chooses its backend again (its reservation is released)."""
     check_shard_move((ShardStatus.PREEMPTED,), ShardStatus.PENDING)
-    now = db_now(session)
+    job_id = session.execute(select(Shard.job_id).where(Shard.id == shard_id)).scalar_one_or_none()
+    if job_id is None:
+        return False
+    now = lock_job_clock(session, job_id) or db_now(session)  # the job row before the shard's
     row = session.execute(
         update(Shard)
         .where(Shard.id == shard_id, Shard.status == ShardStatus.PREEMPTED)

@@ -1,5 +1,6 @@
 """A checkpoint commit on PostgreSQL is one statement after the job lock (``_COMMIT``);
-everywhere else it is a statement per write. The two must write the same rows.
+everywhere else it is a statement per write. The two must write the same rows. And
+every move that writes the ledger locks the job row first.
 
 On one PostgreSQL job, two shards are claimed with the same reservation and then get
 the same random sequence of reservations and commits (some by a worker that is not
@@ -10,13 +11,15 @@ attempt, their checkpoint rows and their ledger rows are the same.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from pipeline.jobs.submit import JobRequest, submit
 from pipeline.routing.router import route_job
@@ -24,6 +27,7 @@ from pipeline.runtime import Runtime
 from pipeline.store import claims, db
 from pipeline.store.db import session_scope
 from schemas.errors import LeaseLost
+from schemas.status import AttemptOutcome, ShardStatus
 from schemas.tables import Checkpoint, CostLedgerEntry, Shard, ShardAttempt
 from tests.support import write_prompts
 
@@ -148,3 +152,51 @@ def test_the_one_statement_commit_writes_what_the_statement_by_statement_commit_
         assert outcomes[0] == outcomes[1], step
         one, each = (_rows(runtime, claim.shard_id, start, ledger_after) for claim, start in held)
         assert one == each, step
+
+
+def test_ending_a_shard_takes_the_job_lock_before_the_shards_so_it_cannot_deadlock(
+    pg_runtime: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Every ledger row updates its job's running total (migration 0012's trigger), so a
+    move that writes the ledger must lock the job row before its shard's, as everything
+    else does: here another transaction holds the job lock and then updates the shard
+    while the owner ends it. Shard first would be a deadlock that PostgreSQL breaks by
+    failing one of the two."""
+    runtime = pg_runtime
+    path = write_prompts(tmp_path / "in.parquet", PER_SHARD)
+    job_id = submit(runtime, JobRequest(str(path), str(tiny_model), rows_per_shard=PER_SHARD, max_tokens=8))
+    route_job(runtime, job_id)
+    with session_scope(runtime.engine) as session:
+        shard_id, backend = session.execute(select(Shard.id, Shard.backend).where(Shard.job_id == job_id)).one()
+        claim = claims.claim_shard(session, shard_id, "owner", 60, str(backend))
+        assert claim is not None
+        claims.reserve_chunk(session, claim, 0.5)  # what ending the shard gives back: a ledger row
+    ended: list[object] = []
+
+    def end() -> None:
+        try:
+            with session_scope(runtime.engine) as session:
+                ended.append(claims.end_shard(session, claim, ShardStatus.DONE, outcome=AttemptOutcome.DONE))
+        except Exception as exc:  # noqa: BLE001  (asserted below)
+            ended.append(exc)
+
+    with runtime.engine.connect() as other:
+        me = other.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        other.execute(text("UPDATE jobs SET updated_at = updated_at WHERE id = :id"), {"id": job_id})
+        ender = threading.Thread(target=end)
+        ender.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the owner's transaction waits on a lock
+            with runtime.engine.connect() as probe:
+                waiting = probe.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> :me"),
+                    {"me": me},
+                ).scalar_one()
+            if waiting:
+                break
+            time.sleep(0.05)
+        assert waiting, "the owner's end_shard never waited on a lock"
+        other.execute(text("UPDATE shards SET updated_at = updated_at WHERE id = :id"), {"id": shard_id})
+        other.commit()
+    ender.join(30)
+    assert ended == [True]

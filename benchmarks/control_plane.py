@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import dataclasses
 import json
 import os
 import re
@@ -454,18 +453,9 @@ def our_sql_floor(engine: Any, on: list[tuple[Any, int]], threads: int, n: int =
                 t = time.perf_counter()
                 cursor.execute(lock.string, lock.construct_params({"p_job_id": claim.job_id}))
                 now = cursor.fetchone()[0]
-                values = {
-                    "job_id": claim.job_id,
-                    "shard_id": claim.shard_id,
-                    "worker_id": claim.worker_id,
-                    "attempt": claim.attempt,
-                    "backend": claim.backend,
-                    "now": now,
-                    "lease_expires_at": now,
-                    **dataclasses.asdict(claims.CheckpointStats(start + k, 1, 0, 10, 10, 0.0, f"s3://raw/{k}")),
-                }
+                stats = claims.CheckpointStats(start + k, 1, 0, 10, 10, 0.0, f"s3://raw/{k}")
                 sent = commit._process_parameters_for_postcompile(  # the IN (...) expanded, as SQLAlchemy does
-                    commit.construct_params({f"p_{k}": v for k, v in values.items()})
+                    commit.construct_params(claims._commit_parameters(claim, stats, now, 600.0))
                 )
                 cursor.execute(sent.statement, sent.parameters)
                 advanced = cursor.fetchone()[0]

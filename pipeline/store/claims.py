@@ -226,6 +226,12 @@ def _commit_in_one_statement(session: Session, claim: Claim, stats: CheckpointSt
     """PostgreSQL: the job lock, then ``_COMMIT``; the same writes as
     ``_commit_statement_by_statement`` (a test holds the two to it)."""
     now = transitions.lock_job_clock(session, claim.job_id) or db_now(session)
+    if session.connection().execute(_COMMIT, _commit_parameters(claim, stats, now, lease_seconds)).scalar_one() != 1:
+        raise _lease_lost(claim, stats)
+
+
+def _commit_parameters(claim: Claim, stats: CheckpointStats, now: datetime, lease_seconds: float) -> dict[str, object]:
+    """``_COMMIT``'s bound parameters."""
     values = {
         "job_id": claim.job_id,
         "shard_id": claim.shard_id,
@@ -236,8 +242,7 @@ def _commit_in_one_statement(session: Session, claim: Claim, stats: CheckpointSt
         "lease_expires_at": now + timedelta(seconds=lease_seconds),
         **asdict(stats),
     }
-    if session.connection().execute(_COMMIT, {f"p_{k}": v for k, v in values.items()}).scalar_one() != 1:
-        raise _lease_lost(claim, stats)
+    return {f"p_{name}": value for name, value in values.items()}
 
 
 def _commit_statement_by_statement(

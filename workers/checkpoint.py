@@ -61,13 +61,18 @@ def persist(
     settings = runtime.settings.worker
     deadline = time.monotonic() + settings.transient_retry_seconds
     delay = 0.5
-    written = False
+    written = sent = False
     while True:
         try:
             if not written:
                 write_parquet(table, stats.url, runtime.storage.storage_class("hot"))
                 written = True
             with session_scope(runtime.engine) as session:
+                # A commit that failed may have committed all the same (the connection
+                # dropped after the server's COMMIT): this part is not sent twice.
+                if sent and claims.already_committed(session, claim, stats):
+                    return
+                sent = True
                 claims.commit_checkpoint(session, claim, stats, settings.lease_seconds)
             return
         except LeaseLost:

@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointStats",
     "ChunkVerdict",
     "Claim",
+    "already_committed",
     "charge_lost_work",
     "claim_shard",
     "commit_checkpoint",
@@ -352,6 +353,23 @@ def _one_statement_commit() -> Select[int]:
 
 
 _COMMIT = _one_statement_commit()
+
+
+def already_committed(session: Session, claim: Claim, stats: CheckpointStats) -> bool:
+    """Whether this very part (its first row and file, by this attempt) is committed:
+    a retried commit asks first, since its earlier try may have been committed by the
+    server and only the reply lost; committing it again would fail its guard."""
+    return (
+        session.execute(
+            select(Checkpoint.id).where(
+                Checkpoint.shard_id == claim.shard_id,
+                Checkpoint.first_row == stats.first_row,
+                Checkpoint.attempt == claim.attempt,
+                Checkpoint.url == stats.url,
+            )
+        ).first()
+        is not None
+    )
 
 
 def charge_lost_work(session: Session, claim: Claim, stats: CheckpointStats) -> None:

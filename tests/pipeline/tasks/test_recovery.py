@@ -4,7 +4,8 @@ Review findings H5 (a lost route message left shards pending forever), M14
 (routing profiled the whole input first, and was re-sent every sweep), M8 (a
 broker error after the submit's commit made a retried schedule submit twice), M9
 (an input changed after submit: a livelock), M13 (a hung engine kept its lease
-forever) and M2 (one storage or database blip failed a shard for good).
+forever) and M2 (one storage or database blip failed a shard for good); and a
+checkpoint whose commit went through but whose reply was lost.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 import workers.checkpoint as checkpoint_module
@@ -27,8 +28,8 @@ from pipeline.tasks.finalize import finalize_job
 from pipeline.tasks.reaper import reap
 from schemas.errors import TransientError
 from schemas.records import RouteJob, RunShard
-from schemas.status import AttemptOutcome, JobStatus, ShardStatus
-from schemas.tables import BackendStats, ShardAttempt
+from schemas.status import AttemptOutcome, JobStatus, LedgerKind, ShardStatus
+from schemas.tables import BackendStats, Checkpoint, CostLedgerEntry, ShardAttempt
 from tests.support import write_prompts
 from tests.support.jobs import job_row, model_folder, run_queued, shards, stub_runtime
 from workers.runner import ShardRunner
@@ -259,6 +260,43 @@ def test_a_storage_or_database_blip_at_a_checkpoint_is_retried(
 
     assert _run(runtime, shards(runtime, job_id)[0].id) is ShardStatus.DONE
     assert faults == {"write": 0, "commit": 0}
+    assert finalize_job(runtime, job_id) is JobStatus.SUCCEEDED
+
+
+def test_a_checkpoint_committed_whose_reply_was_lost_is_not_committed_or_charged_again(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server committed the checkpoint, then the connection dropped before its reply:
+    the retry found its guard failed (rows_done had moved), took it for a lost lease,
+    stopped the shard and charged the chunk a second time."""
+    runtime, _ = stub_runtime(store_url, worker={"checkpoint_rows": 5})
+    job_id = _job(runtime, tmp_path, rows=20, rows_per_shard=20)
+    route_job(runtime, job_id)
+    real_commit = claims.commit_checkpoint
+    faults = {"reply": 1}
+
+    def reply_lost_once(session, claim, stats, lease_seconds):  # type: ignore[no-untyped-def]
+        if not faults["reply"]:
+            return real_commit(session, claim, stats, lease_seconds)
+        faults["reply"] -= 1
+        with session_scope(runtime.engine) as own:  # the server's COMMIT went through ...
+            real_commit(own, claim, stats, lease_seconds)
+        raise OperationalError(
+            "COMMIT", {}, Exception("server closed the connection unexpectedly")
+        )  # ... its reply did not
+
+    monkeypatch.setattr(claims, "commit_checkpoint", reply_lost_once)
+
+    assert _run(runtime, shards(runtime, job_id)[0].id) is ShardStatus.DONE
+    assert faults == {"reply": 0}
+    (shard,) = shards(runtime, job_id)
+    assert shard.attempts == 1 and shard.rows_done == 20
+    with session_scope(runtime.engine) as session:
+        parts = session.execute(select(func.count()).select_from(Checkpoint)).scalar_one()
+        charges = session.execute(
+            select(func.count()).select_from(CostLedgerEntry).where(CostLedgerEntry.kind == LedgerKind.CHARGE)
+        ).scalar_one()
+    assert parts == 4 and charges == 4  # one charge a part: none for the retried one
     assert finalize_job(runtime, job_id) is JobStatus.SUCCEEDED
 
 

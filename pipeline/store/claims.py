@@ -12,13 +12,13 @@ import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, bindparam, exists, func, insert, select, update
+from sqlalchemy import BindParameter, ColumnElement, Select, Table, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import ledger, transitions
-from pipeline.store.db import db_now
+from pipeline.store.db import bound, db_now
 from pipeline.store.guards import check_shard_move, matched
 from schemas.errors import LeaseLost
 from schemas.records import RunShard
@@ -250,8 +250,7 @@ def _commit_statement_by_statement(
     session: Session, claim: Claim, stats: CheckpointStats, lease_seconds: float
 ) -> None:
     """Any database: the job lock, the fenced shard update, then each write on its own."""
-    job = transitions.lock_job(session, claim.job_id)
-    now = job.updated_at if job is not None else db_now(session)  # the clock at the lock
+    now = transitions.lock_job_clock(session, claim.job_id) or db_now(session)
     result = session.execute(
         update(Shard)
         .execution_options(synchronize_session=False)
@@ -306,14 +305,14 @@ def _one_statement_commit() -> Select[int]:
     checkpoint row, the attempt's count and the ledger's charge and release
     (data-modifying CTEs gated on ``advanced``). It returns how many shards advanced.
 
-    Bound parameters, each with ``p_`` before its name (``ledger.charge_after``): the
-    claim's ``job_id``, ``shard_id``, ``worker_id``, ``attempt``, ``backend``;
-    ``CheckpointStats``' fields; ``now`` and ``lease_expires_at``.
+    Bound parameters (``db.bound``: ``p_`` before each name): the claim's ``job_id``,
+    ``shard_id``, ``worker_id``, ``attempt``, ``backend``; ``CheckpointStats``' fields;
+    ``now`` and ``lease_expires_at``.
     """
     shards, attempts = _SHARDS.c, cast(Table, ShardAttempt.__table__).c
 
-    def param(name: str, column: str | None = None, table: Table = _CHECKPOINTS) -> ColumnElement[object]:
-        return bindparam(f"p_{name}", type_=table.c[column or name].type)
+    def param(name: str, column: str | None = None, table: Table = _CHECKPOINTS) -> BindParameter[Any]:
+        return bound(table, name, column)
 
     counts = ("rows_failed", "input_tokens", "output_tokens", "cost_usd", "rows_cached", "saved_usd")
     advanced = (

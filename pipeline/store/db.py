@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import BindParameter, Engine, Table, bindparam, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +28,16 @@ from schemas.secrets import mask_url
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["current_revision", "db_now", "engine_for", "head_revision", "is_transient", "session_scope", "upgrade"]
+__all__ = [
+    "bound",
+    "current_revision",
+    "db_now",
+    "engine_for",
+    "head_revision",
+    "is_transient",
+    "session_scope",
+    "upgrade",
+]
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -82,6 +91,13 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def bound(table: Table, name: str, column: str | None = None) -> BindParameter[Any]:
+    """A bound parameter of a statement built once, typed as ``table``'s ``column``
+    (``name`` by default) and named ``p_<name>``: SQLAlchemy takes an execution
+    parameter named as a column of a table the statement updates for a SET of it."""
+    return bindparam(f"p_{name}", type_=table.c[column or name].type)
 
 
 def db_now(session: Session) -> datetime:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import cast
 
-from sqlalchemy import CTE, ColumnElement, Table, bindparam, func, insert, literal, select, true
+from sqlalchemy import CTE, ColumnElement, Table, func, insert, literal, select, true
 from sqlalchemy.orm import Session
 
+from pipeline.store.db import bound
 from schemas.status import LedgerKind
 from schemas.tables import ApiKey, CostLedgerEntry, Job
 
@@ -245,15 +247,12 @@ def charge_after(gate: CTE) -> tuple[CTE, CTE]:
     reservation (read in the statement's snapshot: the caller takes the job lock in
     an earlier statement, so every reservation committed before it is seen).
 
-    Bound parameters, named as ``Charge``'s fields with ``p_`` before them (a
-    parameter named as a column of a table a statement updates would become a SET of
-    it): ``p_job_id``, ``p_shard_id``, ``p_backend``, ``p_cost_usd``, ``p_input_tokens``,
+    Bound parameters (``db.bound``), named as ``Charge``'s fields: ``p_job_id``,
+    ``p_shard_id``, ``p_backend``, ``p_cost_usd``, ``p_input_tokens``,
     ``p_output_tokens``, ``p_attempt``; and ``p_now``.
     """
     col = _LEDGER.c
-
-    def param(name: str, column: str | None = None) -> ColumnElement[object]:
-        return bindparam(f"p_{name}", type_=col[column or name].type)
+    param = partial(bound, _LEDGER)
 
     held = (
         select(func.coalesce(func.sum(col.amount_usd), 0.0).label("usd"))

@@ -25,11 +25,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import ColumnElement, String, Table, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import ledger
-from pipeline.store.db import db_now
+from pipeline.store.db import bound, db_now
 from pipeline.store.guards import check_job_move, check_shard_move, matched
 from schemas.base import utcnow
 from schemas.errors import NotFound
@@ -115,9 +115,10 @@ def lock_job_clock(session: Session, job_id: str) -> datetime | None:
     return stamp
 
 
+_JOBS = cast(Table, Job.__table__)
 _LOCK_CLOCK = (
-    update(cast(Table, Job.__table__))
-    .where(Job.id == bindparam("p_job_id", type_=String))
+    update(_JOBS)
+    .where(Job.id == bound(_JOBS, "job_id", "id"))
     .values(updated_at=func.clock_timestamp())
     .returning(Job.updated_at)
 )

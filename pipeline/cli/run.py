@@ -10,7 +10,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -49,6 +49,39 @@ from pipeline.cli.app import (
 from pipeline.cli.render import progress_bar, summary_line
 from pipeline.runtime import Runtime
 from schemas.errors import SpotlaneError
+
+
+class Worked:
+    """``target`` on a daemon thread of its own, and whether it has ended.
+
+    Waited on through an Event, never ``Thread.join``: before Python 3.13, a signal
+    handler that raises (Ctrl-C, our SIGTERM/SIGHUP) while ``join`` waits can leave the
+    thread marked as ended while it still runs (the bpo-45274 branch of
+    ``Thread._wait_for_tstate_lock`` releases a lock the running thread holds), and every
+    later ``join`` returns at once: ``run`` then read the rows kept before the chunk in
+    hand had committed.
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            self._ended.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return not self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it has ended, waiting up to ``timeout`` seconds (None: until it does)."""
+        return self._ended.wait(timeout)
 
 
 class _Interrupted(BaseException):
@@ -175,14 +208,14 @@ def run(
     err.print(f"job [bold]{job_id}[/bold] {'continued' if job else 'submitted'} (log: {escape(str(log_path))})")
     stop = StopFlag()
     worker = InlineRun(runtime, job_id, stop)
-    thread = threading.Thread(target=worker.run, name="spotlane-run", daemon=True)
+    runner = Worked(worker.run, name="spotlane-run")
     with _log_to(log_path), _interrupts():
-        thread.start()
+        runner.start()
         try:
-            report = _follow(runtime, job_id, thread)
+            report = _follow(runtime, job_id, runner)
         except (KeyboardInterrupt, _Interrupted) as exc:
             signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
-            _stop_run(runtime, job_id, stop, thread, signum)
+            _stop_run(runtime, job_id, stop, runner, signum)
     wall = time.monotonic() - started
     console.print(summary_line(report, wall))
     if report.result_url:
@@ -196,7 +229,7 @@ def run(
         raise typer.Exit(1)
 
 
-def _stop_run(runtime: Runtime, job_id: str, stop: Any, thread: threading.Thread, signum: int) -> None:
+def _stop_run(runtime: Runtime, job_id: str, stop: Any, runner: Worked, signum: int) -> None:
     """Drain (the chunk in hand commits), cancel the job keeping its rows, say how to go on, exit."""
     name = signal.Signals(signum).name
     err.print(f"\n{name}: finishing the chunk in hand, then stopping (again to stop at once)")
@@ -208,7 +241,7 @@ def _stop_run(runtime: Runtime, job_id: str, stop: Any, thread: threading.Thread
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, at_once)
-    thread.join()
+    runner.wait()
     report = api.job_status(runtime, job_id, with_shards=False)
     if not report.is_final:
         try:
@@ -227,7 +260,7 @@ def _stop_run(runtime: Runtime, job_id: str, stop: Any, thread: threading.Thread
     raise typer.Exit(128 + signum)
 
 
-def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobReport:
+def _follow(runtime: Runtime, job_id: str, runner: Worked) -> api.JobReport:
     report = api.job_status(runtime, job_id, with_shards=False)
     with progress_bar(err, report.rows_total) as bar:
         task = bar.add_task(job_id[-6:], total=report.rows_total, tokens_s="")
@@ -241,11 +274,11 @@ def _follow(runtime: Runtime, job_id: str, thread: threading.Thread) -> api.JobR
             bar.update(task, completed=report.rows_done, tokens_s=f"{report.output_tokens / elapsed:,.0f} tok/s{spent}")
             if report.is_final:
                 return report
-            if not thread.is_alive():  # it may have ended the job after the read above: read again
+            if not runner.running:  # it may have ended the job after the read above: read again
                 return api.job_status(runtime, job_id, with_shards=False)
             # A big job's status read takes longer: read it less often. The wait ends as soon
             # as the runner does (the job is final then, or stopped): no tail after the last row.
-            thread.join(max(0.1, 4 * reading))
+            runner.wait(max(0.1, 4 * reading))
 
 
 @app.command()

@@ -65,10 +65,14 @@ class Worked:
     def __init__(self, target: Callable[[], None], name: str) -> None:
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        #: What the work raised, for the caller to raise in its own thread (``raise_error``).
+        self.error: BaseException | None = None
 
     def _run(self, target: Callable[[], None]) -> None:
         try:
             target()
+        except BaseException as exc:  # handed to the waiting thread: raised there
+            self.error = exc
         finally:
             self._ended.set()
 
@@ -82,6 +86,11 @@ class Worked:
     def wait(self, timeout: float | None = None) -> bool:
         """Whether it has ended, waiting up to ``timeout`` seconds (None: until it does)."""
         return self._ended.wait(timeout)
+
+    def raise_error(self) -> None:
+        """Raise here what the work raised, if it did."""
+        if self.error is not None:
+            raise self.error
 
 
 class _Interrupted(BaseException):
@@ -216,6 +225,7 @@ def run(
         except (KeyboardInterrupt, _Interrupted) as exc:
             signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
             _stop_run(runtime, job_id, stop, runner, signum)
+    runner.raise_error()  # the job as it stands is not its outcome: say what stopped the work
     wall = time.monotonic() - started
     console.print(summary_line(report, wall))
     if report.result_url:
@@ -257,6 +267,8 @@ def _stop_run(runtime: Runtime, job_id: str, stop: Any, runner: Worked, signum: 
             f"stopped: {kept:,} of {report.rows_total:,} rows kept; `spotlane resume {job_id}` continues "
             f"(with `spotlane worker`), or `spotlane run --job {job_id}` here"
         )
+    if runner.error is not None:
+        err.print(f"[red]error:[/red] while stopping: {runner.error.__class__.__name__}: {escape(str(runner.error))}")
     raise typer.Exit(128 + signum)
 
 

@@ -45,11 +45,12 @@ def test_a_signal_raised_while_waiting_leaves_the_runner_running_and_the_next_wa
     assert finished.is_set() and not worked.running
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_runner_whose_work_raises_has_ended() -> None:
+def test_what_the_work_raised_is_raised_in_the_waiting_thread() -> None:
     def work() -> None:
         raise RuntimeError("boom")
 
     worked = Worked(work, name="test-runner")
     worked.start()
     assert worked.wait(5) and not worked.running
+    with pytest.raises(RuntimeError, match="boom"):
+        worked.raise_error()

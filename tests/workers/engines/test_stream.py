@@ -40,13 +40,11 @@ def _chunks(n: int, read_seconds: float, reads: list[tuple[float, float]]) -> It
 
 def test_the_next_chunk_is_read_while_the_engine_generates() -> None:
     engine, reads = _Timed(0.01), []  # 0.1 s a chunk
-    started = time.monotonic()
     done = [c[0].output for c in stream(engine, _chunks(5, 0.1, reads))]
-    wall = time.monotonic() - started
     assert done == [f"stub: chunk {i} row 0" for i in range(5)]  # in order, each once
-    # Reading chunk i+1 overlapped generating chunk i: well under the 1 s of doing both in turn.
+    # Reading chunk i+1 began before generating chunk i ended: the two overlap (by how
+    # much is the machine's load; benchmarks/ measures it, not a test).
     assert all(reads[i + 1][0] < engine.spans[i][1] for i in range(4))
-    assert wall < 0.8
 
 
 def test_a_stop_drops_the_chunk_read_ahead_and_starts_nothing_more() -> None:

@@ -56,6 +56,15 @@ def browser() -> Iterator[object]:
             launched.close()
 
 
+def _shows(page: object, title: str) -> None:
+    """The page has navigated to the one titled ``title`` and loaded: a click's navigation
+    has only begun when ``click`` returns, the new document's title not yet parsed."""
+    from playwright.sync_api import expect
+
+    expect(page).to_have_title(title)  # type: ignore[arg-type]  # retried until it holds (5 s)
+    page.wait_for_load_state()  # type: ignore[attr-defined]
+
+
 def _job_of(runtime: Runtime, tmp_path: Path, key_id: str, name: str, rows: int) -> str:
     path = write_prompts(tmp_path / f"{name}.parquet", rows)
     return submit(runtime, JobRequest(str(path), model_folder(tmp_path), rows_per_shard=10, api_key_id=key_id))
@@ -77,14 +86,14 @@ def test_a_key_sees_its_jobs_progress_opens_one_and_downloads_its_rows_so_far(tm
         root = api.removesuffix("/v1")
         page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
         page.goto(root + "/")
-        assert page.title() == "Sign in · spotlane"
+        _shows(page, "Sign in · spotlane")
         page.fill("#key", "sk-spl-not-a-key")
         page.click("button[type=submit]")
         assert "not a live spotlane key" in page.inner_text("[role=alert]")
 
         page.fill("#key", secret)
         page.click("button[type=submit]")
-        assert page.title() == "Jobs · spotlane"
+        _shows(page, "Jobs · spotlane")
         rows = page.query_selector_all("tr.job")
         assert [r.get_attribute("data-job") for r in rows] == [job_id]  # team-b's job is not listed
         row = rows[0]
@@ -100,7 +109,7 @@ def test_a_key_sees_its_jobs_progress_opens_one_and_downloads_its_rows_so_far(tm
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
         page.click(f"a[href='/jobs/{job_id}']")
-        assert page.title() == f"Job {job_id} · spotlane"
+        _shows(page, f"Job {job_id} · spotlane")
         states = [r.inner_text().split("\t") for r in page.query_selector_all("table.shards tbody tr")]
         assert len(states) == 4 and [s[1] for s in states].count("done") == 1
         assert "stub" in page.inner_text("body") or "local" in page.inner_text("body")
@@ -114,7 +123,7 @@ def test_a_key_sees_its_jobs_progress_opens_one_and_downloads_its_rows_so_far(tm
         assert "default-src 'none'" in (response.headers.get("content-security-policy") or "")
 
         page.click("header button[type=submit]")  # sign out
-        assert page.title() == "Sign in · spotlane"
+        _shows(page, "Sign in · spotlane")
 
         request = urllib.request.Request(api + "/batches", headers={"Cookie": f"spotlane_key={secret}"})
         with pytest.raises(urllib.error.HTTPError) as refused:  # the API wants its header, never the cookie

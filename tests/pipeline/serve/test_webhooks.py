@@ -70,7 +70,7 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def hooked_runtime(store_url: str, url: str, **hook: Any) -> tuple[Runtime, Any]:
-    webhook = {"name": "team", "url": url, "secret_env": "SPOTLANE_TEST_WEBHOOK_SECRET", "backoff_seconds": 0.2, **hook}
+    webhook = {"name": "team", "url": url, "secret_env": "SPOTLANE_TEST_WEBHOOK_SECRET", "backoff_seconds": 1.0, **hook}
     return stub_runtime(store_url, webhooks=[webhook], jobs={"rows_per_shard": 10})
 
 
@@ -92,7 +92,7 @@ def test_a_finished_job_is_posted_signed_and_retried_until_delivered(
 
     assert deliver_due(runtime) == 0  # the receiver answered 500
     assert deliver_due(runtime) == 0  # its backoff has not passed: no second attempt yet
-    time.sleep(0.3)
+    time.sleep(1.1)  # past the backoff
     assert deliver_due(runtime) == 1
     assert deliver_due(runtime) == 0  # delivered: never again
     rows = deliveries(runtime)

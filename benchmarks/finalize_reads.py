@@ -2,7 +2,7 @@
 
 The finalizer reads every committed part of a job, in order, and writes the rows into
 the results (large row groups, ``ResultWriter``). This measures that path alone (no
-SQL) on moto's S3 server for a job of ``--rows`` rows, three ways in one run:
+SQL) on moto's S3 server for a job of ``--rows`` rows, five ways in one run:
 
 - **before**: parts of 256 rows (the fixed checkpoint size before parts grew to
   ``worker.checkpoint_seconds`` of work), each opened with ``fs.open`` and read one
@@ -11,6 +11,10 @@ SQL) on moto's S3 server for a job of ``--rows`` rows, three ways in one run:
   holds at least ten seconds of a lane's work, so a 500-row shard on a fast lane is
   one part), read by the finalizer's ``_read_parts``: one GET a part,
   ``storage.read_concurrency`` (16) at a time;
+- **now, the defaults**: shards of ``jobs.rows_per_shard`` (1,000) rows, one part each
+  (a worker keeps the part size it learnt for the lane from shard to shard, so a fast
+  lane's shard is one part after its first); and the shards a 10M-row job gets by
+  default (at most ``jobs.max_shards``, 2,000: 5,000 rows a shard);
 - **now, large shards**: parts of ``worker.checkpoint_max_rows`` (8,192) rows, as a
   fast lane writes them in shards of that size or more.
 
@@ -125,15 +129,24 @@ def main() -> None:
 
     import fsspec
 
+    from pipeline.jobs.submit import shard_rows
     from pipeline.tasks.finalize import _read_parts
     from schemas.settings import Settings
 
     settings = Settings()
     at_once = settings.storage.read_concurrency
     big = settings.worker.checkpoint_max_rows
+    default = shard_rows(args.rows, None, settings.jobs)
+    default_10m = shard_rows(10_000_000, None, settings.jobs)
     server, _ = _start_s3()
     try:
-        layouts = {"before": BEFORE_PART_ROWS, "shards": 500, "large": big}
+        layouts = {
+            "before": BEFORE_PART_ROWS,
+            "shards": 500,
+            "default": default,
+            "default-10m": default_10m,
+            "large": big,
+        }
         parts: dict[str, tuple[list[str], int]] = {}
         for name, part_rows in layouts.items():
             t = time.perf_counter()
@@ -143,6 +156,13 @@ def main() -> None:
             ("before: 256-row parts, fs.open, one at a time", "before", _read_before, 1),
             (f"256-row parts, one GET each, {at_once} at a time", "before", _read_parts, at_once),
             (f"now: 500-row shards (one part each), {at_once} at a time", "shards", _read_parts, at_once),
+            (f"now: the default {default:,}-row shards, {at_once} at a time", "default", _read_parts, at_once),
+            (
+                f"now: 10M rows' default {default_10m:,}-row shards, {at_once} at once",
+                "default-10m",
+                _read_parts,
+                at_once,
+            ),
             (f"now: {big:,}-row parts, {at_once} at a time", "large", _read_parts, at_once),
         ]
         print(f"\nThe finalizer's data path for {args.rows:,} rows on moto's S3 server (read parts, write results):")

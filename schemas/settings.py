@@ -221,6 +221,10 @@ class JobDefaults(_Section):
     """Defaults for a job when the submitter names none."""
 
     rows_per_shard: int = Field(default=1000, ge=1)
+    #: A job that names no shard size and would make more shards than this at
+    #: ``rows_per_shard`` gets bigger shards instead (10M rows: 5,000 a shard): one job's
+    #: shards are routed one at a time, and each is at least one part for the finalizer.
+    max_shards: int = Field(default=2000, ge=1)
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from pipeline.jobs.models import resolve_model
-from pipeline.jobs.submit import plan_shards
+from pipeline.jobs.submit import plan_shards, shard_rows
 from pipeline.routing.estimate import profile_rows
 from pipeline.routing.router import choose, quotes_for
 from pipeline.routing.sharing import sharing_of
@@ -114,7 +114,7 @@ def _plan(
 ) -> Plan:
     settings = runtime.settings
     info = inspect_input(url)
-    per_shard = rows_per_shard or settings.jobs.rows_per_shard
+    per_shard = shard_rows(info.rows, rows_per_shard, settings.jobs)
     now = utcnow()
     job = Job(
         id="plan",

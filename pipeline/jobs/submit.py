@@ -40,7 +40,7 @@ from pipeline.store.db import session_scope
 from schemas.base import utcnow
 from schemas.errors import InputError
 from schemas.jobspec import JobSpec
-from schemas.settings import Settings
+from schemas.settings import JobDefaults, Settings
 from schemas.status import JobStatus, ShardStatus
 from schemas.tables import Job, Shard
 
@@ -71,6 +71,14 @@ class JobRequest(JobSpec):
 def new_job_id() -> str:
     """Sortable by creation time, unique without coordination: ``20261125-173059-3fa9c1``."""
     return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def shard_rows(rows: int, asked: int | None, defaults: JobDefaults) -> int:
+    """Rows a shard: as asked; else ``jobs.rows_per_shard``, grown so that the job has at
+    most ``jobs.max_shards`` shards."""
+    if asked:
+        return asked
+    return max(defaults.rows_per_shard, -(-rows // defaults.max_shards))
 
 
 def plan_shards(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -299,7 +307,7 @@ def submit(runtime: Runtime, request: JobRequest, *, announce: bool = True) -> s
             _discard(runtime, job_id, info.url)
         raise
     identity = input_identity(info.url)
-    rows_per_shard = request.rows_per_shard or settings.jobs.rows_per_shard
+    rows_per_shard = shard_rows(info.rows, request.rows_per_shard, settings.jobs)
     ranges = plan_shards(info.rows, rows_per_shard)
     now = utcnow()
     try:

@@ -85,6 +85,30 @@ def test_submit_writes_the_job_and_its_shards_as_row_ranges(runtime: Runtime, tm
     assert tuple(progress) == (12, 3, 0.0)
 
 
+def test_a_job_that_names_no_shard_size_has_at_most_max_shards(
+    store_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    """At 1,000 rows a shard, 10M rows were 10,000 shards: routed one at a time, each at
+    least one part for the finalizer to read. A shard size the submitter names is kept."""
+    if not store_url.startswith("sqlite"):
+        db.upgrade(db.engine_for(store_url))
+    runtime = Runtime.open(database={"url": store_url}, jobs={"rows_per_shard": 5, "max_shards": 4})
+    big, small = write_prompts(tmp_path / "big.parquet", 30), write_prompts(tmp_path / "small.parquet", 12)
+
+    def ranges(job_id: str) -> list[tuple[int, int]]:
+        with session_scope(runtime.engine) as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.shard_count == len(job.shards)
+            return [(s.row_start, s.row_end) for s in sorted(job.shards, key=lambda s: s.shard_index)]
+
+    grown = submit(runtime, JobRequest(str(big), str(tiny_model)))
+    assert ranges(grown) == [(0, 8), (8, 16), (16, 24), (24, 30)]  # 30 rows in 4 shards, not 6
+    asked = submit(runtime, JobRequest(str(big), str(tiny_model), rows_per_shard=5))
+    assert ranges(asked) == [(i, i + 5) for i in range(0, 30, 5)]
+    default = submit(runtime, JobRequest(str(small), str(tiny_model)))
+    assert ranges(default) == [(0, 5), (5, 10), (10, 12)]  # under max_shards: rows_per_shard
+
+
 def test_only_one_of_many_concurrent_claims_wins(runtime: Runtime, tmp_path: Path, tiny_model: Path) -> None:
     job_id = _job(runtime, tmp_path, tiny_model)
     shard_id = _queue_all(runtime, job_id)[0]

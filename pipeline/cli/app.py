@@ -107,7 +107,13 @@ MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default 
 TempOpt = Annotated[
     float | None, typer.Option("--temperature", help="Default sampling temperature, 0 to 5 (0: greedy).")
 ]
-ShardOpt = Annotated[int | None, typer.Option("--rows-per-shard", help="Rows per shard.")]
+ShardOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--rows-per-shard",
+        help="Rows per shard (default: jobs.rows_per_shard, bigger where the job would pass jobs.max_shards).",
+    ),
+]
 BudgetOpt = Annotated[
     float | None, typer.Option("--budget", help="Hard budget in USD: provider-billed spend never exceeds it.")
 ]

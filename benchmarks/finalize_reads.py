@@ -157,12 +157,7 @@ def main() -> None:
             (f"256-row parts, one GET each, {at_once} at a time", "before", _read_parts, at_once),
             (f"now: 500-row shards (one part each), {at_once} at a time", "shards", _read_parts, at_once),
             (f"now: the default {default:,}-row shards, {at_once} at a time", "default", _read_parts, at_once),
-            (
-                f"now: 10M rows' default {default_10m:,}-row shards, {at_once} at once",
-                "default-10m",
-                _read_parts,
-                at_once,
-            ),
+            (f"now: 10M rows' {default_10m:,}-row shards, {at_once} at a time", "default-10m", _read_parts, at_once),
             (f"now: {big:,}-row parts, {at_once} at a time", "large", _read_parts, at_once),
         ]
         print(f"\nThe finalizer's data path for {args.rows:,} rows on moto's S3 server (read parts, write results):")
